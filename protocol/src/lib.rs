@@ -1,0 +1,1 @@
+//! KVMI wire protocol (being written).
