@@ -1,0 +1,25 @@
+//! Runtime for the freestanding guest images (`x86_64-unknown-none`).
+//!
+//! - [`entry`]: `_start`, per-vCPU stacks, the [`entry!`] macro and the [`Boot`] handed to
+//!   the image's `main`;
+//! - [`serial`] and [`print!`]/[`println!`]: polled COM1 output;
+//! - [`port`]: port I/O and [`port::exit`] (debug exit);
+//! - [`sync`]: a [`SpinLock`] that works at CPL0 and CPL3;
+//! - [`cpu`]: per-vCPU GDT, TSS and IDT;
+//! - [`status`]: the exit statuses the runtime uses.
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod cpu;
+pub mod entry;
+mod panic;
+pub mod port;
+pub mod serial;
+pub mod status;
+pub mod sync;
+
+pub use entry::Boot;
+pub use sync::SpinLock;
+
+/// Most vCPUs an image supports (each gets a kernel stack, a TSS and a GDT slot).
+pub const MAX_CPUS: usize = 8;
