@@ -5,18 +5,25 @@
 //! - [`serial`] and [`print!`]/[`println!`]: polled COM1 output;
 //! - [`port`]: port I/O and [`port::exit`] (debug exit);
 //! - [`sync`]: a [`SpinLock`] that works at CPL0 and CPL3;
-//! - [`cpu`]: per-vCPU GDT, TSS and IDT;
+//! - [`cpu`]: per-vCPU GDT, TSS, per-CPU block, MSR and CR helpers;
+//! - [`trap`]: the IDT, exception reports, [`trap::run_user`] (enter CPL3 and come back on
+//!   `syscall`, `int 0x80` or an exception) and [`trap::UserContext`];
+//! - [`paging`]: frame allocator, address spaces (4 KiB / 2 MiB pages), the kernel map;
+//! - [`user`]: helpers for CPL3 code (system calls, serial output, exit);
 //! - [`status`]: the exit statuses the runtime uses.
 #![no_std]
 #![deny(missing_docs)]
 
 pub mod cpu;
 pub mod entry;
+pub mod paging;
 mod panic;
 pub mod port;
 pub mod serial;
 pub mod status;
 pub mod sync;
+pub mod trap;
+pub mod user;
 
 pub use entry::Boot;
 pub use sync::SpinLock;
