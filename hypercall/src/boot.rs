@@ -23,9 +23,9 @@
 //! RAM is free for the guest. On PVM hosts guest CPL0 code is emulated (slow): guests should
 //! rely on zeroed RAM instead of clearing it.
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 #[cfg(test)]
 use zerocopy::FromZeros;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Guest-physical address of the boot GDT.
 pub const BOOT_GDT: u64 = 0x500;

@@ -1,0 +1,221 @@
+//! Hypercall numbers and the register convention.
+//!
+//! # Register convention
+//! A hypercall is a 32-bit `out` to [`HYPERCALL_DOORBELL`] (`out 0xe4, eax`): `vmcall` never
+//! reaches a userspace VMM on stock KVM, port I/O always does. The caller loads
+//!
+//! | register | meaning |
+//! |---|---|
+//! | RAX | the hypercall number ([`Hypercall`]) |
+//! | RBX, RCX, RDX, RSI | arguments `a0`..`a3` |
+//! | RDI | the agent call's sub-function ([`AGENT_GUEST_REQUEST`]), otherwise ignored |
+//!
+//! and the VMM writes the result to RAX before the guest resumes: a non-negative value on
+//! success, a negative [`HcError`] on failure (see [`crate::error`]). Every other register
+//! is preserved.
+//!
+//! # Numbers
+//! The seed's numbers (KVMI v4, `include/uapi/linux/kvm_para.h`) are kept: [`Hypercall::MemMap`]
+//! = 32, [`Hypercall::MemUnmap`] = 33, [`Hypercall::Agent`] = 34 (Xen's `hvm_op`). Our own
+//! calls live in a separate range starting at [`OWN_RANGE_BASE`] (`0x4b56_0000`, "KV" in the
+//! high bytes) so they can never collide with KVM's numbering. Zero and every other value are
+//! invalid and answered with [`HcError::NoSys`].
+//!
+//! [`HYPERCALL_DOORBELL`]: crate::ports::HYPERCALL_DOORBELL
+
+use crate::error::HcError;
+
+/// First number of this project's own hypercall range.
+pub const OWN_RANGE_BASE: u64 = 0x4b56_0000;
+/// Number of values reserved for this project's own range (`OWN_RANGE_BASE..OWN_RANGE_END`).
+pub const OWN_RANGE_LEN: u64 = 0x100;
+/// One past the last number of this project's own range.
+pub const OWN_RANGE_END: u64 = OWN_RANGE_BASE + OWN_RANGE_LEN;
+
+/// RDI value of the agent call: Xen's `HVMOP_guest_request_vm_event`.
+pub const AGENT_GUEST_REQUEST: u64 = 24;
+/// RSI value of the agent call (64-bit callers).
+pub const AGENT_GUEST_REQUEST_ARG: u64 = 0;
+
+/// The most pages one [`Hypercall::MapRange`] call may map.
+pub const MAX_RANGE_PAGES: u64 = 512;
+/// Size of a page mapped by the map calls.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// [`Hypercall::Notify`] argument meaning "every ring may need service".
+pub const NOTIFY_ALL_RINGS: u64 = u64::MAX;
+
+/// A hypercall number, as the guest puts it in RAX.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hypercall {
+    /// `KVM_HC_MEM_MAP`: map one target page into the caller's map window.
+    /// `a0` = guest-physical address of the 32-byte [`MapToken`](crate::token::MapToken) in
+    /// the caller's RAM, `a1` = target guest-physical address, `a2` = window guest-physical
+    /// address (both page-aligned). Returns 0.
+    MemMap = 32,
+    /// `KVM_HC_MEM_UNMAP`: drop the mapping at window address `a0`; the window page reads as
+    /// zeroes afterwards. Returns 0.
+    MemUnmap = 33,
+    /// `KVM_HC_XEN_HVM_OP`: the KVMI agent call from a target (RDI = [`AGENT_GUEST_REQUEST`],
+    /// RSI = [`AGENT_GUEST_REQUEST_ARG`]); raises a KVMI hypercall event. Returns 0.
+    Agent = 34,
+    /// Returns the ABI version ([`crate::discovery::ABI_VERSION`]).
+    Version = OWN_RANGE_BASE + 1,
+    /// Returns the feature bitmap ([`crate::discovery::Features`]).
+    Features = OWN_RANGE_BASE + 2,
+    /// Map a range of target pages with one token: `a0` = token address, `a1` = first target
+    /// page, `a2` = first window page, `a3` = page count (1..=[`MAX_RANGE_PAGES`]).
+    /// Returns the number of pages mapped (= `a3`).
+    MapRange = OWN_RANGE_BASE + 3,
+    /// Drop every mapping in the caller's map window. Returns the number of pages unmapped.
+    RevokeAll = OWN_RANGE_BASE + 4,
+    /// Wake the shim: ring `a0` (an index into the discovery ring table, or
+    /// [`NOTIFY_ALL_RINGS`]) needs service. Returns 0.
+    Notify = OWN_RANGE_BASE + 5,
+}
+
+impl Hypercall {
+    /// Every defined hypercall, for tables and tests.
+    pub const ALL: [Hypercall; 8] = [
+        Hypercall::MemMap,
+        Hypercall::MemUnmap,
+        Hypercall::Agent,
+        Hypercall::Version,
+        Hypercall::Features,
+        Hypercall::MapRange,
+        Hypercall::RevokeAll,
+        Hypercall::Notify,
+    ];
+
+    /// The number the guest loads into RAX.
+    pub const fn number(self) -> u64 {
+        self as u64
+    }
+
+    /// Whether the call is in this project's own range (not a seed number).
+    pub const fn is_own(self) -> bool {
+        let n = self.number();
+        n >= OWN_RANGE_BASE && n < OWN_RANGE_END
+    }
+}
+
+impl From<Hypercall> for u64 {
+    fn from(call: Hypercall) -> u64 {
+        call.number()
+    }
+}
+
+impl TryFrom<u64> for Hypercall {
+    type Error = HcError;
+
+    /// Decodes RAX; zero and unknown numbers are [`HcError::NoSys`].
+    fn try_from(nr: u64) -> Result<Self, HcError> {
+        Hypercall::ALL
+            .into_iter()
+            .find(|call| call.number() == nr)
+            .ok_or(HcError::NoSys)
+    }
+}
+
+/// The registers of one hypercall, as the VMM reads them at the doorbell exit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HypercallRegs {
+    /// RAX: the number.
+    pub rax: u64,
+    /// RBX: `a0`.
+    pub rbx: u64,
+    /// RCX: `a1`.
+    pub rcx: u64,
+    /// RDX: `a2`.
+    pub rdx: u64,
+    /// RSI: `a3` (and the agent call's second Xen argument).
+    pub rsi: u64,
+    /// RDI: the agent call's sub-function.
+    pub rdi: u64,
+}
+
+impl HypercallRegs {
+    /// The arguments `a0`..`a3` in order.
+    pub const fn args(&self) -> [u64; 4] {
+        [self.rbx, self.rcx, self.rdx, self.rsi]
+    }
+
+    /// Decodes the number, and for the agent call checks the Xen sub-function registers.
+    pub fn call(&self) -> Result<Hypercall, HcError> {
+        let call = Hypercall::try_from(self.rax)?;
+        if call == Hypercall::Agent
+            && (self.rdi != AGENT_GUEST_REQUEST || self.rsi != AGENT_GUEST_REQUEST_ARG)
+        {
+            return Err(HcError::InvalidArgument);
+        }
+        Ok(call)
+    }
+}
+
+const _: () = {
+    assert!(Hypercall::MemMap.number() == 32);
+    assert!(Hypercall::MemUnmap.number() == 33);
+    assert!(Hypercall::Agent.number() == 34);
+    assert!(!Hypercall::Agent.is_own());
+    assert!(Hypercall::Notify.is_own());
+    // The own range fits in the 32 bits a 32-bit `out` of EAX can carry.
+    assert!(OWN_RANGE_END <= u32::MAX as u64);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_round_trip_and_unknowns_are_nosys() {
+        for call in Hypercall::ALL {
+            assert_eq!(Hypercall::try_from(call.number()), Ok(call));
+            assert_eq!(u64::from(call), call as u64);
+        }
+        for nr in [
+            0,
+            1,
+            31,
+            35,
+            OWN_RANGE_BASE,
+            OWN_RANGE_BASE + 6,
+            OWN_RANGE_END,
+            u64::MAX,
+        ] {
+            assert_eq!(Hypercall::try_from(nr), Err(HcError::NoSys), "{nr:#x}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_unique() {
+        for (i, a) in Hypercall::ALL.iter().enumerate() {
+            for b in &Hypercall::ALL[i + 1..] {
+                assert_ne!(a.number(), b.number());
+            }
+        }
+    }
+
+    #[test]
+    fn agent_call_checks_xen_subfunction() {
+        let mut regs = HypercallRegs {
+            rax: 34,
+            rdi: 24,
+            rsi: 0,
+            ..Default::default()
+        };
+        assert_eq!(regs.call(), Ok(Hypercall::Agent));
+        regs.rdi = 25;
+        assert_eq!(regs.call(), Err(HcError::InvalidArgument));
+        regs = HypercallRegs {
+            rax: 32,
+            rbx: 1,
+            rcx: 2,
+            rdx: 3,
+            rsi: 4,
+            rdi: 9,
+        };
+        assert_eq!(regs.call(), Ok(Hypercall::MemMap));
+        assert_eq!(regs.args(), [1, 2, 3, 4]);
+    }
+}
