@@ -1,0 +1,143 @@
+//! The built-in port devices every guest gets: the COM1 serial console (vm-superio 8250) and
+//! the debug-exit port; plus the policy for I/O nobody claims.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use hypercall::ports::{DEBUG_EXIT, SERIAL_COM1, SERIAL_COM1_LEN};
+use vm_superio::{Serial, Trigger};
+
+/// Where the guest's serial output goes.
+#[derive(Debug)]
+pub enum SerialSink {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file (created/truncated by the caller).
+    File(File),
+    /// An in-memory buffer (tests, tools).
+    Buffer(SharedBuffer),
+    /// Discarded.
+    Null,
+}
+
+/// A cloneable in-memory byte sink.
+#[derive(Clone, Debug, Default)]
+pub struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuffer {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of everything written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Everything written so far, as (lossy) UTF-8.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.contents()).into_owned()
+    }
+}
+
+impl Write for SerialSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialSink::Stdout => io::stdout().lock().write(buf),
+            SerialSink::File(f) => f.write(buf),
+            SerialSink::Buffer(b) => {
+                b.0.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            SerialSink::Null => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SerialSink::Stdout => io::stdout().lock().flush(),
+            SerialSink::File(f) => f.flush(),
+            SerialSink::Buffer(_) | SerialSink::Null => Ok(()),
+        }
+    }
+}
+
+/// What to do with port or MMIO accesses no device claims.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownIoPolicy {
+    /// Log them (debug level); writes are dropped, reads return all-ones (0xff…).
+    #[default]
+    Ignore,
+    /// Stop the VM with [`crate::RunOutcome::UnhandledIo`].
+    Error,
+}
+
+/// The serial device has no interrupt line here (no irqchip): its trigger does nothing.
+#[derive(Debug)]
+struct NoIrq;
+
+impl Trigger for NoIrq {
+    type E = io::Error;
+    fn trigger(&self) -> Result<(), io::Error> {
+        Ok(())
+    }
+}
+
+/// Result of offering a port access to the built-in devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PortResult {
+    /// A device handled it.
+    Done,
+    /// The guest wrote its exit status.
+    GuestExit(u32),
+    /// No built-in device at this port.
+    Unknown,
+}
+
+/// The built-in devices of one VM, shared by its vCPU threads.
+pub(crate) struct Devices {
+    serial: Mutex<Serial<NoIrq, vm_superio::serial::NoEvents, SerialSink>>,
+}
+
+impl Devices {
+    pub(crate) fn new(sink: SerialSink) -> Self {
+        Devices {
+            serial: Mutex::new(Serial::new(NoIrq, sink)),
+        }
+    }
+
+    /// Offers a port access (`data` = size × count bytes) to the built-in devices.
+    pub(crate) fn pio(&self, port: u16, write: bool, size: u8, data: &mut [u8]) -> PortResult {
+        if (SERIAL_COM1..SERIAL_COM1 + SERIAL_COM1_LEN).contains(&port) {
+            let offset = (port - SERIAL_COM1) as u8;
+            let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            let step = usize::from(size.max(1));
+            for chunk in data.chunks_mut(step) {
+                if write {
+                    if let Err(e) = serial.write(offset, chunk[0]) {
+                        tracing::warn!("serial output failed: {e}");
+                    }
+                } else {
+                    chunk.fill(0);
+                    chunk[0] = serial.read(offset);
+                }
+            }
+            return PortResult::Done;
+        }
+        if port == DEBUG_EXIT {
+            if write {
+                let mut v = [0u8; 4];
+                let n = data.len().min(usize::from(size)).min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                return PortResult::GuestExit(u32::from_le_bytes(v));
+            }
+            data.fill(0xff);
+            return PortResult::Done;
+        }
+        PortResult::Unknown
+    }
+}

@@ -1,0 +1,167 @@
+//! Guest RAM: one memfd mapped `MAP_SHARED`, exposed as a vm-memory `GuestMemoryMmap` and
+//! registered as a KVM memslot.
+//!
+//! Backing RAM by a memfd (rather than anonymous memory) is what makes zero-copy sharing
+//! possible: another mapping of the same file (in this process or another one, after passing
+//! the fd) sees the guest's bytes, and a page of it can be mapped with `mmap(MAP_FIXED)` over a
+//! window of a second VM. [`GuestRam::memfd`] and [`GuestRam::host_range`] are the hooks for that.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+use std::sync::Arc;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::error::VmError;
+
+/// Host page size assumed for alignment checks.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A guest's RAM: `size` bytes at guest-physical address 0, backed by a memfd.
+#[derive(Debug)]
+pub struct GuestRam {
+    memfd: Arc<File>,
+    memory: GuestMemoryMmap,
+    host_base: usize,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Creates a zero-filled memfd of `size` bytes (a multiple of 4 KiB) named `name` and maps
+    /// it shared. The memory is not yet visible to any VM: see [`GuestRam::register`].
+    pub fn new(name: &str, size: u64) -> Result<Self, VmError> {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(VmError::Config(format!(
+                "guest RAM size {size:#x} must be a non-zero multiple of 4 KiB"
+            )));
+        }
+        let len = usize::try_from(size)
+            .map_err(|_| VmError::Config(format!("guest RAM size {size:#x} too large")))?;
+        let cname = CString::new(name)
+            .map_err(|_| VmError::Config("memfd name contains a NUL".to_string()))?;
+        // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(VmError::mem("memfd_create")(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create, is valid and owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(VmError::mem("ftruncate memfd"))?;
+        let memfd = Arc::new(file);
+        let region = MmapRegion::<()>::from_file(FileOffset::from_arc(memfd.clone(), 0), len)
+            .map_err(|e| VmError::mem("mmap guest RAM")(io::Error::other(e.to_string())))?;
+        let host_base = region.as_ptr() as usize;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| VmError::Config("guest RAM region overflows".to_string()))?;
+        let memory = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| VmError::Config(format!("guest memory: {e}")))?;
+        Ok(GuestRam {
+            memfd,
+            memory,
+            host_base,
+            size,
+        })
+    }
+
+    /// Size of guest RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The memfd backing guest RAM (file offset = guest-physical address).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// The memfd as a shareable file handle (e.g. to send it to another process).
+    pub fn memfd_file(&self) -> &Arc<File> {
+        &self.memfd
+    }
+
+    /// The vm-memory view of guest RAM (for loaders and `Bytes` accesses).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Host virtual address of guest-physical address 0.
+    pub fn host_base(&self) -> *mut u8 {
+        self.host_base as *mut u8
+    }
+
+    /// Checks that `gpa..gpa+len` lies inside RAM and returns its host address.
+    ///
+    /// The pointer stays valid as long as `self` lives; pages may be remapped under it with
+    /// `mmap(MAP_FIXED)` (the address range stays mapped).
+    pub fn host_range(&self, gpa: u64, len: u64) -> Result<*mut u8, VmError> {
+        let end = gpa.checked_add(len);
+        match end {
+            Some(end) if end <= self.size => Ok((self.host_base + gpa as usize) as *mut u8),
+            _ => Err(VmError::OutOfRange {
+                gpa,
+                len,
+                ram_size: self.size,
+            }),
+        }
+    }
+
+    /// Copies `bytes` into guest RAM at `gpa`.
+    pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VmError> {
+        self.host_range(gpa, bytes.len() as u64)?;
+        self.memory
+            .write_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| VmError::mem("write guest RAM")(io::Error::other(e.to_string())))
+    }
+
+    /// Copies guest RAM at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.host_range(gpa, buf.len() as u64)?;
+        self.memory
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| VmError::mem("read guest RAM")(io::Error::other(e.to_string())))
+    }
+
+    /// Reads a little-endian u64 at `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, VmError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Registers all of RAM as memslot `slot` at guest-physical 0 of `vm` (flags 0).
+    pub fn register(&self, vm: &VmFd, slot: u32) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: self.size,
+            userspace_addr: self.host_base as u64,
+        };
+        // SAFETY: the region describes our own live shared mapping of `size` bytes. The VM that
+        // gets it must not outlive `self`: every owner (Vm, probe VMs) drops its VmFd first.
+        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::kvm("set memslot"))
+    }
+
+    /// Changes host protection of the pages covering `gpa..gpa+len` (page-aligned): the
+    /// trap mechanism for page-access tracking (`PROT_READ` traps writes, `PROT_NONE` reads).
+    pub fn protect(&self, gpa: u64, len: u64, prot: libc::c_int) -> Result<(), VmError> {
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(VmError::Config(format!(
+                "protect range {gpa:#x}+{len:#x} is not page-aligned"
+            )));
+        }
+        let addr = self.host_range(gpa, len)?;
+        // SAFETY: the range lies inside our own mapping (checked above) and is page-aligned;
+        // changing its protection cannot invalidate Rust references (all guest RAM accesses
+        // go through volatile copies that check bounds, never long-lived references).
+        let rc = unsafe { libc::mprotect(addr.cast(), len as usize, prot) };
+        if rc != 0 {
+            return Err(VmError::mem("mprotect")(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
