@@ -255,3 +255,8 @@ impl WireProfile for V4 {
         event_codec::encode_reply(seq, reply, buf)
     }
 }
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
