@@ -102,6 +102,16 @@ impl AddressSpace {
         })
     }
 
+    /// An address space whose PML4 is at `root` (e.g. one built earlier and stored as a
+    /// number).
+    ///
+    /// # Safety
+    /// `root` must be the physical address of a page-table root in identity-mapped RAM,
+    /// built by this module (or all zero).
+    pub const unsafe fn from_root(root: u64) -> Self {
+        Self { root }
+    }
+
     /// The PML4's physical address (the value for CR3).
     pub fn root(&self) -> u64 {
         self.root

@@ -3,11 +3,12 @@
 //! User code must live in user-mapped pages: put user functions in `.utext`
 //! (`#[unsafe(link_section = ".utext")]`) and their constants in `.urodata`. Everything here
 //! is either `#[inline(always)]` (so it lands in the calling function's section) or placed in
-//! `.utext` itself. Port I/O from CPL3 works because user code runs with IOPL 3.
+//! `.utext` itself. Port I/O from CPL3 works through the TSS I/O permission bitmap (COM1, the
+//! debug exit and the hypercall doorbell), byte-wide only on PVM hosts.
 
 use hypercall::ports::{DEBUG_EXIT, SERIAL_COM1};
 
-use crate::port::{inb, outb, outl};
+use crate::port::{inb, outb};
 
 /// Makes a system call the way that works on every host: `int3`, which raises #BP through
 /// the DPL3 gate at vector 3 (the runtime treats vector 3 from CPL3 as a system call; RIP is
@@ -98,10 +99,11 @@ pub fn format_decimal(mut value: u64, buf: &mut [u8; 20]) -> usize {
     }
 }
 
-/// Ends the VM from CPL3 through the debug-exit port.
+/// Ends the VM from CPL3 through the debug-exit port. Uses a byte-wide `out` (PVM hosts
+/// raise #GP for wider port I/O at CPL3), so only statuses 0..=255 can be given.
 #[inline(always)]
-pub fn exit(status: u32) -> ! {
-    outl(DEBUG_EXIT, status);
+pub fn exit(status: u8) -> ! {
+    outb(DEBUG_EXIT, status);
     loop {
         core::hint::spin_loop();
     }
