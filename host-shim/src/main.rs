@@ -1,5 +1,10 @@
 //! `kvmi` (temporary minimal CLI).
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("caps") {
+        let c = host_shim::probe_capabilities().unwrap();
+        print!("{}", c.table());
+        return;
+    }
     let img = host_shim::images::Image::TestGuest.elf().expect("no image");
     let cfg = host_shim::VmConfig {
         cmdline: std::env::args().nth(1).unwrap_or_default(),

@@ -1,8 +1,228 @@
-//! Capability probe (placeholder while being written).
-/// Probed capabilities.
-#[derive(Debug, Clone, Default)]
-pub struct Capabilities;
-/// Probes.
-pub fn probe_capabilities() -> Capabilities {
-    Capabilities
+//! The capability probe: tiny VMs that find out what this host's KVM delivers to a userspace
+//! introspector (breakpoints, single step, MSR filter, write traps, page sharing), so that
+//! nothing is assumed. See `kvm-platform.md` for what each probe yields on PVM and upstream.
+
+mod checks;
+pub mod snippets;
+pub mod tiny;
+
+use std::fmt;
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Cap, Kvm};
+use serde::{Deserialize, Serialize};
+
+use crate::error::VmError;
+use checks::ProbeEnv;
+use tiny::Watchdog;
+
+/// What a guest write to a host-`mprotect(PROT_READ)`ed page of normal guest RAM does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MprotectMode {
+    /// KVM emulates the write and exits with KVM_EXIT_MMIO carrying the data (PVM).
+    MmioExit,
+    /// KVM_RUN fails with -EFAULT and KVM_EXIT_MEMORY_FAULT (upstream with MEMORY_FAULT_INFO).
+    MemoryFault,
+    /// KVM_RUN fails with -EFAULT and no exit information (upstream without it).
+    Efault,
+    /// The write went through: mprotect does not trap here.
+    NotTrapped,
+    /// The probe failed (see the detail).
+    Failed,
+}
+
+impl fmt::Display for MprotectMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MprotectMode::MmioExit => "mmio-exit",
+            MprotectMode::MemoryFault => "memory-fault",
+            MprotectMode::Efault => "efault",
+            MprotectMode::NotTrapped => "not-trapped",
+            MprotectMode::Failed => "failed",
+        })
+    }
+}
+
+/// What this host's KVM can do for the introspector, as measured by running probe guests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// KVM_GET_API_VERSION.
+    pub kvm_api_version: i32,
+    /// Whether the kernel module is PVM (`/sys/module/kvm_pvm` exists).
+    pub pvm_module: bool,
+    /// int3 with KVM_GUESTDBG_USE_SW_BP reaches userspace as KVM_EXIT_DEBUG.
+    pub sw_breakpoints: bool,
+    /// Hardware exec breakpoints that fired (0..=4).
+    pub hw_breakpoints: u32,
+    /// Resuming with RFLAGS.RF steps over a breakpoint hit (PVM: no at CPL0; then disable the
+    /// breakpoint, single-step and re-enable).
+    pub hw_breakpoint_rf_resume: bool,
+    /// KVM_GUESTDBG_SINGLESTEP gives one exit per instruction.
+    pub single_step: bool,
+    /// KVM_X86_SET_MSR_FILTER + USER_SPACE_MSR deliver KVM_EXIT_X86_WRMSR.
+    pub msr_write_filter: bool,
+    /// A write to a read-only memslot exits as MMIO with the data.
+    pub ro_slot_write_trap: bool,
+    /// What a guest write to an mprotect(PROT_READ) page does.
+    pub mprotect_write_trap: MprotectMode,
+    /// A page of VM A's memfd mapped with MAP_FIXED over VM B's window is seen by B.
+    pub memfd_remap: bool,
+    /// Guest CPL0 code is emulated (slow), judged by timing.
+    pub cpl0_emulated: bool,
+    /// Measured nanoseconds per CPL0 loop iteration.
+    pub cpl0_ns_per_iteration: f64,
+    /// KVM_CAP_SYNC_REGS mask.
+    pub sync_regs: u32,
+    /// KVM_CAP_IMMEDIATE_EXIT.
+    pub immediate_exit: bool,
+    /// One line per probe: what was observed.
+    pub details: Vec<(String, String)>,
+    /// Wall-clock time of the whole probe in microseconds.
+    pub probe_micros: u64,
+}
+
+/// A guest loop iteration slower than this is emulated (native: < 1 ns, PVM: ~1000 ns).
+const EMULATED_NS_THRESHOLD: f64 = 50.0;
+
+impl Capabilities {
+    /// The table `kvmi caps` prints.
+    pub fn table(&self) -> String {
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        let rows: Vec<(&str, String, &str)> = vec![
+            (
+                "software breakpoints (int3)",
+                yn(self.sw_breakpoints).into(),
+                "sw_breakpoints",
+            ),
+            (
+                "hardware exec breakpoints",
+                self.hw_breakpoints.to_string(),
+                "hw_breakpoints",
+            ),
+            (
+                "breakpoint resume with RF",
+                yn(self.hw_breakpoint_rf_resume).into(),
+                "-",
+            ),
+            ("single step", yn(self.single_step).into(), "single_step"),
+            (
+                "MSR write filter",
+                yn(self.msr_write_filter).into(),
+                "msr_write_filter",
+            ),
+            (
+                "read-only slot write trap",
+                yn(self.ro_slot_write_trap).into(),
+                "ro_slot",
+            ),
+            (
+                "mprotect write trap",
+                self.mprotect_write_trap.to_string(),
+                "mprotect",
+            ),
+            (
+                "memfd remap between VMs",
+                yn(self.memfd_remap).into(),
+                "memfd_remap",
+            ),
+            ("guest CPL0 emulated", yn(self.cpl0_emulated).into(), "cpl0"),
+        ];
+        let mut out = format!("{:<30} {:<12} {}\n", "capability", "value", "observed");
+        for (name, value, key) in rows {
+            let detail = self
+                .details
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, d)| d.as_str())
+                .unwrap_or("");
+            out.push_str(&format!("{name:<30} {value:<12} {detail}\n"));
+        }
+        out.push_str(&format!(
+            "{:<30} {:<12} KVM API {}, PVM module {}, sync_regs {:#x}, immediate_exit {}\n",
+            "probe time",
+            format!("{} ms", self.probe_micros / 1000),
+            self.kvm_api_version,
+            yn(self.pvm_module),
+            self.sync_regs,
+            yn(self.immediate_exit),
+        ));
+        out
+    }
+}
+
+fn record<T>(
+    details: &mut Vec<(String, String)>,
+    key: &str,
+    finding: Result<(T, String), VmError>,
+    fallback: T,
+) -> T {
+    match finding {
+        Ok((v, d)) => {
+            details.push((key.to_string(), d));
+            v
+        }
+        Err(e) => {
+            details.push((key.to_string(), format!("probe failed: {e}")));
+            fallback
+        }
+    }
+}
+
+/// Runs every probe (a few tiny VMs, each vCPU kicked if it does not exit within its
+/// deadline) and returns what this host delivers.
+pub fn probe_capabilities() -> Result<Capabilities, VmError> {
+    let started = Instant::now();
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmError::kvm("get supported CPUID"))?;
+    let env = ProbeEnv {
+        kvm,
+        cpuid,
+        wd: Watchdog::start()?,
+    };
+    let mut d = Vec::new();
+    let sw_breakpoints = record(
+        &mut d,
+        "sw_breakpoints",
+        checks::sw_breakpoints(&env),
+        false,
+    );
+    let (hw_breakpoints, hw_breakpoint_rf_resume) = record(
+        &mut d,
+        "hw_breakpoints",
+        checks::hw_breakpoints(&env),
+        (0, false),
+    );
+    let single_step = record(&mut d, "single_step", checks::single_step(&env), false);
+    let msr_write_filter = record(&mut d, "msr_write_filter", checks::msr_filter(&env), false);
+    let ro_slot_write_trap = record(&mut d, "ro_slot", checks::ro_slot(&env), false);
+    let mprotect_write_trap = record(
+        &mut d,
+        "mprotect",
+        checks::mprotect_trap(&env),
+        MprotectMode::Failed,
+    );
+    let memfd_remap = record(&mut d, "memfd_remap", checks::memfd_remap(&env), false);
+    let ns = record(&mut d, "cpl0", checks::cpl0_timing(&env), 0.0);
+    Ok(Capabilities {
+        kvm_api_version: env.kvm.get_api_version(),
+        pvm_module: std::path::Path::new("/sys/module/kvm_pvm").exists(),
+        sw_breakpoints,
+        hw_breakpoints,
+        hw_breakpoint_rf_resume,
+        single_step,
+        msr_write_filter,
+        ro_slot_write_trap,
+        mprotect_write_trap,
+        memfd_remap,
+        cpl0_emulated: ns > EMULATED_NS_THRESHOLD,
+        cpl0_ns_per_iteration: ns,
+        sync_regs: env.kvm.check_extension_int(Cap::SyncRegs) as u32,
+        immediate_exit: env.kvm.check_extension(Cap::ImmediateExit),
+        details: d,
+        probe_micros: started.elapsed().as_micros() as u64,
+    })
 }
