@@ -288,7 +288,9 @@ impl Command<'_> {
             Self::WritePhysical { gpa, data } if !fits_one_page(gpa, data.len() as u64) => {
                 invalid("size", data.len() as u64)
             }
-            Self::InjectException { vector, .. } if vector >= 32 => invalid("vector", vector.into()),
+            Self::InjectException { vector, .. } if vector >= 32 => {
+                invalid("vector", vector.into())
+            }
             Self::ControlEvents { events, .. } if !events.is_known() => {
                 invalid("events", events.bits().into())
             }

@@ -184,7 +184,11 @@ mod tests {
         assert_eq!(check_action(EventKind::Cr, Skip).unwrap_err().code(), -22);
         assert!(check_action(EventKind::Msr, Skip).is_ok());
         assert!(check_action(EventKind::Msr, Retry).is_err());
-        for e in [EventKind::PageFault, EventKind::Breakpoint, EventKind::Singlestep] {
+        for e in [
+            EventKind::PageFault,
+            EventKind::Breakpoint,
+            EventKind::Singlestep,
+        ] {
             for a in Action::ALL {
                 assert!(check_action(e, a).is_ok(), "{e:?} {a:?}");
             }
@@ -202,17 +206,43 @@ mod tests {
             action: Action::Continue,
             data,
         };
-        assert!(reply(EventKind::Cr, EventReplyData::Cr { new_val: 1 }).validate().is_ok());
-        assert!(reply(EventKind::Cr, EventReplyData::None).validate().is_err());
-        assert!(reply(EventKind::Msr, EventReplyData::Cr { new_val: 1 }).validate().is_err());
-        assert!(reply(EventKind::Trap, EventReplyData::None).validate().is_ok());
-        assert!(reply(EventKind::Trap, EventReplyData::Msr { new_val: 0 }).validate().is_err());
+        assert!(
+            reply(EventKind::Cr, EventReplyData::Cr { new_val: 1 })
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            reply(EventKind::Cr, EventReplyData::None)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            reply(EventKind::Msr, EventReplyData::Cr { new_val: 1 })
+                .validate()
+                .is_err()
+        );
+        assert!(
+            reply(EventKind::Trap, EventReplyData::None)
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            reply(EventKind::Trap, EventReplyData::Msr { new_val: 0 })
+                .validate()
+                .is_err()
+        );
         let big = [0u8; 257];
-        let pf = |ctx_data| EventReplyData::PageFault(PageFaultReply {
-            trap_access: false,
-            ctx_data,
-        });
-        assert!(reply(EventKind::PageFault, pf(&big[..256])).validate().is_ok());
+        let pf = |ctx_data| {
+            EventReplyData::PageFault(PageFaultReply {
+                trap_access: false,
+                ctx_data,
+            })
+        };
+        assert!(
+            reply(EventKind::PageFault, pf(&big[..256]))
+                .validate()
+                .is_ok()
+        );
         assert_eq!(
             reply(EventKind::PageFault, pf(&big)).validate(),
             Err(ProtocolError::InvalidValue {

@@ -17,7 +17,17 @@ pub const HEADER_SIZE: usize = 8;
 
 /// `struct kvmi_msg_hdr` as it is on the wire.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
 )]
 #[repr(C)]
 pub struct MsgHdr {
@@ -159,7 +169,11 @@ mod tests {
         let buf = [7, 0, 1, 0, 0, 0, 0, 0, 1, 2];
         assert!(matches!(
             parse_frame(&buf, MAX),
-            Err(ProtocolError::SizeMismatch { expected: 9, got: 10, .. })
+            Err(ProtocolError::SizeMismatch {
+                expected: 9,
+                got: 10,
+                ..
+            })
         ));
         let buf = [7, 0, 0xff, 0xff, 0, 0, 0, 0];
         assert!(parse_frame(&buf, 100).is_err());

@@ -22,7 +22,10 @@ pub struct AllowedMasks {
 impl AllowedMasks {
     /// Masks that allow every known command and event.
     pub fn all() -> AllowedMasks {
-        let commands = CommandKind::ALL.into_iter().map(Self::command_bit).fold(0, |a, b| a | b);
+        let commands = CommandKind::ALL
+            .into_iter()
+            .map(Self::command_bit)
+            .fold(0, |a, b| a | b);
         AllowedMasks {
             commands,
             events: v4::event_set_to_bits(EventSet::ALL),
@@ -35,7 +38,10 @@ impl AllowedMasks {
         events: impl IntoIterator<Item = EventKind>,
     ) -> AllowedMasks {
         AllowedMasks {
-            commands: commands.into_iter().map(Self::command_bit).fold(0, |a, b| a | b),
+            commands: commands
+                .into_iter()
+                .map(Self::command_bit)
+                .fold(0, |a, b| a | b),
             events: v4::event_set_to_bits(events.into_iter().collect()),
         }
     }
@@ -91,10 +97,18 @@ mod tests {
     fn empty_masks_allow_only_get_version_and_pause_event() {
         let masks = AllowedMasks::default();
         for kind in CommandKind::ALL {
-            assert_eq!(masks.allows_command(kind), kind == CommandKind::GetVersion, "{kind:?}");
+            assert_eq!(
+                masks.allows_command(kind),
+                kind == CommandKind::GetVersion,
+                "{kind:?}"
+            );
         }
         for kind in EventKind::ALL {
-            assert_eq!(masks.allows_event(kind), kind == EventKind::PauseVcpu, "{kind:?}");
+            assert_eq!(
+                masks.allows_event(kind),
+                kind == EventKind::PauseVcpu,
+                "{kind:?}"
+            );
         }
         let err = masks.check_command(CommandKind::ReadPhysical).unwrap_err();
         assert_eq!(err.code(), -1);
@@ -106,7 +120,10 @@ mod tests {
         assert_eq!(AllowedMasks::command_bit(CommandKind::GetVersion), 1 << 0);
         assert_eq!(AllowedMasks::command_bit(CommandKind::PauseVcpu), 1 << 1);
         assert_eq!(AllowedMasks::command_bit(CommandKind::GetXsave), 1 << 25);
-        assert_eq!(AllowedMasks::command_bit(CommandKind::ControlBreakpoint), 1 << 20);
+        assert_eq!(
+            AllowedMasks::command_bit(CommandKind::ControlBreakpoint),
+            1 << 20
+        );
         let masks = AllowedMasks::from_kinds([CommandKind::ReadPhysical], [EventKind::Cr]);
         assert_eq!(masks.commands, 1 << 12);
         assert_eq!(masks.events, 1 << 1);
@@ -131,7 +148,11 @@ mod tests {
     #[test]
     fn all_allows_everything() {
         let masks = AllowedMasks::all();
-        assert!(CommandKind::ALL.into_iter().all(|k| masks.allows_command(k)));
+        assert!(
+            CommandKind::ALL
+                .into_iter()
+                .all(|k| masks.allows_command(k))
+        );
         assert!(EventKind::ALL.into_iter().all(|k| masks.allows_event(k)));
     }
 }

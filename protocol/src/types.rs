@@ -46,7 +46,13 @@ impl Access {
 impl fmt::Debug for Access {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let flag = |a: Access, c: char| if self.contains(a) { c } else { '-' };
-        write!(f, "Access({}{}{})", flag(Self::R, 'r'), flag(Self::W, 'w'), flag(Self::X, 'x'))
+        write!(
+            f,
+            "Access({}{}{})",
+            flag(Self::R, 'r'),
+            flag(Self::W, 'w'),
+            flag(Self::X, 'x')
+        )
     }
 }
 
@@ -149,7 +155,10 @@ mod tests {
         assert_eq!(Access::from_bits(0b101), Some(Access::R.union(Access::X)));
         assert_eq!(Access::from_bits(0b1000), None);
         assert_eq!(Access::from_bits(0xff), None);
-        assert_eq!(format!("{:?}", Access::from_bits(5).unwrap()), "Access(r-x)");
+        assert_eq!(
+            format!("{:?}", Access::from_bits(5).unwrap()),
+            "Access(r-x)"
+        );
     }
 
     #[test]

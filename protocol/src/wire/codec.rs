@@ -131,9 +131,10 @@ pub(crate) fn encode_message(
 ) -> Result<usize, EncodeError> {
     let total = message_len(payload_len, max_msg_size)?;
     let available = buf.len();
-    let dst = buf
-        .get_mut(..total)
-        .ok_or(EncodeError::BufferTooSmall { needed: total, available })?;
+    let dst = buf.get_mut(..total).ok_or(EncodeError::BufferTooSmall {
+        needed: total,
+        available,
+    })?;
     let size = u16::try_from(payload_len).map_err(|_| EncodeError::TooLarge {
         size: payload_len,
         max: usize::from(u16::MAX),
@@ -157,7 +158,9 @@ pub(crate) fn encode_message(
 
 /// Whole-message length for a payload, checked against the header's `u16` and the profile.
 pub(crate) fn message_len(payload_len: usize, max_msg_size: usize) -> Result<usize, EncodeError> {
-    let max = max_msg_size.saturating_sub(HEADER_SIZE).min(usize::from(u16::MAX));
+    let max = max_msg_size
+        .saturating_sub(HEADER_SIZE)
+        .min(usize::from(u16::MAX));
     if payload_len > max {
         return Err(EncodeError::TooLarge {
             size: payload_len,

@@ -1,6 +1,6 @@
 //! Wire profiles: how the semantic messages are numbered and laid out on the wire.
 //!
-//! A [`WireProfile`] maps [`Command`], [`Reply`], [`Event`] and [`EventReply`] to bytes and
+//! A [`WireProfile`] maps [`Command`], [`Reply`](crate::reply::Reply), [`Event`] and [`EventReply`] to bytes and
 //! back. [`v4`] is the only profile today (the RFC v4 numbering and layouts with this
 //! project's extensions). A second profile, e.g. the KVM-VMI `kvmi-v7` ABI that libkvmi
 //! speaks, is another module implementing the same trait; the semantic types do not change.
@@ -87,8 +87,11 @@ pub trait WireProfile {
     /// Encoded length of a command message (header included).
     fn command_len(command: &Command<'_>) -> Result<usize, EncodeError>;
     /// Encode a command message.
-    fn encode_command(seq: u32, command: &Command<'_>, buf: &mut [u8])
-    -> Result<usize, EncodeError>;
+    fn encode_command(
+        seq: u32,
+        command: &Command<'_>,
+        buf: &mut [u8],
+    ) -> Result<usize, EncodeError>;
 
     /// Decode a reply payload to a command of kind `kind`.
     fn decode_reply(kind: CommandKind, payload: &[u8]) -> Result<CommandResult<'_>, ProtocolError>;
@@ -110,8 +113,10 @@ pub trait WireProfile {
     fn encode_event(seq: u32, event: &Event, buf: &mut [u8]) -> Result<usize, EncodeError>;
 
     /// Decode and validate the reply payload to an event of kind `event`.
-    fn decode_event_reply(event: EventKind, payload: &[u8])
-    -> Result<EventReply<'_>, ProtocolError>;
+    fn decode_event_reply(
+        event: EventKind,
+        payload: &[u8],
+    ) -> Result<EventReply<'_>, ProtocolError>;
     /// Encoded length of an event-reply message (header included).
     fn event_reply_len(reply: &EventReply<'_>) -> Result<usize, EncodeError>;
     /// Encode an event-reply message.

@@ -31,7 +31,9 @@ fn read_page_access_entry(b: &[u8]) -> PageAccessEntry {
     let e = PageAccessEntryWire::read_from_bytes(b).ok();
     PageAccessEntry {
         gpa: e.map_or(0, |e| e.gpa.get()),
-        access: e.and_then(|e| Access::from_bits(e.access)).unwrap_or(Access::NONE),
+        access: e
+            .and_then(|e| Access::from_bits(e.access))
+            .unwrap_or(Access::NONE),
     }
 }
 
@@ -282,139 +284,146 @@ pub(super) fn encoded_len(command: &Command<'_>) -> Result<usize, EncodeError> {
 }
 
 /// Encode a command message.
-pub(super) fn encode(seq: u32, command: &Command<'_>, buf: &mut [u8]) -> Result<usize, EncodeError> {
+pub(super) fn encode(
+    seq: u32,
+    command: &Command<'_>,
+    buf: &mut [u8],
+) -> Result<usize, EncodeError> {
     check(command)?;
     let id = command_id(command.kind());
     let len = payload_len(command);
     let pad3 = [U16::ZERO; 3];
-    encode_message(id, seq, len, MAX_MSG_SIZE, buf, |w: &mut Writer<'_>| match *command {
-        Command::GetVersion | Command::GetMapToken => {}
-        Command::GetGuestInfo => w.put(&VcpuRequest {
-            vcpu: U16::ZERO,
-            padding: pad3,
-        }),
-        Command::PauseVcpu { vcpu } | Command::GetXsave { vcpu } => w.put(&VcpuRequest {
-            vcpu: vcpu.into(),
-            padding: pad3,
-        }),
-        Command::GetRegisters { vcpu, msrs } => {
-            w.put(&GetRegistersRequest {
+    encode_message(
+        id,
+        seq,
+        len,
+        MAX_MSG_SIZE,
+        buf,
+        |w: &mut Writer<'_>| match *command {
+            Command::GetVersion | Command::GetMapToken => {}
+            Command::GetGuestInfo => w.put(&VcpuRequest {
+                vcpu: U16::ZERO,
+                padding: pad3,
+            }),
+            Command::PauseVcpu { vcpu } | Command::GetXsave { vcpu } => w.put(&VcpuRequest {
                 vcpu: vcpu.into(),
-                nmsrs: U16::new(msrs.len() as u16),
-                padding: [U16::ZERO; 2],
-            });
-            msrs.iter().for_each(|m| w.put(&U32::new(m)));
-        }
-        Command::SetRegisters { vcpu, regs } => w.put(&SetRegistersRequest {
-            vcpu: vcpu.into(),
-            padding: pad3,
-            regs,
-        }),
-        Command::GetCpuid {
-            vcpu,
-            function,
-            index,
-        } => w.put(&GetCpuidRequest {
-            vcpu: vcpu.into(),
-            padding: pad3,
-            function: function.into(),
-            index: index.into(),
-        }),
-        Command::GetPageAccess { vcpu, view, gpas } => {
-            w.put(&PageAccessRequest {
-                vcpu: vcpu.into(),
-                count: U16::new(gpas.len() as u16),
-                view: view.into(),
-                padding: U16::ZERO,
-            });
-            gpas.iter().for_each(|g| w.put(&U64::new(g)));
-        }
-        Command::SetPageAccess {
-            vcpu,
-            view,
-            entries,
-        } => {
-            w.put(&PageAccessRequest {
-                vcpu: vcpu.into(),
-                count: U16::new(entries.len() as u16),
-                view: view.into(),
-                padding: U16::ZERO,
-            });
-            entries.iter().for_each(|e| {
-                w.put(&PageAccessEntryWire {
-                    gpa: e.gpa.into(),
-                    access: e.access.bits(),
-                    padding: [0; 7],
-                })
-            });
-        }
-        Command::InjectException {
-            vcpu,
-            vector,
-            error_code,
-            address,
-        } => w.put(&InjectExceptionRequest {
-            vcpu: vcpu.into(),
-            nr: vector,
-            has_error: error_code.is_some().into(),
-            error_code: error_code.unwrap_or(0).into(),
-            padding: U16::ZERO,
-            address: address.into(),
-        }),
-        Command::ReadPhysical { gpa, size } => w.put(&PhysicalRequest {
-            gpa: gpa.into(),
-            size: size.into(),
-        }),
-        Command::WritePhysical { gpa, data } => {
-            w.put(&PhysicalRequest {
-                gpa: gpa.into(),
-                size: U64::new(data.len() as u64),
-            });
-            w.put_bytes(data);
-        }
-        Command::ControlEvents { vcpu, events } => w.put(&ControlEventsRequest {
-            vcpu: vcpu.into(),
-            padding: U16::ZERO,
-            events: event_set_to_bits(events).into(),
-        }),
-        Command::ControlCr {
-            vcpu,
-            enable,
-            cr: reg,
-        }
-        | Command::ControlMsr {
-            vcpu,
-            enable,
-            msr: reg,
-        } => w.put(&ControlRegRequest {
-            vcpu: vcpu.into(),
-            enable: enable.into(),
-            padding: 0,
-            reg: reg.into(),
-        }),
-        Command::ControlVe { vcpu, enable, gpas } => {
-            w.put(&ControlVeRequest {
-                vcpu: vcpu.into(),
-                count: U16::new(gpas.len() as u16),
-                enable: enable.into(),
-                padding: [0; 3],
-            });
-            gpas.iter().for_each(|g| w.put(&U64::new(g)));
-        }
-        Command::ControlBreakpoint {
-            vcpus,
-            enable,
-            gva,
-        } => w.put(&ControlBreakpointRequest {
-            vcpu: match vcpus {
-                VcpuSelector::All => u16::MAX,
-                VcpuSelector::One(v) => v,
+                padding: pad3,
+            }),
+            Command::GetRegisters { vcpu, msrs } => {
+                w.put(&GetRegistersRequest {
+                    vcpu: vcpu.into(),
+                    nmsrs: U16::new(msrs.len() as u16),
+                    padding: [U16::ZERO; 2],
+                });
+                msrs.iter().for_each(|m| w.put(&U32::new(m)));
             }
-            .into(),
-            enable: enable.into(),
-            padding1: 0,
-            padding2: U32::ZERO,
-            gva: gva.into(),
-        }),
-    })
+            Command::SetRegisters { vcpu, regs } => w.put(&SetRegistersRequest {
+                vcpu: vcpu.into(),
+                padding: pad3,
+                regs,
+            }),
+            Command::GetCpuid {
+                vcpu,
+                function,
+                index,
+            } => w.put(&GetCpuidRequest {
+                vcpu: vcpu.into(),
+                padding: pad3,
+                function: function.into(),
+                index: index.into(),
+            }),
+            Command::GetPageAccess { vcpu, view, gpas } => {
+                w.put(&PageAccessRequest {
+                    vcpu: vcpu.into(),
+                    count: U16::new(gpas.len() as u16),
+                    view: view.into(),
+                    padding: U16::ZERO,
+                });
+                gpas.iter().for_each(|g| w.put(&U64::new(g)));
+            }
+            Command::SetPageAccess {
+                vcpu,
+                view,
+                entries,
+            } => {
+                w.put(&PageAccessRequest {
+                    vcpu: vcpu.into(),
+                    count: U16::new(entries.len() as u16),
+                    view: view.into(),
+                    padding: U16::ZERO,
+                });
+                entries.iter().for_each(|e| {
+                    w.put(&PageAccessEntryWire {
+                        gpa: e.gpa.into(),
+                        access: e.access.bits(),
+                        padding: [0; 7],
+                    })
+                });
+            }
+            Command::InjectException {
+                vcpu,
+                vector,
+                error_code,
+                address,
+            } => w.put(&InjectExceptionRequest {
+                vcpu: vcpu.into(),
+                nr: vector,
+                has_error: error_code.is_some().into(),
+                error_code: error_code.unwrap_or(0).into(),
+                padding: U16::ZERO,
+                address: address.into(),
+            }),
+            Command::ReadPhysical { gpa, size } => w.put(&PhysicalRequest {
+                gpa: gpa.into(),
+                size: size.into(),
+            }),
+            Command::WritePhysical { gpa, data } => {
+                w.put(&PhysicalRequest {
+                    gpa: gpa.into(),
+                    size: U64::new(data.len() as u64),
+                });
+                w.put_bytes(data);
+            }
+            Command::ControlEvents { vcpu, events } => w.put(&ControlEventsRequest {
+                vcpu: vcpu.into(),
+                padding: U16::ZERO,
+                events: event_set_to_bits(events).into(),
+            }),
+            Command::ControlCr {
+                vcpu,
+                enable,
+                cr: reg,
+            }
+            | Command::ControlMsr {
+                vcpu,
+                enable,
+                msr: reg,
+            } => w.put(&ControlRegRequest {
+                vcpu: vcpu.into(),
+                enable: enable.into(),
+                padding: 0,
+                reg: reg.into(),
+            }),
+            Command::ControlVe { vcpu, enable, gpas } => {
+                w.put(&ControlVeRequest {
+                    vcpu: vcpu.into(),
+                    count: U16::new(gpas.len() as u16),
+                    enable: enable.into(),
+                    padding: [0; 3],
+                });
+                gpas.iter().for_each(|g| w.put(&U64::new(g)));
+            }
+            Command::ControlBreakpoint { vcpus, enable, gva } => w.put(&ControlBreakpointRequest {
+                vcpu: match vcpus {
+                    VcpuSelector::All => u16::MAX,
+                    VcpuSelector::One(v) => v,
+                }
+                .into(),
+                enable: enable.into(),
+                padding1: 0,
+                padding2: U32::ZERO,
+                gva: gva.into(),
+            }),
+        },
+    )
 }

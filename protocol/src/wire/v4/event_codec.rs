@@ -10,9 +10,7 @@ use super::event_layout::{
 };
 use super::{MAX_MSG_SIZE, action_bit, action_from_bits, event_bit, event_kind, ids};
 use crate::error::{EncodeError, ProtocolError};
-use crate::event::{
-    DescriptorTable, Event, EventCommon, EventKind, EventMsrs, EventPayload,
-};
+use crate::event::{DescriptorTable, Event, EventCommon, EventKind, EventMsrs, EventPayload};
 use crate::event_reply::{
     EventReply, EventReplyData, PF_CTX_DATA_SIZE, PageFaultReply, check_action,
 };
@@ -95,12 +93,11 @@ pub(super) fn decode_event(payload: &[u8]) -> Result<Event, ProtocolError> {
         EventKind::Descriptor => {
             let d = r.take::<EventDescriptorWire>()?;
             zero_padding(&d.padding, "event_descriptor")?;
-            let descriptor = DescriptorTable::from_value(d.descriptor).ok_or(
-                ProtocolError::InvalidValue {
+            let descriptor =
+                DescriptorTable::from_value(d.descriptor).ok_or(ProtocolError::InvalidValue {
                     field: "descriptor",
                     value: d.descriptor.into(),
-                },
-            )?;
+                })?;
             EventPayload::Descriptor {
                 arch: [d.arch[0].get(), d.arch[1].get()],
                 descriptor,
@@ -138,88 +135,98 @@ pub(super) fn event_len(event: &Event) -> usize {
 pub(super) fn encode_event(seq: u32, event: &Event, buf: &mut [u8]) -> Result<usize, EncodeError> {
     event.payload.validate()?;
     let len = size_of::<EventWire>() + event_payload_len(event.kind());
-    encode_message(ids::EVENT, seq, len, MAX_MSG_SIZE, buf, |w: &mut Writer<'_>| {
-        let c = &event.common;
-        let m = &c.msrs;
-        w.put(&EventWire {
-            event: event_bit(event.kind()).into(),
-            vcpu: c.vcpu.into(),
-            mode: c.mode.bytes(),
-            padding: 0,
-            regs: c.regs,
-            sregs: c.sregs,
-            msrs: EventMsrsWire {
-                sysenter_cs: m.sysenter_cs.into(),
-                sysenter_esp: m.sysenter_esp.into(),
-                sysenter_eip: m.sysenter_eip.into(),
-                efer: m.efer.into(),
-                star: m.star.into(),
-                lstar: m.lstar.into(),
-                cstar: m.cstar.into(),
-                pat: m.pat.into(),
-            },
-        });
-        match event.payload {
-            EventPayload::PauseVcpu
-            | EventPayload::Xsetbv
-            | EventPayload::Hypercall
-            | EventPayload::CreateVcpu
-            | EventPayload::Singlestep => {}
-            EventPayload::Cr {
-                cr,
-                old_value,
-                new_value,
-            } => w.put(&EventCrWire {
-                cr: cr.into(),
-                padding: [U16::ZERO; 3],
-                old_value: old_value.into(),
-                new_value: new_value.into(),
-            }),
-            EventPayload::Msr {
-                msr,
-                old_value,
-                new_value,
-            } => w.put(&EventMsrWire {
-                msr: msr.into(),
-                padding: U32::ZERO,
-                old_value: old_value.into(),
-                new_value: new_value.into(),
-            }),
-            EventPayload::Breakpoint { gpa } => w.put(&EventBreakpointWire { gpa: gpa.into() }),
-            EventPayload::PageFault { gva, gpa, mode } => w.put(&EventPageFaultWire {
-                gva: gva.into(),
-                gpa: gpa.into(),
-                mode: mode.into(),
-                padding: U32::ZERO,
-            }),
-            EventPayload::Trap {
-                vector,
-                kind,
-                error_code,
-                cr2,
-            } => w.put(&EventTrapWire {
-                vector: vector.into(),
-                type_: kind.into(),
-                error_code: error_code.into(),
-                padding: U32::ZERO,
-                cr2: cr2.into(),
-            }),
-            EventPayload::Descriptor {
-                arch,
-                descriptor,
-                write,
-            } => w.put(&EventDescriptorWire {
-                arch: [U64::new(arch[0]), U64::new(arch[1])],
-                descriptor: descriptor.value(),
-                write: write.into(),
-                padding: [0; 6],
-            }),
-        }
-    })
+    encode_message(
+        ids::EVENT,
+        seq,
+        len,
+        MAX_MSG_SIZE,
+        buf,
+        |w: &mut Writer<'_>| {
+            let c = &event.common;
+            let m = &c.msrs;
+            w.put(&EventWire {
+                event: event_bit(event.kind()).into(),
+                vcpu: c.vcpu.into(),
+                mode: c.mode.bytes(),
+                padding: 0,
+                regs: c.regs,
+                sregs: c.sregs,
+                msrs: EventMsrsWire {
+                    sysenter_cs: m.sysenter_cs.into(),
+                    sysenter_esp: m.sysenter_esp.into(),
+                    sysenter_eip: m.sysenter_eip.into(),
+                    efer: m.efer.into(),
+                    star: m.star.into(),
+                    lstar: m.lstar.into(),
+                    cstar: m.cstar.into(),
+                    pat: m.pat.into(),
+                },
+            });
+            match event.payload {
+                EventPayload::PauseVcpu
+                | EventPayload::Xsetbv
+                | EventPayload::Hypercall
+                | EventPayload::CreateVcpu
+                | EventPayload::Singlestep => {}
+                EventPayload::Cr {
+                    cr,
+                    old_value,
+                    new_value,
+                } => w.put(&EventCrWire {
+                    cr: cr.into(),
+                    padding: [U16::ZERO; 3],
+                    old_value: old_value.into(),
+                    new_value: new_value.into(),
+                }),
+                EventPayload::Msr {
+                    msr,
+                    old_value,
+                    new_value,
+                } => w.put(&EventMsrWire {
+                    msr: msr.into(),
+                    padding: U32::ZERO,
+                    old_value: old_value.into(),
+                    new_value: new_value.into(),
+                }),
+                EventPayload::Breakpoint { gpa } => w.put(&EventBreakpointWire { gpa: gpa.into() }),
+                EventPayload::PageFault { gva, gpa, mode } => w.put(&EventPageFaultWire {
+                    gva: gva.into(),
+                    gpa: gpa.into(),
+                    mode: mode.into(),
+                    padding: U32::ZERO,
+                }),
+                EventPayload::Trap {
+                    vector,
+                    kind,
+                    error_code,
+                    cr2,
+                } => w.put(&EventTrapWire {
+                    vector: vector.into(),
+                    type_: kind.into(),
+                    error_code: error_code.into(),
+                    padding: U32::ZERO,
+                    cr2: cr2.into(),
+                }),
+                EventPayload::Descriptor {
+                    arch,
+                    descriptor,
+                    write,
+                } => w.put(&EventDescriptorWire {
+                    arch: [U64::new(arch[0]), U64::new(arch[1])],
+                    descriptor: descriptor.value(),
+                    write: write.into(),
+                    padding: [0; 6],
+                }),
+            }
+        },
+    )
 }
 
 /// Decode and validate the reply payload to an event of kind `event`.
-pub(super) fn decode_reply(event: EventKind, payload: &[u8]) -> Result<EventReply<'_>, ProtocolError> {
+pub(super) fn decode_reply(
+    event: EventKind,
+    payload: &[u8],
+) -> Result<EventReply<'_>, ProtocolError> {
     let mut r = Reader::new(payload, "event reply");
     let hdr = r.take::<EventReplyWire>()?;
     zero_padding(hdr.padding.as_bytes(), "event_reply")?;
@@ -283,29 +290,36 @@ pub(super) fn encode_reply(
 ) -> Result<usize, EncodeError> {
     reply.validate()?;
     let len = reply_payload_len(reply);
-    encode_message(ids::EVENT_REPLY, seq, len, MAX_MSG_SIZE, buf, |w: &mut Writer<'_>| {
-        w.put(&EventReplyWire {
-            action: action_bit(reply.action).into(),
-            padding: U32::ZERO,
-        });
-        match reply.data {
-            EventReplyData::None => {}
-            EventReplyData::Cr { new_val } | EventReplyData::Msr { new_val } => {
-                w.put(&EventNewValReply {
-                    new_val: new_val.into(),
-                })
-            }
-            EventReplyData::PageFault(pf) => {
-                let mut wire = EventPageFaultReplyWire::new_zeroed();
-                wire.trap_access = pf.trap_access.into();
-                wire.ctx_size = U32::new(pf.ctx_data.len() as u32);
-                if let Some(dst) = wire.ctx_data.get_mut(..pf.ctx_data.len()) {
-                    dst.copy_from_slice(pf.ctx_data);
+    encode_message(
+        ids::EVENT_REPLY,
+        seq,
+        len,
+        MAX_MSG_SIZE,
+        buf,
+        |w: &mut Writer<'_>| {
+            w.put(&EventReplyWire {
+                action: action_bit(reply.action).into(),
+                padding: U32::ZERO,
+            });
+            match reply.data {
+                EventReplyData::None => {}
+                EventReplyData::Cr { new_val } | EventReplyData::Msr { new_val } => {
+                    w.put(&EventNewValReply {
+                        new_val: new_val.into(),
+                    })
                 }
-                w.put(&wire);
+                EventReplyData::PageFault(pf) => {
+                    let mut wire = EventPageFaultReplyWire::new_zeroed();
+                    wire.trap_access = pf.trap_access.into();
+                    wire.ctx_size = U32::new(pf.ctx_data.len() as u32);
+                    if let Some(dst) = wire.ctx_data.get_mut(..pf.ctx_data.len()) {
+                        dst.copy_from_slice(pf.ctx_data);
+                    }
+                    w.put(&wire);
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 const _: () = assert!(PF_CTX_DATA_SIZE == 256);

@@ -6,7 +6,9 @@ use zerocopy::FromBytes;
 use super::V4;
 use crate::command::{Command, CommandKind};
 use crate::error::ErrorCode;
-use crate::event::{DescriptorTable, Event, EventCommon, EventKind, EventMsrs, EventPayload, EventSet};
+use crate::event::{
+    DescriptorTable, Event, EventCommon, EventKind, EventMsrs, EventPayload, EventSet,
+};
 use crate::event_reply::{Action, EventReply, EventReplyData, PageFaultReply, accepted_actions};
 use crate::kvm::{KvmRegs, KvmSregs};
 use crate::list::List;
@@ -28,7 +30,11 @@ fn access() -> impl Strategy<Value = Access> {
 }
 
 fn mode() -> impl Strategy<Value = CpuMode> {
-    prop_oneof![Just(CpuMode::Bits16), Just(CpuMode::Bits32), Just(CpuMode::Bits64)]
+    prop_oneof![
+        Just(CpuMode::Bits16),
+        Just(CpuMode::Bits32),
+        Just(CpuMode::Bits64)
+    ]
 }
 
 /// A guest-physical range of 1..=4096 bytes within one page.
@@ -133,11 +139,21 @@ fn command() -> impl Strategy<Value = OwnedCommand> {
             vcpu,
             events: EventSet::from_bits(bits & EventSet::ALL.bits())
         })),
-        (v(), any::<bool>(), cr())
-            .prop_map(|(vcpu, enable, cr)| Plain(Command::ControlCr { vcpu, enable, cr })),
-        (v(), any::<bool>(), msr())
-            .prop_map(|(vcpu, enable, msr)| Plain(Command::ControlMsr { vcpu, enable, msr })),
-        (v(), any::<bool>(), prop::collection::vec(any::<u64>(), 0..64))
+        (v(), any::<bool>(), cr()).prop_map(|(vcpu, enable, cr)| Plain(Command::ControlCr {
+            vcpu,
+            enable,
+            cr
+        })),
+        (v(), any::<bool>(), msr()).prop_map(|(vcpu, enable, msr)| Plain(Command::ControlMsr {
+            vcpu,
+            enable,
+            msr
+        })),
+        (
+            v(),
+            any::<bool>(),
+            prop::collection::vec(any::<u64>(), 0..64)
+        )
             .prop_map(|(vcpu, enable, g)| OwnedCommand::ControlVe(vcpu, enable, g)),
         (
             prop_oneof![
@@ -230,7 +246,11 @@ fn reply() -> impl Strategy<Value = (CommandKind, Result<OwnedReply, ErrorCode>)
             Plain(Reply::MapToken(MapToken(t)))
         )),
         prop::sample::select(
-            CommandKind::ALL.iter().copied().filter(|k| !k.has_reply_data()).collect::<Vec<_>>()
+            CommandKind::ALL
+                .iter()
+                .copied()
+                .filter(|k| !k.has_reply_data())
+                .collect::<Vec<_>>()
         )
         .prop_map(move |k| ok(k, Plain(Reply::Empty))),
         (
@@ -292,8 +312,15 @@ fn event_payload() -> impl Strategy<Value = EventPayload> {
 }
 
 fn event() -> impl Strategy<Value = Event> {
-    (any::<u16>(), mode(), regs(), sregs(), any::<[u64; 8]>(), event_payload()).prop_map(
-        |(vcpu, mode, regs, sregs, m, payload)| Event {
+    (
+        any::<u16>(),
+        mode(),
+        regs(),
+        sregs(),
+        any::<[u64; 8]>(),
+        event_payload(),
+    )
+        .prop_map(|(vcpu, mode, regs, sregs, m, payload)| Event {
             common: EventCommon {
                 vcpu,
                 mode,
@@ -311,8 +338,7 @@ fn event() -> impl Strategy<Value = Event> {
                 },
             },
             payload,
-        },
-    )
+        })
 }
 
 /// An event kind, an action it accepts, and reply data of the right shape (PF context owned).
@@ -324,10 +350,18 @@ fn event_reply() -> impl Strategy<Value = (EventKind, Action, u64, bool, Vec<u8>
         any::<bool>(),
         prop::collection::vec(any::<u8>(), 0..=256),
     )
-        .prop_filter("action accepted", |(k, a, ..)| accepted_actions(*k).contains(*a))
+        .prop_filter("action accepted", |(k, a, ..)| {
+            accepted_actions(*k).contains(*a)
+        })
 }
 
-fn build_reply<'a>(kind: EventKind, action: Action, val: u64, trap: bool, ctx: &'a [u8]) -> EventReply<'a> {
+fn build_reply<'a>(
+    kind: EventKind,
+    action: Action,
+    val: u64,
+    trap: bool,
+    ctx: &'a [u8],
+) -> EventReply<'a> {
     let data = match kind {
         EventKind::Cr => EventReplyData::Cr { new_val: val },
         EventKind::Msr => EventReplyData::Msr { new_val: val },

@@ -27,11 +27,16 @@ fn read_msr_entry(b: &[u8]) -> MsrEntry {
 }
 
 fn read_access(b: &[u8]) -> Access {
-    b.first().and_then(|a| Access::from_bits(*a)).unwrap_or(Access::NONE)
+    b.first()
+        .and_then(|a| Access::from_bits(*a))
+        .unwrap_or(Access::NONE)
 }
 
 /// Decode a reply payload to a command of kind `kind`.
-pub(super) fn decode(kind: CommandKind, payload: &[u8]) -> Result<CommandResult<'_>, ProtocolError> {
+pub(super) fn decode(
+    kind: CommandKind,
+    payload: &[u8],
+) -> Result<CommandResult<'_>, ProtocolError> {
     let mut r = Reader::new(payload, "reply");
     let ec = r.take::<ErrorCodeWire>()?;
     zero_padding(ec.padding.as_bytes(), "error_code")?;
@@ -81,8 +86,12 @@ pub(super) fn decode(kind: CommandKind, payload: &[u8]) -> Result<CommandResult<
                     max: MAX_GET_REGISTERS_MSRS,
                 });
             }
-            let entries = <[KvmMsrEntry]>::ref_from_bytes(bytes)
-                .map_err(|_| ProtocolError::CountOverrun { what: "kvm_msrs", count })?;
+            let entries = <[KvmMsrEntry]>::ref_from_bytes(bytes).map_err(|_| {
+                ProtocolError::CountOverrun {
+                    what: "kvm_msrs",
+                    count,
+                }
+            })?;
             for e in entries {
                 zero_padding(e.reserved.as_bytes(), "kvm_msr_entry")?;
             }
@@ -173,7 +182,10 @@ fn check(kind: CommandKind, result: &CommandResult<'_>) -> Result<(), EncodeErro
 }
 
 /// Encoded length of a reply message.
-pub(super) fn encoded_len(kind: CommandKind, result: &CommandResult<'_>) -> Result<usize, EncodeError> {
+pub(super) fn encoded_len(
+    kind: CommandKind,
+    result: &CommandResult<'_>,
+) -> Result<usize, EncodeError> {
     check(kind, result)?;
     message_len(payload_len(result), MAX_MSG_SIZE)
 }
@@ -187,55 +199,62 @@ pub(super) fn encode(
 ) -> Result<usize, EncodeError> {
     check(kind, result)?;
     let len = payload_len(result);
-    encode_message(command_id(kind), seq, len, MAX_MSG_SIZE, buf, |w: &mut Writer<'_>| {
-        let err = match result {
-            Ok(_) => 0,
-            Err(code) => code.wire(),
-        };
-        w.put(&ErrorCodeWire {
-            err: I32::new(err),
-            padding: U32::ZERO,
-        });
-        let Ok(reply) = result else { return };
-        match *reply {
-            Reply::Empty => {}
-            Reply::Version(v) => w.put(&GetVersionReply {
-                version: v.version.into(),
-                commands: v.allowed.commands.into(),
-                events: v.allowed.events.into(),
+    encode_message(
+        command_id(kind),
+        seq,
+        len,
+        MAX_MSG_SIZE,
+        buf,
+        |w: &mut Writer<'_>| {
+            let err = match result {
+                Ok(_) => 0,
+                Err(code) => code.wire(),
+            };
+            w.put(&ErrorCodeWire {
+                err: I32::new(err),
                 padding: U32::ZERO,
-            }),
-            Reply::GuestInfo(g) => w.put(&GetGuestInfoReply {
-                vcpu_count: g.vcpu_count.into(),
-                padding: [U16::ZERO; 3],
-                tsc_speed: g.tsc_speed.into(),
-            }),
-            Reply::Registers(r) => {
-                w.put(&GetRegistersReply {
-                    mode: U32::new(r.mode.bytes().into()),
+            });
+            let Ok(reply) = result else { return };
+            match *reply {
+                Reply::Empty => {}
+                Reply::Version(v) => w.put(&GetVersionReply {
+                    version: v.version.into(),
+                    commands: v.allowed.commands.into(),
+                    events: v.allowed.events.into(),
                     padding: U32::ZERO,
-                    regs: r.regs,
-                    sregs: r.sregs,
-                    nmsrs: U32::new(r.msrs.len() as u32),
-                    msrs_pad: U32::ZERO,
-                });
-                r.msrs.iter().for_each(|m| {
-                    w.put(&KvmMsrEntry {
-                        index: m.index.into(),
-                        reserved: U32::ZERO,
-                        data: U64::new(m.data),
-                    })
-                });
+                }),
+                Reply::GuestInfo(g) => w.put(&GetGuestInfoReply {
+                    vcpu_count: g.vcpu_count.into(),
+                    padding: [U16::ZERO; 3],
+                    tsc_speed: g.tsc_speed.into(),
+                }),
+                Reply::Registers(r) => {
+                    w.put(&GetRegistersReply {
+                        mode: U32::new(r.mode.bytes().into()),
+                        padding: U32::ZERO,
+                        regs: r.regs,
+                        sregs: r.sregs,
+                        nmsrs: U32::new(r.msrs.len() as u32),
+                        msrs_pad: U32::ZERO,
+                    });
+                    r.msrs.iter().for_each(|m| {
+                        w.put(&KvmMsrEntry {
+                            index: m.index.into(),
+                            reserved: U32::ZERO,
+                            data: U64::new(m.data),
+                        })
+                    });
+                }
+                Reply::Cpuid(c) => w.put(&GetCpuidReply {
+                    eax: c.eax.into(),
+                    ebx: c.ebx.into(),
+                    ecx: c.ecx.into(),
+                    edx: c.edx.into(),
+                }),
+                Reply::PageAccess(list) => list.iter().for_each(|a| w.put_bytes(&[a.bits()])),
+                Reply::Physical(data) | Reply::Xsave(data) => w.put_bytes(data),
+                Reply::MapToken(token) => w.put_bytes(&token.0),
             }
-            Reply::Cpuid(c) => w.put(&GetCpuidReply {
-                eax: c.eax.into(),
-                ebx: c.ebx.into(),
-                ecx: c.ecx.into(),
-                edx: c.edx.into(),
-            }),
-            Reply::PageAccess(list) => list.iter().for_each(|a| w.put_bytes(&[a.bits()])),
-            Reply::Physical(data) | Reply::Xsave(data) => w.put_bytes(data),
-            Reply::MapToken(token) => w.put_bytes(&token.0),
-        }
-    })
+        },
+    )
 }

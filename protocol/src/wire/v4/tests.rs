@@ -1,7 +1,7 @@
 //! Unit tests of the v4 codec: numbering, and one test per validation rule.
 
 use zerocopy::IntoBytes;
-use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::little_endian::{U32, U64};
 
 use super::event_layout::EventReplyWire;
 use super::*;
@@ -34,7 +34,10 @@ fn cmd_err(buf: &[u8]) -> i32 {
 fn command_ids_are_unique_fit_the_mask_and_round_trip() {
     for (i, a) in CommandKind::ALL.iter().enumerate() {
         let id = command_id(*a);
-        assert!((1..=32).contains(&id), "{a:?} id {id} does not fit the u32 mask");
+        assert!(
+            (1..=32).contains(&id),
+            "{a:?} id {id} does not fit the u32 mask"
+        );
         assert_ne!(id, ids::EVENT);
         assert_ne!(id, ids::EVENT_REPLY);
         assert_eq!(command_kind(id), Some(*a));
@@ -103,7 +106,10 @@ fn nonzero_padding_is_einval() {
     for i in 10..16 {
         let mut bad = good.clone();
         bad[i] = 1;
-        assert_eq!(decode_cmd(&bad), Err(ProtocolError::NonZeroPadding("vcpu request")));
+        assert_eq!(
+            decode_cmd(&bad),
+            Err(ProtocolError::NonZeroPadding("vcpu request"))
+        );
     }
     // CONTROL_BREAKPOINT padding1 and padding2.
     let good = encode_cmd(&Command::ControlBreakpoint {
@@ -123,9 +129,15 @@ fn size_mismatches_are_einval() {
     let mut long = encode_cmd(&Command::PauseVcpu { vcpu: 0 });
     long.push(0);
     long[2] = 9;
-    assert!(matches!(decode_cmd(&long), Err(ProtocolError::SizeMismatch { .. })));
+    assert!(matches!(
+        decode_cmd(&long),
+        Err(ProtocolError::SizeMismatch { .. })
+    ));
     let short = [ids::PAUSE_VCPU as u8, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    assert!(matches!(decode_cmd(&short), Err(ProtocolError::Truncated { .. })));
+    assert!(matches!(
+        decode_cmd(&short),
+        Err(ProtocolError::Truncated { .. })
+    ));
     // GET_VERSION carries no payload.
     let with_payload = [1u8, 0, 1, 0, 0, 0, 0, 0, 0];
     assert_eq!(cmd_err(&with_payload), EINVAL);
@@ -143,13 +155,22 @@ fn array_counts_that_overrun_are_einval() {
     bad[8 + 2] = 4; // count 4, 3 present
     assert_eq!(
         decode_cmd(&bad),
-        Err(ProtocolError::CountOverrun { what: "gpa", count: 4 })
+        Err(ProtocolError::CountOverrun {
+            what: "gpa",
+            count: 4
+        })
     );
     let mut fewer = good.clone();
     fewer[8 + 2] = 2; // count 2, 3 present: trailing bytes
-    assert!(matches!(decode_cmd(&fewer), Err(ProtocolError::SizeMismatch { .. })));
+    assert!(matches!(
+        decode_cmd(&fewer),
+        Err(ProtocolError::SizeMismatch { .. })
+    ));
     // WRITE_PHYSICAL size larger than the data.
-    let mut w = encode_cmd(&Command::WritePhysical { gpa: 0, data: &[1, 2, 3] });
+    let mut w = encode_cmd(&Command::WritePhysical {
+        gpa: 0,
+        data: &[1, 2, 3],
+    });
     w[8 + 8] = 4;
     assert_eq!(cmd_err(&w), EINVAL);
 }
@@ -157,7 +178,10 @@ fn array_counts_that_overrun_are_einval() {
 #[test]
 fn get_registers_count_too_big_is_e2big() {
     let msrs = vec![0u32; super::command_codec::MAX_GET_REGISTERS_MSRS + 1];
-    let cmd = Command::GetRegisters { vcpu: 0, msrs: List::from_slice(&msrs) };
+    let cmd = Command::GetRegisters {
+        vcpu: 0,
+        msrs: List::from_slice(&msrs),
+    };
     assert!(matches!(
         V4::command_len(&cmd),
         Err(EncodeError::Invalid(ProtocolError::CountTooBig { .. }))
@@ -170,20 +194,34 @@ fn get_registers_count_too_big_is_e2big() {
     buf[10..12].copy_from_slice(&(n as u16).to_le_bytes());
     assert_eq!(cmd_err(&buf), -7);
     let ok = vec![0u32; super::command_codec::MAX_GET_REGISTERS_MSRS];
-    let cmd = Command::GetRegisters { vcpu: 0, msrs: List::from_slice(&ok) };
+    let cmd = Command::GetRegisters {
+        vcpu: 0,
+        msrs: List::from_slice(&ok),
+    };
     assert_eq!(decode_cmd(&encode_cmd(&cmd)), Ok(cmd));
 }
 
 #[test]
 fn control_cr_accepts_only_cr0_cr3_cr4() {
-    let good = encode_cmd(&Command::ControlCr { vcpu: 1, enable: true, cr: 3 });
+    let good = encode_cmd(&Command::ControlCr {
+        vcpu: 1,
+        enable: true,
+        cr: 3,
+    });
     for cr in 0u32..9 {
         let mut buf = good.clone();
         buf[12..16].copy_from_slice(&cr.to_le_bytes());
         assert_eq!(decode_cmd(&buf).is_ok(), [0, 3, 4].contains(&cr), "cr{cr}");
     }
-    let bad = Command::ControlCr { vcpu: 1, enable: true, cr: 8 };
-    assert!(matches!(V4::command_len(&bad), Err(EncodeError::Invalid(_))));
+    let bad = Command::ControlCr {
+        vcpu: 1,
+        enable: true,
+        cr: 8,
+    };
+    assert!(matches!(
+        V4::command_len(&bad),
+        Err(EncodeError::Invalid(_))
+    ));
     let mut enable2 = good;
     enable2[10] = 2;
     assert_eq!(cmd_err(&enable2), EINVAL);
@@ -191,7 +229,11 @@ fn control_cr_accepts_only_cr0_cr3_cr4() {
 
 #[test]
 fn control_msr_accepts_only_bitmap_ranges() {
-    let good = encode_cmd(&Command::ControlMsr { vcpu: 0, enable: false, msr: 0x10 });
+    let good = encode_cmd(&Command::ControlMsr {
+        vcpu: 0,
+        enable: false,
+        msr: 0x10,
+    });
     for (msr, ok) in [
         (0u32, true),
         (0x1fff, true),
@@ -224,7 +266,10 @@ fn physical_access_must_stay_in_one_page() {
     assert_eq!(read(0x1ff0, 17), Err(EINVAL));
     assert_eq!(read(0, u64::MAX), Err(EINVAL));
     let data = [0u8; 2];
-    let cross = Command::WritePhysical { gpa: 0xfff, data: &data };
+    let cross = Command::WritePhysical {
+        gpa: 0xfff,
+        data: &data,
+    };
     assert!(V4::command_len(&cross).is_err());
     let empty = Command::WritePhysical { gpa: 0, data: &[] };
     assert!(V4::command_len(&empty).is_err());
@@ -232,7 +277,10 @@ fn physical_access_must_stay_in_one_page() {
 
 #[test]
 fn access_bytes_with_unknown_bits_are_einval() {
-    let entries = [PageAccessEntry { gpa: 0x1000, access: Access::R }];
+    let entries = [PageAccessEntry {
+        gpa: 0x1000,
+        access: Access::R,
+    }];
     let good = encode_cmd(&Command::SetPageAccess {
         vcpu: 0,
         view: 0,
@@ -241,7 +289,13 @@ fn access_bytes_with_unknown_bits_are_einval() {
     assert!(decode_cmd(&good).is_ok());
     let mut bad = good.clone();
     bad[16 + 8] = 0x8;
-    assert_eq!(decode_cmd(&bad), Err(ProtocolError::InvalidValue { field: "access", value: 8 }));
+    assert_eq!(
+        decode_cmd(&bad),
+        Err(ProtocolError::InvalidValue {
+            field: "access",
+            value: 8
+        })
+    );
     let mut pad = good;
     pad[16 + 15] = 1;
     assert_eq!(cmd_err(&pad), EINVAL);
@@ -249,14 +303,20 @@ fn access_bytes_with_unknown_bits_are_einval() {
     let reply = [0u8, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0x10];
     assert_eq!(
         V4::decode_reply(CommandKind::GetPageAccess, &reply),
-        Err(ProtocolError::InvalidValue { field: "access", value: 0x10 })
+        Err(ProtocolError::InvalidValue {
+            field: "access",
+            value: 0x10
+        })
     );
     assert!(V4::decode_reply(CommandKind::GetPageAccess, &reply[..10]).is_ok());
 }
 
 #[test]
 fn control_events_rejects_unknown_bits() {
-    let good = encode_cmd(&Command::ControlEvents { vcpu: 0, events: EventSet::ALL });
+    let good = encode_cmd(&Command::ControlEvents {
+        vcpu: 0,
+        events: EventSet::ALL,
+    });
     assert!(decode_cmd(&good).is_ok());
     for bit in [0u32, 12, 31] {
         let mut bad = good.clone();
@@ -304,7 +364,11 @@ fn control_breakpoint_layout_and_selector() {
     assert_eq!(&buf[8..10], &[0xff, 0xff]);
     assert_eq!(buf[10], 1);
     assert_eq!(&buf[16..24], &0x40_1000u64.to_le_bytes());
-    let one = Command::ControlBreakpoint { vcpus: VcpuSelector::One(0xffff), enable: true, gva: 0 };
+    let one = Command::ControlBreakpoint {
+        vcpus: VcpuSelector::One(0xffff),
+        enable: true,
+        gva: 0,
+    };
     assert!(V4::command_len(&one).is_err());
 }
 
@@ -313,9 +377,19 @@ fn sample_event(payload: EventPayload) -> Event {
         common: EventCommon {
             vcpu: 2,
             mode: CpuMode::Bits64,
-            regs: KvmRegs { rip: U64::new(0x1234), ..Default::default() },
-            sregs: KvmSregs { cr3: U64::new(0x9000), ..Default::default() },
-            msrs: EventMsrs { lstar: 0xffff_8000_0000_0000, pat: 0x0007_0406_0007_0406, ..Default::default() },
+            regs: KvmRegs {
+                rip: U64::new(0x1234),
+                ..Default::default()
+            },
+            sregs: KvmSregs {
+                cr3: U64::new(0x9000),
+                ..Default::default()
+            },
+            msrs: EventMsrs {
+                lstar: 0xffff_8000_0000_0000,
+                pat: 0x0007_0406_0007_0406,
+                ..Default::default()
+            },
         },
         payload,
     }
@@ -364,7 +438,11 @@ fn event_validation() {
     assert_eq!(decode(&pad), Err(EINVAL));
     // XSETBV has no payload; a CR event without its payload is truncated.
     assert_eq!(decode(&set_event(1 << 1)), Err(EINVAL));
-    let cr = encode_event(&sample_event(EventPayload::Cr { cr: 4, old_value: 1, new_value: 2 }));
+    let cr = encode_event(&sample_event(EventPayload::Cr {
+        cr: 4,
+        old_value: 1,
+        new_value: 2,
+    }));
     let mut cr5 = cr.clone();
     cr5[8 + 528] = 5;
     assert_eq!(decode(&cr5), Err(EINVAL));
@@ -379,7 +457,12 @@ fn event_validation() {
 }
 
 fn reply_payload(action: u32, data: &[u8]) -> Vec<u8> {
-    let mut p = EventReplyWire { action: action.into(), padding: U32::ZERO }.as_bytes().to_vec();
+    let mut p = EventReplyWire {
+        action: action.into(),
+        padding: U32::ZERO,
+    }
+    .as_bytes()
+    .to_vec();
     p.extend_from_slice(data);
     p
 }
@@ -398,7 +481,9 @@ fn event_reply_actions() {
         })
     );
     let err = |kind, action, data: &[u8]| {
-        V4::decode_event_reply(kind, &reply_payload(action, data)).map(|_| ()).map_err(|e| e.code())
+        V4::decode_event_reply(kind, &reply_payload(action, data))
+            .map(|_| ())
+            .map_err(|e| e.code())
     };
     assert_eq!(err(EventKind::Cr, 0, &val), Err(EINVAL)); // no action bit
     assert_eq!(err(EventKind::Cr, 3, &val), Err(EINVAL)); // two bits
@@ -409,7 +494,12 @@ fn event_reply_actions() {
     assert_eq!(err(EventKind::Breakpoint, actions::SKIP, &[]), Ok(()));
     let mut padded = reply_payload(actions::CRASH, &[]);
     padded[5] = 1;
-    assert_eq!(V4::decode_event_reply(EventKind::Trap, &padded).unwrap_err().code(), EINVAL);
+    assert_eq!(
+        V4::decode_event_reply(EventKind::Trap, &padded)
+            .unwrap_err()
+            .code(),
+        EINVAL
+    );
 }
 
 #[test]
@@ -418,7 +508,10 @@ fn page_fault_reply_layout_and_limits() {
     let reply = EventReply {
         event: EventKind::PageFault,
         action: Action::Continue,
-        data: EventReplyData::PageFault(PageFaultReply { trap_access: true, ctx_data: &ctx }),
+        data: EventReplyData::PageFault(PageFaultReply {
+            trap_access: true,
+            ctx_data: &ctx,
+        }),
     };
     let mut buf = vec![0u8; V4::event_reply_len(&reply).unwrap()];
     V4::encode_event_reply(9, &reply, &mut buf).unwrap();
@@ -427,22 +520,44 @@ fn page_fault_reply_layout_and_limits() {
     assert_eq!(p[0], 1);
     assert_eq!(&p[4..8], &5u32.to_le_bytes());
     assert_eq!(&p[8..13], &ctx);
-    assert_eq!(V4::decode_event_reply(EventKind::PageFault, &buf[8..]), Ok(reply));
+    assert_eq!(
+        V4::decode_event_reply(EventKind::PageFault, &buf[8..]),
+        Ok(reply)
+    );
     let mut big = buf.clone();
     big[16 + 4..16 + 8].copy_from_slice(&257u32.to_le_bytes());
-    assert_eq!(V4::decode_event_reply(EventKind::PageFault, &big[8..]).unwrap_err().code(), EINVAL);
+    assert_eq!(
+        V4::decode_event_reply(EventKind::PageFault, &big[8..])
+            .unwrap_err()
+            .code(),
+        EINVAL
+    );
     let mut trap2 = buf;
     trap2[16] = 2;
-    assert_eq!(V4::decode_event_reply(EventKind::PageFault, &trap2[8..]).unwrap_err().code(), EINVAL);
+    assert_eq!(
+        V4::decode_event_reply(EventKind::PageFault, &trap2[8..])
+            .unwrap_err()
+            .code(),
+        EINVAL
+    );
 }
 
 #[test]
 fn reply_error_codes_and_mismatches() {
     let mut buf = [0u8; 16];
-    let n = V4::encode_reply(CommandKind::ReadPhysical, 3, &Err(ErrorCode::Fault), &mut buf).unwrap();
+    let n = V4::encode_reply(
+        CommandKind::ReadPhysical,
+        3,
+        &Err(ErrorCode::Fault),
+        &mut buf,
+    )
+    .unwrap();
     assert_eq!(n, 16);
     assert_eq!(&buf[8..12], &(-14i32).to_le_bytes());
-    assert_eq!(V4::decode_reply(CommandKind::ReadPhysical, &buf[8..16]), Ok(Err(ErrorCode::Fault)));
+    assert_eq!(
+        V4::decode_reply(CommandKind::ReadPhysical, &buf[8..16]),
+        Ok(Err(ErrorCode::Fault))
+    );
     // An error reply carries no data; an unknown code is rejected.
     let mut with_data = buf.to_vec();
     with_data.push(0);
@@ -478,7 +593,13 @@ fn get_registers_reply_layout() {
     };
     assert_eq!(r.mode, CpuMode::Bits32);
     assert_eq!(r.regs.rip.get(), 0x777);
-    assert_eq!(r.msrs.get(0), Some(crate::types::MsrEntry { index: 0xc000_0080, data: 0xd01 }));
+    assert_eq!(
+        r.msrs.get(0),
+        Some(crate::types::MsrEntry {
+            index: 0xc000_0080,
+            data: 0xd01
+        })
+    );
     let mut reserved = payload.clone();
     reserved[8 + 476] = 1;
     assert!(V4::decode_reply(CommandKind::GetRegisters, &reserved).is_err());
@@ -492,9 +613,15 @@ fn encode_reports_small_buffers() {
     let mut buf = [0u8; 15];
     assert_eq!(
         V4::encode_command(0, &Command::PauseVcpu { vcpu: 0 }, &mut buf),
-        Err(EncodeError::BufferTooSmall { needed: 16, available: 15 })
+        Err(EncodeError::BufferTooSmall {
+            needed: 16,
+            available: 15
+        })
     );
-    assert_eq!(V4::encode_command(0, &Command::PauseVcpu { vcpu: 0 }, &mut [0u8; 64]), Ok(16));
+    assert_eq!(
+        V4::encode_command(0, &Command::PauseVcpu { vcpu: 0 }, &mut [0u8; 64]),
+        Ok(16)
+    );
 }
 
 #[test]
@@ -503,11 +630,18 @@ fn tool_and_host_messages_are_classified() {
     let frame = V4::parse_frame(&buf).unwrap();
     assert_eq!(
         V4::decode_tool_message(frame),
-        Ok(crate::wire::ToolMessage::Command { seq: 1, command: Command::GetVersion })
+        Ok(crate::wire::ToolMessage::Command {
+            seq: 1,
+            command: Command::GetVersion
+        })
     );
     assert_eq!(
         V4::decode_host_message(frame),
-        Ok(crate::wire::HostMessage::Reply { seq: 1, command: CommandKind::GetVersion, payload: &[] })
+        Ok(crate::wire::HostMessage::Reply {
+            seq: 1,
+            command: CommandKind::GetVersion,
+            payload: &[]
+        })
     );
     let ev = encode_event(&sample_event(EventPayload::Hypercall));
     let frame = V4::parse_frame(&ev).unwrap();
@@ -520,9 +654,12 @@ fn tool_and_host_messages_are_classified() {
 
 #[test]
 fn unaligned_views_work_at_any_offset() {
-    let mut buf = vec![0u8; 3 + 8 + 16];
-    let cmd = Command::GetCpuid { vcpu: 1, function: 0xd, index: 1 };
+    let mut buf = [0u8; 3 + 8 + 16];
+    let cmd = Command::GetCpuid {
+        vcpu: 1,
+        function: 0xd,
+        index: 1,
+    };
     let n = V4::encode_command(77, &cmd, &mut buf[3..]).unwrap();
     assert_eq!(decode_cmd(&buf[3..3 + n]), Ok(cmd));
-    let _ = U16::new(0);
 }
