@@ -11,7 +11,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use guest_runtime::SpinLock;
 use guest_runtime::paging::{
-    self, AddressSpace, FrameAllocator, ImageLayout, PAGE_SIZE, PagingError, flags,
+    self, AddressSpace, FrameAllocator, ImageAccess, ImageLayout, PAGE_SIZE, PagingError, flags,
 };
 use hypercall::boot::BootInfo;
 
@@ -107,7 +107,13 @@ pub fn init_kernel_space(info: &BootInfo) -> Result<u64, PagingError> {
     *frames = FrameAllocator::new(ImageLayout::free_ram_start(), ram_end);
     let mut space = AddressSpace::new(&mut frames)?;
     let stats_page = &raw const KERNEL_STATS as u64;
-    paging::map_kernel(&mut space, info, &[stats_page], &mut frames)?;
+    paging::map_kernel(
+        &mut space,
+        info,
+        ImageAccess::Separated,
+        &[stats_page],
+        &mut frames,
+    )?;
     KERNEL_ROOT.store(space.root(), Ordering::Release);
     Ok(space.root())
 }

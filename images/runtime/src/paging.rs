@@ -283,31 +283,58 @@ impl ImageLayout {
     }
 }
 
+/// Who may use the image's pages in [`map_kernel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageAccess {
+    /// Kernel text, rodata and data supervisor-only; only `.utext` (and the listed user data
+    /// pages) reachable from CPL3. For images whose user code is confined to `.utext`.
+    Separated,
+    /// The whole image reachable from CPL3 (code executable, data writable). For images that
+    /// run ordinary Rust code at CPL3 (e.g. an agent using `core::fmt`, the spin lock, the
+    /// serial macros); the kernel stacks and descriptor tables are then user-writable too, so
+    /// this gives no isolation between CPL3 and the kernel.
+    Shared,
+}
+
 /// Builds the standard kernel part of an address space (virtual = physical):
 /// the boot-info page (read-only), the image with per-section permissions (kernel text
 /// read-only/executable, user text user-executable, rodata read-only, data read/write;
-/// all supervisor-only except user text and the pages listed in `user_data_pages`, which
-/// are user-writable), and RAM from [`ImageLayout::free_ram_start`] up to
-/// `min(ram_size, 1 GiB)` as supervisor 2 MiB pages. Page 0 stays unmapped.
+/// with [`ImageAccess::Separated`] all supervisor-only except user text and the pages listed
+/// in `user_data_pages`, which are user-writable), and RAM from
+/// [`ImageLayout::free_ram_start`] up to `min(ram_size, 1 GiB)` as supervisor 2 MiB pages.
+/// Page 0 stays unmapped.
 pub fn map_kernel(
     space: &mut AddressSpace,
     info: &BootInfo,
+    access: ImageAccess,
     user_data_pages: &[u64],
     alloc: &mut FrameAllocator,
 ) -> Result<(), PagingError> {
     use flags::{NO_EXECUTE, USER, WRITABLE};
+    let all_user = if access == ImageAccess::Shared {
+        USER
+    } else {
+        0
+    };
     let layout = ImageLayout::current();
-    space.map_4k(BOOT_INFO_ADDR, BOOT_INFO_ADDR, NO_EXECUTE, alloc)?;
+    space.map_4k(BOOT_INFO_ADDR, BOOT_INFO_ADDR, NO_EXECUTE | all_user, alloc)?;
     let text = &layout.kernel_text;
-    space.map_range_4k(text.start, text.start, text.end - text.start, 0, alloc)?;
+    space.map_range_4k(
+        text.start,
+        text.start,
+        text.end - text.start,
+        all_user,
+        alloc,
+    )?;
     let user = &layout.user_text;
     space.map_range_4k(user.start, user.start, user.end - user.start, USER, alloc)?;
     let rodata = &layout.kernel_rodata;
+    let rodata_len = rodata.end - rodata.start;
     space.map_range_4k(
         rodata.start,
         rodata.start,
-        rodata.end - rodata.start,
-        NO_EXECUTE,
+        rodata_len,
+        NO_EXECUTE | all_user,
         alloc,
     )?;
     let data = &layout.kernel_data;
@@ -316,7 +343,7 @@ pub fn map_kernel(
         let user_bit = if user_data_pages.contains(&page) {
             USER
         } else {
-            0
+            all_user
         };
         space.map_4k(page, page, WRITABLE | NO_EXECUTE | user_bit, alloc)?;
         page += PAGE_SIZE;

@@ -2,7 +2,8 @@
 //!
 //! The fast path is one `xchg`-like atomic swap; waiters spin on a plain load with `pause`
 //! so the cache line is not hammered. Interrupts are never enabled by this runtime, so no
-//! interrupt masking is needed.
+//! interrupt masking is needed. Every method is `#[inline(always)]`, so the code lands in the
+//! calling function's section: a lock in user-mapped memory works from `.utext` functions.
 
 use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
@@ -22,6 +23,7 @@ unsafe impl<T: Send> Send for SpinLock<T> {}
 
 impl<T> SpinLock<T> {
     /// A new, unlocked lock around `value`.
+    #[inline(always)]
     pub const fn new(value: T) -> Self {
         Self {
             locked: AtomicBool::new(false),
@@ -30,6 +32,7 @@ impl<T> SpinLock<T> {
     }
 
     /// Spins until the lock is free, then takes it.
+    #[inline(always)]
     pub fn lock(&self) -> SpinGuard<'_, T> {
         loop {
             if let Some(guard) = self.try_lock() {
@@ -42,6 +45,7 @@ impl<T> SpinLock<T> {
     }
 
     /// Takes the lock if it is free.
+    #[inline(always)]
     pub fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
         if self.locked.swap(true, Ordering::Acquire) {
             None
@@ -51,6 +55,7 @@ impl<T> SpinLock<T> {
     }
 
     /// A raw pointer to the protected value (for publishing its address, e.g. in a profile).
+    #[inline(always)]
     pub const fn as_ptr(&self) -> *mut T {
         self.value.get()
     }
@@ -63,6 +68,7 @@ pub struct SpinGuard<'a, T> {
 
 impl<T> Deref for SpinGuard<'_, T> {
     type Target = T;
+    #[inline(always)]
     fn deref(&self) -> &T {
         // SAFETY: the guard proves this vCPU holds the lock, so no one else accesses `value`.
         unsafe { &*self.lock.value.get() }
@@ -70,6 +76,7 @@ impl<T> Deref for SpinGuard<'_, T> {
 }
 
 impl<T> DerefMut for SpinGuard<'_, T> {
+    #[inline(always)]
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: as in `deref`, and `&mut self` makes this the only reference through the guard.
         unsafe { &mut *self.lock.value.get() }
@@ -77,6 +84,7 @@ impl<T> DerefMut for SpinGuard<'_, T> {
 }
 
 impl<T> Drop for SpinGuard<'_, T> {
+    #[inline(always)]
     fn drop(&mut self) {
         self.lock.locked.store(false, Ordering::Release);
     }

@@ -30,6 +30,7 @@ fn main(boot: Boot) -> ! {
         b"bad-insn" => bad_insn(),
         b"bad-port" => bad_port(),
         b"user" => usermode::user(boot),
+        b"user-shared" => usermode::user_shared(boot),
         b"fault-user" => usermode::fault_user(boot),
         b"bench-int3" => usermode::bench(boot, usermode::BenchKind::Int3),
         b"bench-syscall" => usermode::bench(boot, usermode::BenchKind::Syscall),

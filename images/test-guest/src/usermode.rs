@@ -2,7 +2,9 @@
 //! `fault-user` (a CPL3 page fault reported by the exception handler) and the `bench-*`
 //! modes that time CPL3→CPL0→CPL3 round trips.
 
-use guest_runtime::paging::{self, AddressSpace, FrameAllocator, ImageLayout, PagingError, flags};
+use guest_runtime::paging::{
+    self, AddressSpace, FrameAllocator, ImageAccess, ImageLayout, PagingError, flags,
+};
 use guest_runtime::trap::{self, UserContext, VECTOR_INT3, VECTOR_SYSCALL};
 use guest_runtime::{Boot, cpu, port, println, status, user};
 
@@ -28,11 +30,11 @@ core::arch::global_asm!(
     target = sym FAULT_TARGET,
 );
 
-fn address_space(boot: &Boot) -> Result<AddressSpace, PagingError> {
+fn address_space(boot: &Boot, access: ImageAccess) -> Result<AddressSpace, PagingError> {
     let ram_end = boot.info.ram_size.min(paging::KERNEL_RAM_MAP_LIMIT);
     let mut alloc = FrameAllocator::new(ImageLayout::free_ram_start(), ram_end);
     let mut space = AddressSpace::new(&mut alloc)?;
-    paging::map_kernel(&mut space, boot.info, &[], &mut alloc)?;
+    paging::map_kernel(&mut space, boot.info, access, &[], &mut alloc)?;
     let stack = alloc.alloc()?;
     space.map_4k(
         USER_STACK_VA,
@@ -45,7 +47,17 @@ fn address_space(boot: &Boot) -> Result<AddressSpace, PagingError> {
 
 /// Builds and loads the address space, then returns a context that starts `entry(arg)`.
 fn enter(boot: &Boot, entry: extern "sysv64" fn(u64) -> !, arg: u64) -> UserContext {
-    let space = match address_space(boot) {
+    enter_with(boot, ImageAccess::Separated, entry, arg)
+}
+
+/// [`enter`] with a choice of how much of the image CPL3 may use.
+fn enter_with(
+    boot: &Boot,
+    access: ImageAccess,
+    entry: extern "sysv64" fn(u64) -> !,
+    arg: u64,
+) -> UserContext {
+    let space = match address_space(boot, access) {
         Ok(space) => space,
         Err(error) => {
             println!("cannot build page tables: {error:?}");
@@ -149,6 +161,41 @@ pub fn user(boot: Boot) -> ! {
             }
         }
     }
+}
+
+/// Ordinary Rust code (kernel text) run at CPL3 in a [`ImageAccess::Shared`] address space:
+/// formatting, the serial lock and `println!` all work there.
+extern "sysv64" fn user_shared_main(arg: u64) -> ! {
+    let cs: u64;
+    // SAFETY: reading CS has no side effects.
+    unsafe {
+        core::arch::asm!("mov {0:r}, cs", out(reg) cs, options(nomem, nostack, preserves_flags))
+    };
+    println!("println from cpl{} arg={arg:#x}", cs & 3);
+    user::call(SYS_EXIT, cs & 3, 0, 0);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// `mode=user-shared`: the whole image user-accessible (the appliance model); CPL3 uses
+/// `println!` and exits through a system call with its CPL.
+pub fn user_shared(boot: Boot) -> ! {
+    let mut ctx = enter_with(&boot, ImageAccess::Shared, user_shared_main, 0x5a);
+    run(&mut ctx);
+    if !ctx.is_syscall() {
+        port::exit(ctx.report_exception());
+    }
+    let ok = ctx.rax == SYS_EXIT && ctx.rdi == 3;
+    println!(
+        "{}",
+        if ok {
+            "user-shared ok"
+        } else {
+            "user-shared MISMATCH"
+        }
+    );
+    port::exit(if ok { status::SUCCESS } else { USER_MISMATCH })
 }
 
 #[unsafe(link_section = ".utext")]
