@@ -27,7 +27,7 @@ const NO_MEMORY: u32 = 5;
 static BOOTED: AtomicBool = AtomicBool::new(false);
 
 fn main(boot: Boot) -> ! {
-    let rounds = boot.arg_u64("rounds");
+    let rounds = boot.arg_u64_or_exit("rounds");
     if boot.vcpu == 0 {
         println!(
             "demo-target: vcpus={} rounds={}",

@@ -39,9 +39,38 @@ impl Boot {
         self.info.cmdline_value(key)
     }
 
-    /// `key=value` parsed as a decimal `u64`; `None` when absent or not a number.
-    pub fn arg_u64(&self, key: &str) -> Option<u64> {
-        parse_u64(self.arg(key)?)
+    /// `key=value` parsed as a decimal (or `0x` hexadecimal) `u64`: `Ok(None)` when absent,
+    /// an error naming the key when present but not a number.
+    pub fn arg_u64(&self, key: &'static str) -> Result<Option<u64>, BadArgument> {
+        match self.arg(key) {
+            None => Ok(None),
+            Some(text) => parse_u64(text).map(Some).ok_or(BadArgument { key, value: text }),
+        }
+    }
+
+    /// Like [`Boot::arg_u64`], but a bad value prints the error and ends the VM with
+    /// [`status::BAD_COMMAND_LINE`].
+    pub fn arg_u64_or_exit(&self, key: &'static str) -> Option<u64> {
+        self.arg_u64(key).unwrap_or_else(|error| {
+            crate::println!("{error}");
+            port::exit(status::BAD_COMMAND_LINE)
+        })
+    }
+}
+
+/// A command-line value that is not what its key needs.
+#[derive(Clone, Copy, Debug)]
+pub struct BadArgument {
+    /// The key.
+    pub key: &'static str,
+    /// The value given.
+    pub value: &'static [u8],
+}
+
+impl core::fmt::Display for BadArgument {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let value = core::str::from_utf8(self.value).unwrap_or("<not utf-8>");
+        write!(f, "bad command line: {}={value:?} is not a number", self.key)
     }
 }
 

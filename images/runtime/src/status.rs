@@ -1,9 +1,12 @@
 //! Exit statuses written to the debug-exit port by the runtime itself.
 //!
-//! Images use 0 for success and small values (1..=99) for their own failures.
+//! Images use 0 for success and small values (3..=99) for their own failures.
 
 /// The image finished successfully.
 pub const SUCCESS: u32 = 0;
+/// The command line has a bad value (or, for `test-guest`, an unknown `mode=`); the reason
+/// was printed first.
+pub const BAD_COMMAND_LINE: u32 = 2;
 /// A Rust panic (the message was printed first).
 pub const PANIC: u32 = 101;
 /// A vCPU index at or above [`MAX_CPUS`](crate::MAX_CPUS) started; the runtime has no stack for it.

@@ -13,8 +13,6 @@ guest_runtime::entry!(main);
 
 /// Exit status when a mode that should have stopped the VM kept running.
 const SURVIVED: u32 = 3;
-/// Exit status for an unknown `mode=`.
-const UNKNOWN_MODE: u32 = 2;
 
 fn main(boot: Boot) -> ! {
     let mode = boot.arg("mode").unwrap_or(b"hello");
@@ -41,7 +39,7 @@ fn main(boot: Boot) -> ! {
                 "unknown mode {:?}",
                 core::str::from_utf8(mode).unwrap_or("<not utf-8>")
             );
-            port::exit(UNKNOWN_MODE)
+            port::exit(status::BAD_COMMAND_LINE)
         }
     }
 }

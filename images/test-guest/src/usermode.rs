@@ -267,7 +267,7 @@ extern "sysv64" fn user_bench(packed: u64) -> ! {
 
 /// `mode=bench-*`, `n=` iterations (default 10000): prints TSC cycles per round trip.
 pub fn bench(boot: Boot, kind: BenchKind) -> ! {
-    let count = boot.arg_u64("n").unwrap_or(10_000).min(1 << 40);
+    let count = boot.arg_u64_or_exit("n").unwrap_or(10_000).min(1 << 40);
     let (name, code) = match kind {
         BenchKind::Int3 => ("int3", 0),
         BenchKind::Syscall => ("syscall", 1),
