@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod cpl0bench;
 mod usermode;
 
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -30,6 +31,7 @@ fn main(boot: Boot) -> ! {
         b"user" => usermode::user(boot),
         b"user-shared" => usermode::user_shared(boot),
         b"fault-user" => usermode::fault_user(boot),
+        b"bench-cpl0" => cpl0bench::bench_cpl0(boot),
         b"bench-int3" => usermode::bench(boot, usermode::BenchKind::Int3),
         b"bench-syscall" => usermode::bench(boot, usermode::BenchKind::Syscall),
         b"bench-int80" => usermode::bench(boot, usermode::BenchKind::Int80),
