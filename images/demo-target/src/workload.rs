@@ -200,15 +200,9 @@ pub(crate) fn tamper(pid: u64) {
 extern "sysv64" fn agent_caller(_pid: u64, _arg: u64) -> ! {
     let mut reported = false;
     loop {
-        let result: u64;
-        // SAFETY: the agent hypercall through the doorbell port (allowed at CPL3 by the TSS
-        // I/O bitmap): RAX = 34, RDI = 24, RSI = 0; the VMM writes the result to RAX. The
-        // `out` is byte-wide: PVM raises #GP for a 32-bit `out` at CPL3 even when the bitmap
-        // allows it; the VMM takes the number from RAX, not from the written data.
-        unsafe {
-            core::arch::asm!("out 0xe4, al", inlateout("rax") 34u64 => result, in("rdi") 24u64,
-                in("rsi") 0u64, options(nostack));
-        }
+        // The agent call from CPL3: RAX = 34, RDI = 24, RSI = 0, `out 0xe4, al` (byte-wide:
+        // PVM raises #GP for a 32-bit `out` at CPL3 even where the I/O bitmap allows it).
+        let result = guest_runtime::doorbell::agent_call();
         if !reported {
             user::call(sys::REPORT, sys::REPORT_AGENT, result, 0);
             reported = true;

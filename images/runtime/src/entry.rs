@@ -44,7 +44,9 @@ impl Boot {
     pub fn arg_u64(&self, key: &'static str) -> Result<Option<u64>, BadArgument> {
         match self.arg(key) {
             None => Ok(None),
-            Some(text) => parse_u64(text).map(Some).ok_or(BadArgument { key, value: text }),
+            Some(text) => parse_u64(text)
+                .map(Some)
+                .ok_or(BadArgument { key, value: text }),
         }
     }
 
@@ -70,7 +72,11 @@ pub struct BadArgument {
 impl core::fmt::Display for BadArgument {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let value = core::str::from_utf8(self.value).unwrap_or("<not utf-8>");
-        write!(f, "bad command line: {}={value:?} is not a number", self.key)
+        write!(
+            f,
+            "bad command line: {}={value:?} is not a number",
+            self.key
+        )
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`cpu`]: per-vCPU GDT, TSS, per-CPU block, MSR and CR helpers;
 //! - [`trap`]: the IDT, exception reports, [`trap::run_user`] (enter CPL3 and come back on
 //!   `syscall`, `int 0x80` or an exception) and [`trap::UserContext`];
+//! - [`doorbell`]: hypercalls through the doorbell port, at CPL0 and CPL3;
 //! - [`paging`]: frame allocator, address spaces (4 KiB / 2 MiB pages), the kernel map;
 //! - [`user`]: helpers for CPL3 code (system calls, serial output, exit);
 //! - [`status`]: the exit statuses the runtime uses.
@@ -15,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod cpu;
+pub mod doorbell;
 pub mod entry;
 pub mod paging;
 mod panic;

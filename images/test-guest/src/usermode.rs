@@ -6,7 +6,7 @@ use guest_runtime::paging::{
     self, AddressSpace, FrameAllocator, ImageAccess, ImageLayout, PagingError, flags,
 };
 use guest_runtime::trap::{self, UserContext, VECTOR_INT3, VECTOR_SYSCALL};
-use guest_runtime::{Boot, cpu, port, println, status, user};
+use guest_runtime::{Boot, cpu, doorbell, port, println, status, user};
 
 /// Where the user stack page is mapped (PML4 slot 1, away from the kernel's identity map).
 const USER_STACK_VA: u64 = 0x80_0000_0000;
@@ -196,6 +196,55 @@ pub fn user_shared(boot: Boot) -> ! {
         }
     );
     port::exit(if ok { status::SUCCESS } else { USER_MISMATCH })
+}
+
+/// The hypercall `mode=hypercall` makes (number and arguments from the command line).
+#[derive(Clone, Copy)]
+struct HypercallRequest {
+    number: u64,
+    args: [u64; 4],
+    rdi: u64,
+}
+
+static mut HYPERCALL_REQUEST: HypercallRequest = HypercallRequest {
+    number: 0,
+    args: [0; 4],
+    rdi: 0,
+};
+
+/// CPL3 side of `mode=hypercall` (Shared address space: reads the request from kernel data).
+extern "sysv64" fn user_hypercall(_arg: u64) -> ! {
+    // SAFETY: written by the kernel before entering CPL3, read-only afterwards.
+    let request = unsafe { (&raw const HYPERCALL_REQUEST).read() };
+    let result = doorbell::hypercall(request.number, request.args, request.rdi);
+    user::call(SYS_EXIT, result, 0, 0);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// `mode=hypercall`: makes hypercall `nr=` (default 34, the agent call) with `a0=`..`a3=`
+/// and `rdi=` (default 24 for 34, else 0) from CPL0 (`out 0xe4, eax`) and then from CPL3
+/// (`out 0xe4, al`), printing `hypercall nr=.. cpl=.. rax=..` for each; exit 0.
+pub fn hypercall(boot: Boot) -> ! {
+    let number = boot.arg_u64_or_exit("nr").unwrap_or(34);
+    let mut args = [0u64; 4];
+    for (arg, key) in args.iter_mut().zip(["a0", "a1", "a2", "a3"]) {
+        *arg = boot.arg_u64_or_exit(key).unwrap_or(0);
+    }
+    let default_rdi = if number == 34 { 24 } else { 0 };
+    let rdi = boot.arg_u64_or_exit("rdi").unwrap_or(default_rdi);
+    let result = doorbell::hypercall(number, args, rdi);
+    println!("hypercall nr={number} cpl=0 rax={result:#x}");
+    // SAFETY: no CPL3 code runs yet; this is the only writer.
+    unsafe { (&raw mut HYPERCALL_REQUEST).write(HypercallRequest { number, args, rdi }) };
+    let mut ctx = enter_with(&boot, ImageAccess::Shared, user_hypercall, 0);
+    run(&mut ctx);
+    if !ctx.is_syscall() {
+        port::exit(ctx.report_exception());
+    }
+    println!("hypercall nr={number} cpl=3 rax={:#x}", ctx.rdi);
+    port::exit(status::SUCCESS)
 }
 
 #[unsafe(link_section = ".utext")]
