@@ -101,6 +101,10 @@ pub fn kernel_stack_top(vcpu: u32) -> u64 {
     base + (vcpu as u64 + 1) * KERNEL_STACK_SIZE as u64
 }
 
+/// Printed (without a stack) by a vCPU whose index is at or above `MAX_CPUS`.
+static TOO_MANY_MESSAGE: [u8; 59] =
+    *b"runtime: a vCPU index >= MAX_CPUS started; it has no stack\n";
+
 core::arch::global_asm!(
     ".section .text.entry, \"ax\"",
     ".globl _start",
@@ -115,7 +119,16 @@ core::arch::global_asm!(
     "    add rsp, rax",
     "    xor ebp, ebp",
     "    call {start}",
-    "2:  mov eax, {too_many}",
+    // No stack for this vCPU: print a fixed message without one, then exit.
+    "2:  lea rsi, [rip + {message}]",
+    "    mov ecx, {message_len}",
+    "    mov edx, {com1}",
+    "4:  mov al, [rsi]",
+    "    out dx, al",
+    "    inc rsi",
+    "    dec ecx",
+    "    jnz 4b",
+    "    mov eax, {too_many}",
     "    out 0xf4, eax",
     "3:  hlt",
     "    jmp 3b",
@@ -125,6 +138,9 @@ core::arch::global_asm!(
     shift = const STACK_SHIFT,
     start = sym runtime_start,
     too_many = const status::TOO_MANY_VCPUS,
+    com1 = const hypercall::ports::SERIAL_COM1,
+    message = sym TOO_MANY_MESSAGE,
+    message_len = const TOO_MANY_MESSAGE.len(),
 );
 
 unsafe extern "Rust" {
