@@ -9,7 +9,7 @@ pub(crate) mod codec;
 pub mod v4;
 
 use crate::command::{Command, CommandKind};
-use crate::error::{EncodeError, ProtocolError};
+use crate::error::{EncodeError, ErrorCode, ProtocolError};
 use crate::event::{Event, EventKind};
 use crate::event_reply::EventReply;
 use crate::frame::{self, Frame};
@@ -102,6 +102,15 @@ pub trait WireProfile {
         kind: CommandKind,
         seq: u32,
         result: &CommandResult<'_>,
+        buf: &mut [u8],
+    ) -> Result<usize, EncodeError>;
+
+    /// Encode an error-only reply for any message ID, including IDs that decode to no
+    /// command (a host answers an unknown command ID with `-KVM_ENOSYS` under that ID).
+    fn encode_error_reply(
+        id: u16,
+        seq: u32,
+        code: ErrorCode,
         buf: &mut [u8],
     ) -> Result<usize, EncodeError>;
 

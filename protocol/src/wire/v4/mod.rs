@@ -10,7 +10,7 @@ mod event_codec;
 mod reply_codec;
 
 use crate::command::{Command, CommandKind};
-use crate::error::{EncodeError, ProtocolError};
+use crate::error::{EncodeError, ErrorCode, ProtocolError};
 use crate::event::{Event, EventKind, EventSet};
 use crate::event_reply::{Action, EventReply};
 use crate::frame::HEADER_SIZE;
@@ -228,6 +228,14 @@ impl WireProfile for V4 {
         buf: &mut [u8],
     ) -> Result<usize, EncodeError> {
         reply_codec::encode(kind, seq, result, buf)
+    }
+    fn encode_error_reply(
+        id: u16,
+        seq: u32,
+        code: ErrorCode,
+        buf: &mut [u8],
+    ) -> Result<usize, EncodeError> {
+        reply_codec::encode_error(id, seq, code, buf)
     }
     fn decode_event(payload: &[u8]) -> Result<Event, ProtocolError> {
         event_codec::decode_event(payload)

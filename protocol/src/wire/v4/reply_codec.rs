@@ -258,3 +258,19 @@ pub(super) fn encode(
         },
     )
 }
+
+/// Encode an error-only reply under any message ID.
+pub(super) fn encode_error(
+    id: u16,
+    seq: u32,
+    code: ErrorCode,
+    buf: &mut [u8],
+) -> Result<usize, EncodeError> {
+    let len = size_of::<ErrorCodeWire>();
+    encode_message(id, seq, len, MAX_MSG_SIZE, buf, |w: &mut Writer<'_>| {
+        w.put(&ErrorCodeWire {
+            err: I32::new(code.wire()),
+            padding: U32::ZERO,
+        })
+    })
+}

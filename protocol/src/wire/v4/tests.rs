@@ -663,3 +663,28 @@ fn unaligned_views_work_at_any_offset() {
     let n = V4::encode_command(77, &cmd, &mut buf[3..]).unwrap();
     assert_eq!(decode_cmd(&buf[3..3 + n]), Ok(cmd));
 }
+
+#[test]
+fn error_reply_under_an_unknown_id() {
+    let req = [99u8, 0, 0, 0, 5, 0, 0, 0];
+    let frame = V4::parse_frame(&req).unwrap();
+    let err = V4::decode_tool_message(frame).unwrap_err();
+    let mut buf = [0u8; 16];
+    let n = V4::encode_error_reply(
+        frame.header.id,
+        frame.header.seq,
+        err.error_code(),
+        &mut buf,
+    );
+    assert_eq!(n, Ok(16));
+    assert_eq!(
+        buf,
+        [99, 0, 8, 0, 5, 0, 0, 0, 0x18, 0xfc, 0xff, 0xff, 0, 0, 0, 0]
+    );
+    // Under a known ID it decodes as that command's error reply.
+    V4::encode_error_reply(ids::PAUSE_VCPU, 6, ErrorCode::Busy, &mut buf).unwrap();
+    assert_eq!(
+        V4::decode_reply(CommandKind::PauseVcpu, &buf[8..]),
+        Ok(Err(ErrorCode::Busy))
+    );
+}
