@@ -200,8 +200,7 @@ pub(crate) fn tamper(pid: u64) {
 extern "sysv64" fn agent_caller(_pid: u64, _arg: u64) -> ! {
     let mut reported = false;
     loop {
-        // The agent call from CPL3: RAX = 34, RDI = 24, RSI = 0, `out 0xe4, al` (byte-wide:
-        // PVM raises #GP for a 32-bit `out` at CPL3 even where the I/O bitmap allows it).
+        // The agent call from CPL3: RAX = 34, RDI = 24, RSI = 0, `out 0xe4, eax`.
         let result = guest_runtime::doorbell::agent_call();
         if !reported {
             user::call(sys::REPORT, sys::REPORT_AGENT, result, 0);

@@ -42,14 +42,15 @@ pub mod msr {
 const IO_BITMAP_PORTS: usize = 0x400;
 const IO_BITMAP_BYTES: usize = IO_BITMAP_PORTS / 8 + 1; // + the all-ones terminator byte
 
-/// Ports CPL3 code may use directly: COM1, the debug exit and the hypercall doorbell.
+/// Ports CPL3 code may use directly: COM1, the debug exit and the hypercall doorbell. A
+/// 32-bit access checks the bits of all four ports it touches, hence the length 4.
 const USER_PORTS: [(u16, u16); 3] = [
     (
         hypercall::ports::SERIAL_COM1,
         hypercall::ports::SERIAL_COM1_LEN,
     ),
-    (hypercall::ports::DEBUG_EXIT, 1),
-    (hypercall::ports::HYPERCALL_DOORBELL, 1),
+    (hypercall::ports::DEBUG_EXIT, 4),
+    (hypercall::ports::HYPERCALL_DOORBELL, 4),
 ];
 
 /// The I/O permission bitmap (bit set = denied), computed at compile time.
@@ -260,4 +261,33 @@ pub fn read_cr3() -> u64 {
 pub unsafe fn write_cr3(root: u64) {
     // SAFETY: forwarded to the caller.
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(bitmap: &[u8], port: usize) -> bool {
+        bitmap[port / 8] & (1 << (port % 8)) == 0
+    }
+
+    #[test]
+    fn io_bitmap_allows_exactly_the_user_ports() {
+        let bitmap = io_bitmap();
+        let expected = |port: usize| {
+            (0x3f8..0x400).contains(&port)
+                || (0xf4..0xf8).contains(&port)
+                || (0xe4..0xe8).contains(&port)
+        };
+        for port in 0..IO_BITMAP_PORTS {
+            assert_eq!(allowed(&bitmap, port), expected(port), "port {port:#x}");
+        }
+        assert_eq!(bitmap[IO_BITMAP_BYTES - 1], 0xff, "terminator byte");
+    }
+
+    #[test]
+    fn tss_descriptor_limit_covers_the_bitmap() {
+        // The descriptor's limit is TSS_HEADER + IO_BITMAP_BYTES - 1; the struct holds it all.
+        assert!(core::mem::size_of::<Tss>() >= TSS_HEADER + IO_BITMAP_BYTES);
+    }
 }

@@ -2,14 +2,12 @@
 //! CPL0 and CPL3.
 //!
 //! Register convention (`hypercall::call`): RAX = number, RBX/RCX/RDX/RSI = arguments, RDI =
-//! the agent call's sub-function; the VMM writes the result to RAX. The ABI's `out` is 32-bit
-//! (`out 0xe4, eax`); at CPL3 on PVM hosts only byte-wide port I/O passes the TSS I/O bitmap
-//! (16/32-bit raise #GP), so CPL3 callers use `out 0xe4, al`: the VMM takes every value from
-//! the registers, not from the written data, so the width does not change the call.
+//! the agent call's sub-function; the VMM writes the result to RAX. The `out` is 32-bit
+//! (`out 0xe4, eax`); CPL3 code may make it because the TSS I/O permission bitmap allows the
+//! doorbell's four ports (the runtime's `cpu` module).
 
 /// Makes hypercall `number` with arguments `args` (RBX, RCX, RDX, RSI) and `rdi`; returns RAX.
 ///
-/// Uses `out 0xe4, eax` at CPL0 and `out 0xe4, al` at CPL3 (decided from CS at run time).
 /// `#[inline(always)]`, so it can be called from `.utext` code.
 #[inline(always)]
 pub fn hypercall(number: u64, args: [u64; 4], rdi: u64) -> u64 {
@@ -19,17 +17,9 @@ pub fn hypercall(number: u64, args: [u64; 4], rdi: u64) -> u64 {
     unsafe {
         core::arch::asm!(
             "xchg {a0}, rbx",
-            "mov {cpl:e}, cs",
-            "test {cpl:e}, 3",
-            "jnz 2f",
             "out 0xe4, eax",
-            "jmp 3f",
-            "2:",
-            "out 0xe4, al",
-            "3:",
             "xchg {a0}, rbx",
             a0 = inout(reg) args[0] => _,
-            cpl = out(reg) _,
             inlateout("rax") number => result,
             in("rcx") args[1],
             in("rdx") args[2],

@@ -12,6 +12,7 @@ use crate::{MAX_CPUS, cpu, port, status};
 
 /// Bytes of kernel stack per vCPU (also the TSS RSP0 stack for traps from CPL3).
 pub const KERNEL_STACK_SIZE: usize = 16 * 1024;
+#[cfg(not(test))]
 const STACK_SHIFT: u32 = KERNEL_STACK_SIZE.trailing_zeros();
 
 #[repr(C, align(4096))]
@@ -101,10 +102,12 @@ pub fn kernel_stack_top(vcpu: u32) -> u64 {
     base + (vcpu as u64 + 1) * KERNEL_STACK_SIZE as u64
 }
 
+#[cfg(not(test))]
 /// Printed (without a stack) by a vCPU whose index is at or above `MAX_CPUS`.
 static TOO_MANY_MESSAGE: [u8; 59] =
     *b"runtime: a vCPU index >= MAX_CPUS started; it has no stack\n";
 
+#[cfg(not(test))]
 core::arch::global_asm!(
     ".section .text.entry, \"ax\"",
     ".globl _start",
@@ -143,11 +146,13 @@ core::arch::global_asm!(
     message_len = const TOO_MANY_MESSAGE.len(),
 );
 
+#[cfg(not(test))]
 unsafe extern "Rust" {
     /// The image's main function, defined by [`entry!`](crate::entry).
     fn __guest_main(boot: Boot) -> !;
 }
 
+#[cfg(not(test))]
 /// First Rust code on every vCPU (called by `_start` on the vCPU's own stack).
 extern "sysv64" fn runtime_start(info: *const BootInfo, vcpu: u64) -> ! {
     // SAFETY: the boot contract puts a BootInfo at `info`, identity-mapped, written by the
@@ -173,4 +178,27 @@ macro_rules! entry {
             main(boot)
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_u64;
+
+    #[test]
+    fn numbers_parse_in_decimal_and_hex() {
+        assert_eq!(parse_u64(b"0"), Some(0));
+        assert_eq!(parse_u64(b"12"), Some(12));
+        assert_eq!(parse_u64(b"0x1f"), Some(31));
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+    }
+
+    #[test]
+    fn bad_numbers_are_rejected() {
+        assert_eq!(parse_u64(b""), None);
+        assert_eq!(parse_u64(b"0x"), None);
+        assert_eq!(parse_u64(b"12a"), None);
+        assert_eq!(parse_u64(b"-1"), None);
+        assert_eq!(parse_u64(b"18446744073709551616"), None);
+        assert_eq!(parse_u64(b"0x10000000000000000"), None);
+    }
 }

@@ -236,6 +236,7 @@ fn next_table(parent: u64, index: usize, alloc: &mut FrameAllocator) -> Result<u
     Ok(frame)
 }
 
+#[cfg(not(test))]
 unsafe extern "C" {
     static __image_start: u8;
     static __kernel_text_start: u8;
@@ -262,6 +263,7 @@ pub struct ImageLayout {
     pub kernel_data: Range<u64>,
 }
 
+#[cfg(not(test))]
 impl ImageLayout {
     /// The layout of the running image (from the linker script's symbols).
     pub fn current() -> Self {
@@ -296,6 +298,7 @@ pub enum ImageAccess {
     Shared,
 }
 
+#[cfg(not(test))]
 /// Builds the standard kernel part of an address space (virtual = physical):
 /// the boot-info page (read-only), the image with per-section permissions (kernel text
 /// read-only/executable, user text user-executable, rodata read-only, data read/write;
@@ -355,4 +358,119 @@ pub fn map_kernel(
         phys += LARGE_PAGE_SIZE;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Zeroed, page-aligned host memory standing in for identity-mapped RAM.
+    #[repr(C, align(4096))]
+    struct Ram([u8; 16 * 4096]);
+
+    fn ram() -> (Box<Ram>, FrameAllocator) {
+        let ram = Box::new(Ram([0; 16 * 4096]));
+        let start = ram.0.as_ptr() as u64;
+        let alloc = FrameAllocator::new(start, start + 16 * PAGE_SIZE);
+        (ram, alloc)
+    }
+
+    #[test]
+    fn allocator_hands_out_distinct_frames_until_exhausted() {
+        let (_ram, mut alloc) = ram();
+        let first = alloc.alloc().unwrap();
+        let second = alloc.alloc().unwrap();
+        assert_eq!(second, first + PAGE_SIZE);
+        assert_eq!(alloc.remaining(), 14);
+        assert_eq!(alloc.alloc_contiguous(15), Err(PagingError::OutOfFrames));
+        assert_eq!(alloc.alloc_contiguous(14).unwrap(), second + PAGE_SIZE);
+        assert_eq!(alloc.alloc(), Err(PagingError::OutOfFrames));
+        assert_eq!(
+            alloc.alloc_contiguous(u64::MAX),
+            Err(PagingError::OutOfFrames)
+        );
+    }
+
+    #[test]
+    fn small_pages_translate_with_their_flags() {
+        let (_ram, mut alloc) = ram();
+        let mut space = AddressSpace::new(&mut alloc).unwrap();
+        let virt = 0x80_0000_3000;
+        space
+            .map_4k(virt, 0x5000_0000, flags::USER | flags::WRITABLE, &mut alloc)
+            .unwrap();
+        assert_eq!(space.translate(virt + 0x123), Some(0x5000_0123));
+        assert_eq!(space.translate(virt + PAGE_SIZE), None);
+        assert_eq!(space.translate(0x1000), None);
+        // Root, PDPT, PD and PT: four frames.
+        assert_eq!(alloc.remaining(), 12);
+        // A second page in the same table allocates nothing.
+        space
+            .map_4k(virt + PAGE_SIZE, 0x6000_0000, 0, &mut alloc)
+            .unwrap();
+        assert_eq!(alloc.remaining(), 12);
+        assert_eq!(space.translate(virt + PAGE_SIZE + 8), Some(0x6000_0008));
+    }
+
+    #[test]
+    fn large_pages_translate_and_block_small_ones() {
+        let (_ram, mut alloc) = ram();
+        let mut space = AddressSpace::new(&mut alloc).unwrap();
+        space
+            .map_2m(0x4000_0000, 0x20_0000, flags::WRITABLE, &mut alloc)
+            .unwrap();
+        assert_eq!(space.translate(0x4000_0000 + 0x1_2345), Some(0x21_2345));
+        assert_eq!(
+            space.map_4k(0x4000_1000, 0x1000, 0, &mut alloc),
+            Err(PagingError::LargePageInTheWay)
+        );
+    }
+
+    #[test]
+    fn misaligned_mappings_are_rejected() {
+        let (_ram, mut alloc) = ram();
+        let mut space = AddressSpace::new(&mut alloc).unwrap();
+        assert_eq!(
+            space.map_4k(0x1001, 0x2000, 0, &mut alloc),
+            Err(PagingError::Misaligned)
+        );
+        assert_eq!(
+            space.map_4k(0x1000, 0x2001, 0, &mut alloc),
+            Err(PagingError::Misaligned)
+        );
+        assert_eq!(
+            space.map_2m(0x1000, 0, 0, &mut alloc),
+            Err(PagingError::Misaligned)
+        );
+        assert_eq!(space.translate(0x1000), None);
+    }
+
+    #[test]
+    fn shared_top_level_entries_share_later_mappings() {
+        let (_ram, mut alloc) = ram();
+        let mut kernel = AddressSpace::new(&mut alloc).unwrap();
+        kernel.map_4k(0x10_0000, 0x10_0000, 0, &mut alloc).unwrap();
+        let mut task = AddressSpace::new(&mut alloc).unwrap();
+        task.share_top_level(&kernel, 0..1);
+        task.map_4k(0x80_0000_0000, 0x7000, flags::USER, &mut alloc)
+            .unwrap();
+        assert_eq!(task.translate(0x10_0000), Some(0x10_0000));
+        assert_eq!(kernel.translate(0x80_0000_0000), None);
+        // A later kernel mapping under the shared entry shows up in the task.
+        kernel.map_4k(0x20_0000, 0x30_0000, 0, &mut alloc).unwrap();
+        assert_eq!(task.translate(0x20_0000), Some(0x30_0000));
+        assert_ne!(task.root(), kernel.root());
+    }
+
+    #[test]
+    fn running_out_of_frames_is_an_error() {
+        let ram = Box::new(Ram([0; 16 * 4096]));
+        let start = ram.0.as_ptr() as u64;
+        let mut alloc = FrameAllocator::new(start, start + 2 * PAGE_SIZE);
+        let mut space = AddressSpace::new(&mut alloc).unwrap();
+        assert_eq!(
+            space.map_4k(0x1000, 0x1000, 0, &mut alloc),
+            Err(PagingError::OutOfFrames)
+        );
+    }
 }

@@ -4,11 +4,11 @@
 //! (`#[unsafe(link_section = ".utext")]`) and their constants in `.urodata`. Everything here
 //! is either `#[inline(always)]` (so it lands in the calling function's section) or placed in
 //! `.utext` itself. Port I/O from CPL3 works through the TSS I/O permission bitmap (COM1, the
-//! debug exit and the hypercall doorbell), byte-wide only on PVM hosts.
+//! debug exit and the hypercall doorbell); IOPL 3 does not help on PVM hosts (dropped).
 
 use hypercall::ports::{DEBUG_EXIT, SERIAL_COM1};
 
-use crate::port::{inb, outb};
+use crate::port::{inb, outb, outl};
 
 /// Makes a system call the way that works on every host: `int3`, which raises #BP through
 /// the DPL3 gate at vector 3 (the runtime treats vector 3 from CPL3 as a system call; RIP is
@@ -99,12 +99,29 @@ pub fn format_decimal(mut value: u64, buf: &mut [u8; 20]) -> usize {
     }
 }
 
-/// Ends the VM from CPL3 through the debug-exit port. Uses a byte-wide `out` (PVM hosts
-/// raise #GP for wider port I/O at CPL3), so only statuses 0..=255 can be given.
+/// Ends the VM from CPL3 through the debug-exit port (a 32-bit `out`).
 #[inline(always)]
-pub fn exit(status: u8) -> ! {
-    outb(DEBUG_EXIT, status);
+pub fn exit(status: u32) -> ! {
+    outl(DEBUG_EXIT, status);
     loop {
         core::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_decimal;
+
+    fn render(value: u64) -> String {
+        let mut buf = [0u8; 20];
+        let start = format_decimal(value, &mut buf);
+        String::from_utf8(buf[start..].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn decimal_formatting_matches_std() {
+        for value in [0, 7, 10, 12345, u64::MAX] {
+            assert_eq!(render(value), value.to_string());
+        }
     }
 }

@@ -30,6 +30,7 @@ fn main(boot: Boot) -> ! {
         b"bad-port" => bad_port(),
         b"user" => usermode::user(boot),
         b"hypercall" => usermode::hypercall(boot),
+        b"user-exit" => usermode::user_exit_mode(boot),
         b"user-shared" => usermode::user_shared(boot),
         b"fault-user" => usermode::fault_user(boot),
         b"bench-cpl0" => cpl0bench::bench_cpl0(boot),

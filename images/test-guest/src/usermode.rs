@@ -224,8 +224,8 @@ extern "sysv64" fn user_hypercall(_arg: u64) -> ! {
 }
 
 /// `mode=hypercall`: makes hypercall `nr=` (default 34, the agent call) with `a0=`..`a3=`
-/// and `rdi=` (default 24 for 34, else 0) from CPL0 (`out 0xe4, eax`) and then from CPL3
-/// (`out 0xe4, al`), printing `hypercall nr=.. cpl=.. rax=..` for each; exit 0.
+/// and `rdi=` (default 24 for 34, else 0) from CPL0 and then from CPL3 (`out 0xe4, eax`),
+/// printing `hypercall nr=.. cpl=.. rax=..` for each; exit 0.
 pub fn hypercall(boot: Boot) -> ! {
     let number = boot.arg_u64_or_exit("nr").unwrap_or(34);
     let mut args = [0u64; 4];
@@ -245,6 +245,24 @@ pub fn hypercall(boot: Boot) -> ! {
     }
     println!("hypercall nr={number} cpl=3 rax={:#x}", ctx.rdi);
     port::exit(status::SUCCESS)
+}
+
+#[unsafe(link_section = ".utext")]
+extern "sysv64" fn user_exit(status: u64) -> ! {
+    user::exit(status as u32)
+}
+
+/// `mode=user-exit`: CPL3 ends the VM itself through the debug-exit port (32-bit `out`) with
+/// `status=` (default 0x42).
+pub fn user_exit_mode(boot: Boot) -> ! {
+    let status = boot.arg_u64_or_exit("status").unwrap_or(0x42);
+    let mut ctx = enter(&boot, user_exit, status);
+    run(&mut ctx);
+    if !ctx.is_syscall() {
+        port::exit(ctx.report_exception());
+    }
+    println!("user exit did not end the VM");
+    port::exit(USER_MISMATCH)
 }
 
 #[unsafe(link_section = ".utext")]
