@@ -58,6 +58,7 @@ pub static KERNEL_STATS: KernelStats = KernelStats {
 };
 
 const SECRET_TEXT: &[u8] = b"TOP-SECRET demo-target key=7f3a9c21e4b85d06 do-not-leak";
+const _: () = assert!(SECRET_TEXT.len() <= crate::workload::SECRET_READ_BYTES);
 
 /// A page of secret kernel data (supervisor-only in the kernel map; one task reads it
 /// through a user alias).

@@ -37,7 +37,8 @@ pub enum Kind {
     Init = 1,
     /// A harmless task (the rootkit's victim).
     Monitor = 2,
-    /// Reads the secret buffer through its read-only alias.
+    /// Reads the secret buffer (its first [`SECRET_READ_BYTES`], eight 8-byte loads) through
+    /// its read-only alias every round.
     SecretReader = 3,
     /// Rewrites task-table entries through its user-writable alias of the table page.
     Rootkit = 4,
@@ -133,17 +134,26 @@ extern "sysv64" fn monitor(pid: u64, _arg: u64) -> ! {
     }
 }
 
+/// Bytes of the secret buffer the reader reads each round (the secret text fits in it). Kept
+/// small and word-sized: under a read trap every access is one VM exit.
+pub const SECRET_READ_BYTES: usize = 64;
+
 #[unsafe(link_section = ".utext")]
 extern "sysv64" fn secret_reader(_pid: u64, _arg: u64) -> ! {
-    let secret = SECRET_ALIAS as *const u8;
+    let secret = SECRET_ALIAS as *const u64;
     let mut reported = false;
     loop {
         let mut sum = 0u64;
-        let mut i = 0;
-        while i < 4096 {
+        let mut word_index = 0;
+        while word_index < SECRET_READ_BYTES / 8 {
             // SAFETY: SECRET_ALIAS is a user-readable page in this task's address space.
-            sum += unsafe { secret.add(i).read_volatile() } as u64;
-            i += 1;
+            let word = unsafe { secret.add(word_index).read_volatile() };
+            let mut byte = 0;
+            while byte < 8 {
+                sum += (word >> (8 * byte)) & 0xff;
+                byte += 1;
+            }
+            word_index += 1;
         }
         if !reported {
             user::call(sys::REPORT, sys::REPORT_SECRET, sum, 0);
