@@ -4,6 +4,7 @@
 #![no_main]
 
 mod cpl0bench;
+mod probes;
 mod usermode;
 
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -30,6 +31,11 @@ fn main(boot: Boot) -> ! {
         b"bad-port" => bad_port(),
         b"user" => usermode::user(boot),
         b"hypercall" => usermode::hypercall(boot),
+        b"msr" => probes::msr(boot),
+        b"mem-write" => probes::mem_write(boot),
+        b"mem-read" => probes::mem_read(boot),
+        b"breakpoint" => probes::breakpoint(boot),
+        b"spin" => probes::spin(),
         b"user-exit" => usermode::user_exit_mode(boot),
         b"user-shared" => usermode::user_shared(boot),
         b"fault-user" => usermode::fault_user(boot),

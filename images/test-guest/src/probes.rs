@@ -1,0 +1,112 @@
+//! Modes that give the introspection tests something precise to watch: MSR writes, page
+//! writes and reads at a published address, calls of a published function, and an endless
+//! counter loop. Every address involved is a profile symbol.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use guest_runtime::cpu::{read_msr, write_msr};
+use guest_runtime::{Boot, port, println, status};
+
+/// A page-aligned page of kernel data the probes write and read.
+#[repr(C, align(4096))]
+pub struct ScratchPage(pub [u64; 512]);
+
+/// The page `mem-write`/`mem-read` use (`kvmi_profile.sym.scratch_page`).
+pub static mut SCRATCH_PAGE: ScratchPage = ScratchPage([0; 512]);
+
+/// Counts calls of [`breakpoint_target`] and iterations of `spin`
+/// (`kvmi_profile.sym.probe_counter`).
+pub static PROBE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A function the breakpoint tests put a hardware breakpoint on
+/// (`kvmi_profile.sym.breakpoint_target`); returns its argument plus one.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "sysv64" fn breakpoint_target(value: u64) -> u64 {
+    PROBE_COUNTER.fetch_add(1, Ordering::Relaxed);
+    value + 1
+}
+
+core::arch::global_asm!(
+    ".globl \"kvmi_profile.sym.scratch_page\"",
+    ".set \"kvmi_profile.sym.scratch_page\", {scratch}",
+    ".globl \"kvmi_profile.sym.probe_counter\"",
+    ".set \"kvmi_profile.sym.probe_counter\", {counter}",
+    ".globl \"kvmi_profile.sym.breakpoint_target\"",
+    ".set \"kvmi_profile.sym.breakpoint_target\", {target}",
+    scratch = sym SCRATCH_PAGE,
+    counter = sym PROBE_COUNTER,
+    target = sym breakpoint_target,
+);
+
+/// `mode=msr msr=<n> value=<v>` (defaults: 0x174 = SYSENTER_CS, 0x10): `wrmsr`, then
+/// `rdmsr`; prints `msr 0x.. wrote 0x.. read 0x..`; exit 0.
+pub fn msr(boot: Boot) -> ! {
+    let number = boot.arg_u64_or_exit("msr").unwrap_or(0x174);
+    let value = boot.arg_u64_or_exit("value").unwrap_or(0x10);
+    let Ok(number) = u32::try_from(number) else {
+        println!("bad command line: msr={number:#x} does not fit 32 bits");
+        port::exit(status::BAD_COMMAND_LINE)
+    };
+    // SAFETY: the test chooses the MSR; a write the CPU refuses raises #GP, which the
+    // exception handler reports. The runtime's own MSRs are the caller's responsibility.
+    unsafe { write_msr(number, value) };
+    let read = read_msr(number);
+    println!("msr {number:#x} wrote {value:#x} read {read:#x}");
+    port::exit(status::SUCCESS)
+}
+
+/// `mode=mem-write n=<count>` (default 16): writes word `i` of the scratch page with
+/// `0x5ca1_0000 + i` for `i` in `0..n` (wrapping at 512 words); prints
+/// `mem-write n=.. last=0x..`; exit 0.
+pub fn mem_write(boot: Boot) -> ! {
+    let count = boot.arg_u64_or_exit("n").unwrap_or(16);
+    let page = (&raw mut SCRATCH_PAGE).cast::<u64>();
+    let mut last = 0;
+    for i in 0..count {
+        last = 0x5ca1_0000 + i;
+        // SAFETY: the index is reduced modulo the page's 512 words; only vCPU 0 runs this.
+        unsafe { page.add((i % 512) as usize).write_volatile(last) };
+    }
+    println!("mem-write n={count} last={last:#x}");
+    port::exit(status::SUCCESS)
+}
+
+/// `mode=mem-read n=<count>` (default 16): sums words `0..n` of the scratch page (wrapping
+/// at 512); prints `mem-read n=.. sum=0x..`; exit 0. The page is zero unless someone (the
+/// host, an introspection tool) wrote it.
+pub fn mem_read(boot: Boot) -> ! {
+    let count = boot.arg_u64_or_exit("n").unwrap_or(16);
+    let page = (&raw const SCRATCH_PAGE).cast::<u64>();
+    let mut sum = 0u64;
+    for i in 0..count {
+        // SAFETY: as in `mem_write`.
+        sum = sum.wrapping_add(unsafe { page.add((i % 512) as usize).read_volatile() });
+    }
+    println!("mem-read n={count} sum={sum:#x}");
+    port::exit(status::SUCCESS)
+}
+
+/// `mode=breakpoint n=<count>` (default 3): calls `breakpoint_target` n times; prints
+/// `breakpoint calls=.. result=..`; exit 0.
+pub fn breakpoint(boot: Boot) -> ! {
+    let count = boot.arg_u64_or_exit("n").unwrap_or(3);
+    let mut value = 0;
+    for _ in 0..count {
+        value = breakpoint_target(core::hint::black_box(value));
+    }
+    println!(
+        "breakpoint calls={} result={value}",
+        PROBE_COUNTER.load(Ordering::Relaxed)
+    );
+    port::exit(status::SUCCESS)
+}
+
+/// `mode=spin`: prints `spinning`, then increments the probe counter forever at CPL0 (for
+/// pause, kick and timeout tests).
+pub fn spin() -> ! {
+    println!("spinning");
+    loop {
+        PROBE_COUNTER.fetch_add(1, Ordering::Relaxed);
+    }
+}
