@@ -34,6 +34,8 @@ pub(crate) struct Dispatcher {
     pub(crate) hook: Arc<dyn ExitHook>,
     pub(crate) policy: UnknownIoPolicy,
     pub(crate) ram: Arc<GuestRam>,
+    /// The unhandled-doorbell warning was logged.
+    pub(crate) doorbell_warned: std::sync::atomic::AtomicBool,
 }
 
 /// Largest PIO payload handled (a `rep outs` exit carries at most one page).
@@ -199,11 +201,16 @@ impl Dispatcher {
             let mut ctx = self.ctx(index, fd, area);
             verdict = self.hook.hypercall(&mut ctx);
             if verdict == HookResult::Unhandled {
-                tracing::warn!(
-                    vcpu = index,
-                    nr = ctx.regs().rax,
-                    "hypercall doorbell has no handler yet; returning u64::MAX"
-                );
+                if !self
+                    .doorbell_warned
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        vcpu = index,
+                        nr = ctx.regs().rax,
+                        "hypercall doorbell has no handler; returning u64::MAX (logged once)"
+                    );
+                }
                 ctx.regs_mut().rax = u64::MAX;
             }
         }

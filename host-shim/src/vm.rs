@@ -197,6 +197,7 @@ impl Vm {
             hook: self.hook,
             policy: self.config.unknown_io,
             ram: self.ram.clone(),
+            doorbell_warned: AtomicBool::new(false),
         });
         let started = Instant::now();
         let mut threads = Vec::with_capacity(n);
