@@ -238,10 +238,8 @@ impl Dispatcher {
                 ),
             },
         };
-        if !out {
-            if let Some(dst) = area.io_data(data_offset, len) {
-                dst.copy_from_slice(data);
-            }
+        if !out && let Some(dst) = area.io_data(data_offset, len) {
+            dst.copy_from_slice(data);
         }
         flow
     }

@@ -161,7 +161,7 @@ mod tests {
 
     #[test]
     fn tables_fit_below_the_image() {
-        assert!(BOOT_TABLES_END <= hypercall::boot::IMAGE_MIN_ADDR);
+        const { assert!(BOOT_TABLES_END <= hypercall::boot::IMAGE_MIN_ADDR) };
         assert_eq!(BOOT_TABLES_END, 0xf000);
     }
 

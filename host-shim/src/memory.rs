@@ -34,7 +34,7 @@ impl GuestRam {
     /// Creates a zero-filled memfd of `size` bytes (a multiple of 4 KiB) named `name` and maps
     /// it shared. The memory is not yet visible to any VM: see [`GuestRam::register`].
     pub fn new(name: &str, size: u64) -> Result<Self, VmError> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(VmError::Config(format!(
                 "guest RAM size {size:#x} must be a non-zero multiple of 4 KiB"
             )));
@@ -149,7 +149,7 @@ impl GuestRam {
     /// Changes host protection of the pages covering `gpa..gpa+len` (page-aligned): the
     /// trap mechanism for page-access tracking (`PROT_READ` traps writes, `PROT_NONE` reads).
     pub fn protect(&self, gpa: u64, len: u64, prot: libc::c_int) -> Result<(), VmError> {
-        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(VmError::Config(format!(
                 "protect range {gpa:#x}+{len:#x} is not page-aligned"
             )));
@@ -204,7 +204,7 @@ pub struct RemapWindow {
 impl RemapWindow {
     /// Reserves `len` bytes (a multiple of 4 KiB) of zeroed placeholder memory.
     pub fn new(len: u64) -> Result<Self, VmError> {
-        if len == 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(VmError::Config(format!(
                 "window size {len:#x} not page-aligned"
             )));
@@ -247,8 +247,8 @@ impl RemapWindow {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<*mut libc::c_void, VmError> {
-        let ok = offset % PAGE_SIZE == 0
-            && len % PAGE_SIZE == 0
+        let ok = offset.is_multiple_of(PAGE_SIZE)
+            && len.is_multiple_of(PAGE_SIZE)
             && len > 0
             && offset
                 .checked_add(len)

@@ -355,10 +355,10 @@ impl RunningVm {
             if limits.interrupt.is_some_and(|f| f.load(Ordering::SeqCst)) {
                 self.shared.finish(RunOutcome::Interrupted);
             }
-            if let (Some(d), Some(t)) = (deadline, limits.timeout) {
-                if now >= d {
-                    self.shared.finish(RunOutcome::TimedOut { after: t });
-                }
+            if let (Some(d), Some(t)) = (deadline, limits.timeout)
+                && now >= d
+            {
+                self.shared.finish(RunOutcome::TimedOut { after: t });
             }
             if self.shared.has_outcome() {
                 let since = *stopping_since.get_or_insert(now);
