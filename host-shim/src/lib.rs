@@ -24,6 +24,7 @@ pub mod outcome;
 pub mod probe;
 pub mod profile;
 pub mod run_area;
+pub mod running;
 pub mod vcpu;
 pub mod vm;
 
@@ -35,7 +36,8 @@ pub use hook::{
 pub use memory::GuestRam;
 pub use outcome::RunOutcome;
 pub use probe::{Capabilities, probe_capabilities};
-pub use vm::{RunLimits, RunReport, RunningVm, Vm, VmConfig, VmHandle, run_image};
+pub use running::{RunningVm, VmHandle};
+pub use vm::{RunLimits, RunReport, Vm, VmConfig, run_image};
 
 /// True when `/dev/kvm` exists and can be opened read-write (tests skip otherwise).
 pub fn kvm_available() -> bool {

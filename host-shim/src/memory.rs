@@ -166,6 +166,75 @@ impl GuestRam {
     }
 }
 
+impl GuestRam {
+    /// Registers `len` bytes of this memfd region as memslot `slot` at guest-physical `gpa`
+    /// (used for extra regions such as the appliance's ring region; `flags` e.g.
+    /// `KVM_MEM_READONLY`).
+    pub fn register_at(&self, vm: &VmFd, slot: u32, gpa: u64, flags: u32) -> Result<(), VmError> {
+        // SAFETY: the region is our own live mapping of `size` bytes; owners drop the VM
+        // before the GuestRam.
+        unsafe { register_slot(vm, slot, gpa, self.host_base(), self.size, flags) }
+    }
+
+    /// Replaces the guest pages `gpa..gpa+len` of this RAM by `len` bytes of another memfd
+    /// (`src_fd` at `src_offset`, e.g. another VM's RAM), shared and zero-copy, with
+    /// `mmap(MAP_FIXED)`. No KVM ioctl is needed: the MMU notifier drops the old translation.
+    pub fn share_from(
+        &self,
+        gpa: u64,
+        src_fd: BorrowedFd<'_>,
+        src_offset: u64,
+        len: u64,
+    ) -> Result<(), VmError> {
+        self.map_fixed(gpa, src_fd, src_offset, len)
+    }
+
+    /// Undoes [`GuestRam::share_from`]: maps this RAM's own memfd pages back at `gpa`.
+    pub fn unshare(&self, gpa: u64, len: u64) -> Result<(), VmError> {
+        let fd = self.memfd.as_fd();
+        self.map_fixed(gpa, fd, gpa, len)
+    }
+
+    fn map_fixed(
+        &self,
+        gpa: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), VmError> {
+        use std::os::fd::AsRawFd;
+        if len == 0
+            || !gpa.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || !offset.is_multiple_of(PAGE_SIZE)
+        {
+            return Err(VmError::Config(format!(
+                "shared range {gpa:#x}+{len:#x} (file offset {offset:#x}) is not page-aligned"
+            )));
+        }
+        let at = self.host_range(gpa, len)?;
+        // SAFETY: MAP_FIXED replaces only pages inside our own RAM mapping (bounds checked);
+        // guest RAM is only accessed through bounds-checked copies, never long-lived
+        // references, so no Rust reference is invalidated.
+        let p = unsafe {
+            libc::mmap(
+                at.cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(VmError::mem("mmap MAP_FIXED into guest RAM")(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Registers `len` bytes of host memory at `host` as memslot `slot` at `gpa` with `flags`
 /// (e.g. `KVM_MEM_READONLY`).
 ///

@@ -2,10 +2,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hypercall::boot::BootInfo;
+use hypercall::boot::{BOOT_INFO_ADDR, BootInfo, IDENTITY_MAP_BYTES};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -16,16 +15,14 @@ use crate::hook::{ExitHook, NoHook};
 use crate::kick::{VcpuControl, install_kick_handler};
 use crate::layout::{write_boot_info, write_boot_tables};
 use crate::loader::{LoadedImage, load_image};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RemapWindow, register_slot};
 use crate::outcome::RunOutcome;
+use crate::running::{RunShared, RunningVm};
 use crate::vcpu::{PreparedVcpu, create_vcpu, spawn_vcpu_thread};
+use zerocopy::IntoBytes;
 
 /// Most vCPUs a VM may have here.
 pub const MAX_VCPUS: u32 = 64;
-/// How long `wait` keeps kicking vCPUs that do not stop before it gives up joining them.
-const STOP_GRACE: Duration = Duration::from_secs(2);
-/// Poll interval of `wait` for the interrupt flag and re-kicks.
-const WAIT_SLICE: Duration = Duration::from_millis(20);
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -87,6 +84,10 @@ pub struct Vm {
     config: VmConfig,
     hook: Arc<dyn ExitHook>,
     serial: SerialSink,
+    extra_ram: Vec<Arc<GuestRam>>,
+    windows: Vec<Arc<RemapWindow>>,
+    /// Guest-physical ranges of the extra slots (start, end).
+    extra_ranges: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -143,6 +144,9 @@ impl Vm {
             config,
             hook: Arc::new(NoHook),
             serial: SerialSink::Stdout,
+            extra_ram: Vec::new(),
+            windows: Vec::new(),
+            extra_ranges: Vec::new(),
         })
     }
 
@@ -181,6 +185,60 @@ impl Vm {
         self.serial = sink;
     }
 
+    /// Checks that `gpa..gpa+size` is page-aligned, above RAM, inside the boot identity map
+    /// and clear of every other extra region; returns the next free memslot id.
+    fn claim_range(&mut self, gpa: u64, size: u64) -> Result<u32, VmError> {
+        let end = gpa.checked_add(size).unwrap_or(u64::MAX);
+        let bad = |why: &str| VmError::Config(format!("extra region {gpa:#x}+{size:#x}: {why}"));
+        if size == 0 || !gpa.is_multiple_of(4096) || !size.is_multiple_of(4096) {
+            return Err(bad("must be non-empty and page-aligned"));
+        }
+        if gpa < self.ram.size() || end > IDENTITY_MAP_BYTES {
+            return Err(bad(
+                "must lie above guest RAM and below the 4 GiB identity map",
+            ));
+        }
+        if self.extra_ranges.iter().any(|&(s, e)| gpa < e && s < end) {
+            return Err(bad("overlaps another extra region"));
+        }
+        self.extra_ranges.push((gpa, end));
+        Ok(self.extra_ranges.len() as u32)
+    }
+
+    fn rewrite_boot_info(&self) -> Result<(), VmError> {
+        self.ram.write(BOOT_INFO_ADDR, self.boot_info.as_bytes())
+    }
+
+    /// Adds a memfd-backed region shared with the host (the appliance's ring region) at
+    /// `gpa`, and records it in BootInfo (`ring_region_gpa/size`). The returned RAM is the
+    /// host's view of it; its memfd can be handed to another process.
+    pub fn add_ring_region(&mut self, gpa: u64, size: u64) -> Result<Arc<GuestRam>, VmError> {
+        let slot = self.claim_range(gpa, size)?;
+        let region = Arc::new(GuestRam::new("kvmi-ring-region", size)?);
+        region.register_at(&self.fd, slot, gpa, 0)?;
+        self.boot_info.ring_region_gpa = gpa;
+        self.boot_info.ring_region_size = size;
+        self.rewrite_boot_info()?;
+        self.extra_ram.push(region.clone());
+        Ok(region)
+    }
+
+    /// Adds a map window at `gpa` (placeholder pages reading as zero, later replaced by other
+    /// VMs' pages with [`RemapWindow::map_shared`]) and records it in BootInfo
+    /// (`map_window_gpa/size`).
+    pub fn add_map_window(&mut self, gpa: u64, size: u64) -> Result<Arc<RemapWindow>, VmError> {
+        let slot = self.claim_range(gpa, size)?;
+        let window = Arc::new(RemapWindow::new(size)?);
+        // SAFETY: the window is kept alive by this Vm (and then by the RunningVm) until after
+        // the VM fd is dropped.
+        unsafe { register_slot(&self.fd, slot, gpa, window.host_base(), size, 0)? };
+        self.boot_info.map_window_gpa = gpa;
+        self.boot_info.map_window_size = size;
+        self.rewrite_boot_info()?;
+        self.windows.push(window.clone());
+        Ok(window)
+    }
+
     /// Starts one thread per vCPU.
     pub fn start(self) -> Result<RunningVm, VmError> {
         install_kick_handler();
@@ -188,7 +246,7 @@ impl Vm {
         let shared = Arc::new(RunShared {
             outcome: Mutex::new(None),
             changed: Condvar::new(),
-            live: AtomicU32::new(n as u32),
+            live: AtomicU32::new(0),
             controls: (0..n).map(|_| Arc::new(VcpuControl::new())).collect(),
         });
         let exits: Arc<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
@@ -204,6 +262,7 @@ impl Vm {
         for vcpu in self.vcpus {
             let control = shared.controls[vcpu.index as usize].clone();
             let s = shared.clone();
+            shared.live.fetch_add(1, Ordering::SeqCst);
             let spawned = spawn_vcpu_thread(
                 vcpu,
                 control,
@@ -232,187 +291,14 @@ impl Vm {
             exits,
             _fd: self.fd,
             _ram: self.ram,
+            _extra_ram: self.extra_ram,
+            _windows: self.windows,
         })
     }
 
     /// Starts the VM and waits for its end within `limits`.
     pub fn run(self, limits: RunLimits) -> Result<RunReport, VmError> {
         Ok(self.start()?.wait(limits))
-    }
-}
-
-/// State shared by the vCPU threads and the waiter.
-struct RunShared {
-    outcome: Mutex<Option<RunOutcome>>,
-    changed: Condvar,
-    live: AtomicU32,
-    controls: Vec<Arc<VcpuControl>>,
-}
-
-impl RunShared {
-    /// Records the run's ending (the first one wins) and stops every vCPU.
-    fn finish(&self, outcome: RunOutcome) {
-        {
-            let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                tracing::debug!("run ends: {outcome}");
-                *slot = Some(outcome);
-            }
-        }
-        for c in &self.controls {
-            c.stop();
-        }
-        self.changed.notify_all();
-    }
-
-    fn vcpu_done(&self) {
-        self.live.fetch_sub(1, Ordering::SeqCst);
-        let _guard = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        self.changed.notify_all();
-    }
-
-    fn has_outcome(&self) -> bool {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-    }
-}
-
-/// A handle to control a running VM from other threads.
-#[derive(Clone)]
-pub struct VmHandle {
-    shared: Arc<RunShared>,
-}
-
-impl std::fmt::Debug for VmHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmHandle")
-            .field("vcpus", &self.shared.controls.len())
-            .finish()
-    }
-}
-
-impl VmHandle {
-    /// Ends the run as [`RunOutcome::Interrupted`] (unless it already ended).
-    pub fn stop(&self) {
-        self.shared.finish(RunOutcome::Interrupted);
-    }
-
-    /// Ends the run with `outcome` (unless it already ended).
-    pub fn stop_with(&self, outcome: RunOutcome) {
-        self.shared.finish(outcome);
-    }
-
-    /// The control block of vCPU `index` (kick, pause, resume).
-    pub fn vcpu(&self, index: u32) -> Option<&Arc<VcpuControl>> {
-        self.shared.controls.get(index as usize)
-    }
-
-    /// Number of vCPUs.
-    pub fn vcpu_count(&self) -> u32 {
-        self.shared.controls.len() as u32
-    }
-}
-
-/// A VM whose vCPU threads are running.
-pub struct RunningVm {
-    shared: Arc<RunShared>,
-    threads: Vec<JoinHandle<()>>,
-    started: Instant,
-    exits: Arc<[AtomicU64]>,
-    _fd: Arc<VmFd>,
-    _ram: Arc<GuestRam>,
-}
-
-impl std::fmt::Debug for RunningVm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningVm")
-            .field("vcpus", &self.threads.len())
-            .finish()
-    }
-}
-
-impl RunningVm {
-    /// A cloneable control handle.
-    pub fn handle(&self) -> VmHandle {
-        VmHandle {
-            shared: self.shared.clone(),
-        }
-    }
-
-    /// Waits until the run ends: a vCPU's terminal exit, every vCPU halted, the timeout, the
-    /// interrupt flag, or [`VmHandle::stop`]. Never blocks on a guest: vCPUs that do not stop
-    /// are kicked again, and after a grace period left behind (counted in the report).
-    pub fn wait(self, limits: RunLimits) -> RunReport {
-        let deadline = limits.timeout.map(|t| self.started + t);
-        let mut stopping_since: Option<Instant> = None;
-        loop {
-            if self.shared.live.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            let now = Instant::now();
-            if limits.interrupt.is_some_and(|f| f.load(Ordering::SeqCst)) {
-                self.shared.finish(RunOutcome::Interrupted);
-            }
-            if let (Some(d), Some(t)) = (deadline, limits.timeout)
-                && now >= d
-            {
-                self.shared.finish(RunOutcome::TimedOut { after: t });
-            }
-            if self.shared.has_outcome() {
-                let since = *stopping_since.get_or_insert(now);
-                if now.duration_since(since) > STOP_GRACE {
-                    tracing::error!("vCPU threads did not stop; leaving them behind");
-                    break;
-                }
-                for c in &self.shared.controls {
-                    c.stop();
-                }
-            }
-            let mut slice = WAIT_SLICE;
-            if let Some(d) = deadline {
-                slice = slice.min(d.saturating_duration_since(now));
-            }
-            let guard = self
-                .shared
-                .outcome
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if self.shared.live.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            drop(
-                self.shared
-                    .changed
-                    .wait_timeout(guard, slice.max(Duration::from_millis(1)))
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-        }
-        let elapsed = self.started.elapsed();
-        let stuck = self.shared.live.load(Ordering::SeqCst);
-        if stuck == 0 {
-            for t in self.threads {
-                let _ = t.join();
-            }
-        }
-        let outcome = self
-            .shared
-            .outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or(RunOutcome::AllHalted);
-        RunReport {
-            outcome,
-            elapsed,
-            exits: self
-                .exits
-                .iter()
-                .map(|e| e.load(Ordering::Relaxed))
-                .collect(),
-            stuck_vcpus: stuck,
-        }
     }
 }
 

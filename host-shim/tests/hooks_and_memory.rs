@@ -180,3 +180,75 @@ fn bad_images_and_configs_are_clear_errors() {
     let err = host_shim::loader::validate_image(image, loaded.end - 1).unwrap_err();
     assert!(err.to_string().contains("does not fit"), "{err}");
 }
+
+#[test]
+fn a_page_of_one_vm_is_shared_into_another_zero_copy() {
+    if common::skip("a_page_of_one_vm_is_shared_into_another_zero_copy") {
+        return;
+    }
+    let scratch = common::profile(Image::TestGuest)
+        .symbol("scratch_page")
+        .expect("profile has sym.scratch_page");
+    let limits = RunLimits {
+        timeout: Some(Duration::from_secs(20)),
+        interrupt: None,
+    };
+    // VM A fills its scratch page.
+    let mut a = Vm::new(config("mode=mem-write n=16"), common::elf(Image::TestGuest)).unwrap();
+    a.set_serial(SerialSink::Null);
+    let a_ram = a.ram().clone();
+    assert!(a.run(limits).unwrap().outcome.is_success());
+    // VM B sums its scratch page, which is A's page mapped over B's RAM.
+    let serial = SharedBuffer::new();
+    let mut b = Vm::new(config("mode=mem-read n=16"), common::elf(Image::TestGuest)).unwrap();
+    b.set_serial(SerialSink::Buffer(serial.clone()));
+    let b_ram = b.ram().clone();
+    b_ram
+        .share_from(scratch, a_ram.memfd(), scratch, 4096)
+        .unwrap();
+    assert!(b.run(limits).unwrap().outcome.is_success());
+    let expected: u64 = (0..16).map(|i| 0x5ca1_0000u64 + i).sum();
+    assert!(
+        serial
+            .text()
+            .contains(&format!("mem-read n=16 sum={expected:#x}")),
+        "{}",
+        serial.text()
+    );
+    // Zero-copy: a host write into A's page shows in B's view, and unshare restores B's own.
+    a_ram.write(scratch, &7u64.to_le_bytes()).unwrap();
+    assert_eq!(b_ram.read_u64(scratch).unwrap(), 7);
+    b_ram.unshare(scratch, 4096).unwrap();
+    assert_eq!(b_ram.read_u64(scratch).unwrap(), 0);
+    assert_eq!(a_ram.read_u64(scratch).unwrap(), 7);
+}
+
+#[test]
+fn extra_regions_are_recorded_in_boot_info() {
+    if common::skip("extra_regions_are_recorded_in_boot_info") {
+        return;
+    }
+    use hypercall::boot::BOOT_INFO_ADDR;
+    let mut vm = Vm::new(config("mode=hello"), common::elf(Image::TestGuest)).unwrap();
+    let ring = vm.add_ring_region(0x4000_0000, 0x10000).unwrap();
+    let window = vm.add_map_window(0x5000_0000, 0x20000).unwrap();
+    assert_eq!(ring.size(), 0x10000);
+    assert_eq!(window.len(), 0x20000);
+    let ram = vm.ram().clone();
+    let word = |off: u64| ram.read_u64(BOOT_INFO_ADDR + off).unwrap();
+    assert_eq!((word(32), word(40)), (0x4000_0000, 0x10000));
+    assert_eq!((word(48), word(56)), (0x5000_0000, 0x20000));
+    // Overlaps, RAM collisions and misaligned regions are refused.
+    assert!(vm.add_map_window(0x4000_8000, 0x1000).is_err());
+    assert!(vm.add_map_window(0x1000, 0x1000).is_err());
+    assert!(vm.add_ring_region(0x6000_0800, 0x1000).is_err());
+    assert!(vm.add_ring_region(0x1_0000_0000, 0x1000).is_err());
+    vm.set_serial(SerialSink::Null);
+    let report = vm
+        .run(RunLimits {
+            timeout: Some(Duration::from_secs(20)),
+            interrupt: None,
+        })
+        .unwrap();
+    assert!(report.outcome.is_success(), "{}", report.outcome);
+}
