@@ -27,6 +27,7 @@ pub mod run_area;
 pub mod running;
 pub mod vcpu;
 pub mod vm;
+pub mod window;
 
 pub use devices::{SerialSink, SharedBuffer, UnknownIoPolicy};
 pub use error::VmError;

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 
 use crate::kick::VcpuControl;
-use crate::memory::{GuestRam, RemapWindow};
+use crate::memory::GuestRam;
 use crate::outcome::RunOutcome;
 use crate::vm::{RunLimits, RunReport};
+use crate::window::RemapWindow;
 
 /// How long `wait` keeps kicking vCPUs that do not stop before it gives up joining them.
 const STOP_GRACE: Duration = Duration::from_secs(2);

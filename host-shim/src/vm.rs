@@ -15,10 +15,11 @@ use crate::hook::{ExitHook, NoHook};
 use crate::kick::{VcpuControl, install_kick_handler};
 use crate::layout::{write_boot_info, write_boot_tables};
 use crate::loader::{LoadedImage, load_image};
-use crate::memory::{GuestRam, RemapWindow, register_slot};
+use crate::memory::{GuestRam, register_slot};
 use crate::outcome::RunOutcome;
 use crate::running::{RunShared, RunningVm};
 use crate::vcpu::{PreparedVcpu, create_vcpu, spawn_vcpu_thread};
+use crate::window::RemapWindow;
 use zerocopy::IntoBytes;
 
 /// Most vCPUs a VM may have here.
@@ -188,7 +189,7 @@ impl Vm {
     /// Checks that `gpa..gpa+size` is page-aligned, above RAM, inside the boot identity map
     /// and clear of every other extra region; returns the next free memslot id.
     fn claim_range(&mut self, gpa: u64, size: u64) -> Result<u32, VmError> {
-        let end = gpa.checked_add(size).unwrap_or(u64::MAX);
+        let end = gpa.saturating_add(size);
         let bad = |why: &str| VmError::Config(format!("extra region {gpa:#x}+{size:#x}: {why}"));
         if size == 0 || !gpa.is_multiple_of(4096) || !size.is_multiple_of(4096) {
             return Err(bad("must be non-empty and page-aligned"));

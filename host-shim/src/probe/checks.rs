@@ -14,8 +14,9 @@ use super::MprotectMode;
 use super::snippets::*;
 use super::tiny::{ProbeVm, Watchdog};
 use crate::error::VmError;
-use crate::memory::{GuestRam, RemapWindow, register_slot};
+use crate::memory::{GuestRam, register_slot};
 use crate::run_area::Exit;
+use crate::window::RemapWindow;
 
 /// Longest a probe vCPU may run before the watchdog stops it.
 const RUN_LIMIT: Duration = Duration::from_millis(250);
