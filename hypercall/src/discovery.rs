@@ -248,7 +248,7 @@ pub enum DiscoveryError {
 impl RegionHeader {
     /// The number of rings a region for `vcpus` vCPUs has.
     pub const fn ring_count_for(vcpus: u32) -> u32 {
-        2 * vcpus + 3
+        vcpus.saturating_mul(2).saturating_add(3)
     }
 
     /// The header size (header + ring table, rounded up to a cache line) for `rings` rings.
@@ -313,7 +313,8 @@ impl RegionHeader {
 
 /// The canonical kind and vCPU of ring `index` for `vcpus` vCPUs.
 pub const fn canonical_ring(vcpus: u32, index: u32) -> Option<(RingKind, u32)> {
-    if index < 2 * vcpus {
+    let per_vcpu = vcpus.saturating_mul(2);
+    if index < per_vcpu {
         let kind = if index.is_multiple_of(2) {
             RingKind::Event
         } else {
@@ -321,7 +322,7 @@ pub const fn canonical_ring(vcpus: u32, index: u32) -> Option<(RingKind, u32)> {
         };
         return Some((kind, index / 2));
     }
-    match index - 2 * vcpus {
+    match index - per_vcpu {
         0 => Some((RingKind::Command, NO_VCPU)),
         1 => Some((RingKind::CommandReply, NO_VCPU)),
         2 => Some((RingKind::Log, NO_VCPU)),

@@ -198,7 +198,15 @@ impl<M: SharedMemory> Consumer<M> {
             return Ok(len);
         }
         self.release_and_notify(notify)?;
-        wait::wait_until(self, strategy, waiter, |c| c.try_pop(dst), Self::arm)
+        let poll = |c: &mut Self| c.try_pop(dst);
+        wait::wait_until(
+            self,
+            strategy,
+            waiter,
+            poll,
+            Self::arm_wake,
+            Self::disarm_wake,
+        )
     }
 
     /// Prepares to sleep (for callers that wait on several rings with one waiter): arms the
@@ -220,6 +228,27 @@ impl<M: SharedMemory> Consumer<M> {
     /// Clears the wake word (the consumer is awake again).
     pub fn disarm_wake(&mut self) -> Result<(), RingError> {
         self.arm(false)
+    }
+
+    /// Waits until at least one record is published, as `strategy` says; records read so far
+    /// are released first (notifying a producer that waits for space). For loops that
+    /// [`drain`](Self::drain) and wait in turn.
+    pub fn wait_readable(
+        &mut self,
+        strategy: &WaitStrategy,
+        waiter: &impl Waiter,
+        notify: &impl Notify,
+    ) -> Result<(), RingError> {
+        self.release_and_notify(notify)?;
+        let ready = |c: &mut Self| c.available().map(|n| (n > 0).then_some(()));
+        wait::wait_until(
+            self,
+            strategy,
+            waiter,
+            ready,
+            Self::arm_wake,
+            Self::disarm_wake,
+        )
     }
 
     /// Arms (`true`) or disarms the consumer wake word at the position read to.

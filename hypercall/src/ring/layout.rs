@@ -132,20 +132,27 @@ impl LayoutParams {
     }
 
     /// Offset of ring `index`'s control block (`index` may be `ring_count`: the end).
+    /// Saturating, so unvalidated sizes read from a hostile header cannot overflow: they give
+    /// offsets that fail the comparison with the table instead.
     fn ring_offset(&self, index: u32) -> u64 {
         let s = &self.sizes;
-        let pair = 2 * CONTROL_SIZE + s.event + s.event_reply;
-        let v = self.vcpu_count;
-        let mut offset = self.header_size() + u64::from(index.min(2 * v) / 2) * pair;
-        if index < 2 * v {
+        let pair = (2 * CONTROL_SIZE)
+            .saturating_add(s.event)
+            .saturating_add(s.event_reply);
+        let v = self.vcpu_count.saturating_mul(2);
+        let pairs = u64::from(index.min(v) / 2);
+        let mut offset = self
+            .header_size()
+            .saturating_add(pairs.saturating_mul(pair));
+        if index < v {
             if index % 2 == 1 {
-                offset += CONTROL_SIZE + s.event;
+                offset = offset.saturating_add(CONTROL_SIZE + s.event.min(u64::MAX / 2));
             }
             return offset;
         }
         let tail = [s.command, s.command_reply, s.log];
-        for size in tail.iter().take((index - 2 * v) as usize) {
-            offset += CONTROL_SIZE + size;
+        for size in tail.iter().take((index - v) as usize) {
+            offset = offset.saturating_add(CONTROL_SIZE).saturating_add(*size);
         }
         offset
     }
@@ -164,7 +171,7 @@ impl LayoutParams {
             kind: kind as u32,
             vcpu,
             control_offset,
-            data_offset: control_offset + CONTROL_SIZE,
+            data_offset: control_offset.saturating_add(CONTROL_SIZE),
             data_size: self.size_of_kind(kind),
         })
     }
@@ -192,9 +199,9 @@ impl LayoutParams {
         match kind {
             RingKind::Event => per_vcpu(0),
             RingKind::EventReply => per_vcpu(1),
-            RingKind::Command => Some(2 * v),
-            RingKind::CommandReply => Some(2 * v + 1),
-            RingKind::Log => Some(2 * v + 2),
+            RingKind::Command => (2 * u64::from(v)).try_into().ok(),
+            RingKind::CommandReply => (2 * u64::from(v) + 1).try_into().ok(),
+            RingKind::Log => (2 * u64::from(v) + 2).try_into().ok(),
         }
     }
 }

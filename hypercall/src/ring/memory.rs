@@ -97,8 +97,17 @@ impl SharedMemory for [AtomicU64] {
 
     fn write_bytes(&self, index: usize, src: &[u8]) -> Option<()> {
         let words = self.get(index..index.checked_add(src.len().div_ceil(8))?)?;
-        for (chunk, word) in src.chunks(8).zip(words) {
-            word.store(word_from_chunk(chunk), Ordering::Relaxed);
+        let mut chunks = src.chunks_exact(8);
+        for (chunk, word) in (&mut chunks).zip(words) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+        }
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            words
+                .last()?
+                .store(word_from_chunk(tail), Ordering::Relaxed);
         }
         Some(())
     }

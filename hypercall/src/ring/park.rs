@@ -33,6 +33,9 @@ impl Waiter for ParkWaiter {
     fn wait(&self) {
         thread::park_timeout(self.timeout);
     }
+    fn relax(&self) {
+        thread::yield_now();
+    }
 }
 
 impl Notify for Unparker {
@@ -49,5 +52,8 @@ pub struct SleepWaiter(pub Duration);
 impl Waiter for SleepWaiter {
     fn wait(&self) {
         thread::sleep(self.0);
+    }
+    fn relax(&self) {
+        thread::yield_now();
     }
 }

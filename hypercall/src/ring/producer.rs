@@ -167,24 +167,48 @@ impl<M: SharedMemory> Producer<M> {
             Err(RingError::Full) => {}
             other => return other,
         }
-        self.publish_and_notify(notify)?;
-        let len = payload.len();
-        let fits = |p: &mut Self| p.fits(len).map(|ok| ok.then_some(()));
-        wait::wait_until(self, strategy, waiter, fits, Self::arm)?;
+        self.wait_writable(payload.len(), strategy, waiter, notify)?;
         self.try_push(payload)
     }
 
-    /// Prepares to sleep until a record of `len` bytes fits: arms the wake word, fences, and
-    /// re-checks. Returns `true` when it still does not fit (sleep; the consumer notifies at
-    /// its next release), `false` (disarmed) when it fits now. Staged records should be
-    /// published first. Call [`disarm_wake`](Self::disarm_wake) after waking.
+    /// Waits until a record of `len` payload bytes fits, as `strategy` says; staged records
+    /// are published first (notifying the consumer if it sleeps).
+    pub fn wait_writable(
+        &mut self,
+        len: usize,
+        strategy: &WaitStrategy,
+        waiter: &impl Waiter,
+        notify: &impl Notify,
+    ) -> Result<(), RingError> {
+        if len > self.max_payload() {
+            return Err(RingError::TooLarge {
+                len,
+                max: self.max_payload(),
+            });
+        }
+        self.publish_and_notify(notify)?;
+        let fits = |p: &mut Self| p.fits(len).map(|ok| ok.then_some(()));
+        let prepare = |p: &mut Self| p.arm_wake(len);
+        wait::wait_until(self, strategy, waiter, fits, prepare, Self::disarm_wake)
+    }
+
+    /// Prepares to sleep until a record of `len` bytes fits: arms the wake word at the last
+    /// consumer position seen, fences, and re-checks; if the consumer moved but the record
+    /// still does not fit, re-arms at the new position (so the consumer's next release is
+    /// the one that notifies). Returns `true` when it still does not fit (sleep; the consumer
+    /// notifies at its next release), `false` (disarmed) when it fits now. Staged records
+    /// should be published first. Call [`disarm_wake`](Self::disarm_wake) after waking.
     pub fn arm_wake(&mut self, len: usize) -> Result<bool, RingError> {
-        self.arm(true)?;
-        match self.fits(len) {
-            Ok(false) => Ok(true),
-            other => {
-                self.arm(false)?;
-                other.map(|_| false)
+        loop {
+            let seen = self.consumer;
+            self.arm(true)?;
+            match self.fits(len) {
+                Ok(false) if self.consumer == seen => return Ok(true),
+                Ok(false) => continue,
+                other => {
+                    self.arm(false)?;
+                    return other.map(|_| false);
+                }
             }
         }
     }

@@ -8,9 +8,13 @@
 //! 2. **Back off**: [`WaitStrategy::backoff_rounds`] more checks, the pause before each doubling
 //!    (1, 2, 4, … `spin_loop` hints, capped at `2^max_backoff_shift`), so a busy peer on the
 //!    same core gets cycles.
-//! 3. **Sleep**: arm the wake word, fence, re-check once (so a publish that raced with arming
-//!    is never missed), and only then sleep in the user's [`Waiter`]; after every wake-up,
-//!    disarm and re-check. The peer notifies exactly once per arming, through its [`Notify`].
+//! 3. **Yield**: [`WaitStrategy::yields`] more checks, each after [`Waiter::relax`] (a
+//!    scheduler yield on a host thread), so a peer waiting for a CPU gets it.
+//! 4. **Sleep**: arm the wake word at the last position seen, fence, re-check (so a publish
+//!    that raced with arming is never missed; if the peer moved but we are still not ready,
+//!    re-arm at the new position), and only then sleep in the user's [`Waiter`]; after every
+//!    wake-up, disarm and re-check. The peer notifies exactly once per arming, through its
+//!    [`Notify`].
 //!
 //! The waiter may return early or spuriously (a timeout is a good idea against a dead peer);
 //! the loop simply re-checks.
@@ -28,6 +32,12 @@ pub trait Notify {
 pub trait Waiter {
     /// Blocks until notified; may return early.
     fn wait(&self);
+
+    /// Gives the CPU away briefly without sleeping (the yield phase): `sched_yield` on a
+    /// host thread. The default is a spin-loop hint (no scheduler in a bare guest).
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
 }
 
 /// A [`Notify`] that does nothing, for sides whose peer polls.
@@ -48,6 +58,9 @@ impl<T: Waiter + ?Sized> Waiter for &T {
     fn wait(&self) {
         (**self).wait();
     }
+    fn relax(&self) {
+        (**self).relax();
+    }
 }
 
 /// How long to spin and back off before sleeping.
@@ -59,16 +72,20 @@ pub struct WaitStrategy {
     pub backoff_rounds: u32,
     /// Cap of the pause: at most `2^max_backoff_shift` hints.
     pub max_backoff_shift: u32,
+    /// Checks with a [`Waiter::relax`] (a scheduler yield on hosts) between them.
+    pub yields: u32,
 }
 
 impl Default for WaitStrategy {
-    /// 100 spins, then 12 back-off rounds (1..=1024 hints, about 40 µs in total on current
-    /// x86 cores), then sleep.
+    /// 64 spins, then 7 back-off rounds (1..=64 hints: a few microseconds), then 8 yields,
+    /// then sleep — short, because on an oversubscribed host a spinning waiter steals the
+    /// time slice its peer needs.
     fn default() -> Self {
         WaitStrategy {
-            spins: 100,
-            backoff_rounds: 12,
-            max_backoff_shift: 10,
+            spins: 128,
+            backoff_rounds: 8,
+            max_backoff_shift: 7,
+            yields: 100,
         }
     }
 }
@@ -80,17 +97,21 @@ impl WaitStrategy {
         spins: 0,
         backoff_rounds: 0,
         max_backoff_shift: 0,
+        yields: 0,
     };
 }
 
-/// Waits until `poll` yields a value, following `strategy`; `arm(state, true)` must store the
-/// wake word and fence, `arm(state, false)` clears it.
+/// Waits until `poll` yields a value, following `strategy`. `prepare(state)` arms the wake
+/// word, fences and re-checks: it returns `true` when the caller may sleep (still not ready,
+/// armed at the position last observed), `false` when it became ready (and disarmed);
+/// `disarm(state)` clears the wake word after a sleep.
 pub(super) fn wait_until<S, T>(
     state: &mut S,
     strategy: &WaitStrategy,
     waiter: &impl Waiter,
     mut poll: impl FnMut(&mut S) -> Result<Option<T>, RingError>,
-    mut arm: impl FnMut(&mut S, bool) -> Result<(), RingError>,
+    mut prepare: impl FnMut(&mut S) -> Result<bool, RingError>,
+    mut disarm: impl FnMut(&mut S) -> Result<(), RingError>,
 ) -> Result<T, RingError> {
     for _ in 0..strategy.spins {
         if let Some(value) = poll(state)? {
@@ -106,22 +127,17 @@ pub(super) fn wait_until<S, T>(
             return Ok(value);
         }
     }
-    loop {
-        arm(state, true)?;
-        match poll(state) {
-            Ok(Some(value)) => {
-                arm(state, false)?;
-                return Ok(value);
-            }
-            Ok(None) => {}
-            Err(err) => {
-                // Best effort: the error is what the caller needs to see.
-                let _ = arm(state, false);
-                return Err(err);
-            }
+    for _ in 0..strategy.yields {
+        waiter.relax();
+        if let Some(value) = poll(state)? {
+            return Ok(value);
         }
-        waiter.wait();
-        arm(state, false)?;
+    }
+    loop {
+        if prepare(state)? {
+            waiter.wait();
+            disarm(state)?;
+        }
         if let Some(value) = poll(state)? {
             return Ok(value);
         }
