@@ -103,7 +103,11 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/profile.rs");
     println!("cargo:rerun-if-env-changed=KVMI_SKIP_IMAGES");
-    println!("cargo:rerun-if-changed={}", images.display());
+    // Not the images directory itself: cargo would scan its target/ too.
+    println!(
+        "cargo:rerun-if-changed={}",
+        images.join("Cargo.toml").display()
+    );
     rerun_tree(&manifest.join("../hypercall/src"));
     rerun_tree(&images);
 

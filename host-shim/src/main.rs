@@ -27,7 +27,17 @@ EXIT STATUS of `kvmi run`:
   126      KVM could not emulate a guest instruction (the message names rip and its bytes)
   127      the guest shut down (triple fault)
   130      interrupted by Ctrl-C
-A guest may also write one of these values itself; the message on stderr tells them apart.";
+A guest may also write one of these values itself; the message on stderr tells them apart.
+A command-line usage error exits with 2 after printing the usage.";
+
+const RUN_HELP: &str = "\
+EXAMPLES:
+  kvmi run                                     the demo target OS, until Ctrl-C
+  kvmi run --cmdline rounds=20 --vcpus 2       20 scheduler rounds on 2 vCPUs, then exit 0
+  kvmi run --image test-guest --cmdline mode=hello --serial out.txt --timeout 10
+  kvmi run --image guest.elf --unknown-io error
+Images and their command lines are described in images/README.md.
+";
 
 /// Run freestanding guest images on KVM and introspect them.
 #[derive(Parser, Debug)]
@@ -43,7 +53,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a guest image and run it until it exits (serial output on stdout by default).
-    #[command(after_help = EXIT_STATUS_HELP)]
+    #[command(after_help = format!("{RUN_HELP}\n{EXIT_STATUS_HELP}"))]
     Run(RunArgs),
     /// Probe what this host's KVM delivers (breakpoints, single step, MSR filter, traps...).
     Caps {

@@ -103,7 +103,7 @@ pub enum RunOutcome {
     UnhandledIo {
         /// The vCPU.
         vcpu: u32,
-        /// rip after the access.
+        /// rip at the exit (the access instruction, or the next one if KVM already completed it).
         rip: u64,
         /// The access.
         access: IoKind,

@@ -101,7 +101,7 @@ fn bad_insn_names_rip_and_bytes() {
         }
         // A host that runs CPL0 natively executes popcnt: the guest reports it survived.
         RunOutcome::GuestExit { status: 3, .. } => {
-            let caps = host_shim::probe_capabilities().unwrap();
+            let caps = host_shim::probe::cached_capabilities().unwrap();
             assert!(
                 !caps.cpl0_emulated,
                 "CPL0 is emulated here, popcnt must fail"

@@ -7,6 +7,7 @@ pub mod snippets;
 pub mod tiny;
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -168,6 +169,15 @@ fn record<T>(
             fallback
         }
     }
+}
+
+/// Probes once per process and shares the result with every later caller (the probe runs
+/// tiny VMs; an introspector and tests need the answer many times).
+pub fn cached_capabilities() -> Result<&'static Capabilities, String> {
+    static CAPS: OnceLock<Result<Capabilities, String>> = OnceLock::new();
+    CAPS.get_or_init(|| probe_capabilities().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// Runs every probe (a few tiny VMs, each vCPU kicked if it does not exit within its
