@@ -19,7 +19,7 @@ use crate::run_area::Exit;
 use crate::window::RemapWindow;
 
 /// Longest a probe vCPU may run before the watchdog stops it.
-const RUN_LIMIT: Duration = Duration::from_millis(250);
+const RUN_LIMIT: Duration = Duration::from_millis(500);
 
 /// What every probe needs.
 pub struct ProbeEnv {
