@@ -101,12 +101,14 @@ pub(crate) enum PortResult {
 /// The built-in devices of one VM, shared by its vCPU threads.
 pub(crate) struct Devices {
     serial: Mutex<Serial<NoIrq, vm_superio::serial::NoEvents, SerialSink>>,
+    serial_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Devices {
     pub(crate) fn new(sink: SerialSink) -> Self {
         Devices {
             serial: Mutex::new(Serial::new(NoIrq, sink)),
+            serial_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -118,8 +120,12 @@ impl Devices {
             let step = usize::from(size.max(1));
             for chunk in data.chunks_mut(step) {
                 if write {
-                    if let Err(e) = serial.write(offset, chunk[0]) {
-                        tracing::warn!("serial output failed: {e}");
+                    if let Err(e) = serial.write(offset, chunk[0])
+                        && !self
+                            .serial_failed
+                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!("serial output failed (logged once): {e}");
                     }
                 } else {
                     chunk.fill(0);

@@ -91,6 +91,27 @@ impl VmHandle {
     pub fn vcpu_count(&self) -> u32 {
         self.shared.controls.len() as u32
     }
+
+    /// Pauses every vCPU and waits (up to `timeout` each) until they are parked; true if all
+    /// paused. Guest RAM and the vCPUs' state are then stable for inspection.
+    pub fn pause_all(&self, timeout: Duration) -> bool {
+        for c in &self.shared.controls {
+            c.pause();
+        }
+        self.shared.controls.iter().all(|c| c.wait_paused(timeout))
+    }
+
+    /// Resumes every paused vCPU.
+    pub fn resume_all(&self) {
+        for c in &self.shared.controls {
+            c.resume();
+        }
+    }
+
+    /// True once the run has an ending (the vCPUs may still be stopping).
+    pub fn has_ended(&self) -> bool {
+        self.shared.has_outcome()
+    }
 }
 
 /// A VM whose vCPU threads are running.
