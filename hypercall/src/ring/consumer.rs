@@ -22,6 +22,8 @@ pub struct Consumer<M> {
     read: u64,
     /// Last validated producer position.
     producer: u64,
+    /// Adaptive spin budget of the wait helpers.
+    spin_budget: u32,
 }
 
 impl<M: SharedMemory> Consumer<M> {
@@ -49,6 +51,7 @@ impl<M: SharedMemory> Consumer<M> {
             released: cons,
             read: cons,
             producer: prod,
+            spin_budget: u32::MAX,
         })
     }
 
@@ -203,6 +206,7 @@ impl<M: SharedMemory> Consumer<M> {
             self,
             strategy,
             waiter,
+            |h| &mut h.spin_budget,
             poll,
             Self::arm_wake,
             Self::disarm_wake,
@@ -245,6 +249,7 @@ impl<M: SharedMemory> Consumer<M> {
             self,
             strategy,
             waiter,
+            |h| &mut h.spin_budget,
             ready,
             Self::arm_wake,
             Self::disarm_wake,

@@ -83,11 +83,12 @@ impl SharedMemory for [AtomicU64] {
 
     fn read_bytes(&self, index: usize, dst: &mut [u8]) -> Option<()> {
         let words = self.get(index..index.checked_add(dst.len().div_ceil(8))?)?;
-        let mut chunks = dst.chunks_exact_mut(8);
-        for (chunk, word) in (&mut chunks).zip(words) {
-            chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+        // Whole 8-byte chunks as arrays: the loop compiles to one load and one store per
+        // word, close to `memcpy` speed.
+        let (chunks, tail) = dst.as_chunks_mut::<8>();
+        for (chunk, word) in chunks.iter_mut().zip(words) {
+            *chunk = word.load(Ordering::Relaxed).to_le_bytes();
         }
-        let tail = chunks.into_remainder();
         if !tail.is_empty() {
             let bytes = words.last()?.load(Ordering::Relaxed).to_le_bytes();
             tail.copy_from_slice(bytes.get(..tail.len())?);
@@ -97,13 +98,10 @@ impl SharedMemory for [AtomicU64] {
 
     fn write_bytes(&self, index: usize, src: &[u8]) -> Option<()> {
         let words = self.get(index..index.checked_add(src.len().div_ceil(8))?)?;
-        let mut chunks = src.chunks_exact(8);
-        for (chunk, word) in (&mut chunks).zip(words) {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(chunk);
-            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+        let (chunks, tail) = src.as_chunks::<8>();
+        for (chunk, word) in chunks.iter().zip(words) {
+            word.store(u64::from_le_bytes(*chunk), Ordering::Relaxed);
         }
-        let tail = chunks.remainder();
         if !tail.is_empty() {
             words
                 .last()?

@@ -20,6 +20,8 @@ pub struct Producer<M> {
     staged: u64,
     /// Last validated consumer position.
     consumer: u64,
+    /// Adaptive spin budget of the wait helpers.
+    spin_budget: u32,
 }
 
 impl<M: SharedMemory> Producer<M> {
@@ -47,6 +49,7 @@ impl<M: SharedMemory> Producer<M> {
             published: pos,
             staged: pos,
             consumer: cons,
+            spin_budget: u32::MAX,
         })
     }
 
@@ -189,7 +192,15 @@ impl<M: SharedMemory> Producer<M> {
         self.publish_and_notify(notify)?;
         let fits = |p: &mut Self| p.fits(len).map(|ok| ok.then_some(()));
         let prepare = |p: &mut Self| p.arm_wake(len);
-        wait::wait_until(self, strategy, waiter, fits, prepare, Self::disarm_wake)
+        wait::wait_until(
+            self,
+            strategy,
+            waiter,
+            |h| &mut h.spin_budget,
+            fits,
+            prepare,
+            Self::disarm_wake,
+        )
     }
 
     /// Prepares to sleep until a record of `len` bytes fits: arms the wake word at the last

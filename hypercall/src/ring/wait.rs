@@ -2,7 +2,8 @@
 //!
 //! # Strategy
 //! A side that finds its ring empty (consumer) or full (producer) waits in three phases:
-//! 1. **Spin**: re-check up to [`WaitStrategy::spins`] times with one `spin_loop` hint between
+//! 1. **Spin**: re-check up to [`WaitStrategy::spins`] times (an adaptive budget: see
+//!    `wait_until`) with one `spin_loop` hint between
 //!    checks. A peer that is actively producing answers within a few hundred nanoseconds, and
 //!    checking costs no exit and no system call.
 //! 2. **Back off**: [`WaitStrategy::backoff_rounds`] more checks, the pause before each doubling
@@ -77,15 +78,15 @@ pub struct WaitStrategy {
 }
 
 impl Default for WaitStrategy {
-    /// 64 spins, then 7 back-off rounds (1..=64 hints: a few microseconds), then 8 yields,
-    /// then sleep — short, because on an oversubscribed host a spinning waiter steals the
-    /// time slice its peer needs.
+    /// 256 spins, then 6 back-off rounds (1..=32 hints), then 50 yields, then sleep: a peer
+    /// that answers within a few microseconds is caught without a system call, and a waiter
+    /// on an oversubscribed host soon yields the CPU its peer may need.
     fn default() -> Self {
         WaitStrategy {
-            spins: 128,
-            backoff_rounds: 8,
-            max_backoff_shift: 7,
-            yields: 100,
+            spins: 256,
+            backoff_rounds: 6,
+            max_backoff_shift: 5,
+            yields: 50,
         }
     }
 }
@@ -101,32 +102,51 @@ impl WaitStrategy {
     };
 }
 
+/// Fewest spins an adaptive budget shrinks to.
+const MIN_SPINS: u32 = 16;
+
 /// Waits until `poll` yields a value, following `strategy`. `prepare(state)` arms the wake
 /// word, fences and re-checks: it returns `true` when the caller may sleep (still not ready,
 /// armed at the position last observed), `false` when it became ready (and disarmed);
 /// `disarm(state)` clears the wake word after a sleep.
+///
+/// `budget(state)` is the handle's adaptive spin budget: when spinning pays off (the peer
+/// answered after some spins) it doubles up to `strategy.spins`; when a wait reaches the
+/// yield phase it drops to a quarter (at least [`MIN_SPINS`]), and the back-off phase runs
+/// only at a full budget. So on an oversubscribed host, where the peer is often not running,
+/// a waiter soon stops burning the time slice the peer needs.
 pub(super) fn wait_until<S, T>(
     state: &mut S,
     strategy: &WaitStrategy,
     waiter: &impl Waiter,
+    budget: impl Fn(&mut S) -> &mut u32,
     mut poll: impl FnMut(&mut S) -> Result<Option<T>, RingError>,
     mut prepare: impl FnMut(&mut S) -> Result<bool, RingError>,
     mut disarm: impl FnMut(&mut S) -> Result<(), RingError>,
 ) -> Result<T, RingError> {
-    for _ in 0..strategy.spins {
+    let full = strategy.spins;
+    let floor = MIN_SPINS.min(full);
+    let spins = (*budget(state)).clamp(floor, full);
+    for i in 0..spins {
         if let Some(value) = poll(state)? {
+            if i > 0 {
+                *budget(state) = spins.saturating_mul(2).min(full);
+            }
             return Ok(value);
         }
         core::hint::spin_loop();
     }
-    for round in 0..strategy.backoff_rounds {
-        for _ in 0..1u32 << round.min(strategy.max_backoff_shift).min(31) {
-            core::hint::spin_loop();
-        }
-        if let Some(value) = poll(state)? {
-            return Ok(value);
+    if spins == full {
+        for round in 0..strategy.backoff_rounds {
+            for _ in 0..1u32 << round.min(strategy.max_backoff_shift).min(31) {
+                core::hint::spin_loop();
+            }
+            if let Some(value) = poll(state)? {
+                return Ok(value);
+            }
         }
     }
+    *budget(state) = (spins / 4).max(floor);
     for _ in 0..strategy.yields {
         waiter.relax();
         if let Some(value) = poll(state)? {
