@@ -153,6 +153,122 @@ impl HypercallRegs {
     }
 }
 
+/// A decoded, argument-checked hypercall: what the VMM dispatches on. Decoding checks what
+/// the registers alone can tell (numbers, page alignment, counts, address overflow); the
+/// token, the target's memory size and the caller's window are the VMM's to check
+/// ([`check_window`] helps with the last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// [`Hypercall::MemMap`].
+    MemMap {
+        /// Guest-physical address of the token in the caller's RAM (8-byte aligned).
+        token_gpa: u64,
+        /// Target page (page-aligned).
+        target_gpa: u64,
+        /// Window page (page-aligned).
+        window_gpa: u64,
+    },
+    /// [`Hypercall::MemUnmap`].
+    MemUnmap {
+        /// Window page (page-aligned).
+        window_gpa: u64,
+    },
+    /// [`Hypercall::Agent`] (sub-function already checked).
+    Agent,
+    /// [`Hypercall::Version`].
+    Version,
+    /// [`Hypercall::Features`].
+    Features,
+    /// [`Hypercall::MapRange`].
+    MapRange {
+        /// Guest-physical address of the token in the caller's RAM (8-byte aligned).
+        token_gpa: u64,
+        /// First target page (page-aligned).
+        target_gpa: u64,
+        /// First window page (page-aligned).
+        window_gpa: u64,
+        /// Number of pages, 1..=[`MAX_RANGE_PAGES`].
+        pages: u64,
+    },
+    /// [`Hypercall::RevokeAll`].
+    RevokeAll,
+    /// [`Hypercall::Notify`].
+    Notify {
+        /// Ring index, or [`NOTIFY_ALL_RINGS`].
+        ring: u64,
+    },
+}
+
+fn page_aligned(gpa: u64) -> Result<u64, HcError> {
+    if gpa.is_multiple_of(PAGE_SIZE) {
+        Ok(gpa)
+    } else {
+        Err(HcError::Unaligned)
+    }
+}
+
+fn token_address(gpa: u64) -> Result<u64, HcError> {
+    // The 32-byte token must not wrap around the address space; 8-byte aligned.
+    if !gpa.is_multiple_of(8) {
+        return Err(HcError::Unaligned);
+    }
+    gpa.checked_add(crate::token::TOKEN_SIZE as u64)
+        .ok_or(HcError::Fault)?;
+    Ok(gpa)
+}
+
+impl Request {
+    /// Decodes and checks the registers of a doorbell exit.
+    pub fn decode(regs: &HypercallRegs) -> Result<Request, HcError> {
+        let [a0, a1, a2, a3] = regs.args();
+        Ok(match regs.call()? {
+            Hypercall::MemMap => Request::MemMap {
+                token_gpa: token_address(a0)?,
+                target_gpa: page_aligned(a1)?,
+                window_gpa: page_aligned(a2)?,
+            },
+            Hypercall::MemUnmap => Request::MemUnmap {
+                window_gpa: page_aligned(a0)?,
+            },
+            Hypercall::Agent => Request::Agent,
+            Hypercall::Version => Request::Version,
+            Hypercall::Features => Request::Features,
+            Hypercall::MapRange => {
+                if a3 == 0 || a3 > MAX_RANGE_PAGES {
+                    return Err(HcError::TooManyPages);
+                }
+                let bytes = a3 * PAGE_SIZE;
+                let target_gpa = page_aligned(a1)?;
+                let window_gpa = page_aligned(a2)?;
+                target_gpa.checked_add(bytes).ok_or(HcError::OutOfRange)?;
+                window_gpa
+                    .checked_add(bytes)
+                    .ok_or(HcError::OutsideWindow)?;
+                Request::MapRange {
+                    token_gpa: token_address(a0)?,
+                    target_gpa,
+                    window_gpa,
+                    pages: a3,
+                }
+            }
+            Hypercall::RevokeAll => Request::RevokeAll,
+            Hypercall::Notify => Request::Notify { ring: a0 },
+        })
+    }
+}
+
+/// Checks that `pages` pages from `gpa` lie inside the window `base..base + size`.
+pub fn check_window(gpa: u64, pages: u64, base: u64, size: u64) -> Result<(), HcError> {
+    let end = pages
+        .checked_mul(PAGE_SIZE)
+        .and_then(|b| gpa.checked_add(b));
+    let window_end = base.checked_add(size);
+    match (end, window_end) {
+        (Some(end), Some(window_end)) if gpa >= base && end <= window_end => Ok(()),
+        _ => Err(HcError::OutsideWindow),
+    }
+}
+
 const _: () = {
     assert!(Hypercall::MemMap.number() == 32);
     assert!(Hypercall::MemUnmap.number() == 33);
@@ -194,6 +310,85 @@ mod tests {
                 assert_ne!(a.number(), b.number());
             }
         }
+    }
+
+    #[test]
+    fn requests_are_decoded_and_checked() {
+        let regs = |rax: u64, a: [u64; 4]| HypercallRegs {
+            rax,
+            rbx: a[0],
+            rcx: a[1],
+            rdx: a[2],
+            rsi: a[3],
+            rdi: 0,
+        };
+        assert_eq!(
+            Request::decode(&regs(32, [0x2000, 0x5000, 0x8000_0000, 0])),
+            Ok(Request::MemMap {
+                token_gpa: 0x2000,
+                target_gpa: 0x5000,
+                window_gpa: 0x8000_0000
+            })
+        );
+        assert_eq!(
+            Request::decode(&regs(32, [0x2004, 0x5000, 0, 0])),
+            Err(HcError::Unaligned)
+        );
+        assert_eq!(
+            Request::decode(&regs(32, [u64::MAX - 7, 0, 0, 0])),
+            Err(HcError::Fault)
+        );
+        assert_eq!(
+            Request::decode(&regs(32, [0x2000, 0x5001, 0, 0])),
+            Err(HcError::Unaligned)
+        );
+        assert_eq!(
+            Request::decode(&regs(33, [0x1234, 0, 0, 0])),
+            Err(HcError::Unaligned)
+        );
+        let range = OWN_RANGE_BASE + 3;
+        assert_eq!(
+            Request::decode(&regs(range, [0x2000, 0x10_0000, 0x8000_0000, 512])),
+            Ok(Request::MapRange {
+                token_gpa: 0x2000,
+                target_gpa: 0x10_0000,
+                window_gpa: 0x8000_0000,
+                pages: 512
+            })
+        );
+        for pages in [0, 513, u64::MAX] {
+            assert_eq!(
+                Request::decode(&regs(range, [0x2000, 0, 0, pages])),
+                Err(HcError::TooManyPages)
+            );
+        }
+        assert_eq!(
+            Request::decode(&regs(range, [0x2000, u64::MAX - 4095, 0, 2])),
+            Err(HcError::OutOfRange)
+        );
+        assert_eq!(Request::decode(&regs(0, [0; 4])), Err(HcError::NoSys));
+        assert_eq!(
+            Request::decode(&regs(OWN_RANGE_BASE + 5, [3, 0, 0, 0])),
+            Ok(Request::Notify { ring: 3 })
+        );
+    }
+
+    #[test]
+    fn window_bounds() {
+        let (base, size) = (0x8000_0000, 16 * PAGE_SIZE);
+        assert_eq!(check_window(base, 16, base, size), Ok(()));
+        assert_eq!(
+            check_window(base + PAGE_SIZE, 16, base, size),
+            Err(HcError::OutsideWindow)
+        );
+        assert_eq!(
+            check_window(base - PAGE_SIZE, 1, base, size),
+            Err(HcError::OutsideWindow)
+        );
+        assert_eq!(
+            check_window(base, u64::MAX, base, size),
+            Err(HcError::OutsideWindow)
+        );
     }
 
     #[test]

@@ -50,6 +50,50 @@
 //! the sleep are the user's ([`Notify`], [`Waiter`]): a `NOTIFY` hypercall from a guest, an
 //! eventfd, a futex or a thread unpark on the host. See [`wait`] for the spin-then-sleep
 //! strategy.
+//!
+//! # Example
+//! ```
+//! use core::sync::atomic::AtomicU64;
+//! use hypercall::discovery::{Features, RingKind};
+//! use hypercall::ring::{LayoutParams, Region, RingSizes};
+//!
+//! // The shim lays out a region: here on the heap, in the shim a memfd mapping (below).
+//! let params = LayoutParams {
+//!     vcpu_count: 2,
+//!     sizes: RingSizes::default(),
+//!     features: Features::NOTIFY,
+//!     map_window_gpa: 0x1_0000_0000,
+//!     map_window_size: 64 << 20,
+//! };
+//! let memory: Vec<AtomicU64> = (0..params.region_size() / 8).map(|_| AtomicU64::new(0)).collect();
+//! let shim = Region::create(&memory[..], &params)?;
+//! let mut events = shim.producer_for(RingKind::Event, 1)?;
+//!
+//! // The appliance opens the same bytes and validates them.
+//! let appliance = Region::open(&memory[..])?;
+//! let mut inbox = appliance.consumer_for(RingKind::Event, 1)?;
+//!
+//! events.try_push(b"a KVMI event")?;
+//! assert!(!events.publish()?, "the consumer is awake: no notification needed");
+//! let mut buf = vec![0u8; inbox.max_payload()];
+//! let n = inbox.try_pop(&mut buf)?.expect("one record");
+//! assert_eq!(&buf[..n], b"a KVMI event");
+//! let _ = inbox.release()?;
+//! # Ok::<(), hypercall::ring::RingError>(())
+//! ```
+//!
+//! In the shim the memory is a `memfd` mapped `MAP_SHARED` (e.g. a `memmap2::MmapRaw` of
+//! length [`LayoutParams::region_size`]), wrapped once in a [`SharedRegion`] that owns the
+//! mapping, and shared between threads through an `Arc` (feature `alloc`):
+//! ```text
+//! let ptr = map.as_mut_ptr();
+//! let shared = Arc::new(unsafe { SharedRegion::new(map, ptr, len) }?);
+//! let region = Region::create(shared, &params)?;          // M = Arc<SharedRegion<MmapRaw>>
+//! let events = region.producer_for(RingKind::Event, vcpu)?; // move into the vCPU thread
+//! ```
+//! A guest wraps the identity-mapped region from `BootInfo` (`ring_region_gpa`,
+//! `ring_region_size`) the same way with owner `()`, keeps it in a `static`, and calls
+//! [`Region::open`] on a `&'static SharedRegion`.
 
 mod consumer;
 mod layout;
