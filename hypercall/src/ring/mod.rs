@@ -30,6 +30,9 @@
 //! - a record header must carry a known tag, a length within the payload limit, end before the
 //!   end of the data area and before the published position.
 //!
+//! Each side keeps its own position locally and never reads it back from the region, so a
+//! peer that overwrites it only confuses itself.
+//!
 //! Errors are sticky: the consumer does not advance past a bad record, so every later call
 //! reports it again; the owner of the ring decides to drop the channel.
 //!
