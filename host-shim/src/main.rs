@@ -1,6 +1,8 @@
 //! `kvmi`: run the project's guest images on KVM, probe what this host's KVM can do, and
 //! print image profiles.
 
+mod cli;
+
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +69,9 @@ enum Command {
         #[arg(long, default_value = "demo-target")]
         image: String,
     },
+    /// Subcommands on a running VM's KVMI socket (events, regs, read, pause, ...).
+    #[command(flatten)]
+    Tool(cli::ToolCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -225,6 +230,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Caps { json } => caps(json),
         Command::Profile { image } => profile(&image),
+        Command::Tool(command) => cli::run(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
