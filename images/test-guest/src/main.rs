@@ -5,6 +5,7 @@
 
 mod cpl0bench;
 mod probes;
+mod tool_probes;
 mod usermode;
 
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -23,6 +24,7 @@ fn main(boot: Boot) -> ! {
     if single && boot.vcpu != 0 {
         port::halt_forever();
     }
+    tool_probes::wait_gate(&boot);
     match mode {
         b"hello" => hello(boot),
         b"smp" => smp(boot),
@@ -36,6 +38,7 @@ fn main(boot: Boot) -> ! {
         b"mem-read" => probes::mem_read(boot),
         b"breakpoint" => probes::breakpoint(boot),
         b"spin" => probes::spin(),
+        b"step" => tool_probes::step(boot),
         b"user-exit" => usermode::user_exit_mode(boot),
         b"user-shared" => usermode::user_shared(boot),
         b"fault-user" => usermode::fault_user(boot),
