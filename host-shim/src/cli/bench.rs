@@ -200,7 +200,7 @@ impl Drop for ChildVm {
     }
 }
 
-fn introspected(kind: Kind, n: u64, target: u64, page: u64) -> Result<Vec<Instant>> {
+fn introspected(kind: Kind, n: u64, target: u64, page: u64, gate: u64) -> Result<Vec<Instant>> {
     let dir = std::env::temp_dir();
     let socket: PathBuf = dir.join(format!(
         "kvmi-bench-{}-{}.sock",
@@ -244,6 +244,8 @@ fn introspected(kind: Kind, n: u64, target: u64, page: u64) -> Result<Vec<Instan
             )?;
         }
     }
+    // Open the test-guest start gate: the loop starts once the interception is in place.
+    client.write_physical(gate, &1u64.to_le_bytes())?;
     let mut times = Vec::with_capacity(n as usize);
     while (times.len() as u64) < n {
         match client.next_event(Duration::from_secs(10)) {
@@ -252,7 +254,7 @@ fn introspected(kind: Kind, n: u64, target: u64, page: u64) -> Result<Vec<Instan
                 client.reply_continue(&ev)?;
             }
             Ok(None) => bail!("no event for 10 s after {} events", times.len()),
-            Err(_) => break, // the VM ended (it may have run some iterations before we attached)
+            Err(e) => bail!("channel closed after {} of {n} events: {e}", times.len()),
         }
     }
     client.close();
@@ -287,11 +289,12 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
     let page = profile
         .symbol("scratch_page")
         .context("profile lacks sym.scratch_page")?;
+    let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
     let n = args.iterations.max(10);
     let mut results = serde_json::Map::new();
     for kind in [Kind::Breakpoint, Kind::PageWrite] {
         let f = stats(&floor(kind, n, target, page)?)?;
-        let t = stats(&introspected(kind, n, target, page)?)?;
+        let t = stats(&introspected(kind, n, target, page, gate)?)?;
         println!("{} (n={n}):", kind.name());
         println!("{}", show("floor (VMM)", &f));
         println!("{}", show("over socket", &t));

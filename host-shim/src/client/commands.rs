@@ -85,7 +85,7 @@ impl KvmiClient {
                             .iter()
                             .any(|p: &ReceivedEvent| p.event.common.vcpu == e.event.common.vcpu)
                 })?
-                .ok_or_else(|| ClientError::Timeout {
+                .ok_or(ClientError::Timeout {
                     command: CommandKind::PauseVcpu,
                     seq: 0,
                     millis: timeout.as_millis(),

@@ -1,0 +1,189 @@
+//! End-to-end: a hostile or broken tool. Each bad input gets the documented error code or a
+//! closed channel, and the VM keeps running (a fresh tool can attach and sees it progress).
+
+mod introspect_support;
+
+use std::time::Duration;
+
+use host_shim::client::{ClientError, KvmiClient};
+use host_shim::images::Image;
+use introspect_support::{Target, assert_still_running, skip};
+use protocol::event_reply::EventReplyData;
+use protocol::{Action, ErrorCode, EventKind};
+
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+fn spinning() -> Target {
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    assert!(
+        t.wait_serial("spinning", Duration::from_secs(30)),
+        "{}",
+        t.stderr()
+    );
+    t
+}
+
+/// The raw call was refused with `code`, or the host closed the channel.
+fn refused_or_closed(c: &KvmiClient, result: Result<(i32, Vec<u8>), ClientError>, code: ErrorCode) {
+    match result {
+        Ok((err, _)) => assert_eq!(err, code.wire(), "wrong error code"),
+        Err(ClientError::Closed(_)) => assert!(c.wait_closed(CLOSE_WAIT)),
+        Err(e) => panic!("neither an error reply nor a closed channel: {e}"),
+    }
+}
+
+#[test]
+fn garbage_frame_closes_the_channel_and_the_vm_runs_on() {
+    if skip("garbage_frame_closes_the_channel_and_the_vm_runs_on") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    // An event-reply ID with a size that overruns nothing sensible, then noise.
+    c.send_raw(&[0x18, 0x00, 0xff, 0xff, 1, 2, 3, 4, 0xde, 0xad, 0xbe, 0xef])
+        .unwrap();
+    c.send_raw(&[0xaa; 64]).ok();
+    assert!(
+        c.wait_closed(CLOSE_WAIT),
+        "host kept a channel that sent garbage"
+    );
+    c.close();
+    assert_still_running(&mut t);
+}
+
+#[test]
+fn wrong_payload_size_is_refused() {
+    if skip("wrong_payload_size_is_refused") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    // READ_PHYSICAL (13) needs 16 bytes; send 12.
+    let r = c.call_raw(13, &[0u8; 12]);
+    refused_or_closed(&c, r, ErrorCode::Inval);
+    c.close();
+    assert_still_running(&mut t);
+}
+
+#[test]
+fn non_zero_padding_is_refused() {
+    if skip("non_zero_padding_is_refused") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    // CONTROL_EVENTS (17): {u16 vcpu; u16 padding; u32 events} with padding = 1.
+    let payload = [0, 0, 1, 0, 0, 0, 0, 0];
+    let r = c.call_raw(17, &payload);
+    refused_or_closed(&c, r, ErrorCode::Inval);
+    c.close();
+    assert_still_running(&mut t);
+}
+
+#[test]
+fn unknown_command_id_gets_enosys() {
+    if skip("unknown_command_id_gets_enosys") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    let r = c.call_raw(99, &[]);
+    refused_or_closed(&c, r, ErrorCode::NoSys);
+    c.close();
+    assert_still_running(&mut t);
+}
+
+#[test]
+fn unknown_vcpu_is_refused_and_the_channel_stays_open() {
+    if skip("unknown_vcpu_is_refused_and_the_channel_stays_open") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    for r in [
+        c.get_registers(7, &[]).map(|_| ()),
+        c.pause_vcpu(7),
+        c.control_events(7, protocol::event::EventSet::EMPTY),
+        c.inject_exception(7, 6, None, 0),
+    ] {
+        assert_eq!(r.unwrap_err().kvm_code(), Some(ErrorCode::Inval));
+    }
+    assert!(c.closed().is_none());
+    assert_eq!(c.get_guest_info().unwrap().vcpu_count, 1);
+    c.close();
+    assert_still_running(&mut t);
+}
+
+#[test]
+fn out_of_range_gpa_is_refused_and_the_channel_stays_open() {
+    if skip("out_of_range_gpa_is_refused_and_the_channel_stays_open") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    let beyond = 1u64 << 40;
+    assert!(c.read_physical(beyond, 8).unwrap_err().kvm_code().is_some());
+    assert!(
+        c.write_physical(beyond, &[1, 2])
+            .unwrap_err()
+            .kvm_code()
+            .is_some()
+    );
+    let e = c
+        .set_page_access(
+            0,
+            &[protocol::types::PageAccessEntry {
+                gpa: beyond,
+                access: protocol::types::Access::R,
+            }],
+        )
+        .unwrap_err();
+    assert!(e.kvm_code().is_some(), "{e}");
+    // Crossing a page is refused by the codec on both sides: send it raw.
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&0xfffu64.to_le_bytes());
+    payload.extend_from_slice(&2u64.to_le_bytes());
+    let r = c.call_raw(13, &payload);
+    refused_or_closed(&c, r, ErrorCode::Inval);
+    if c.closed().is_none() {
+        assert_eq!(c.get_guest_info().unwrap().vcpu_count, 1);
+    }
+    c.close();
+    assert_still_running(&mut t);
+}
+
+#[test]
+fn reply_to_an_event_never_sent_closes_the_channel() {
+    if skip("reply_to_an_event_never_sent_closes_the_channel") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    c.reply_seq(
+        0x00ab_cdef,
+        EventKind::Breakpoint,
+        Action::Continue,
+        EventReplyData::None,
+    )
+    .unwrap();
+    assert!(
+        c.wait_closed(CLOSE_WAIT),
+        "host accepted a reply to no event"
+    );
+    c.close();
+    assert_still_running(&mut t);
+}
+
+#[test]
+fn tool_that_vanishes_mid_event_leaves_the_vm_running() {
+    if skip("tool_that_vanishes_mid_event_leaves_the_vm_running") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    let paused = c.pause_all(Duration::from_secs(10)).unwrap();
+    assert_eq!(paused.len(), 1);
+    drop(paused);
+    c.close(); // never answers the pause event
+    assert_still_running(&mut t);
+}
