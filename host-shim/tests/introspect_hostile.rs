@@ -39,10 +39,15 @@ fn garbage_frame_closes_the_channel_and_the_vm_runs_on() {
     }
     let mut t = spinning();
     let c = t.attach();
-    // An event-reply ID with a size that overruns nothing sensible, then noise.
-    c.send_raw(&[0x18, 0x00, 0xff, 0xff, 1, 2, 3, 4, 0xde, 0xad, 0xbe, 0xef])
-        .unwrap();
-    c.send_raw(&[0xaa; 64]).ok();
+    // A whole frame of noise under an unknown ID: -KVM_ENOSYS (or a closed channel).
+    let noise: Vec<u8> = (0..40u32)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9) >> 13) as u8)
+        .collect();
+    let r = c.call_raw(0xabcd, &noise);
+    refused_or_closed(&c, r, ErrorCode::NoSys);
+    // Then an event-reply frame of 5 junk bytes that answers no event: the channel closes.
+    c.send_raw(&[24, 0, 5, 0, 0x11, 0x22, 0x33, 0x44, 1, 2, 3, 4, 5])
+        .ok();
     assert!(
         c.wait_closed(CLOSE_WAIT),
         "host kept a channel that sent garbage"

@@ -26,6 +26,8 @@ mod commands;
 mod error;
 pub mod json;
 mod names;
+#[cfg(test)]
+mod tests;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
