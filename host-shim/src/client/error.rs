@@ -6,7 +6,7 @@ use protocol::{CommandKind, EncodeError, ErrorCode, ProtocolError};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Connecting, accepting, reading or writing the socket failed.
-    #[error("KVMI socket: {context}: {source}")]
+    #[error("KVMI socket: {context}")]
     Io {
         /// What the client was doing.
         context: String,
