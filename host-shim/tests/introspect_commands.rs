@@ -270,3 +270,35 @@ fn set_registers_outside_an_event_is_refused() {
     assert!(err.kvm_code().is_some(), "{err}");
     assert!(c.closed().is_none());
 }
+
+#[test]
+fn vm_connects_to_a_listening_tool_with_kvmi_connect() {
+    if skip("vm_connects_to_a_listening_tool_with_kvmi_connect") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kvmi-e2e-connect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tool.sock");
+    let listener = host_shim::client::KvmiClient::listen(&path).unwrap();
+    let mut vm = std::process::Command::new(introspect_support::KVMI)
+        .args([
+            "run",
+            "--image",
+            "test-guest",
+            "--cmdline",
+            "mode=spin",
+            "--timeout",
+            "60",
+        ])
+        .arg("--kvmi-connect")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = host_shim::client::KvmiClient::accept_on(&listener, Duration::from_secs(30));
+    let result = c.and_then(|c| c.get_guest_info());
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(result.unwrap().vcpu_count, 1);
+}
