@@ -381,3 +381,35 @@ fn pause_event_answers_pause_vcpu_and_the_vcpu_waits_for_the_reply() {
     assert!(read_u64(&c, counter) > frozen, "no progress after resume");
     let _ = neutral_data(&paused[0]);
 }
+
+#[test]
+fn create_vcpu_events_hold_each_vcpu_until_answered_with_kvmi_wait() {
+    if skip("create_vcpu_events_hold_each_vcpu_until_answered_with_kvmi_wait") {
+        return;
+    }
+    let mut t = Target::start(
+        Image::TestGuest,
+        "mode=smp",
+        &["--vcpus", "2", "--kvmi-wait"],
+    );
+    let c = t.attach();
+    let mut vcpus = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let ev = expect_event(&c, EventKind::CreateVcpu, &t);
+        vcpus.push(ev.event.common.vcpu);
+        held.push(ev);
+    }
+    vcpus.sort();
+    assert_eq!(vcpus, vec![0, 1]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !t.serial().contains("up"),
+        "a vCPU ran before its CREATE_VCPU reply"
+    );
+    for ev in &held {
+        c.reply_continue(ev).unwrap();
+    }
+    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
+    assert!(t.serial().contains("all 2 vcpus up"), "{}", t.serial());
+}
