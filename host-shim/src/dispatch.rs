@@ -134,6 +134,31 @@ impl Dispatcher {
         }
     }
 
+    /// Runs the hook's `vcpu_start` with the vCPU's registers loaded into the run area (they
+    /// are marked dirty, so KVM reloads the same values on the first entry).
+    pub(crate) fn start(&self, index: u32, fd: &VcpuFd, area: &mut RunArea) -> Flow {
+        match (fd.get_regs(), fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => {
+                *area.regs_mut() = regs;
+                *area.sregs_mut() = sregs;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                return Flow::End(RunOutcome::VcpuError {
+                    vcpu: index,
+                    error: format!("reading the boot registers: {e}"),
+                });
+            }
+        }
+        let mut ctx = self.ctx(index, fd, area);
+        match self.hook.vcpu_start(&mut ctx) {
+            HookResult::Stop(reason) => Flow::End(RunOutcome::Stopped {
+                vcpu: index,
+                reason,
+            }),
+            _ => Flow::Continue,
+        }
+    }
+
     fn ctx<'a>(&'a self, index: u32, fd: &'a VcpuFd, area: &'a mut RunArea) -> ExitContext<'a> {
         ExitContext {
             index,

@@ -177,6 +177,16 @@ pub trait ExitHook: Send + Sync {
         HookResult::Unhandled
     }
 
+    /// Called once on the vCPU's thread before its first entry (the registers are loaded into
+    /// the context). Blocking here keeps the vCPU from starting (e.g. until a tool attaches);
+    /// Stop ends the run before the guest ran.
+    fn vcpu_start(&self, _ctx: &mut ExitContext<'_>) -> HookResult {
+        HookResult::Handled
+    }
+
+    /// Called once when the vCPU's thread leaves its run loop (halted, stopped or ended).
+    fn vcpu_exit(&self, _index: u32) {}
+
     /// The vCPU thread was kicked and is about to re-enter the guest (pause/stop requests are
     /// handled by the VMM before this is called).
     fn kicked(&self, _ctx: &mut ExitContext<'_>) -> HookResult {

@@ -17,6 +17,7 @@ mod dispatch;
 pub mod error;
 pub mod hook;
 pub mod images;
+pub mod introspect;
 pub mod kick;
 pub mod layout;
 pub mod loader;

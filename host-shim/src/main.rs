@@ -97,6 +97,8 @@ struct RunArgs {
     /// What to do with port or MMIO accesses no device handles.
     #[arg(long, value_enum, default_value_t = UnknownIo::Ignore)]
     unknown_io: UnknownIo,
+    #[command(flatten)]
+    kvmi: host_shim::introspect::run_args::KvmiRunArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -186,13 +188,20 @@ fn run(args: RunArgs) -> Result<u8> {
         ),
         None => SerialSink::Stdout,
     };
+    let introspection = args.kvmi.setup()?;
     let mut vm = Vm::new(config, &image).with_context(|| format!("building the VM for {name}"))?;
     vm.set_serial(serial);
     install_sigint();
-    let report = vm.run(RunLimits {
+    let limits = RunLimits {
         timeout,
         interrupt: Some(&INTERRUPTED),
-    })?;
+    };
+    let report = match introspection {
+        Some((config, endpoint)) => {
+            host_shim::introspect::start_introspected(vm, config, endpoint)?.wait(limits)
+        }
+        None => vm.run(limits)?,
+    };
     let code = report.outcome.exit_code();
     if report.outcome.is_success() {
         tracing::info!(

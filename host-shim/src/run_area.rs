@@ -342,6 +342,12 @@ pub fn run_once(vcpu: &mut VcpuFd, area: &RunArea) -> Result<Exit, kvm_ioctls::E
     match vcpu.run() {
         Ok(_) => Ok(area.decode()),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Exit::Interrupted),
+        // Upstream reports a host permission fault on guest RAM as -EFAULT with
+        // KVM_EXIT_MEMORY_FAULT filled in (KVM_CAP_MEMORY_FAULT_INFO).
+        Err(e) if e.errno() == libc::EFAULT => match area.decode() {
+            exit @ Exit::MemoryFault { .. } => Ok(exit),
+            _ => Err(e),
+        },
         Err(e) => Err(e),
     }
 }

@@ -90,33 +90,42 @@ pub(crate) fn run_vcpu(
     // SAFETY: the immediate_exit byte lives in `vcpu.fd`'s mapping, which outlives this
     // function; we unregister before returning.
     unsafe { control.register(vcpu.area.immediate_exit_ptr()) };
-    let ending = loop {
-        // Clear first, then read the request: a concurrent kick is never lost.
-        vcpu.area.clear_immediate_exit();
-        match control.request() {
-            Request::Stop => break None,
-            Request::Pause => {
-                control.park();
-                continue;
+    let started = match dispatcher.start(vcpu.index, &vcpu.fd, &mut vcpu.area) {
+        Flow::End(outcome) => Some(outcome),
+        _ => None,
+    };
+    let ending = if started.is_some() {
+        started
+    } else {
+        loop {
+            // Clear first, then read the request: a concurrent kick is never lost.
+            vcpu.area.clear_immediate_exit();
+            match control.request() {
+                Request::Stop => break None,
+                Request::Pause => {
+                    control.park();
+                    continue;
+                }
+                Request::None => {}
             }
-            Request::None => {}
-        }
-        let exit = match run_once(&mut vcpu.fd, &vcpu.area) {
-            Ok(exit) => exit,
-            Err(e) => {
-                break Some(RunOutcome::VcpuError {
-                    vcpu: vcpu.index,
-                    error: format!("KVM_RUN failed: {e}"),
-                });
+            let exit = match run_once(&mut vcpu.fd, &vcpu.area) {
+                Ok(exit) => exit,
+                Err(e) => {
+                    break Some(RunOutcome::VcpuError {
+                        vcpu: vcpu.index,
+                        error: format!("KVM_RUN failed: {e}"),
+                    });
+                }
+            };
+            exits.fetch_add(1, Ordering::Relaxed);
+            match dispatcher.handle(vcpu.index, &vcpu.fd, &mut vcpu.area, exit) {
+                Flow::Continue => {}
+                Flow::Halt => break None,
+                Flow::End(outcome) => break Some(outcome),
             }
-        };
-        exits.fetch_add(1, Ordering::Relaxed);
-        match dispatcher.handle(vcpu.index, &vcpu.fd, &mut vcpu.area, exit) {
-            Flow::Continue => {}
-            Flow::Halt => break None,
-            Flow::End(outcome) => break Some(outcome),
         }
     };
+    dispatcher.hook.vcpu_exit(vcpu.index);
     control.unregister();
     ending
 }

@@ -1,0 +1,131 @@
+//! Per-vCPU introspection state, shared by the vCPU thread and the channel's reader thread.
+
+use std::collections::BTreeSet;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use protocol::event::{EventKind, EventMsrs, EventSet};
+use protocol::event_reply::Action;
+
+/// A command queued for a vCPU thread (its whole message, decoded again there).
+#[derive(Debug)]
+pub(crate) struct QueuedCommand {
+    pub(crate) ticket: u64,
+    pub(crate) message: Vec<u8>,
+}
+
+/// A tool's answer to an event, copied out of the receive buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedReply {
+    /// The action.
+    pub action: Action,
+    /// `new_val` of an MSR (or CR) reply.
+    pub new_val: Option<u64>,
+    /// `ctx_data` of a PF reply (empty: none).
+    pub ctx_data: Vec<u8>,
+}
+
+impl OwnedReply {
+    /// The reply assumed when no tool answers (detach, timeout): CONTINUE, no data.
+    pub fn continue_default() -> OwnedReply {
+        OwnedReply {
+            action: Action::Continue,
+            new_val: None,
+            ctx_data: Vec::new(),
+        }
+    }
+}
+
+/// An injected exception whose TRAP event is still to be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PendingTrap {
+    pub(crate) vector: u32,
+    pub(crate) error_code: u32,
+    pub(crate) cr2: u64,
+}
+
+/// The guest-debug state last loaded with KVM_SET_GUEST_DEBUG.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct AppliedDebug {
+    pub(crate) control: u32,
+    pub(crate) debugreg: [u64; 8],
+}
+
+/// One vCPU's introspection state.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    /// Events the tool enabled (CONTROL_EVENTS).
+    pub(crate) events: EventSet,
+    /// MSRs the tool asked to intercept (CONTROL_MSR).
+    pub(crate) msrs: BTreeSet<u32>,
+    /// A command waiting for this vCPU thread.
+    pub(crate) command: Option<QueuedCommand>,
+    /// The reply message of the last executed command, by ticket.
+    pub(crate) result: Option<(u64, Vec<u8>)>,
+    /// A PAUSE_VCPU was accepted; the PAUSE_VCPU event is still to be sent.
+    pub(crate) pause_pending: bool,
+    /// The event sent and not yet answered: (seq, kind).
+    pub(crate) outstanding: Option<(u32, EventKind)>,
+    /// The answer to `outstanding`.
+    pub(crate) reply: Option<OwnedReply>,
+    /// The vCPU thread is inside an event (SET_REGISTERS allowed).
+    pub(crate) in_event: bool,
+    /// The vCPU thread is blocked waiting (no kick needed to reach it).
+    pub(crate) waiting: bool,
+    /// The vCPU thread ended (halted or stopped): commands get -KVM_EAGAIN.
+    pub(crate) dead: bool,
+    /// Guest debug must be reloaded before the next entry.
+    pub(crate) debug_dirty: bool,
+    /// Stepping over a breakpoint: breakpoints disarmed for one instruction.
+    pub(crate) stepping_over: bool,
+    /// Executing one instruction from a no-exec page (PF ALLOW): re-protect it after the step.
+    pub(crate) exec_step_page: Option<u64>,
+    /// Last guest debug state loaded.
+    pub(crate) applied: AppliedDebug,
+    /// Shadow of the event-header MSRs (read at the first event after attach).
+    pub(crate) msr_shadow: Option<EventMsrs>,
+    /// A TRAP event to send before the next entry.
+    pub(crate) pending_trap: Option<PendingTrap>,
+}
+
+/// A slot with the condition variable both threads wait on.
+#[derive(Debug, Default)]
+pub(crate) struct VcpuSlot {
+    state: Mutex<Slot>,
+    pub(crate) changed: Condvar,
+}
+
+impl VcpuSlot {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits on the slot's condition for at most `timeout`; returns the guard and whether
+    /// it timed out.
+    pub(crate) fn wait<'a>(
+        &self,
+        guard: MutexGuard<'a, Slot>,
+        timeout: std::time::Duration,
+    ) -> (MutexGuard<'a, Slot>, bool) {
+        let (g, t) = self
+            .changed
+            .wait_timeout(guard, timeout)
+            .unwrap_or_else(|p| p.into_inner());
+        (g, t.timed_out())
+    }
+}
+
+impl Slot {
+    /// Forgets everything a tool set up (unhook); keeps `dead`.
+    pub(crate) fn reset(&mut self) {
+        let dead = self.dead;
+        let applied = self.applied;
+        let waiting = self.waiting;
+        let exec_step_page = self.exec_step_page;
+        *self = Slot::default();
+        self.dead = dead;
+        self.applied = applied;
+        self.waiting = waiting;
+        self.exec_step_page = exec_step_page;
+        self.debug_dirty = true;
+    }
+}

@@ -1,0 +1,25 @@
+//! The transport-neutral link between the introspector and one tool: the engine sends whole
+//! encoded messages through a [`Channel`]; a transport (the unix socket here, the appliance's
+//! shared-memory rings later) feeds every whole message it receives to
+//! [`crate::introspect::Introspector::handle_message`].
+
+use std::io;
+
+/// One tool's channel, as the engine sees it.
+pub trait Channel: Send + Sync {
+    /// Sends one whole message (header and payload together, as one write).
+    fn send(&self, message: &[u8]) -> io::Result<()>;
+    /// Closes the channel (the transport's reader then ends).
+    fn close(&self);
+}
+
+/// Why an incoming message closes the channel (a protocol error).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// The framing or an event reply was invalid.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The message arrived on a channel that is no longer attached.
+    #[error("channel no longer attached")]
+    Detached,
+}
