@@ -103,7 +103,14 @@ impl Dispatcher {
             }),
             Exit::Hlt => {
                 tracing::debug!(vcpu = index, rip = area.regs().rip, "vCPU halted");
-                Flow::Halt
+                let mut ctx = self.ctx(index, fd, area);
+                match self.hook.halted(&mut ctx) {
+                    HookResult::Stop(reason) => Flow::End(RunOutcome::Stopped {
+                        vcpu: index,
+                        reason,
+                    }),
+                    _ => Flow::Halt,
+                }
             }
             Exit::Shutdown => Flow::End(RunOutcome::Shutdown {
                 vcpu: index,

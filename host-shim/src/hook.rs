@@ -184,6 +184,13 @@ pub trait ExitHook: Send + Sync {
         HookResult::Handled
     }
 
+    /// The vCPU halted for good (no interrupt controller can wake it). Called on its thread
+    /// before it leaves; may block (e.g. to keep serving an introspection tool). Stop ends the
+    /// run; anything else lets the vCPU halt.
+    fn halted(&self, _ctx: &mut ExitContext<'_>) -> HookResult {
+        HookResult::Unhandled
+    }
+
     /// Called once when the vCPU's thread leaves its run loop (halted, stopped or ended).
     fn vcpu_exit(&self, _index: u32) {}
 

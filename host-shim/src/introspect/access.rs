@@ -92,6 +92,11 @@ impl AccessTable {
         !self.get(gpa).contains(kind.bit())
     }
 
+    /// Every tracked page with its allowed access.
+    pub fn pages(&self) -> Vec<(u64, Access)> {
+        self.pages.iter().map(|(p, a)| (*p, *a)).collect()
+    }
+
     /// Number of tracked pages.
     pub fn len(&self) -> usize {
         self.pages.len()

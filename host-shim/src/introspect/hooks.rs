@@ -86,6 +86,50 @@ impl Introspector {
         }
     }
 
+    /// (Un)protects every tracked page: `true` restores each page's protection, `false`
+    /// makes them all read-write.
+    fn protect_all_tracked(&self, restore: bool) {
+        let table = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        for (page, access) in table.pages() {
+            let prot = if restore {
+                prot_for(access)
+            } else {
+                libc::PROT_READ | libc::PROT_WRITE
+            };
+            if let Err(e) = self.ram.protect(page, PAGE, prot) {
+                tracing::error!("protect {page:#x}: {e}");
+            }
+        }
+    }
+
+    /// An instruction KVM could not emulate outside any no-exec page: if pages are tracked,
+    /// it may be a data access the emulator cannot complete on a protected page (PVM cannot
+    /// emulate e.g. `lock inc` as MMIO). Step it once with every tracked page unprotected
+    /// (no event: the address is unknown); a second failure is the guest's own.
+    fn emulation_fallback(&self, ctx: &mut ExitContext<'_>) -> HookResult {
+        let i = ctx.vcpu_index() as usize;
+        let tracked = !self
+            .access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        {
+            let mut s = self.slots[i].lock();
+            if !tracked || s.step_all {
+                return HookResult::Unhandled;
+            }
+            s.step_all = true;
+            s.debug_dirty = true;
+        }
+        tracing::debug!(
+            vcpu = i,
+            rip = ctx.regs().rip,
+            "stepping an unemulated access"
+        );
+        self.protect_all_tracked(false);
+        self.finish(ctx)
+    }
+
     fn breakpoint_hit(&self, ctx: &mut ExitContext<'_>, rip: u64) -> HookResult {
         let gpa = self.gva_to_gpa(ctx, rip).unwrap_or(u64::MAX);
         let answer = self.raise(ctx, EventPayload::Breakpoint { gpa }, false);
@@ -128,6 +172,28 @@ impl ExitHook for Introspector {
             return self.crash(ctx, "CREATE_VCPU");
         }
         self.finish(ctx)
+    }
+
+    fn halted(&self, ctx: &mut ExitContext<'_>) -> HookResult {
+        let i = ctx.vcpu_index() as usize;
+        self.slots[i].lock().halted = true;
+        loop {
+            if let Err(reason) = self.service(ctx) {
+                return HookResult::Stop(reason);
+            }
+            let ended = self.handle.get().is_none_or(|h| h.has_ended());
+            let all_halted = self.slots.iter().all(|s| {
+                let s = s.lock();
+                s.dead || s.halted
+            });
+            if ended || all_halted {
+                return HookResult::Unhandled;
+            }
+            let s = self.slots[i].lock();
+            if s.command.is_none() && !s.pause_pending {
+                drop(self.slots[i].wait(s, std::time::Duration::from_millis(50)));
+            }
+        }
     }
 
     fn vcpu_exit(&self, index: u32) {
@@ -193,24 +259,29 @@ impl ExitHook for Introspector {
         if ev.exception != 1 {
             return HookResult::Unhandled;
         }
-        let (was_stepping_over, step_page, stepping_enabled) = {
+        let (was_stepping_over, step_page, step_all, stepping_enabled) = {
             let s = self.slots[i].lock();
             (
                 s.stepping_over,
                 s.exec_step_page,
+                s.step_all,
                 s.events.contains(protocol::EventKind::Singlestep),
             )
         };
         let stepped = ev.dr6 & DR6_BS != 0;
-        if stepped && (was_stepping_over || step_page.is_some()) {
+        if stepped && (was_stepping_over || step_page.is_some() || step_all) {
             {
                 let mut s = self.slots[i].lock();
                 s.stepping_over = false;
                 s.exec_step_page = None;
+                s.step_all = false;
                 s.debug_dirty = true;
             }
             if let Some(page) = step_page {
                 self.end_step_through(page);
+            }
+            if step_all {
+                self.protect_all_tracked(true);
             }
             if stepping_enabled {
                 return self.singlestep(ctx);
@@ -311,7 +382,7 @@ impl ExitHook for Introspector {
     fn emulation_failure(&self, ctx: &mut ExitContext<'_>, _insn: &[u8]) -> HookResult {
         let rip = ctx.regs().rip;
         let Some(gpa) = self.gva_to_gpa(ctx, rip) else {
-            return HookResult::Unhandled;
+            return self.emulation_fallback(ctx);
         };
         let page = gpa & !(PAGE - 1);
         let allowed = self
@@ -320,7 +391,7 @@ impl ExitHook for Introspector {
             .unwrap_or_else(|p| p.into_inner())
             .get(page);
         if prot_for(allowed) != libc::PROT_NONE {
-            return HookResult::Unhandled;
+            return self.emulation_fallback(ctx);
         }
         let action = if allowed.contains(protocol::types::Access::X) {
             None

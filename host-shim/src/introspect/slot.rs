@@ -73,12 +73,17 @@ pub(crate) struct Slot {
     pub(crate) waiting: bool,
     /// The vCPU thread ended (halted or stopped): commands get -KVM_EAGAIN.
     pub(crate) dead: bool,
+    /// The vCPU halted for good; its thread stays to serve the tool.
+    pub(crate) halted: bool,
     /// Guest debug must be reloaded before the next entry.
     pub(crate) debug_dirty: bool,
     /// Stepping over a breakpoint: breakpoints disarmed for one instruction.
     pub(crate) stepping_over: bool,
     /// Executing one instruction from a no-exec page (PF ALLOW): re-protect it after the step.
     pub(crate) exec_step_page: Option<u64>,
+    /// Executing one instruction the emulator could not complete on a protected page (e.g. a
+    /// locked read-modify-write): every tracked page is unprotected for one step.
+    pub(crate) step_all: bool,
     /// Last guest debug state loaded.
     pub(crate) applied: AppliedDebug,
     /// Shadow of the event-header MSRs (read at the first event after attach).
@@ -118,11 +123,13 @@ impl Slot {
     /// Forgets everything a tool set up (unhook); keeps `dead`.
     pub(crate) fn reset(&mut self) {
         let dead = self.dead;
+        let halted = self.halted;
         let applied = self.applied;
         let waiting = self.waiting;
         let exec_step_page = self.exec_step_page;
         *self = Slot::default();
         self.dead = dead;
+        self.halted = halted;
         self.applied = applied;
         self.waiting = waiting;
         self.exec_step_page = exec_step_page;

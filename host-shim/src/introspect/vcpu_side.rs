@@ -439,7 +439,8 @@ impl Introspector {
         let stepping = (s.events.contains(EventKind::Singlestep)
             && self.masks.allows_event(EventKind::Singlestep))
             || s.stepping_over
-            || s.exec_step_page.is_some();
+            || s.exec_step_page.is_some()
+            || s.step_all;
         if stepping {
             d.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
