@@ -8,6 +8,7 @@ use protocol::event::EventPayload;
 use super::Introspector;
 use super::access::{AccessKind, PAGE, prot_for};
 use super::alias::translate;
+use super::decode::mem_operand;
 use super::fault::{
     DataOutcome, StepOutcome, data_outcome, step_outcome, step_prot, upstream_access,
 };
@@ -106,18 +107,52 @@ impl Introspector {
     /// it may be a data access the emulator cannot complete on a protected page (PVM cannot
     /// emulate e.g. `lock inc` as MMIO). Step it once with every tracked page unprotected
     /// (no event: the address is unknown); a second failure is the guest's own.
-    fn emulation_fallback(&self, ctx: &mut ExitContext<'_>) -> HookResult {
+    fn emulation_fallback(&self, ctx: &mut ExitContext<'_>, insn: &[u8]) -> HookResult {
         let i = ctx.vcpu_index() as usize;
         let tracked = !self
             .access
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_empty();
+        if !tracked || self.slots[i].lock().step_all {
+            return HookResult::Unhandled;
+        }
+        if let Some(op) = mem_operand(insn, ctx.regs()) {
+            let base = match op.segment {
+                4 => ctx.sregs().fs.base,
+                5 => ctx.sregs().gs.base,
+                _ => 0,
+            };
+            let gva = op.ea.wrapping_add(base);
+            let kind = self.gva_to_gpa(ctx, gva).and_then(|gpa| {
+                let t = self.access.lock().unwrap_or_else(|p| p.into_inner());
+                if t.restricts(gpa, AccessKind::Write) {
+                    Some((gpa, AccessKind::Write))
+                } else if t.restricts(gpa, AccessKind::Read) {
+                    Some((gpa, AccessKind::Read))
+                } else {
+                    None
+                }
+            });
+            if let Some((gpa, kind)) = kind {
+                let payload = EventPayload::PageFault {
+                    gva,
+                    gpa,
+                    mode: u32::from(kind.bit().bits()),
+                };
+                match action_of(&self.raise(ctx, payload, false)) {
+                    Some(Action::Crash) => return self.crash(ctx, "PF"),
+                    Some(Action::Skip) => {
+                        ctx.regs_mut().rip += op.len as u64;
+                        return self.finish(ctx);
+                    }
+                    Some(Action::Retry) => return self.finish(ctx),
+                    _ => {}
+                }
+            }
+        }
         {
             let mut s = self.slots[i].lock();
-            if !tracked || s.step_all {
-                return HookResult::Unhandled;
-            }
             s.step_all = true;
             s.debug_dirty = true;
         }
@@ -379,10 +414,10 @@ impl ExitHook for Introspector {
         self.finish(ctx)
     }
 
-    fn emulation_failure(&self, ctx: &mut ExitContext<'_>, _insn: &[u8]) -> HookResult {
+    fn emulation_failure(&self, ctx: &mut ExitContext<'_>, insn: &[u8]) -> HookResult {
         let rip = ctx.regs().rip;
         let Some(gpa) = self.gva_to_gpa(ctx, rip) else {
-            return self.emulation_fallback(ctx);
+            return self.emulation_fallback(ctx, insn);
         };
         let page = gpa & !(PAGE - 1);
         let allowed = self
@@ -391,7 +426,7 @@ impl ExitHook for Introspector {
             .unwrap_or_else(|p| p.into_inner())
             .get(page);
         if prot_for(allowed) != libc::PROT_NONE {
-            return self.emulation_fallback(ctx);
+            return self.emulation_fallback(ctx, insn);
         }
         let action = if allowed.contains(protocol::types::Access::X) {
             None

@@ -41,6 +41,7 @@
 pub mod access;
 pub mod alias;
 pub mod convert;
+pub mod decode;
 mod engine;
 pub mod fault;
 mod hooks;
