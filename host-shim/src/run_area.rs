@@ -344,9 +344,15 @@ pub fn run_once(vcpu: &mut VcpuFd, area: &RunArea) -> Result<Exit, kvm_ioctls::E
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Exit::Interrupted),
         // Upstream reports a host permission fault on guest RAM as -EFAULT with
         // KVM_EXIT_MEMORY_FAULT filled in (KVM_CAP_MEMORY_FAULT_INFO).
+        // Without that information (PVM: a native CPL3 write to a write-protected page) the
+        // gpa is unknown: reported as u64::MAX for the hook to work out from the instruction.
         Err(e) if e.errno() == libc::EFAULT => match area.decode() {
             exit @ Exit::MemoryFault { .. } => Ok(exit),
-            _ => Err(e),
+            _ => Ok(Exit::MemoryFault {
+                gpa: u64::MAX,
+                size: 0,
+                flags: 0,
+            }),
         },
         Err(e) => Err(e),
     }

@@ -165,6 +165,29 @@ impl Introspector {
         self.finish(ctx)
     }
 
+    /// The data address of the instruction at rip (read through the alias and decoded), for
+    /// a fault reported without a gpa.
+    fn fault_gpa_from_instruction(&self, ctx: &ExitContext<'_>) -> Option<(u64, usize)> {
+        let rip = ctx.regs().rip;
+        let mut insn = [0u8; 15];
+        for (k, b) in insn.iter_mut().enumerate() {
+            let g = self.gva_to_gpa(ctx, rip.wrapping_add(k as u64))?;
+            let mut one = [0u8; 1];
+            if !self.alias.read(g, &mut one) {
+                return None;
+            }
+            *b = one[0];
+        }
+        let op = mem_operand(&insn, ctx.regs())?;
+        let base = match op.segment {
+            4 => ctx.sregs().fs.base,
+            5 => ctx.sregs().gs.base,
+            _ => 0,
+        };
+        self.gva_to_gpa(ctx, op.ea.wrapping_add(base))
+            .map(|g| (g, op.len))
+    }
+
     fn breakpoint_hit(&self, ctx: &mut ExitContext<'_>, rip: u64) -> HookResult {
         let gpa = self.gva_to_gpa(ctx, rip).unwrap_or(u64::MAX);
         let answer = self.raise(ctx, EventPayload::Breakpoint { gpa }, false);
@@ -374,6 +397,18 @@ impl ExitHook for Introspector {
     }
 
     fn memory_fault(&self, ctx: &mut ExitContext<'_>, gpa: u64, _size: u64) -> HookResult {
+        let mut skip_len = None;
+        let gpa = if gpa == u64::MAX {
+            match self.fault_gpa_from_instruction(ctx) {
+                Some((g, len)) => {
+                    skip_len = Some(len);
+                    g
+                }
+                None => return HookResult::Unhandled,
+            }
+        } else {
+            gpa
+        };
         if !self.alias.contains(gpa, 1) {
             return HookResult::Unhandled;
         }
@@ -406,7 +441,14 @@ impl ExitHook for Introspector {
             mode: u32::from(kind.bit().bits()),
         };
         let answer = self.raise(ctx, payload, false);
-        match step_outcome(action_of(&answer)) {
+        let action = action_of(&answer);
+        if action == Some(Action::Skip)
+            && let Some(len) = skip_len
+        {
+            ctx.regs_mut().rip += len as u64;
+            return self.finish(ctx);
+        }
+        match step_outcome(action) {
             StepOutcome::Crash => return self.crash(ctx, "PF"),
             StepOutcome::StepThrough => self.step_through(ctx, page, kind),
             StepOutcome::Reenter => {}
