@@ -1,0 +1,178 @@
+//! The introspection engine in-process (`start_introspected`), on real VMs: a read trap
+//! answered with ctx_data, an exec trap stepped through, and the library API's lifecycle.
+
+mod common;
+
+use std::time::Duration;
+
+use host_shim::client::KvmiClient;
+use host_shim::images::Image;
+use host_shim::introspect::{
+    Endpoint, IntrospectedVm, IntrospectorConfig, start_introspected, temp_socket_path,
+};
+use host_shim::{RunLimits, SerialSink, SharedBuffer, Vm, VmConfig};
+use protocol::Action;
+use protocol::event::{EventKind, EventPayload, EventSet};
+use protocol::event_reply::{EventReplyData, PageFaultReply};
+use protocol::types::{Access, PageAccessEntry};
+
+const WAIT: Duration = Duration::from_secs(20);
+const LIMITS: RunLimits = RunLimits {
+    timeout: Some(Duration::from_secs(60)),
+    interrupt: None,
+};
+
+fn start(cmdline: &str) -> (IntrospectedVm, KvmiClient, SharedBuffer) {
+    let config = VmConfig {
+        name: "engine-smoke".into(),
+        memory_bytes: 32 << 20,
+        cmdline: cmdline.into(),
+        ..VmConfig::default()
+    };
+    let mut vm = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
+    let serial = SharedBuffer::new();
+    vm.set_serial(SerialSink::Buffer(serial.clone()));
+    let socket = temp_socket_path("engine-smoke");
+    let ivm = start_introspected(
+        vm,
+        IntrospectorConfig {
+            wait_for_tool: true,
+            ..IntrospectorConfig::default()
+        },
+        Endpoint::Listen(socket),
+    )
+    .unwrap();
+    let client = KvmiClient::connect_retry(ivm.socket(), WAIT).unwrap();
+    (ivm, client, serial)
+}
+
+/// Takes the CREATE_VCPU event of vCPU 0 (the vCPU waits in it until answered).
+fn created(c: &KvmiClient) -> host_shim::client::ReceivedEvent {
+    let ev = c.next_event(WAIT).unwrap().expect("CREATE_VCPU event");
+    assert_eq!(ev.event.kind(), EventKind::CreateVcpu);
+    assert_eq!(ev.event.common.vcpu, 0);
+    ev
+}
+
+#[test]
+fn read_trap_returns_ctx_data_to_the_guest() {
+    if common::skip("read_trap_returns_ctx_data_to_the_guest") {
+        return;
+    }
+    let scratch = common::profile(Image::TestGuest)
+        .symbol("scratch_page")
+        .unwrap();
+    let (ivm, c, serial) = start("mode=mem-read n=4");
+    let ev = created(&c);
+    // Writable, executable, not readable: every load of the page is an event.
+    let access = Access::W.union(Access::X);
+    c.set_page_access(
+        0,
+        &[PageAccessEntry {
+            gpa: scratch,
+            access,
+        }],
+    )
+    .unwrap();
+    c.control_events(0, EventSet::EMPTY.with(EventKind::PageFault))
+        .unwrap();
+    c.reply_continue(&ev).unwrap();
+    let mut gpas = Vec::new();
+    for i in 0..4u64 {
+        let ev = c.next_event(WAIT).unwrap().expect("PF event");
+        let EventPayload::PageFault { gpa, mode, .. } = ev.event.payload else {
+            panic!("unexpected {:?}", ev.event.payload);
+        };
+        assert_eq!(mode, 1, "a read");
+        gpas.push(gpa);
+        let value = (0x100 * (i + 1)).to_le_bytes();
+        let data = EventReplyData::PageFault(PageFaultReply {
+            trap_access: false,
+            ctx_data: &value,
+        });
+        c.reply(&ev, Action::Continue, data).unwrap();
+    }
+    assert_eq!(gpas, (0..4).map(|i| scratch + 8 * i).collect::<Vec<_>>());
+    let report = ivm.wait(LIMITS);
+    assert!(report.outcome.is_success(), "{}", report.outcome);
+    // The guest summed what the tool supplied, not memory (all zero).
+    assert!(
+        serial.text().contains("mem-read n=4 sum=0xa00"),
+        "{}",
+        serial.text()
+    );
+}
+
+#[test]
+fn exec_trap_reports_the_rip_and_continue_steps_through() {
+    if common::skip("exec_trap_reports_the_rip_and_continue_steps_through") {
+        return;
+    }
+    let target = common::profile(Image::TestGuest)
+        .symbol("breakpoint_target")
+        .unwrap();
+    let (ivm, c, serial) = start("mode=breakpoint n=2");
+    let ev = created(&c);
+    let page = target & !0xfff;
+    let access = Access::R.union(Access::W);
+    c.set_page_access(0, &[PageAccessEntry { gpa: page, access }])
+        .unwrap();
+    c.control_events(0, EventSet::EMPTY.with(EventKind::PageFault))
+        .unwrap();
+    c.reply_continue(&ev).unwrap();
+    let mut rips = Vec::new();
+    while let Ok(Some(ev)) = c.next_event(Duration::from_secs(5)) {
+        let EventPayload::PageFault { gva, gpa, mode } = ev.event.payload else {
+            panic!("unexpected {:?}", ev.event.payload);
+        };
+        assert_eq!(mode, 4, "a fetch");
+        assert_eq!(gva, ev.event.common.regs.rip.get());
+        assert_eq!(gpa & !0xfff, page);
+        rips.push(gva);
+        c.reply_continue(&ev).unwrap();
+    }
+    // Every instruction fetched from the page traps once (stepped through), in program
+    // order; the function is entered once per call.
+    assert_eq!(
+        rips.iter().filter(|r| **r == target).count(),
+        2,
+        "{rips:x?}"
+    );
+    assert!(rips.iter().all(|r| r & !0xfff == page), "{rips:x?}");
+    let report = ivm.wait(LIMITS);
+    assert!(report.outcome.is_success(), "{}", report.outcome);
+    assert!(
+        serial.text().contains("breakpoint calls=2"),
+        "{}",
+        serial.text()
+    );
+}
+
+#[test]
+fn a_vm_without_a_tool_runs_through_and_the_socket_is_removed() {
+    if common::skip("a_vm_without_a_tool_runs_through_and_the_socket_is_removed") {
+        return;
+    }
+    let config = VmConfig {
+        name: "engine-smoke".into(),
+        memory_bytes: 32 << 20,
+        cmdline: "mode=mem-write n=8".into(),
+        ..VmConfig::default()
+    };
+    let mut vm = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
+    let serial = SharedBuffer::new();
+    vm.set_serial(SerialSink::Buffer(serial.clone()));
+    let socket = temp_socket_path("engine-smoke");
+    let ivm = start_introspected(
+        vm,
+        IntrospectorConfig::default(),
+        Endpoint::Listen(socket.clone()),
+    )
+    .unwrap();
+    assert!(socket.exists());
+    assert!(!ivm.introspector.is_attached());
+    let report = ivm.wait(LIMITS);
+    assert!(report.outcome.is_success(), "{}", report.outcome);
+    assert!(serial.text().contains("mem-write n=8"), "{}", serial.text());
+    assert!(!socket.exists());
+}
