@@ -149,14 +149,14 @@ fn exec_trap_reports_the_rip_and_continue_steps_through() {
 }
 
 #[test]
-fn a_vm_without_a_tool_runs_through_and_the_socket_is_removed() {
-    if common::skip("a_vm_without_a_tool_runs_through_and_the_socket_is_removed") {
+fn guest_info_then_detach_and_the_socket_is_removed_at_the_end() {
+    if common::skip("guest_info_then_detach_and_the_socket_is_removed_at_the_end") {
         return;
     }
     let config = VmConfig {
         name: "engine-smoke".into(),
         memory_bytes: 32 << 20,
-        cmdline: "mode=mem-write n=8".into(),
+        cmdline: "mode=mem-write n=8 gate=1".into(),
         ..VmConfig::default()
     };
     let mut vm = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
@@ -171,6 +171,13 @@ fn a_vm_without_a_tool_runs_through_and_the_socket_is_removed() {
     .unwrap();
     assert!(socket.exists());
     assert!(!ivm.introspector.is_attached());
+    let c = KvmiClient::connect_retry(ivm.socket(), WAIT).unwrap();
+    let info = c.get_guest_info().unwrap();
+    assert_eq!(info.vcpu_count, 1);
+    assert!(info.tsc_speed > 1_000_000, "tsc {} Hz", info.tsc_speed);
+    let gate = common::profile(Image::TestGuest).symbol("gate").unwrap();
+    c.write_physical(gate, &1u64.to_le_bytes()).unwrap();
+    c.close();
     let report = ivm.wait(LIMITS);
     assert!(report.outcome.is_success(), "{}", report.outcome);
     assert!(serial.text().contains("mem-write n=8"), "{}", serial.text());

@@ -71,6 +71,8 @@ pub struct Introspector {
     pub(crate) tokens: TokenStore,
     pub(crate) event_seq: AtomicU32,
     pub(crate) tickets: AtomicU64,
+    /// The guest TSC frequency in kHz (read by the first vCPU at start; 0 = unknown).
+    pub(crate) tsc_khz: AtomicU64,
 }
 
 impl std::fmt::Debug for Introspector {
@@ -138,6 +140,7 @@ impl Introspector {
             tokens: TokenStore::new(target, DEFAULT_TTL),
             event_seq: AtomicU32::new(1),
             tickets: AtomicU64::new(1),
+            tsc_khz: AtomicU64::new(0),
         })
     }
 
@@ -369,7 +372,7 @@ impl Introspector {
             })),
             Command::GetGuestInfo => Ok(Reply::GuestInfo(GuestInfo {
                 vcpu_count: self.slots.len() as u16,
-                tsc_speed: 0,
+                tsc_speed: self.tsc_khz.load(Ordering::Relaxed) * 1000,
             })),
             Command::ControlCr { .. } | Command::ControlVe { .. } => Err(ErrorCode::NoSys),
             Command::ReadPhysical { gpa, size } => {

@@ -221,6 +221,12 @@ impl Introspector {
 
 impl ExitHook for Introspector {
     fn vcpu_start(&self, ctx: &mut ExitContext<'_>) -> HookResult {
+        if self.tsc_khz.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && let Ok(khz) = ctx.vcpu_fd().get_tsc_khz()
+        {
+            self.tsc_khz
+                .store(u64::from(khz), std::sync::atomic::Ordering::Relaxed);
+        }
         if !self.config.wait_for_tool {
             return HookResult::Handled;
         }
