@@ -186,3 +186,38 @@ impl<M: SharedMemory> CommandClient<M> {
         }
     }
 }
+
+/// A [`TokenSource`](crate::memory::TokenSource) that asks the shim for each token with
+/// GET_MAP_TOKEN on the command ring (for [`CachedMemory`](crate::memory::CachedMemory)).
+pub struct CommandTokens<'a, M, W, N> {
+    /// The command client.
+    pub client: &'a mut CommandClient<M>,
+    /// How to wait for the replies.
+    pub waiting: &'a Waiting<W, N>,
+    /// Tokens obtained so far.
+    pub issued: u64,
+}
+
+impl<'a, M, W, N> CommandTokens<'a, M, W, N> {
+    /// Tokens from `client`, waiting as `waiting` says.
+    pub fn new(client: &'a mut CommandClient<M>, waiting: &'a Waiting<W, N>) -> Self {
+        CommandTokens {
+            client,
+            waiting,
+            issued: 0,
+        }
+    }
+}
+
+impl<M: SharedMemory, W: Waiter, N: Notify> crate::memory::TokenSource
+    for CommandTokens<'_, M, W, N>
+{
+    fn next_token(&mut self) -> Result<MapToken, crate::memory::MemError> {
+        let token = self
+            .client
+            .map_token(self.waiting)
+            .map_err(|e| crate::memory::MemError::Token(alloc::format!("{e}")))?;
+        self.issued += 1;
+        Ok(token)
+    }
+}

@@ -16,7 +16,7 @@ mod dispatch;
 mod handler;
 mod output;
 
-pub use command::{CommandClient, CommandError, OwnedReply};
+pub use command::{CommandClient, CommandError, CommandTokens, OwnedReply};
 pub use dispatch::{Agent, AgentError, AgentStats};
 pub use handler::{
     EventContext, EventHandler, EventSummary, default_reply, erased, kind_name, reply_with,

@@ -26,6 +26,16 @@ impl BufferMemory {
         BufferMemory { base, bytes }
     }
 
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Physical address of the first byte.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.bytes.len()
