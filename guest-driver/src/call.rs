@@ -107,3 +107,27 @@ fn expect(got: u64, expected: u64) -> Result<(), DriverError> {
         Err(DriverError::UnexpectedResult { expected, got })
     }
 }
+
+/// Wakes the shim with the NOTIFY hypercall: the [`Notify`](hypercall::ring::Notify) of the
+/// appliance's ring ends. Ring producers and consumers call it only when the shim armed its
+/// wake word (it sleeps), so the hot path makes no hypercall.
+#[derive(Clone, Debug)]
+pub struct HypercallNotify<H> {
+    calls: H,
+    ring: u64,
+}
+
+impl<H: Hypercalls> HypercallNotify<H> {
+    /// Notifies ring `ring` (an index in the ring table, or
+    /// [`NOTIFY_ALL_RINGS`](hypercall::call::NOTIFY_ALL_RINGS)) through `calls`.
+    pub fn new(calls: H, ring: u64) -> Self {
+        HypercallNotify { calls, ring }
+    }
+}
+
+impl<H: Hypercalls> hypercall::ring::Notify for HypercallNotify<H> {
+    fn notify(&self) {
+        // A failed notification is harmless: the shim re-checks its rings on its own timeout.
+        let _ = self.calls.notify(self.ring);
+    }
+}

@@ -112,6 +112,21 @@ impl Mapping {
         })
     }
 
+    /// The base address of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: mappings are never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Wraps the mapping as shared atomic words.
     pub fn into_region(self) -> Result<Arc<SharedRegion<Mapping>>, DriverError> {
         let (ptr, len) = (self.ptr, self.len);

@@ -31,7 +31,7 @@ pub mod host;
 pub mod port;
 mod window;
 
-pub use call::{Hypercalls, HypercallsExt};
+pub use call::{HypercallNotify, Hypercalls, HypercallsExt};
 pub use discovery::{Discovery, PAGE};
 pub use error::DriverError;
 pub use window::{MapWindow, Page, PageRange, WindowStats, read_unaligned};

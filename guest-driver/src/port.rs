@@ -78,3 +78,58 @@ pub fn doorbell(nr: u64, args: [u64; 5]) -> u64 {
     }
     rax
 }
+
+/// Memory of the in-VM backend: an identity- or user-mapped area, shared through an `Arc`.
+pub type GuestMemory = alloc::sync::Arc<hypercall::ring::SharedRegion<()>>;
+
+/// Opens the ring region and the map window inside the appliance VM.
+///
+/// `ring` and `window` are the virtual addresses at which the image mapped the guest-physical
+/// areas `discovery` names (read-write; at CPL3 for a user-mode agent).
+///
+/// # Safety
+/// `ring..ring + discovery.ring_size` and `window..window + discovery.window_size` must be
+/// mapped read-write for the rest of the program, to exactly those guest-physical areas, and
+/// must not be accessed other than through the returned handles.
+pub unsafe fn open_in_vm(
+    discovery: &crate::Discovery,
+    ring: *mut u8,
+    window: *mut u8,
+    calls: PortHypercalls,
+) -> Result<
+    (
+        hypercall::ring::Region<GuestMemory>,
+        crate::MapWindow<PortHypercalls, GuestMemory>,
+    ),
+    DriverError,
+> {
+    let ring_len = usize::try_from(discovery.ring_size)
+        .map_err(|_| DriverError::BadBootInfo("ring region size"))?;
+    let window_len = usize::try_from(discovery.window_size)
+        .map_err(|_| DriverError::BadBootInfo("map window size"))?;
+    // SAFETY: forwarded to the caller: the ring area is mapped read-write for the rest of the
+    // program and only accessed through this region.
+    let ring = unsafe { hypercall::ring::SharedRegion::new((), ring, ring_len) }?;
+    // SAFETY: as above, for the window area.
+    let window = unsafe { hypercall::ring::SharedRegion::new((), window, window_len) }?;
+    let region = discovery.open_region(alloc::sync::Arc::new(ring))?;
+    let window = crate::MapWindow::new(calls, alloc::sync::Arc::new(window), discovery.window_gpa)?;
+    Ok((region, window))
+}
+
+/// A [`Waiter`](hypercall::ring::Waiter) for a guest without a scheduler: "sleeping" is a
+/// bounded burst of `pause` hints, after which the ring is checked again (the shim's NOTIFY
+/// is not needed to wake it).
+#[derive(Clone, Copy, Debug)]
+pub struct PauseWaiter {
+    /// `pause` hints per wait.
+    pub pauses: u32,
+}
+
+impl hypercall::ring::Waiter for PauseWaiter {
+    fn wait(&self) {
+        for _ in 0..self.pauses {
+            core::hint::spin_loop();
+        }
+    }
+}

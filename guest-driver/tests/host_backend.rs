@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use guest_driver::host::{self, HOST_TOKEN_GPA, HostAgent, HostRequest, Mapping, REQUEST_SIZE};
-use guest_driver::{Discovery, DriverError, HypercallsExt};
+use guest_driver::{Discovery, DriverError, HypercallNotify, HypercallsExt};
 use hypercall::HcError;
 use hypercall::boot::{BOOT_MAGIC, BOOT_VERSION, BootInfo};
 use hypercall::call::{Request, check_window};
@@ -36,6 +36,7 @@ fn target_byte(gpa: u64) -> u8 {
 struct ServerLog {
     calls: Vec<u64>,
     window_writes: u64,
+    notified: Vec<u64>,
 }
 
 struct Shim {
@@ -124,7 +125,11 @@ impl Shim {
                 }
                 Ok(n)
             }
-            Request::Agent | Request::Notify { .. } => Err(HcError::NotPermitted),
+            Request::Notify { ring } => {
+                self.log.lock().unwrap().notified.push(ring);
+                Ok(0)
+            }
+            Request::Agent => Err(HcError::NotPermitted),
         }
     }
 }
@@ -241,10 +246,21 @@ fn handshake_shares_the_ring_region_and_answers_typed_calls() {
             .unwrap()
             .contains(Features::MAP_RANGE)
     );
-    assert!(matches!(
-        f.agent.window.calls().notify(0),
-        Err(DriverError::Hypercall(HcError::NotPermitted))
-    ));
+    // NOTIFY is sent only when the consumer armed its wake word.
+    let notify = HypercallNotify::new(f.agent.window.calls(), 2);
+    let mut waker = f.shim_region.producer_for(RingKind::Event, 0).unwrap();
+    let mut sleeper = f.agent.region.consumer_for(RingKind::Event, 0).unwrap();
+    waker.try_push(b"x").unwrap();
+    waker.publish_and_notify(&notify).unwrap();
+    assert!(
+        f.log.lock().unwrap().notified.is_empty(),
+        "awake consumer: no hypercall"
+    );
+    assert_eq!(sleeper.try_pop(&mut [0u8; 8]).unwrap(), Some(1));
+    assert!(sleeper.arm_wake().unwrap(), "empty ring: may sleep");
+    waker.try_push(b"y").unwrap();
+    waker.publish_and_notify(&notify).unwrap();
+    assert_eq!(f.log.lock().unwrap().notified, vec![2]);
 
     // A record the "shim" publishes on vCPU 1's event ring arrives through the memfd.
     let mut producer = f.shim_region.producer_for(RingKind::Event, 1).unwrap();
@@ -448,4 +464,43 @@ fn discovery_validates_every_boot_info_field() {
         );
     }
     assert!(Discovery::parse_boot_info(&[0u8; 100]).is_err());
+}
+
+#[test]
+fn in_vm_setup_opens_the_region_and_window_at_given_addresses() {
+    use guest_driver::port::{PortHypercalls, open_in_vm};
+    use std::sync::atomic::AtomicU64;
+    let params = params();
+    let ring_fd = host::memfd(c"ring", params.region_size()).unwrap();
+    let window_fd = host::memfd(c"window", WINDOW_PAGES * 4096).unwrap();
+    let ring = Mapping::map(ring_fd.as_raw_fd(), params.region_size() as usize).unwrap();
+    let window = Mapping::map(window_fd.as_raw_fd(), (WINDOW_PAGES * 4096) as usize).unwrap();
+    let shim_view = Mapping::map(ring_fd.as_raw_fd(), params.region_size() as usize)
+        .unwrap()
+        .into_region()
+        .unwrap();
+    Region::create(shim_view, &params).unwrap();
+    let token: &'static [AtomicU64; 4] = Box::leak(Box::new([const { AtomicU64::new(0) }; 4]));
+    assert!(
+        PortHypercalls::new(token, 0x1004).is_err(),
+        "misaligned token buffer"
+    );
+    let mut info = boot_info(params.region_size());
+    let d = Discovery::from_boot_info(&info).unwrap();
+    let calls = PortHypercalls::new(token, 0x1000).unwrap();
+    // SAFETY: both areas are live read-write mappings owned by `ring` and `window`, which
+    // outlive the returned handles (dropped before them below).
+    let (region, win) = unsafe { open_in_vm(&d, ring.as_ptr(), window.as_ptr(), calls) }.unwrap();
+    assert_eq!(region.params().vcpu_count, 2);
+    assert_eq!(win.slot_count(), WINDOW_PAGES as usize);
+    assert_eq!(win.base_gpa(), WINDOW_GPA);
+    drop((region, win));
+    // A boot info naming another window than the region header: refused.
+    info.map_window_gpa += 0x1000;
+    let d = Discovery::from_boot_info(&info).unwrap();
+    let calls = PortHypercalls::new(token, 0x1000).unwrap();
+    // SAFETY: as above.
+    let refused = unsafe { open_in_vm(&d, ring.as_ptr(), window.as_ptr(), calls) };
+    assert!(matches!(refused, Err(DriverError::BadBootInfo(_))));
+    drop((ring, window));
 }
