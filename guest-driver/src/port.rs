@@ -3,8 +3,9 @@
 //! A hypercall is `out 0xe4, eax` ([`hypercall::ports::HYPERCALL_DOORBELL`]) with RAX = the
 //! number and RBX, RCX, RDX, RSI, RDI = the arguments; the VMM writes the result to RAX before
 //! the instruction retires. The guest runtime allows ports 0xe4..=0xe7 through the TSS I/O
-//! permission bitmap, so the agent issues it at CPL3 without a system call. RBX is reserved by
-//! the compiler, so the sequence swaps it with a scratch register around the `out`.
+//! permission bitmap, so the agent issues it at CPL3 without a system call. The sequence is a
+//! small position-independent routine ([`doorbell_code`]) so that tests run the very same bytes
+//! in a real VM.
 //!
 //! Map calls pass the token by guest-physical address: [`PortHypercalls`] owns a 32-byte
 //! token buffer in the appliance's RAM and is told its guest-physical address (the image
@@ -52,31 +53,57 @@ impl Hypercalls for PortHypercalls {
     }
 }
 
+// The doorbell routine: SysV ABI, RDI = number, RSI = address of the five arguments.
+// Position-independent (registers and [rsi] only), so tests can copy its bytes into a VM and
+// run exactly what the agent runs. RBX is callee-saved (and reserved by LLVM), hence the
+// push/pop; RCX, RDX, RSI and RDI are caller-saved.
+core::arch::global_asm!(
+    ".pushsection .text.guest_driver_doorbell,\"ax\",@progbits",
+    ".globl guest_driver_doorbell",
+    ".globl guest_driver_doorbell_end",
+    "guest_driver_doorbell:",
+    "push rbx",
+    "mov rax, rdi",
+    "mov rbx, [rsi]",
+    "mov rcx, [rsi + 8]",
+    "mov rdx, [rsi + 16]",
+    "mov rdi, [rsi + 32]",
+    "mov rsi, [rsi + 24]",
+    "out 0xe4, eax",
+    "pop rbx",
+    "ret",
+    "guest_driver_doorbell_end:",
+    ".popsection",
+);
+
+unsafe extern "sysv64" {
+    fn guest_driver_doorbell(nr: u64, args: *const [u64; 5]) -> u64;
+    static guest_driver_doorbell_end: u8;
+}
+
 /// Issues one hypercall through the doorbell port and returns RAX.
 ///
 /// Only meaningful inside a VM whose VMM decodes port 0xe4 (on a host the `out` faults).
 pub fn doorbell(nr: u64, args: [u64; 5]) -> u64 {
-    let mut rax = nr;
-    // SAFETY: the sequence writes no memory and uses no stack; RBX (reserved by LLVM) is
-    // swapped with a scratch register and restored before the block ends; every other
-    // register it touches is declared. The VMM may change memory (it maps pages into the
-    // window) during the exit, so the block is not `nomem`: the compiler assumes memory
-    // changed. The `out` is allowed at CPL3 by the guest runtime's TSS I/O bitmap.
-    unsafe {
-        core::arch::asm!(
-            "xchg {a0}, rbx",
-            "out 0xe4, eax",
-            "xchg {a0}, rbx",
-            a0 = inout(reg) args[0] => _,
-            inout("rax") rax,
-            in("rcx") args[1],
-            in("rdx") args[2],
-            in("rsi") args[3],
-            in("rdi") args[4],
-            options(nostack, preserves_flags),
-        );
-    }
-    rax
+    // SAFETY: the routine reads the five words at `args` (a live array), loads the argument
+    // registers, executes `out 0xe4, eax` (allowed at CPL3 by the guest runtime's TSS I/O
+    // bitmap) and returns RAX, restoring RBX and touching no other memory than its stack
+    // slot. The VMM may remap window pages during the exit; the call is opaque to the
+    // compiler, so it assumes memory changed.
+    unsafe { guest_driver_doorbell(nr, &args) }
+}
+
+/// The machine code of the doorbell routine (SysV: RDI = number, RSI = address of the five
+/// argument words; returns RAX), position-independent: for tests that run the exact
+/// sequence in a VM.
+pub fn doorbell_code() -> &'static [u8] {
+    let start = guest_driver_doorbell as *const u8;
+    // Only the address of the end label is taken, never its contents.
+    let end = &raw const guest_driver_doorbell_end;
+    let len = (end as usize).saturating_sub(start as usize);
+    // SAFETY: `start..end` is the routine's code in this image's text section, mapped
+    // readable for the life of the program and never written.
+    unsafe { core::slice::from_raw_parts(start, len) }
 }
 
 /// Memory of the in-VM backend: an identity- or user-mapped area, shared through an `Arc`.
