@@ -19,6 +19,8 @@
 //! - [`profile`] and [`tasks`]: OS awareness from the image profile (the demo target's task
 //!   table: pid, name, state, parent, CPU, CR3).
 //! - [`agent`]: the event loop, handlers, the command client and the JSON-line output.
+//! - [`guard`]: the main job's policy for the demo target (write-protect kernel text and the
+//!   task table, deny user writes with SKIP, trace `task_create`), from the profile alone.
 //!
 //! Everything read from the target or the shim is validated: the target can rewrite its
 //! memory while we read it, the shim's ring records are decoded by `protocol`.
@@ -28,6 +30,7 @@
 extern crate alloc;
 
 pub mod agent;
+pub mod guard;
 pub mod memory;
 pub mod paging;
 pub mod profile;
