@@ -180,3 +180,22 @@ fn pause_holds_the_demo_until_resume() {
         "no output after resume"
     );
 }
+
+#[test]
+fn bench_measures_both_exits_against_their_floor() {
+    if skip("bench_measures_both_exits_against_their_floor") {
+        return;
+    }
+    let (code, out, err) = kvmi(&["bench", "--iterations", "50", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let last = out.lines().last().expect("JSON line");
+    let v: Value = serde_json::from_str(last).expect("JSON");
+    for kind in ["hw-breakpoint", "page-write"] {
+        for side in ["floor", "socket"] {
+            assert_eq!(v[kind][side]["samples"], 49, "{kind} {side}: {out}");
+            assert!(v[kind][side]["per_sec"].as_f64().unwrap() > 0.0);
+        }
+        assert!(v[kind]["ratio"]["p50"].as_f64().unwrap() > 0.0);
+    }
+    assert!(out.contains("ratio socket/floor"), "{out}");
+}
