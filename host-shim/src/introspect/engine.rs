@@ -71,6 +71,8 @@ pub struct Introspector {
     pub(crate) tokens: TokenStore,
     pub(crate) event_seq: AtomicU32,
     pub(crate) tickets: AtomicU64,
+    /// KVM delivers guest INT3 as KVM_EXIT_DEBUG (USE_SW_BP) on this host.
+    pub(crate) sw_breakpoints: bool,
     /// The guest TSC frequency in kHz (read by the first vCPU at start; 0 = unknown).
     pub(crate) tsc_khz: AtomicU64,
 }
@@ -119,6 +121,7 @@ impl Introspector {
         ram: Arc<GuestRam>,
         vm_fd: Arc<VmFd>,
         vcpus: u32,
+        sw_breakpoints: bool,
     ) -> std::io::Result<Introspector> {
         let alias = RamAlias::new(&ram)?;
         let target = ram.host_base() as u64;
@@ -141,6 +144,7 @@ impl Introspector {
             event_seq: AtomicU32::new(1),
             tickets: AtomicU64::new(1),
             tsc_khz: AtomicU64::new(0),
+            sw_breakpoints,
         })
     }
 

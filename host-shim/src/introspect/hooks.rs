@@ -210,6 +210,30 @@ impl Introspector {
         self.finish(ctx)
     }
 
+    /// A guest INT3 (upstream `USE_SW_BP`: rip at the int3). CONTINUE re-injects #BP for the
+    /// guest's own handler; RETRY/SKIP re-enter at rip as the tool left it.
+    fn software_breakpoint(&self, ctx: &mut ExitContext<'_>, rip: u64) -> HookResult {
+        let gpa = self.gva_to_gpa(ctx, rip).unwrap_or(u64::MAX);
+        let answer = self.raise(ctx, EventPayload::Breakpoint { gpa }, false);
+        match action_of(&answer).unwrap_or(Action::Continue) {
+            Action::Crash => return self.crash(ctx, "BREAKPOINT"),
+            Action::Continue => {
+                let fd = ctx.vcpu_fd();
+                if let Ok(mut ev) = fd.get_vcpu_events() {
+                    ev.exception.injected = 1;
+                    ev.exception.nr = 3;
+                    ev.exception.has_error_code = 0;
+                    ev.flags = 0;
+                    if let Err(e) = fd.set_vcpu_events(&ev) {
+                        tracing::warn!("re-injecting #BP: {e}");
+                    }
+                }
+            }
+            Action::Retry | Action::Skip => {}
+        }
+        self.finish(ctx)
+    }
+
     fn singlestep(&self, ctx: &mut ExitContext<'_>) -> HookResult {
         let answer = self.raise(ctx, EventPayload::Singlestep, false);
         if action_of(&answer) == Some(Action::Crash) {
@@ -320,6 +344,9 @@ impl ExitHook for Introspector {
 
     fn debug(&self, ctx: &mut ExitContext<'_>, ev: &DebugEvent) -> HookResult {
         let i = ctx.vcpu_index() as usize;
+        if ev.exception == 3 && self.sw_breakpoints {
+            return self.software_breakpoint(ctx, ev.pc);
+        }
         if ev.exception != 1 {
             return HookResult::Unhandled;
         }

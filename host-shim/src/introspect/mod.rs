@@ -26,9 +26,12 @@
 //!   inferred from the page's restriction and rip; CONTINUE steps it through like exec; SKIP
 //!   = RETRY; ctx_data is not supported. The event's `mode` holds the access bits (1 = R,
 //!   2 = W, 4 = X); gva is `u64::MAX` for data accesses (unknown on this path).
-//! - BREAKPOINT (hardware DR0–DR3, limit 4; gpa translated from rip with the guest's page
-//!   tables): CONTINUE resumes, stepping over the breakpoint if rip is still on one; RETRY
-//!   and SKIP re-enter at rip as the tool left it (on an armed breakpoint it fires again).
+//! - BREAKPOINT (hardware DR0–DR3 set with CONTROL_BREAKPOINT, limit 4; gpa translated from
+//!   rip with the guest's page tables): CONTINUE resumes, stepping over the breakpoint if rip
+//!   is still on one; RETRY and SKIP re-enter at rip as the tool left it (on an armed
+//!   breakpoint it fires again). Where the probe saw KVM deliver INT3 (`USE_SW_BP`; not on
+//!   PVM), a guest INT3 (e.g. one the tool wrote) is a BREAKPOINT event too: CONTINUE
+//!   re-injects #BP into the guest, RETRY/SKIP re-enter at rip as the tool left it.
 //! - SINGLESTEP (enabled with CONTROL_EVENTS; stepping lasts while the event is enabled):
 //!   CONTINUE/RETRY/SKIP step the next instruction.
 //! - MSR (writes to MSRs enabled with CONTROL_MSR): CONTINUE writes the reply's `new_val`,
@@ -121,12 +124,19 @@ impl Introspector {
     ) -> Result<Arc<Introspector>, IntrospectError> {
         let masks = masks::intersect(masks::host_masks(caps), config.allowed);
         let vcpus = vm.boot_info().vcpu_count;
-        Introspector::new_parts(config, masks, vm.ram().clone(), vm.vm_fd().clone(), vcpus)
-            .map(Arc::new)
-            .map_err(|source| IntrospectError::Io {
-                what: "mapping the guest RAM alias".into(),
-                source,
-            })
+        Introspector::new_parts(
+            config,
+            masks,
+            vm.ram().clone(),
+            vm.vm_fd().clone(),
+            vcpus,
+            caps.sw_breakpoints,
+        )
+        .map(Arc::new)
+        .map_err(|source| IntrospectError::Io {
+            what: "mapping the guest RAM alias".into(),
+            source,
+        })
     }
 
     /// Creates the introspector of `vm` and installs it as the VM's exit hook.

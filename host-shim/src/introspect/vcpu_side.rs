@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_MAX_CPUID_ENTRIES,
-    Msrs, kvm_guest_debug, kvm_msr_entry,
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_guest_debug, kvm_msr_entry,
 };
 use protocol::V4;
 use protocol::command::{Command, CommandKind};
@@ -435,6 +435,12 @@ impl Introspector {
                 d.debugreg[7] = dr7 | 0x400;
                 d.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
             }
+        }
+        if self.sw_breakpoints
+            && s.events.contains(EventKind::Breakpoint)
+            && self.masks.allows_event(EventKind::Breakpoint)
+        {
+            d.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
         }
         let stepping = (s.events.contains(EventKind::Singlestep)
             && self.masks.allows_event(EventKind::Singlestep))
