@@ -302,3 +302,26 @@ fn vm_connects_to_a_listening_tool_with_kvmi_connect() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(result.unwrap().vcpu_count, 1);
 }
+
+#[test]
+fn hardware_breakpoint_slots_are_limited_and_clearing_an_unset_one_fails() {
+    if skip("hardware_breakpoint_slots_are_limited_and_clearing_an_unset_one_fails") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    let text = t.profile.range("kernel_text").expect("range.kernel_text");
+    for i in 0..4 {
+        c.control_breakpoint(None, text.start + i, true).unwrap();
+    }
+    let busy = c
+        .control_breakpoint(None, text.start + 4, true)
+        .unwrap_err();
+    assert_eq!(busy.kvm_code(), Some(ErrorCode::Busy));
+    let none = c
+        .control_breakpoint(None, text.start + 5, false)
+        .unwrap_err();
+    assert_eq!(none.kvm_code(), Some(ErrorCode::NoEnt));
+    c.control_breakpoint(None, text.start, false).unwrap();
+    c.control_breakpoint(None, text.start + 4, true).unwrap();
+}
