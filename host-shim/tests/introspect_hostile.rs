@@ -192,3 +192,52 @@ fn tool_that_vanishes_mid_event_leaves_the_vm_running() {
     c.close(); // never answers the pause event
     assert_still_running(&mut t);
 }
+
+#[test]
+fn wrong_size_reply_to_a_real_event_closes_and_releases_the_vcpu() {
+    if skip("wrong_size_reply_to_a_real_event_closes_and_releases_the_vcpu") {
+        return;
+    }
+    let mut t = spinning();
+    let c = t.attach();
+    let paused = c.pause_all(Duration::from_secs(10)).unwrap();
+    let seq = paused[0].seq;
+    // KVMI_EVENT_REPLY (24) for the pause event: {u32 action; u32 padding} plus 3 stray bytes.
+    let mut frame = vec![24, 0, 11, 0];
+    frame.extend_from_slice(&seq.to_le_bytes());
+    frame.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 9, 9, 9]);
+    c.send_raw(&frame).unwrap();
+    assert!(
+        c.wait_closed(CLOSE_WAIT),
+        "host accepted a reply of the wrong size"
+    );
+    c.close();
+    assert_still_running(&mut t);
+}
+
+#[test]
+fn the_client_is_shareable_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<KvmiClient>();
+    if skip("the_client_is_shareable_between_threads") {
+        return;
+    }
+    let t = spinning();
+    let c = t.attach();
+    let counter = t.sym("probe_counter");
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            (0..50)
+                .map(|_| c.read_physical(counter, 8).unwrap().len())
+                .sum::<usize>()
+        });
+        let pauser = s.spawn(|| {
+            let p = c.pause_all(Duration::from_secs(10)).unwrap();
+            let regs = c.get_registers(0, &[]).unwrap();
+            c.resume(&p).unwrap();
+            regs.regs.rip.get()
+        });
+        assert_eq!(reader.join().unwrap(), 400);
+        assert_ne!(pauser.join().unwrap(), 0);
+    });
+}
