@@ -504,3 +504,37 @@ fn in_vm_setup_opens_the_region_and_window_at_given_addresses() {
     assert!(matches!(refused, Err(DriverError::BadBootInfo(_))));
     drop((ring, window));
 }
+
+#[test]
+fn connect_by_path_performs_the_handshake() {
+    let dir = std::env::temp_dir().join(format!("guest-driver-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("shim.sock");
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let params = params();
+    let ring_fd = host::memfd(c"ring", params.region_size()).unwrap();
+    let window_fd = host::memfd(c"window", WINDOW_PAGES * 4096).unwrap();
+    let ring_mem = Mapping::map(ring_fd.as_raw_fd(), params.region_size() as usize)
+        .unwrap()
+        .into_region()
+        .unwrap();
+    Region::create(ring_mem, &params).unwrap();
+    let info = boot_info(params.region_size());
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        host::send_with_fds(
+            &stream,
+            info.as_bytes(),
+            &[ring_fd.as_raw_fd(), window_fd.as_raw_fd()],
+        )
+        .unwrap();
+        stream
+    });
+    let agent = HostAgent::connect(&path).unwrap();
+    let _stream = server.join().unwrap();
+    assert_eq!(agent.discovery.window_gpa, WINDOW_GPA);
+    assert_eq!(agent.region.params().vcpu_count, 2);
+    assert_eq!(agent.window.slot_count(), WINDOW_PAGES as usize);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -5,8 +5,8 @@
 //!   [`poll`](Agent::poll) drains every event ring once, decodes each record as a KVMI event
 //!   message (`protocol::V4`), hands it to an [`EventHandler`] and pushes the encoded reply
 //!   (same `seq`) on that vCPU's reply ring. [`run`](Agent::run) loops: poll; when every ring
-//!   is empty, spin, back off and yield as the [`WaitStrategy`](hypercall::ring::WaitStrategy)
-//!   says, and only then arm every ring's wake word and sleep in the [`Waiter`](hypercall::ring::Waiter).
+//!   is empty, spin, back off and yield as the [`WaitStrategy`]
+//!   says, and only then arm every ring's wake word and sleep in the [`Waiter`].
 //!   No hypercall is made on the hot path: the shim only has to be notified when it sleeps.
 //! - [`CommandClient`] sends commands on the command ring and matches replies by `seq`.
 //! - [`LogWriter`] writes one JSON object per record (newline-terminated) on the log ring.
