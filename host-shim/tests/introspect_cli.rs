@@ -139,6 +139,10 @@ fn events_prints_the_demo_agent_hypercalls() {
     for e in &evs {
         assert_eq!(e["event"], "hypercall");
         assert_eq!(e["vcpu"], 0);
+        // The demo's agent-caller task calls from CPL3 with RAX=34, RDI=24.
+        assert_eq!(e["cpl"], 3);
+        assert_eq!(hex(&e["rax"]), 34);
+        assert_eq!(hex(&e["rdi"]), 24);
     }
 }
 

@@ -68,7 +68,8 @@ pub fn payload_json(payload: &EventPayload) -> Value {
     }
 }
 
-/// An event as one JSON object: seq, vCPU, event name, rip, cr3, the payload fields.
+/// An event as one JSON object: seq, vCPU, event name, mode, rip, rsp, cr3, cpl, the payload
+/// fields (and the argument registers of a hypercall).
 pub fn event_json(seq: u32, event: &Event) -> Value {
     let c = &event.common;
     let mut v = json!({
@@ -79,7 +80,24 @@ pub fn event_json(seq: u32, event: &Event) -> Value {
         "rip": hex(c.regs.rip.get()),
         "rsp": hex(c.regs.rsp.get()),
         "cr3": hex(c.sregs.cr3.get()),
+        "cpl": c.sregs.cs.dpl,
     });
+    if event.payload.kind() == protocol::EventKind::Hypercall {
+        // The agent call's number and arguments (DESIGN.md §4: RAX, then RBX/RCX/RDX/RSI).
+        let r = &c.regs;
+        if let Value::Object(map) = &mut v {
+            for (name, value) in [
+                ("rax", r.rax.get()),
+                ("rbx", r.rbx.get()),
+                ("rcx", r.rcx.get()),
+                ("rdx", r.rdx.get()),
+                ("rsi", r.rsi.get()),
+                ("rdi", r.rdi.get()),
+            ] {
+                map.insert(name.into(), hex(value).into());
+            }
+        }
+    }
     if let (Value::Object(map), Value::Object(extra)) = (&mut v, payload_json(&event.payload)) {
         map.extend(extra);
     }
