@@ -196,3 +196,30 @@ pub fn resume(args: &ResumeArgs) -> Result<u8> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hexdump_lines_show_address_bytes_and_text() {
+        let mut out = Vec::new();
+        let data: Vec<u8> = (0..20u8).map(|i| b'A' + i).collect();
+        hexdump(&mut out, 0x1000, &data).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("0000000000001000  41 42 43"));
+        assert!(lines[0].ends_with("|ABCDEFGHIJKLMNOP|"));
+        assert!(lines[1].starts_with("0000000000001010  51 52 53 54 "));
+        assert!(lines[1].ends_with("|QRST|"));
+    }
+
+    #[test]
+    fn pid_file_sits_next_to_the_socket() {
+        assert_eq!(
+            pid_file(Path::new("/tmp/vm.sock")),
+            PathBuf::from("/tmp/vm.sock.paused")
+        );
+    }
+}

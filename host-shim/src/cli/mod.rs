@@ -131,3 +131,38 @@ pub fn run(command: ToolCommand) -> Result<u8> {
         ToolCommand::Bench(a) => bench::run(&a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket(profile: Option<&str>) -> SocketArgs {
+        SocketArgs {
+            socket: Some("/nonexistent".into()),
+            listen: None,
+            connect_timeout: 0.0,
+            profile: profile.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn numbers_and_profile_symbols_resolve() {
+        assert_eq!(parse_number("0x1_000").unwrap(), 0x1000);
+        assert_eq!(parse_number("42").unwrap(), 42);
+        assert!(parse_number("zz").is_err());
+        let plain = socket(None);
+        assert_eq!(plain.address("0x10+0x8").unwrap(), 0x18);
+        assert!(
+            plain.address("scratch_page").is_err(),
+            "names need --profile"
+        );
+        let Some(Ok(profile)) = Image::TestGuest.profile() else {
+            return; // built without embedded images
+        };
+        let with = socket(Some("test-guest"));
+        let page = profile.symbol("scratch_page").unwrap();
+        assert_eq!(with.address("scratch_page+8").unwrap(), page + 8);
+        assert!(with.address("no_such_symbol").is_err());
+        assert!(with.address("0xffffffffffffffff+1").is_err());
+    }
+}
