@@ -50,6 +50,35 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
+    /// The command's name as the reference spells it, in lower case without the `KVMI_`
+    /// prefix (`get_registers`, `set_page_access`, ...): the name operators and tools use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::GetVersion => "get_version",
+            Self::GetGuestInfo => "get_guest_info",
+            Self::PauseVcpu => "pause_vcpu",
+            Self::GetRegisters => "get_registers",
+            Self::SetRegisters => "set_registers",
+            Self::GetCpuid => "get_cpuid",
+            Self::GetPageAccess => "get_page_access",
+            Self::SetPageAccess => "set_page_access",
+            Self::InjectException => "inject_exception",
+            Self::ReadPhysical => "read_physical",
+            Self::WritePhysical => "write_physical",
+            Self::ControlEvents => "control_events",
+            Self::ControlCr => "control_cr",
+            Self::ControlMsr => "control_msr",
+            Self::ControlVe => "control_ve",
+            Self::GetMapToken => "get_map_token",
+            Self::GetXsave => "get_xsave",
+            Self::ControlBreakpoint => "control_breakpoint",
+        }
+    }
+
+    /// The command kind whose [`name`](Self::name) is `name` (exact, lower case).
+    pub fn from_name(name: &str) -> Option<CommandKind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
     /// Every command kind.
     pub const ALL: [CommandKind; 18] = [
         Self::GetVersion,

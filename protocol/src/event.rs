@@ -34,6 +34,28 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The event's name as the reference spells it, in lower case without the `KVMI_EVENT_`
+    /// prefix (`page_fault`, `msr`, `breakpoint`, ...): the name operators and tools use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Cr => "cr",
+            Self::Msr => "msr",
+            Self::Xsetbv => "xsetbv",
+            Self::Breakpoint => "breakpoint",
+            Self::Hypercall => "hypercall",
+            Self::PageFault => "page_fault",
+            Self::Trap => "trap",
+            Self::Descriptor => "descriptor",
+            Self::CreateVcpu => "create_vcpu",
+            Self::PauseVcpu => "pause_vcpu",
+            Self::Singlestep => "singlestep",
+        }
+    }
+
+    /// The event kind whose [`name`](Self::name) is `name` (exact, lower case).
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
     /// Every event kind.
     pub const ALL: [EventKind; 11] = [
         Self::Cr,

@@ -9,19 +9,7 @@ use super::error::ClientError;
 
 /// The name of an event kind (`page_fault`, `msr`, `breakpoint`, ...).
 pub fn event_name(kind: EventKind) -> &'static str {
-    match kind {
-        EventKind::Cr => "cr",
-        EventKind::Msr => "msr",
-        EventKind::Xsetbv => "xsetbv",
-        EventKind::Breakpoint => "breakpoint",
-        EventKind::Hypercall => "hypercall",
-        EventKind::PageFault => "page_fault",
-        EventKind::Trap => "trap",
-        EventKind::Descriptor => "descriptor",
-        EventKind::CreateVcpu => "create_vcpu",
-        EventKind::PauseVcpu => "pause_vcpu",
-        EventKind::Singlestep => "singlestep",
-    }
+    kind.name()
 }
 
 /// The event kind with this name (`pf` is accepted for `page_fault`).
@@ -52,26 +40,7 @@ pub fn parse_event_list(list: &str) -> Result<EventSet, ClientError> {
 
 /// The name of a command kind (`get_registers`, `set_page_access`, ...).
 pub fn command_name(kind: CommandKind) -> &'static str {
-    match kind {
-        CommandKind::GetVersion => "get_version",
-        CommandKind::GetGuestInfo => "get_guest_info",
-        CommandKind::PauseVcpu => "pause_vcpu",
-        CommandKind::GetRegisters => "get_registers",
-        CommandKind::SetRegisters => "set_registers",
-        CommandKind::GetCpuid => "get_cpuid",
-        CommandKind::GetPageAccess => "get_page_access",
-        CommandKind::SetPageAccess => "set_page_access",
-        CommandKind::InjectException => "inject_exception",
-        CommandKind::ReadPhysical => "read_physical",
-        CommandKind::WritePhysical => "write_physical",
-        CommandKind::ControlEvents => "control_events",
-        CommandKind::ControlCr => "control_cr",
-        CommandKind::ControlMsr => "control_msr",
-        CommandKind::ControlVe => "control_ve",
-        CommandKind::GetMapToken => "get_map_token",
-        CommandKind::GetXsave => "get_xsave",
-        CommandKind::ControlBreakpoint => "control_breakpoint",
-    }
+    kind.name()
 }
 
 /// Access rights from an `rwx`-style string: the letters present are allowed, `-` is a

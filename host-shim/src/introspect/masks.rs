@@ -44,43 +44,12 @@ pub fn intersect(a: AllowedMasks, b: AllowedMasks) -> AllowedMasks {
 
 /// The operator's name of a command (as in the reference, lower case).
 pub fn command_flag_name(kind: CommandKind) -> &'static str {
-    match kind {
-        CommandKind::GetVersion => "get_version",
-        CommandKind::GetGuestInfo => "get_guest_info",
-        CommandKind::PauseVcpu => "pause_vcpu",
-        CommandKind::GetRegisters => "get_registers",
-        CommandKind::SetRegisters => "set_registers",
-        CommandKind::GetCpuid => "get_cpuid",
-        CommandKind::GetPageAccess => "get_page_access",
-        CommandKind::SetPageAccess => "set_page_access",
-        CommandKind::InjectException => "inject_exception",
-        CommandKind::ReadPhysical => "read_physical",
-        CommandKind::WritePhysical => "write_physical",
-        CommandKind::ControlEvents => "control_events",
-        CommandKind::ControlCr => "control_cr",
-        CommandKind::ControlMsr => "control_msr",
-        CommandKind::ControlVe => "control_ve",
-        CommandKind::GetMapToken => "get_map_token",
-        CommandKind::GetXsave => "get_xsave",
-        CommandKind::ControlBreakpoint => "control_breakpoint",
-    }
+    kind.name()
 }
 
 /// The operator's name of an event.
 pub fn event_flag_name(kind: EventKind) -> &'static str {
-    match kind {
-        EventKind::Cr => "cr",
-        EventKind::Msr => "msr",
-        EventKind::Xsetbv => "xsetbv",
-        EventKind::Breakpoint => "breakpoint",
-        EventKind::Hypercall => "hypercall",
-        EventKind::PageFault => "page_fault",
-        EventKind::Trap => "trap",
-        EventKind::Descriptor => "descriptor",
-        EventKind::CreateVcpu => "create_vcpu",
-        EventKind::PauseVcpu => "pause_vcpu",
-        EventKind::Singlestep => "singlestep",
-    }
+    kind.name()
 }
 
 fn normalize(word: &str) -> String {

@@ -688,3 +688,29 @@ fn error_reply_under_an_unknown_id() {
         Ok(Err(ErrorCode::Busy))
     );
 }
+
+#[test]
+fn names_are_unique_and_round_trip() {
+    for k in CommandKind::ALL {
+        assert_eq!(CommandKind::from_name(k.name()), Some(k));
+        assert_eq!(
+            CommandKind::ALL
+                .iter()
+                .filter(|o| o.name() == k.name())
+                .count(),
+            1
+        );
+    }
+    for k in EventKind::ALL {
+        assert_eq!(EventKind::from_name(k.name()), Some(k));
+        assert_eq!(
+            EventKind::ALL
+                .iter()
+                .filter(|o| o.name() == k.name())
+                .count(),
+            1
+        );
+    }
+    assert_eq!(CommandKind::from_name("GET_REGISTERS"), None);
+    assert_eq!(EventKind::from_name("pf"), None);
+}
