@@ -1,0 +1,162 @@
+//! The CPL0 part, kept short (CPL0 code is emulated on PVM hosts): check that the VMM gave us
+//! a ring region and a map window, build the address space, hand the heap its memory, and
+//! enter the agent at CPL3.
+//!
+//! Address space (virtual = physical everywhere):
+//! - the image with [`ImageAccess::Shared`] (ordinary Rust code runs at CPL3), including the
+//!   agent's stack (a static in `.bss`);
+//! - free RAM: the first 2 MiB after the image hold the page tables (supervisor-only); the
+//!   rest, up to 1 GiB, is the heap, mapped user-writable with 2 MiB pages;
+//! - the ring region and the map window (above RAM), user-writable, 2 MiB pages where aligned.
+
+use core::alloc::{GlobalAlloc, Layout};
+
+use appliance_image::heap::Heap;
+use appliance_image::identity;
+use guest_driver::Discovery;
+use guest_runtime::paging::{
+    self, AddressSpace, FrameAllocator, ImageAccess, ImageLayout, PagingError, flags,
+};
+use guest_runtime::trap::{self, UserContext};
+use guest_runtime::{Boot, SpinLock, cpu, port, println};
+
+/// Exit status: the boot info names no (valid) ring region or map window: the image was
+/// booted alone, not as `kvmi run --appliance`.
+pub const NO_RING_REGION: u32 = 10;
+/// Exit status: the page tables or the heap could not be built (too little RAM).
+pub const NO_MEMORY: u32 = 5;
+/// Exit status: the agent stopped with a system call the kernel does not know.
+pub const BAD_SYSCALL: u32 = 4;
+
+/// Bytes of the agent's stack.
+const USER_STACK_BYTES: usize = 256 * 1024;
+/// Bytes reserved after the image for page-table frames.
+const TABLE_FRAMES_BYTES: u64 = paging::LARGE_PAGE_SIZE;
+/// Smallest heap the agent starts with.
+const MIN_HEAP_BYTES: u64 = 4 << 20;
+
+#[repr(C, align(4096))]
+struct UserStack([u8; USER_STACK_BYTES]);
+
+/// The agent's stack (in `.bss`, zeroed by the VMM; user-writable through `Shared`).
+static mut USER_STACK: UserStack = UserStack([0; USER_STACK_BYTES]);
+
+/// The global allocator: [`Heap`] behind a spin lock (usable at CPL0 and CPL3).
+struct LockedHeap(SpinLock<Heap>);
+
+// SAFETY: every block comes from `Heap::alloc` (distinct, inside the heap's memory, aligned as
+// the layout asks, or null) and goes back to `Heap::dealloc` with its layout; the lock
+// serialises all access.
+unsafe impl GlobalAlloc for LockedHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.0.lock().alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded from the caller (`ptr` came from `alloc` with `layout`).
+        unsafe { self.0.lock().dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap(SpinLock::new(Heap::empty()));
+
+/// The heap's counters (for the summary).
+pub fn heap_stats() -> appliance_image::heap::HeapStats {
+    HEAP.0.lock().stats()
+}
+
+/// Halts this vCPU for good (interrupts are off).
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: `hlt` with interrupts disabled only stops this vCPU.
+        unsafe { core::arch::asm!("hlt", options(nomem, nostack)) }
+    }
+}
+
+/// vCPU 0: checks the boot info, builds the address space and runs the agent at CPL3;
+/// exits with the agent's status.
+pub fn start(boot: Boot) -> ! {
+    let discovery = match Discovery::from_boot_info(boot.info) {
+        Ok(discovery) => discovery,
+        Err(error) => {
+            println!(
+                "appliance: no ring region or map window ({error}); boot me as the appliance VM \
+                 (`kvmi run --appliance`)"
+            );
+            port::exit(NO_RING_REGION)
+        }
+    };
+    let heap = match build_address_space(&boot, &discovery) {
+        Ok(heap) => heap,
+        Err(error) => {
+            println!("appliance: cannot build the address space: {error:?}");
+            port::exit(NO_MEMORY)
+        }
+    };
+    // SAFETY: `heap` is RAM past the page-table frames, mapped user-writable and used by
+    // nothing else.
+    unsafe {
+        HEAP.0
+            .lock()
+            .init(heap.start as usize, (heap.end - heap.start) as usize)
+    };
+    let top = (&raw const USER_STACK) as u64 + USER_STACK_BYTES as u64;
+    let mut ctx = UserContext::new(
+        crate::job::agent_main as *const () as u64,
+        top,
+        boot.info as *const _ as u64,
+    );
+    // SAFETY: the agent is trusted code of this image (`ImageAccess::Shared` gives no
+    // isolation by design); the kernel keeps nothing it relies on from CPL3 after this point
+    // except its stack, which the agent does not touch.
+    unsafe { trap::run_user(&mut ctx) };
+    if !ctx.is_syscall() {
+        port::exit(ctx.report_exception())
+    }
+    println!(
+        "appliance: unexpected system call {} from the agent",
+        ctx.rax
+    );
+    port::exit(BAD_SYSCALL)
+}
+
+/// Builds and loads the address space; returns the heap's physical range.
+fn build_address_space(
+    boot: &Boot,
+    discovery: &Discovery,
+) -> Result<core::ops::Range<u64>, PagingError> {
+    let ram_end =
+        boot.info.ram_size.min(paging::KERNEL_RAM_MAP_LIMIT) & !(paging::LARGE_PAGE_SIZE - 1);
+    let tables = ImageLayout::free_ram_start();
+    let heap = tables + TABLE_FRAMES_BYTES..ram_end;
+    if heap.end < heap.start + MIN_HEAP_BYTES {
+        return Err(PagingError::OutOfFrames);
+    }
+    let mut alloc = FrameAllocator::new(tables, tables + TABLE_FRAMES_BYTES);
+    let mut space = AddressSpace::new(&mut alloc)?;
+    paging::map_kernel(&mut space, boot.info, ImageAccess::Shared, &[], &mut alloc)?;
+    let user_data = flags::USER | flags::WRITABLE | flags::NO_EXECUTE;
+    let mut at = heap.start;
+    while at < heap.end {
+        space.map_2m(at, at, user_data, &mut alloc)?;
+        at += paging::LARGE_PAGE_SIZE;
+    }
+    for (start, len) in [
+        (discovery.ring_gpa, discovery.ring_size),
+        (discovery.window_gpa, discovery.window_size),
+    ] {
+        // Discovery checked both areas are page multiples that do not wrap.
+        let pieces = identity::pieces(start, len).ok_or(PagingError::Misaligned)?;
+        for piece in pieces {
+            if piece.size == identity::LARGE {
+                space.map_2m(piece.addr, piece.addr, user_data, &mut alloc)?;
+            } else {
+                space.map_4k(piece.addr, piece.addr, user_data, &mut alloc)?;
+            }
+        }
+    }
+    // SAFETY: `space` maps the image (code, stacks, descriptor tables), the boot info and the
+    // RAM the kernel uses at their current addresses.
+    unsafe { cpu::write_cr3(space.root()) };
+    Ok(heap)
+}
