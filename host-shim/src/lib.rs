@@ -11,6 +11,7 @@
 //!   [`images`] holds the embedded demo and test images.
 #![deny(missing_docs)]
 
+pub mod appliance;
 pub mod client;
 pub mod devices;
 mod dispatch;

@@ -110,6 +110,37 @@ impl RemapWindow {
         Ok(())
     }
 
+    /// Like [`RemapWindow::map_shared`], but the host mapping is `PROT_READ` only: KVM then
+    /// maps the pages read-only into the guest that uses this window (a guest write exits
+    /// instead of reaching the shared page).
+    pub fn map_shared_readonly(
+        &self,
+        offset: u64,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        len: u64,
+    ) -> Result<(), VmError> {
+        use std::os::fd::AsRawFd;
+        let at = self.check(offset, len)?;
+        // SAFETY: as in `map_shared`: MAP_FIXED replaces only pages inside our own window.
+        let p = unsafe {
+            libc::mmap(
+                at,
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                file_offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(VmError::mem("mmap MAP_FIXED read-only over window")(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Puts the zeroed placeholder back over `offset..offset+len` (revokes a share).
     pub fn revoke(&self, offset: u64, len: u64) -> Result<(), VmError> {
         let at = self.check(offset, len)?;

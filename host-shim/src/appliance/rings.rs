@@ -1,0 +1,449 @@
+//! The ring transport: the introspector's [`Channel`] over the shared-memory ring region,
+//! and the service thread that feeds the appliance's replies and commands to it.
+//!
+//! - Events go to the event ring of the vCPU that raised them (decoded from the message), on
+//!   that vCPU's thread. A full ring **back-pressures** the vCPU: it waits (spin, yield, then
+//!   short sleeps) until the appliance frees space — an event is never dropped. Only when the
+//!   ring stays full for the reply timeout is the appliance declared dead: the send fails and
+//!   the engine detaches it (unhooks the target, which keeps running).
+//! - Command replies go to the command-reply ring (same back-pressure).
+//! - The service thread drains the per-vCPU reply rings and the command ring into
+//!   [`Introspector::handle_message`], and prints the log ring's records on stdout (one line
+//!   each). When every ring is empty it spins briefly, then arms each ring's wake word and
+//!   sleeps; the appliance's NOTIFY hypercall ([`RingService::waker`]) ends the sleep. Armed
+//!   wake words are what lets the appliance skip NOTIFY while the thread is awake.
+//! - The appliance polls the rings the shim produces, so the shim never notifies it.
+//!
+//! A corrupt ring (indices or lengths scribbled by the appliance; see `hypercall::ring`) or a
+//! protocol error detaches the appliance; the target runs on, unhooked.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use hypercall::discovery::RingKind;
+use hypercall::ring::{
+    Consumer, LayoutParams, NoNotify, Producer, Region, RingError, SharedRegion,
+};
+use protocol::V4;
+use protocol::frame::HEADER_SIZE;
+use protocol::wire::WireProfile;
+
+use crate::introspect::{Channel, ChannelError, Introspector};
+use crate::memory::GuestRam;
+
+/// The ring region's memory as the shim sees it: the appliance's ring-region RAM.
+pub type RingMemory = Arc<SharedRegion<Arc<GuestRam>>>;
+
+/// Lays out the ring region in `ram` (the memory `Vm::add_ring_region` returned).
+pub fn create_region(
+    ram: Arc<GuestRam>,
+    params: &LayoutParams,
+) -> Result<Region<RingMemory>, RingError> {
+    let (ptr, len) = (ram.host_base(), ram.size() as usize);
+    // SAFETY: `ptr..ptr+len` is the RAM's shared mapping, kept alive by the `Arc<GuestRam>`
+    // stored as the region's owner; the shim accesses the ring region only through this
+    // region's atomics (the appliance VM accesses it as guest memory, which is allowed).
+    let shared = unsafe { SharedRegion::new(ram, ptr, len) }.map_err(|_| RingError::BadParams)?;
+    Region::create(Arc::new(shared), params)
+}
+
+/// How long a side waits on a full ring before it declares the appliance dead.
+pub const DEFAULT_FULL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shim's producing end: per-vCPU event rings and the command-reply ring.
+pub struct RingChannel {
+    events: Vec<Mutex<Producer<RingMemory>>>,
+    command_replies: Mutex<Producer<RingMemory>>,
+    closed: AtomicBool,
+    full_timeout: Duration,
+    waits: AtomicU64,
+}
+
+impl std::fmt::Debug for RingChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingChannel")
+            .field("vcpus", &self.events.len())
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn io_err(e: RingError) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+impl RingChannel {
+    /// The producing ends of `region`; a ring that stays full `full_timeout` fails the send.
+    pub fn new(
+        region: &Region<RingMemory>,
+        full_timeout: Duration,
+    ) -> Result<RingChannel, RingError> {
+        let vcpus = region.params().vcpu_count;
+        let events = (0..vcpus)
+            .map(|v| region.producer_for(RingKind::Event, v).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let command_replies = Mutex::new(region.producer_for(RingKind::CommandReply, 0)?);
+        Ok(RingChannel {
+            events,
+            command_replies,
+            closed: AtomicBool::new(false),
+            full_timeout,
+            waits: AtomicU64::new(0),
+        })
+    }
+
+    /// Times a send found its ring full and waited (back-pressure).
+    pub fn full_waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    /// The ring a message goes to: an event's vCPU ring, else the command-reply ring.
+    fn ring_for(&self, message: &[u8]) -> std::io::Result<&Mutex<Producer<RingMemory>>> {
+        let frame = V4::parse_frame(message).map_err(std::io::Error::other)?;
+        if frame.header.id != V4::EVENT_ID {
+            return Ok(&self.command_replies);
+        }
+        let event = V4::decode_event(frame.payload).map_err(std::io::Error::other)?;
+        self.events
+            .get(usize::from(event.common.vcpu))
+            .ok_or_else(|| std::io::Error::other("event of a vCPU without a ring"))
+    }
+
+    fn push(&self, ring: &Mutex<Producer<RingMemory>>, message: &[u8]) -> std::io::Result<()> {
+        let mut p = ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut started: Option<Instant> = None;
+        let mut round = 0u32;
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            match p.try_push(message) {
+                Ok(()) => break,
+                Err(RingError::Full) => {}
+                Err(e) => return Err(io_err(e)),
+            }
+            let since = *started.get_or_insert_with(|| {
+                self.waits.fetch_add(1, Ordering::Relaxed);
+                Instant::now()
+            });
+            if since.elapsed() > self.full_timeout {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the appliance did not free ring space in time",
+                ));
+            }
+            round += 1;
+            match round {
+                0..=256 => std::hint::spin_loop(),
+                257..=320 => std::thread::yield_now(),
+                _ => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
+        // The appliance polls the rings we produce: no notification to send.
+        let _ = p.publish().map_err(io_err)?;
+        Ok(())
+    }
+}
+
+impl Channel for RingChannel {
+    fn send(&self, message: &[u8]) -> std::io::Result<()> {
+        if message.len() < HEADER_SIZE {
+            return Err(std::io::Error::other("message shorter than its header"));
+        }
+        let ring = self.ring_for(message)?;
+        self.push(ring, message)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Where the log ring's lines go.
+pub type LogSink = Box<dyn FnMut(&[u8]) + Send>;
+
+/// Prints each log record as one line on stdout (records are JSON lines; a trailing newline
+/// is not doubled).
+pub fn stdout_sink() -> LogSink {
+    Box::new(|record: &[u8]| {
+        let text = record.strip_suffix(b"\n").unwrap_or(record);
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    })
+}
+
+/// Counters of the service thread.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Messages fed to the introspector (event replies and commands).
+    pub messages: AtomicU64,
+    /// Log records printed.
+    pub log_records: AtomicU64,
+    /// Times the thread slept.
+    pub sleeps: AtomicU64,
+}
+
+/// Why serving stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceEnd {
+    /// [`RingService::stop`] was called.
+    Stopped,
+    /// The appliance detached (a corrupt ring, a protocol error, or the engine detached it).
+    Detached(String),
+}
+
+/// The shim's service thread for one appliance's rings.
+pub struct RingService {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<ServiceEnd>>>,
+    waker: Thread,
+    stats: Arc<ServiceStats>,
+    channel: Arc<RingChannel>,
+    generation: u64,
+}
+
+impl std::fmt::Debug for RingService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingService")
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+/// Wakes the service thread (the appliance's NOTIFY hypercall).
+#[derive(Clone, Debug)]
+pub struct Waker(Thread);
+
+impl Waker {
+    /// A waker for `thread` (e.g. a test's own thread).
+    pub fn for_thread(thread: Thread) -> Waker {
+        Waker(thread)
+    }
+
+    /// Ends the service thread's sleep (cheap, idempotent).
+    pub fn wake(&self) {
+        self.0.unpark();
+    }
+}
+
+struct Inbound {
+    replies: Vec<Consumer<RingMemory>>,
+    commands: Consumer<RingMemory>,
+    log: Consumer<RingMemory>,
+}
+
+/// How long the service thread sleeps at most before re-checking (a NOTIFY ends it early).
+const SLEEP: Duration = Duration::from_millis(2);
+/// Empty polls (with a spin hint) before the thread yields, then sleeps.
+const SPINS: u32 = 2000;
+const YIELDS: u32 = 50;
+
+impl RingService {
+    /// Attaches the appliance's rings in `region` to `introspector` as its tool and starts
+    /// the service thread. Fails if a tool is attached already.
+    pub fn start(
+        introspector: Arc<Introspector>,
+        region: &Region<RingMemory>,
+        log: LogSink,
+        full_timeout: Duration,
+    ) -> Result<RingService, ChannelError> {
+        let bad = |e: RingError| ChannelError::Protocol(format!("ring region: {e}"));
+        let vcpus = region.params().vcpu_count;
+        let inbound = Inbound {
+            replies: (0..vcpus)
+                .map(|v| region.consumer_for(RingKind::EventReply, v))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?,
+            commands: region.consumer_for(RingKind::Command, 0).map_err(bad)?,
+            log: region.consumer_for(RingKind::Log, 0).map_err(bad)?,
+        };
+        let channel = Arc::new(RingChannel::new(region, full_timeout).map_err(bad)?);
+        let generation = introspector.attach(channel.clone())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ServiceStats::default());
+        let (s, st, intro) = (stop.clone(), stats.clone(), introspector.clone());
+        let spawned = std::thread::Builder::new()
+            .name("kvmi-rings".into())
+            .spawn(move || {
+                let end = serve(&intro, generation, inbound, log, &s, &st);
+                if let ServiceEnd::Detached(reason) = &end {
+                    intro.detach(generation, reason);
+                }
+                end
+            });
+        let thread = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                introspector.detach(generation, "cannot start the ring service");
+                return Err(ChannelError::Protocol(format!(
+                    "spawning the ring thread: {e}"
+                )));
+            }
+        };
+        let waker = thread.thread().clone();
+        Ok(RingService {
+            stop,
+            thread: Mutex::new(Some(thread)),
+            waker,
+            stats,
+            channel,
+            generation,
+        })
+    }
+
+    /// The NOTIFY handler's way to wake the thread.
+    pub fn waker(&self) -> Waker {
+        Waker(self.waker.clone())
+    }
+
+    /// The attach generation of the appliance.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &ServiceStats {
+        &self.stats
+    }
+
+    /// The channel (for its back-pressure counter).
+    pub fn channel(&self) -> &Arc<RingChannel> {
+        &self.channel
+    }
+
+    /// True once the thread has ended (stopped or detached).
+    pub fn has_ended(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops the thread (draining the log ring once more) and returns why it ended. The
+    /// caller detaches the appliance from the introspector if it is still attached.
+    pub fn stop(&self) -> ServiceEnd {
+        self.stop.store(true, Ordering::SeqCst);
+        self.waker.unpark();
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match t.map(JoinHandle::join) {
+            Some(Ok(end)) => end,
+            Some(Err(_)) => ServiceEnd::Detached("the ring service panicked".into()),
+            None => ServiceEnd::Stopped,
+        }
+    }
+}
+
+impl Drop for RingService {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Drains one inbound ring into `f`; an error ends serving.
+fn drain(
+    consumer: &mut Consumer<RingMemory>,
+    scratch: &mut [u8],
+    what: &str,
+    mut f: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<usize, String> {
+    let mut failure = None;
+    let n = consumer
+        .drain(scratch, &NoNotify, |record| {
+            if failure.is_none()
+                && let Err(e) = f(record)
+            {
+                failure = Some(e);
+            }
+        })
+        .map_err(|e| format!("{what} ring: {e}"))?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(n),
+    }
+}
+
+fn serve(
+    intro: &Introspector,
+    generation: u64,
+    mut inbound: Inbound,
+    mut log: LogSink,
+    stop: &AtomicBool,
+    stats: &ServiceStats,
+) -> ServiceEnd {
+    let mut scratch = vec![0u8; 1 << 20];
+    let mut idle = 0u32;
+    let mut handle = |record: &[u8]| -> Result<(), String> {
+        stats.messages.fetch_add(1, Ordering::Relaxed);
+        intro
+            .handle_message(generation, record)
+            .map_err(|e| e.to_string())
+    };
+    loop {
+        let mut work = 0usize;
+        let round = (|| -> Result<(), String> {
+            for (v, ring) in inbound.replies.iter_mut().enumerate() {
+                work += drain(ring, &mut scratch, &format!("reply {v}"), &mut handle)?;
+            }
+            work += drain(&mut inbound.commands, &mut scratch, "command", &mut handle)?;
+            work += drain(&mut inbound.log, &mut scratch, "log", |r| {
+                stats.log_records.fetch_add(1, Ordering::Relaxed);
+                log(r);
+                Ok(())
+            })?;
+            Ok(())
+        })();
+        if let Err(reason) = round {
+            tracing::warn!("appliance rings: {reason}; detaching the appliance");
+            return ServiceEnd::Detached(reason);
+        }
+        if stop.load(Ordering::SeqCst) {
+            return ServiceEnd::Stopped;
+        }
+        if intro.current_generation() != generation {
+            return ServiceEnd::Detached("the introspector detached the appliance".into());
+        }
+        if work > 0 {
+            idle = 0;
+            continue;
+        }
+        idle = idle.saturating_add(1);
+        if idle < SPINS {
+            std::hint::spin_loop();
+        } else if idle < SPINS + YIELDS {
+            std::thread::yield_now();
+        } else if let Err(e) = sleep_armed(&mut inbound, stats) {
+            return ServiceEnd::Detached(format!("arming ring wake words: {e}"));
+        }
+    }
+}
+
+/// Arms every inbound ring's wake word; sleeps (until NOTIFY or [`SLEEP`]) only if all are
+/// still empty; disarms again.
+fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingError> {
+    let mut all_empty = true;
+    for c in inbound
+        .replies
+        .iter_mut()
+        .chain([&mut inbound.commands, &mut inbound.log])
+    {
+        all_empty &= c.arm_wake()?;
+    }
+    if all_empty {
+        stats.sleeps.fetch_add(1, Ordering::Relaxed);
+        std::thread::park_timeout(SLEEP);
+    }
+    for c in inbound
+        .replies
+        .iter_mut()
+        .chain([&mut inbound.commands, &mut inbound.log])
+    {
+        c.disarm_wake()?;
+    }
+    Ok(())
+}
