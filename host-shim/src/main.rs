@@ -38,6 +38,8 @@ EXAMPLES:
   kvmi run --cmdline rounds=20 --vcpus 2       20 scheduler rounds on 2 vCPUs, then exit 0
   kvmi run --image test-guest --cmdline mode=hello --serial out.txt --timeout 10
   kvmi run --image guest.elf --unknown-io error
+  kvmi run --appliance                         the demo target and the embedded appliance VM
+  kvmi run --appliance agent.elf --appliance-cmdline verbose=1
 Images and their command lines are described in images/README.md.
 ";
 
@@ -99,6 +101,8 @@ struct RunArgs {
     unknown_io: UnknownIo,
     #[command(flatten)]
     kvmi: host_shim::introspect::run_args::KvmiRunArgs,
+    #[command(flatten)]
+    appliance: host_shim::appliance::run_args::ApplianceRunArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -188,7 +192,14 @@ fn run(args: RunArgs) -> Result<u8> {
         ),
         None => SerialSink::Stdout,
     };
-    let introspection = args.kvmi.setup()?;
+    let appliance_image = match &args.appliance.appliance {
+        Some(spec) => Some(load_image(spec).context("loading the appliance image")?.1),
+        None => None,
+    };
+    let introspection = match appliance_image {
+        Some(_) => None,
+        None => args.kvmi.setup()?,
+    };
     let mut vm = Vm::new(config, &image).with_context(|| format!("building the VM for {name}"))?;
     vm.set_serial(serial);
     install_sigint();
@@ -196,11 +207,14 @@ fn run(args: RunArgs) -> Result<u8> {
         timeout,
         interrupt: Some(&INTERRUPTED),
     };
-    let report = match introspection {
-        Some((config, endpoint)) => {
-            host_shim::introspect::start_introspected(vm, config, endpoint)?.wait(limits)
-        }
-        None => vm.run(limits)?,
+    let report = match (appliance_image, introspection) {
+        (Some(image), _) => args.appliance.run(&args.kvmi, vm, image, limits)?.target,
+        (None, introspection) => match introspection {
+            Some((config, endpoint)) => {
+                host_shim::introspect::start_introspected(vm, config, endpoint)?.wait(limits)
+            }
+            None => vm.run(limits)?,
+        },
     };
     let code = report.outcome.exit_code();
     if report.outcome.is_success() {

@@ -19,6 +19,7 @@ pub mod hook;
 pub mod launch;
 pub mod pager;
 pub mod rings;
+pub mod run_args;
 
 pub use hook::ApplianceHook;
 pub use launch::{ApplianceConfig, ApplianceReport, ApplianceRun, start_with_appliance};

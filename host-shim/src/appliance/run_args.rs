@@ -1,0 +1,141 @@
+//! The `kvmi run --appliance` flags: boot the target together with an appliance VM that
+//! introspects it over the rings and reads its memory through the map window.
+
+use std::time::Duration;
+
+use hypercall::ring::RingSizes;
+use protocol::masks::AllowedMasks;
+
+use super::launch::{ApplianceConfig, ApplianceReport, DEFAULT_WINDOW_SIZE, start_with_appliance};
+use super::rings::{DEFAULT_FULL_TIMEOUT, stdout_sink};
+use crate::devices::{SerialSink, UnknownIoPolicy};
+use crate::introspect::run_args::KvmiRunArgs;
+use crate::introspect::{IntrospectError, IntrospectorConfig, masks};
+use crate::vm::{RunLimits, Vm, VmConfig};
+
+/// Appliance options of `kvmi run`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ApplianceRunArgs {
+    /// Boot an appliance VM next to the target, from an ELF file or an embedded image name
+    /// (default when the flag has no value: the embedded `appliance`). Its log-ring lines are
+    /// printed on stdout.
+    #[arg(long, value_name = "FILE|NAME", num_args = 0..=1, default_missing_value = "appliance")]
+    pub appliance: Option<String>,
+    /// The appliance's command line.
+    #[arg(long, value_name = "WORDS", default_value = "", requires = "appliance")]
+    pub appliance_cmdline: String,
+    /// The appliance's RAM in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 64, requires = "appliance")]
+    pub appliance_memory: u64,
+    /// Size of the appliance's map window in MiB (at most 256).
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_WINDOW_SIZE >> 20, requires = "appliance")]
+    pub appliance_window: u64,
+}
+
+/// A bad appliance flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplianceArgsError {
+    /// Both a KVMI socket and an appliance: one tool at a time.
+    #[error(
+        "--appliance cannot be combined with --kvmi-socket or --kvmi-connect (one tool at a time)"
+    )]
+    TwoTools,
+    /// A size is out of range.
+    #[error("{0}")]
+    Size(&'static str),
+    /// An unknown command or event name.
+    #[error(transparent)]
+    Name(#[from] masks::UnknownName),
+    /// The setup failed.
+    #[error(transparent)]
+    Setup(#[from] IntrospectError),
+}
+
+impl ApplianceRunArgs {
+    /// Whether `--appliance` was given.
+    pub fn enabled(&self) -> bool {
+        self.appliance.is_some()
+    }
+
+    /// The introspector's configuration from the shared `--kvmi-*` / `--allow-*` flags.
+    fn introspector_config(kvmi: &KvmiRunArgs) -> Result<IntrospectorConfig, ApplianceArgsError> {
+        if kvmi.kvmi_socket.is_some() || kvmi.kvmi_connect.is_some() {
+            return Err(ApplianceArgsError::TwoTools);
+        }
+        if !(kvmi.kvmi_timeout.is_finite() && kvmi.kvmi_timeout >= 0.0) {
+            return Err(ApplianceArgsError::Size("--kvmi-timeout must be >= 0"));
+        }
+        let all = AllowedMasks::all();
+        Ok(IntrospectorConfig {
+            allowed: AllowedMasks {
+                commands: match &kvmi.allow_commands {
+                    Some(l) => masks::parse_commands(l)?,
+                    None => all.commands,
+                },
+                events: match &kvmi.allow_events {
+                    Some(l) => masks::parse_events(l)?,
+                    None => all.events,
+                },
+            },
+            reply_timeout: (kvmi.kvmi_timeout > 0.0)
+                .then(|| Duration::from_secs_f64(kvmi.kvmi_timeout)),
+            wait_for_tool: kvmi.kvmi_wait,
+        })
+    }
+
+    /// Runs `target` with the appliance `image` (already loaded from `--appliance`) until the
+    /// target ends within `limits`; prints a summary on stderr.
+    pub fn run(
+        &self,
+        kvmi: &KvmiRunArgs,
+        target: Vm,
+        image: Vec<u8>,
+        limits: RunLimits,
+    ) -> Result<ApplianceReport, ApplianceArgsError> {
+        let intro_config = Self::introspector_config(kvmi)?;
+        let memory_bytes = self
+            .appliance_memory
+            .checked_mul(1 << 20)
+            .filter(|b| (2 << 20..=2 << 30).contains(b))
+            .ok_or(ApplianceArgsError::Size(
+                "--appliance-memory must be 2..=2048 MiB",
+            ))?;
+        let window_size = self
+            .appliance_window
+            .checked_mul(1 << 20)
+            .filter(|b| (1 << 20..=256 << 20).contains(b))
+            .ok_or(ApplianceArgsError::Size(
+                "--appliance-window must be 1..=256 MiB",
+            ))?;
+        let config = ApplianceConfig {
+            vm: VmConfig {
+                name: "kvmi-appliance".into(),
+                memory_bytes,
+                vcpus: 1,
+                cmdline: self.appliance_cmdline.clone(),
+                unknown_io: UnknownIoPolicy::Ignore,
+            },
+            image,
+            serial: SerialSink::Stdout,
+            log: stdout_sink(),
+            window_size,
+            sizes: RingSizes::default(),
+            full_timeout: DEFAULT_FULL_TIMEOUT,
+        };
+        let run = start_with_appliance(target, intro_config, config)?;
+        let report = run.wait(limits);
+        eprintln!(
+            "kvmi: appliance: target {}, appliance {}, rings {:?}; pages mapped {} in {} calls, \
+             unmapped {}, refused calls {}, revoked at end {}",
+            report.target.outcome,
+            report.appliance.outcome,
+            report.service,
+            report.pages.pages_mapped,
+            report.pages.map_calls,
+            report.pages.pages_unmapped,
+            report.pages.refused,
+            report.revoked_at_end,
+        );
+        Ok(report)
+    }
+}

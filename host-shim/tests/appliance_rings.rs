@@ -1,0 +1,157 @@
+//! The ring transport end to end (real KVM, a real target, a real memfd ring region): the
+//! target's introspector serves an appliance over the rings exactly as over the socket. The
+//! appliance side is this test, on the same shared memory (`Region::open`).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use host_shim::appliance::hook::SERVED_FEATURES;
+use host_shim::appliance::rings::{RingMemory, RingService, create_region};
+use host_shim::images::Image;
+use host_shim::introspect::{Introspector, IntrospectorConfig};
+use host_shim::{GuestRam, RunLimits, SerialSink, SharedBuffer, Vm, VmConfig};
+use hypercall::discovery::RingKind;
+use hypercall::ring::{Consumer, LayoutParams, Region, RingSizes};
+use protocol::V4;
+use protocol::command::{Command, CommandKind};
+use protocol::event::EventKind;
+use protocol::event_reply::{Action, EventReply, EventReplyData};
+use protocol::wire::{HostMessage, WireProfile};
+
+/// Pops one record within 10 s.
+fn pop(c: &mut Consumer<RingMemory>) -> Vec<u8> {
+    let mut buf = vec![0u8; c.max_payload()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(n) = c.try_pop(&mut buf).expect("ring intact") {
+            let _ = c.release().unwrap();
+            return buf[..n].to_vec();
+        }
+        assert!(Instant::now() < deadline, "no record within 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn events_commands_and_log_lines_travel_over_the_rings() {
+    if common::skip("events_commands_and_log_lines_travel_over_the_rings") {
+        return;
+    }
+    let caps = host_shim::probe::cached_capabilities().expect("probe");
+    let config = VmConfig {
+        name: "rings-target".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=hello".into(),
+        unknown_io: host_shim::UnknownIoPolicy::Ignore,
+    };
+    let mut target = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
+    let serial = SharedBuffer::new();
+    target.set_serial(SerialSink::Buffer(serial.clone()));
+    let intro_config = IntrospectorConfig {
+        wait_for_tool: true,
+        ..IntrospectorConfig::default()
+    };
+    let intro = Introspector::install(&mut target, caps, intro_config).unwrap();
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let ram = Arc::new(
+        GuestRam::new("rings-region", params.region_size().next_multiple_of(4096)).unwrap(),
+    );
+    let region = create_region(ram, &params).unwrap();
+    let lines: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let sink = lines.clone();
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    let service = RingService::start(
+        intro.clone(),
+        &region,
+        Box::new(move |r: &[u8]| sink.lock().unwrap().push(r.to_vec())),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+
+    // The appliance's side of the same memory.
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut events = app.consumer_for(RingKind::Event, 0).unwrap();
+    let mut replies = app.producer_for(RingKind::EventReply, 0).unwrap();
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut command_replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let mut log = app.producer_for(RingKind::Log, 0).unwrap();
+
+    // The vCPU waits for its CREATE_VCPU event to be answered.
+    let record = pop(&mut events);
+    let frame = V4::parse_frame(&record).unwrap();
+    let HostMessage::Event { seq, event } = V4::decode_host_message(frame).unwrap() else {
+        panic!("an event on the event ring");
+    };
+    assert_eq!(event.payload.kind(), EventKind::CreateVcpu);
+    assert_eq!(event.common.vcpu, 0);
+    let reply = EventReply {
+        event: EventKind::CreateVcpu,
+        action: Action::Continue,
+        data: EventReplyData::None,
+    };
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let n = V4::encode_event_reply(seq, &reply, &mut buf).unwrap();
+    replies.try_push(&buf[..n]).unwrap();
+    let _ = replies.publish().unwrap();
+
+    // A command and its reply.
+    let n = V4::encode_command(77, &Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    let _ = commands.publish().unwrap();
+    let record = pop(&mut command_replies);
+    let frame = V4::parse_frame(&record).unwrap();
+    match V4::decode_host_message(frame).unwrap() {
+        HostMessage::Reply { seq, command, .. } => {
+            assert_eq!((seq, command), (77, CommandKind::GetVersion));
+        }
+        other => panic!("expected the GET_VERSION reply, got {other:?}"),
+    }
+
+    // A log line.
+    log.try_push(b"{\"finding\":\"hello\"}\n").unwrap();
+    let _ = log.publish().unwrap();
+
+    let report = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(20)),
+        interrupt: None,
+    });
+    assert!(
+        report.outcome.is_success(),
+        "{:?}: {}",
+        report.outcome,
+        serial.text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        *lines.lock().unwrap(),
+        vec![b"{\"finding\":\"hello\"}\n".to_vec()]
+    );
+    assert!(
+        service
+            .stats()
+            .messages
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    assert!(
+        intro.is_attached(),
+        "a well-behaved appliance stays attached"
+    );
+    assert_eq!(
+        service.stop(),
+        host_shim::appliance::rings::ServiceEnd::Stopped
+    );
+}
