@@ -1,5 +1,7 @@
 //! Builds the guest images (`../images`, its own workspace, target x86_64-unknown-none),
-//! embeds `demo-target` and `test-guest`, and writes each image's JSON profile.
+//! embeds `demo-target`, `test-guest` and `appliance`, and writes each image's JSON profile.
+//! The appliance image is a second build (`-p appliance-image`): it needs `alloc`, and a
+//! shared build would unify that feature into the images that have no allocator.
 //!
 //! Set `KVMI_SKIP_IMAGES=1` to build the VMM without images (the embedded images are then
 //! absent and `kvmi run` needs `--image`).
@@ -15,7 +17,10 @@ use std::process::Command;
 mod profile;
 
 const TARGET: &str = "x86_64-unknown-none";
-const IMAGES: [&str; 2] = ["demo-target", "test-guest"];
+const IMAGES: [&str; 3] = ["demo-target", "test-guest", "appliance"];
+/// Extra `cargo build` arguments per build of the images workspace (its default members,
+/// then the appliance image on its own).
+const BUILDS: [&[&str]; 2] = [&[], &["-p", "appliance-image"]];
 
 /// Environment that must not leak from this (host) build into the nested guest build.
 const REMOVE_EXACT: &[&str] = &[
@@ -72,12 +77,20 @@ fn rerun_tree(dir: &Path) {
 }
 
 fn build_images(images: &Path, out: &Path) -> Result<PathBuf, String> {
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let target_dir = out.join("images");
+    for extra in BUILDS {
+        build_images_with(images, &target_dir, extra)?;
+    }
+    Ok(target_dir.join(TARGET).join("release"))
+}
+
+fn build_images_with(images: &Path, target_dir: &Path, extra: &[&str]) -> Result<(), String> {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(images)
         .args(["build", "--release", "--target", TARGET, "--target-dir"])
-        .arg(&target_dir);
+        .arg(target_dir)
+        .args(extra);
     for (k, _) in env::vars_os() {
         let k = k.to_string_lossy().into_owned();
         if REMOVE_EXACT.contains(&k.as_str()) || REMOVE_PREFIXES.iter().any(|p| k.starts_with(p)) {
@@ -93,7 +106,7 @@ fn build_images(images: &Path, out: &Path) -> Result<PathBuf, String> {
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    Ok(target_dir.join(TARGET).join("release"))
+    Ok(())
 }
 
 fn main() {
@@ -109,6 +122,16 @@ fn main() {
         images.join("Cargo.toml").display()
     );
     rerun_tree(&manifest.join("../hypercall/src"));
+    // The appliance image is built from these crates too (and embeds the fixture profile).
+    for dir in ["../protocol/src", "../guest-driver/src", "../appliance/src"] {
+        rerun_tree(&manifest.join(dir));
+    }
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest
+            .join("../appliance/tests/fixtures/demo-target.profile.json")
+            .display()
+    );
     rerun_tree(&images);
 
     let mut generated = String::new();

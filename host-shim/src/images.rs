@@ -13,17 +13,20 @@ pub enum Image {
     DemoTarget,
     /// The test guest (behaviour chosen by `mode=` on the command line).
     TestGuest,
+    /// The appliance VM image (the introspection agent at CPL3; images/README.md).
+    Appliance,
 }
 
 impl Image {
     /// Every embedded image.
-    pub const ALL: [Image; 2] = [Image::DemoTarget, Image::TestGuest];
+    pub const ALL: [Image; 3] = [Image::DemoTarget, Image::TestGuest, Image::Appliance];
 
     /// The image's name.
     pub fn name(self) -> &'static str {
         match self {
             Image::DemoTarget => "demo-target",
             Image::TestGuest => "test-guest",
+            Image::Appliance => "appliance",
         }
     }
 
@@ -37,6 +40,7 @@ impl Image {
         match self {
             Image::DemoTarget => embedded::DEMO_TARGET,
             Image::TestGuest => embedded::TEST_GUEST,
+            Image::Appliance => embedded::APPLIANCE,
         }
     }
 
@@ -45,6 +49,7 @@ impl Image {
         match self {
             Image::DemoTarget => embedded::DEMO_TARGET_PROFILE,
             Image::TestGuest => embedded::TEST_GUEST_PROFILE,
+            Image::Appliance => embedded::APPLIANCE_PROFILE,
         }
     }
 
