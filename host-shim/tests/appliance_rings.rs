@@ -155,3 +155,77 @@ fn events_commands_and_log_lines_travel_over_the_rings() {
         host_shim::appliance::rings::ServiceEnd::Stopped
     );
 }
+
+#[test]
+fn an_appliance_that_stops_answering_is_detached_and_the_target_runs_on() {
+    if common::skip("an_appliance_that_stops_answering_is_detached_and_the_target_runs_on") {
+        return;
+    }
+    let caps = host_shim::probe::cached_capabilities().expect("probe");
+    let config = VmConfig {
+        name: "silent-target".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=hello".into(),
+        unknown_io: host_shim::UnknownIoPolicy::Ignore,
+    };
+    let mut target = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
+    let serial = SharedBuffer::new();
+    target.set_serial(SerialSink::Buffer(serial.clone()));
+    let intro_config = IntrospectorConfig {
+        wait_for_tool: true,
+        reply_timeout: Some(Duration::from_millis(500)),
+        ..IntrospectorConfig::default()
+    };
+    let intro = Introspector::install(&mut target, caps, intro_config).unwrap();
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let size = params.region_size().next_multiple_of(4096);
+    let region = create_region(Arc::new(GuestRam::new("silent", size).unwrap()), &params).unwrap();
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    let service = RingService::start(
+        intro.clone(),
+        &region,
+        Box::new(|_| {}),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    // The appliance sees the CREATE_VCPU event but never answers.
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut events = app.consumer_for(RingKind::Event, 0).unwrap();
+    let record = pop(&mut events);
+    assert_eq!(
+        V4::parse_frame(&record).unwrap().header.id,
+        V4::EVENT_ID,
+        "an event was delivered"
+    );
+    let started = Instant::now();
+    let report = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(20)),
+        interrupt: None,
+    });
+    assert!(
+        report.outcome.is_success(),
+        "the target ran to its end unhooked: {:?}: {}",
+        report.outcome,
+        serial.text()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it waited for the timeout"
+    );
+    assert!(!intro.is_attached(), "the silent appliance was detached");
+    assert!(
+        matches!(
+            service.stop(),
+            host_shim::appliance::rings::ServiceEnd::Detached(_)
+        ),
+        "the service reports the detach"
+    );
+}
