@@ -60,6 +60,15 @@ impl EventContext for Capture<'_> {
     }
 }
 
+/// An already-serialized JSON object, emitted as is.
+struct RawLine<'a>(&'a [u8]);
+
+impl erased::Json for RawLine<'_> {
+    fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        Ok(self.0.to_vec())
+    }
+}
+
 impl<H: Hypercalls, M: SharedMemory, T: TokenSource> MainJob<H, M, T> {
     /// A handler for `plan` reading the task table laid out as `layout` through `mem`.
     pub fn new(plan: GuardPlan, layout: TaskLayout, mem: CachedMemory<'static, H, M, T>) -> Self {
@@ -128,8 +137,10 @@ impl<H: Hypercalls, M: SharedMemory, T: TokenSource> MainJob<H, M, T> {
         AddressSpace::Paged { cr3 }
             .read(&mut self.mem, ptr, buf)
             .ok()?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         Some(
-            buf.iter()
+            buf[..end]
+                .iter()
                 .map(|&b| {
                     if b.is_ascii_graphic() || b == b' ' {
                         b as char
@@ -152,7 +163,26 @@ impl<H: Hypercalls, M: SharedMemory, T: TokenSource> EventHandler for MainJob<H,
         mode: u32,
     ) -> EventReply<'static> {
         self.cr3 = Some(event.common.sregs.cr3.get());
-        self.guard.on_page_fault(ctx, event, gva, gpa, mode)
+        let mut capture = Capture {
+            inner: &mut *ctx,
+            line: None,
+        };
+        let reply = self
+            .guard
+            .on_page_fault(&mut capture, event, gva, gpa, mode);
+        // A finding (write_denied): the shim reports an unknown gva as all-ones; print null.
+        if let Some(line) = capture.line {
+            match serde_json::from_slice::<serde_json::Value>(&line) {
+                Ok(mut value) if value.is_object() && gva == u64::MAX => {
+                    value["gva"] = serde_json::Value::Null;
+                    ctx.emit(&value);
+                }
+                _ => {
+                    ctx.emit(&RawLine(&line));
+                }
+            }
+        }
+        reply
     }
 
     fn on_breakpoint(
@@ -171,18 +201,23 @@ impl<H: Hypercalls, M: SharedMemory, T: TokenSource> EventHandler for MainJob<H,
         let Some(line) = capture.line else {
             return reply;
         };
+        // `task_create(name: &[u8], parent: u32, …) -> Result<(u32, usize), CreateError>` is
+        // a Rust-ABI function whose result does not fit in two registers: RDI carries the
+        // return slot, so the name is (RSI, RDX) and the parent is RCX (checked against the
+        // demo target's code). The guard's line assumes RDI/RSI/RDX; set the fields right.
         let regs = &event.common.regs;
-        let name = self.read_name(cr3, regs.rdi.get(), regs.rsi.get());
-        match (serde_json::from_slice::<serde_json::Value>(&line), name) {
-            (Ok(mut value), Some(name)) if value.is_object() => {
-                value["name"] = serde_json::Value::String(name);
-                ctx.emit(&value);
-            }
-            (Ok(value), _) => {
-                ctx.emit(&value);
-            }
-            (Err(_), _) => {}
+        let (ptr, len, parent) = (regs.rsi.get(), regs.rdx.get(), regs.rcx.get() & 0xffff_ffff);
+        let name = self.read_name(cr3, ptr, len);
+        let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&line) else {
+            return reply;
+        };
+        if value.is_object() {
+            value["name_ptr"] = ptr.into();
+            value["name_len"] = len.into();
+            value["parent"] = parent.into();
+            value["name"] = name.map_or(serde_json::Value::Null, serde_json::Value::String);
         }
+        ctx.emit(&value);
         reply
     }
 }
