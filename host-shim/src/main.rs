@@ -71,6 +71,13 @@ enum Command {
         #[arg(long, default_value = "demo-target")]
         image: String,
     },
+    /// Appliance benchmarks: target memory through the map window vs READ_PHYSICAL, and the
+    /// map cost per page, single vs batched (ratios measured in one run).
+    ApplianceBench {
+        /// MiB of target memory to read (1..=256).
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+    },
     /// Subcommands on a running VM's KVMI socket (events, regs, read, pause, ...).
     #[command(flatten)]
     Tool(cli::ToolCommand),
@@ -246,6 +253,13 @@ fn profile(spec: &str) -> Result<u8> {
     Ok(0)
 }
 
+fn appliance_bench(mib: u64) -> Result<u8> {
+    let (_, image) = load_image("test-guest")?;
+    let figures = host_shim::appliance::bench::run(&image, "mode=spin", mib)?;
+    print!("{}", figures.table());
+    Ok(0)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
@@ -253,6 +267,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Caps { json } => caps(json),
         Command::Profile { image } => profile(&image),
+        Command::ApplianceBench { mib } => appliance_bench(mib),
         Command::Tool(command) => cli::run(command),
     };
     match result {

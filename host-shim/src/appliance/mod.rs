@@ -15,6 +15,7 @@
 //! ([`crate::GuestRam::memfd_file`]), so an appliance VMM in another process could receive
 //! them by `SCM_RIGHTS`; this shim runs both VMs in one process.
 
+pub mod bench;
 pub mod hook;
 pub mod launch;
 pub mod pager;
