@@ -77,6 +77,9 @@ enum Command {
         /// MiB of target memory to read (1..=256).
         #[arg(long, default_value_t = 64)]
         mib: u64,
+        /// Events per path for the event round trip (rings, socket, raw floor; 0 = skip).
+        #[arg(long, default_value_t = 2000)]
+        events: u64,
     },
     /// Subcommands on a running VM's KVMI socket (events, regs, read, pause, ...).
     #[command(flatten)]
@@ -253,10 +256,21 @@ fn profile(spec: &str) -> Result<u8> {
     Ok(0)
 }
 
-fn appliance_bench(mib: u64) -> Result<u8> {
+fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
     let (_, image) = load_image("test-guest")?;
     let figures = host_shim::appliance::bench::run(&image, "mode=spin", mib)?;
     print!("{}", figures.table());
+    if events > 0 {
+        let profile = Image::TestGuest
+            .profile()
+            .context("test-guest profile not embedded")??;
+        let page = profile
+            .symbol("scratch_page")
+            .context("profile lacks sym.scratch_page")?;
+        let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
+        let figures = host_shim::appliance::event_bench::run(&image, events, page, gate)?;
+        print!("{}", figures.table());
+    }
     Ok(0)
 }
 
@@ -267,7 +281,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Caps { json } => caps(json),
         Command::Profile { image } => profile(&image),
-        Command::ApplianceBench { mib } => appliance_bench(mib),
+        Command::ApplianceBench { mib, events } => appliance_bench(mib, events),
         Command::Tool(command) => cli::run(command),
     };
     match result {

@@ -16,6 +16,7 @@
 //! them by `SCM_RIGHTS`; this shim runs both VMs in one process.
 
 pub mod bench;
+pub mod event_bench;
 pub mod hook;
 pub mod launch;
 pub mod pager;

@@ -1,0 +1,369 @@
+//! Event round trips through the rings against the socket and the raw exit floor, in one
+//! run (issue 5 item 7). All three run the same test-guest loop, `mode=mem-write n=N gate=1`
+//! (N word writes to a write-protected scratch page), and each sample is the time between
+//! two consecutive exits (so it includes the guest's loop body and every cost of one round
+//! trip):
+//! - **floor**: an in-process [`ExitHook`] takes the write exit and drops it;
+//! - **rings**: the target's introspector with the ring transport, answered by an agent
+//!   thread polling the shared ring region (the appliance's side of the same memory — the
+//!   agent runs on the host here, so the figure is the transport's, without the appliance
+//!   VM's scheduling);
+//! - **socket**: the same introspector over the KVMI unix socket, answered by [`KvmiClient`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hypercall::discovery::RingKind;
+use hypercall::ring::{Consumer, LayoutParams, Producer, Region, RingSizes};
+use protocol::V4;
+use protocol::command::Command;
+use protocol::event::{EventKind, EventSet};
+use protocol::event_reply::{Action, EventReply, EventReplyData};
+use protocol::list::List;
+use protocol::types::{Access, PageAccessEntry};
+use protocol::wire::{HostMessage, WireProfile};
+
+use super::hook::SERVED_FEATURES;
+use super::rings::{RingMemory, RingService, create_region};
+use crate::client::KvmiClient;
+use crate::devices::{SerialSink, UnknownIoPolicy};
+use crate::hook::{ExitContext, ExitHook, HookResult, MmioAccess};
+use crate::introspect::{
+    Endpoint, Introspector, IntrospectorConfig, start_introspected, temp_socket_path,
+};
+use crate::memory::GuestRam;
+use crate::vm::{RunLimits, Vm, VmConfig};
+
+/// Median time per round trip of each path.
+#[derive(Clone, Copy, Debug)]
+pub struct EventFigures {
+    /// Events per path.
+    pub samples: u64,
+    /// The VMM alone handles the exit.
+    pub floor: Duration,
+    /// Through the rings.
+    pub rings: Duration,
+    /// Through the socket.
+    pub socket: Duration,
+}
+
+impl EventFigures {
+    /// A human-readable table with the ratios.
+    pub fn table(&self) -> String {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let r = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
+        format!(
+            "event round trip (write-protected page, {} events, median):\n\
+             \x20 raw exit floor   {:>8.1} us\n\
+             \x20 rings            {:>8.1} us   {:.2}x the floor\n\
+             \x20 socket           {:>8.1} us   {:.2}x the floor\n\
+             \x20 socket / rings   {:.2}x\n",
+            self.samples,
+            us(self.floor),
+            us(self.rings),
+            r(self.rings, self.floor),
+            us(self.socket),
+            r(self.socket, self.floor),
+            r(self.socket, self.rings),
+        )
+    }
+}
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+#[error("event bench: {0}")]
+pub struct EventBenchError(String);
+
+fn fail(what: &str) -> impl FnOnce(String) -> EventBenchError + '_ {
+    move |e| EventBenchError(format!("{what}: {e}"))
+}
+
+fn median(times: &[Instant]) -> Duration {
+    let mut gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    gaps.get(gaps.len() / 2).copied().unwrap_or_default()
+}
+
+fn target_vm(image: &[u8], n: u64) -> Result<Vm, EventBenchError> {
+    let config = VmConfig {
+        name: "event-bench".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: format!("mode=mem-write n={n} gate=1"),
+        unknown_io: UnknownIoPolicy::Ignore,
+    };
+    let mut vm = Vm::new(config, image).map_err(|e| fail("target")(e.to_string()))?;
+    vm.set_serial(SerialSink::Null);
+    Ok(vm)
+}
+
+const LIMITS: RunLimits = RunLimits {
+    timeout: Some(Duration::from_secs(120)),
+    interrupt: None,
+};
+
+struct FloorHook(Mutex<Vec<Instant>>);
+
+impl ExitHook for FloorHook {
+    fn mmio(&self, _ctx: &mut ExitContext<'_>, io: &mut MmioAccess<'_>) -> HookResult {
+        if io.write {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Instant::now());
+            return HookResult::Handled;
+        }
+        HookResult::Unhandled
+    }
+}
+
+fn floor(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+    let mut vm = target_vm(image, n)?;
+    let hook = Arc::new(FloorHook(Mutex::new(Vec::new())));
+    vm.set_hook(hook.clone());
+    let ram = vm.ram().clone();
+    ram.write(gate, &1u64.to_le_bytes())
+        .and_then(|()| ram.protect(page, 4096, libc::PROT_READ))
+        .map_err(|e| fail("floor setup")(e.to_string()))?;
+    let report = vm
+        .run(LIMITS)
+        .map_err(|e| fail("floor run")(e.to_string()))?;
+    if !report.outcome.is_success() {
+        return Err(EventBenchError(format!("floor run: {}", report.outcome)));
+    }
+    Ok(std::mem::take(
+        &mut *hook.0.lock().unwrap_or_else(|p| p.into_inner()),
+    ))
+}
+
+/// The agent's side of the rings.
+struct RingAgent {
+    events: Consumer<RingMemory>,
+    replies: Producer<RingMemory>,
+    commands: Producer<RingMemory>,
+    command_replies: Consumer<RingMemory>,
+    buf: Vec<u8>,
+    seq: u32,
+}
+
+impl RingAgent {
+    fn pop(c: &mut Consumer<RingMemory>, buf: &mut [u8]) -> Result<usize, EventBenchError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(n) = c.try_pop(buf).map_err(|e| fail("ring")(e.to_string()))? {
+                let _ = c.release().map_err(|e| fail("ring")(e.to_string()))?;
+                return Ok(n);
+            }
+            if Instant::now() > deadline {
+                return Err(EventBenchError("no record for 10 s".into()));
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn push(p: &mut Producer<RingMemory>, msg: &[u8]) -> Result<(), EventBenchError> {
+        p.try_push(msg)
+            .and_then(|()| p.publish().map(|_| ()))
+            .map_err(|e| fail("ring push")(e.to_string()))
+    }
+
+    /// Sends `command`, retrying a few times while the vCPU is slow to take it (`-EAGAIN`
+    /// after the engine's vCPU-command timeout, e.g. on a loaded host).
+    fn command(&mut self, command: &Command<'_>) -> Result<(), EventBenchError> {
+        let mut tries = 0;
+        loop {
+            match self.command_once(command) {
+                Err(EventBenchError(e)) if e.ends_with("refused: Again") && tries < 5 => {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn command_once(&mut self, command: &Command<'_>) -> Result<(), EventBenchError> {
+        self.seq += 1;
+        let n = V4::encode_command(self.seq, command, &mut self.buf)
+            .map_err(|e| fail("encode")(e.to_string()))?;
+        Self::push(&mut self.commands, &self.buf[..n])?;
+        let mut reply = vec![0u8; self.command_replies.max_payload()];
+        let n = Self::pop(&mut self.command_replies, &mut reply)?;
+        let frame = V4::parse_frame(&reply[..n]).map_err(|e| fail("reply")(e.to_string()))?;
+        match V4::decode_host_message(frame) {
+            Ok(HostMessage::Reply {
+                seq,
+                command: kind,
+                payload,
+            }) if seq == self.seq => match V4::decode_reply(kind, payload) {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(code)) => Err(EventBenchError(format!("{kind:?} refused: {code:?}"))),
+                Err(e) => Err(fail("reply")(e.to_string())),
+            },
+            other => Err(EventBenchError(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    fn answer_events(&mut self, n: u64) -> Result<Vec<Instant>, EventBenchError> {
+        let mut times = Vec::with_capacity(n as usize);
+        let mut record = vec![0u8; self.events.max_payload()];
+        while (times.len() as u64) < n {
+            let len = Self::pop(&mut self.events, &mut record)?;
+            times.push(Instant::now());
+            let frame =
+                V4::parse_frame(&record[..len]).map_err(|e| fail("event")(e.to_string()))?;
+            let Ok(HostMessage::Event { seq, event }) = V4::decode_host_message(frame) else {
+                return Err(EventBenchError("not an event on the event ring".into()));
+            };
+            let data = match event.payload.kind() {
+                EventKind::PageFault => EventReplyData::PageFault(Default::default()),
+                _ => EventReplyData::None,
+            };
+            let reply = EventReply {
+                event: event.payload.kind(),
+                action: Action::Continue,
+                data,
+            };
+            let m = V4::encode_event_reply(seq, &reply, &mut self.buf)
+                .map_err(|e| fail("encode")(e.to_string()))?;
+            Self::push(&mut self.replies, &self.buf[..m])?;
+        }
+        Ok(times)
+    }
+}
+
+fn setup_commands<'a>(
+    gate: u64,
+    entries: &'a [PageAccessEntry; 1],
+    one: &'a [u8; 8],
+) -> [Command<'a>; 3] {
+    [
+        Command::ControlEvents {
+            vcpu: 0,
+            events: EventSet::EMPTY.with(EventKind::PageFault),
+        },
+        Command::SetPageAccess {
+            vcpu: 0,
+            view: 0,
+            entries: List::from_slice(entries),
+        },
+        Command::WritePhysical {
+            gpa: gate,
+            data: one,
+        },
+    ]
+}
+
+fn rings(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+    let caps = crate::probe::cached_capabilities().map_err(|e| fail("probe")(e.to_string()))?;
+    let mut vm = target_vm(image, n)?;
+    let intro = Introspector::install(&mut vm, caps, IntrospectorConfig::default())
+        .map_err(|e| fail("introspector")(e.to_string()))?;
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: super::launch::MAP_WINDOW_GPA,
+        map_window_size: 1 << 20,
+    };
+    let size = params.region_size().next_multiple_of(4096);
+    let ram =
+        GuestRam::new("event-bench-rings", size).map_err(|e| fail("region")(e.to_string()))?;
+    let region =
+        create_region(Arc::new(ram), &params).map_err(|e| fail("region")(e.to_string()))?;
+    let running = vm.start().map_err(|e| fail("start")(e.to_string()))?;
+    intro.set_handle(running.handle());
+    let service = RingService::start(
+        intro.clone(),
+        &region,
+        Box::new(|_| {}),
+        Duration::from_secs(10),
+    )
+    .map_err(|e| fail("ring service")(e.to_string()))?;
+    let app = Region::open(region.memory().clone()).map_err(|e| fail("open")(e.to_string()))?;
+    let mut agent = RingAgent {
+        events: app
+            .consumer_for(RingKind::Event, 0)
+            .map_err(|e| fail("event ring")(e.to_string()))?,
+        replies: app
+            .producer_for(RingKind::EventReply, 0)
+            .map_err(|e| fail("reply ring")(e.to_string()))?,
+        commands: app
+            .producer_for(RingKind::Command, 0)
+            .map_err(|e| fail("command ring")(e.to_string()))?,
+        command_replies: app
+            .consumer_for(RingKind::CommandReply, 0)
+            .map_err(|e| fail("command-reply ring")(e.to_string()))?,
+        buf: vec![0u8; V4::MAX_MSG_SIZE],
+        seq: 0,
+    };
+    let entries = [PageAccessEntry {
+        gpa: page,
+        access: Access::R.union(Access::X),
+    }];
+    let one = 1u64.to_le_bytes();
+    for c in setup_commands(gate, &entries, &one) {
+        agent.command(&c)?;
+    }
+    let times = agent.answer_events(n);
+    let report = running.wait(LIMITS);
+    let _ = service.stop();
+    let times = times?;
+    if !report.outcome.is_success() {
+        return Err(EventBenchError(format!("rings run: {}", report.outcome)));
+    }
+    Ok(times)
+}
+
+fn socket(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+    let vm = target_vm(image, n)?;
+    let path = temp_socket_path("event-bench");
+    let run = start_introspected(vm, IntrospectorConfig::default(), Endpoint::Listen(path))
+        .map_err(|e| fail("socket target")(e.to_string()))?;
+    let client = KvmiClient::connect(run.socket()).map_err(|e| fail("connect")(e.to_string()))?;
+    let entries = [PageAccessEntry {
+        gpa: page,
+        access: Access::R.union(Access::X),
+    }];
+    let one = 1u64.to_le_bytes();
+    for c in setup_commands(gate, &entries, &one) {
+        client
+            .call(&c)
+            .map_err(|e| fail("command")(e.to_string()))?;
+    }
+    let mut times = Vec::with_capacity(n as usize);
+    while (times.len() as u64) < n {
+        match client.next_event(Duration::from_secs(10)) {
+            Ok(Some(ev)) => {
+                times.push(ev.received);
+                client
+                    .reply_continue(&ev)
+                    .map_err(|e| fail("reply")(e.to_string()))?;
+            }
+            Ok(None) => return Err(EventBenchError("no event for 10 s".into())),
+            Err(e) => return Err(fail("socket")(e.to_string())),
+        }
+    }
+    client.close();
+    let report = run.wait(LIMITS);
+    if !report.outcome.is_success() {
+        return Err(EventBenchError(format!("socket run: {}", report.outcome)));
+    }
+    Ok(times)
+}
+
+/// Runs the three paths with `n` events each on test-guest (`image`), whose profile gives
+/// the scratch `page` and the start `gate` addresses.
+pub fn run(image: &[u8], n: u64, page: u64, gate: u64) -> Result<EventFigures, EventBenchError> {
+    if !(2..=1_000_000).contains(&n) {
+        return Err(EventBenchError("n must be 2..=1000000".into()));
+    }
+    let floor = median(&floor(image, n, page, gate)?);
+    let rings = median(&rings(image, n, page, gate)?);
+    let socket = median(&socket(image, n, page, gate)?);
+    Ok(EventFigures {
+        samples: n,
+        floor,
+        rings,
+        socket,
+    })
+}
