@@ -499,3 +499,53 @@ fn a_real_appliance_guest_maps_a_target_page_by_hypercall() {
     assert_eq!(pager.retire(), 1);
     rig.assert_target_running();
 }
+
+/// The permissions `/proc/self/maps` shows for the mapping that contains `addr`.
+fn host_perms(addr: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (a, b) = (
+            usize::from_str_radix(a, 16).unwrap(),
+            usize::from_str_radix(b, 16).unwrap(),
+        );
+        if (a..b).contains(&addr) {
+            return perms.to_string();
+        }
+    }
+    panic!("{addr:#x} not mapped");
+}
+
+#[test]
+fn granted_pages_are_mapped_read_only_and_shared() {
+    if common::skip("granted_pages_are_mapped_read_only_and_shared") {
+        return;
+    }
+    let rig = Rig::new();
+    let page = |i: u64| rig.window.host_base() as usize + (i * PAGE_SIZE) as usize;
+    assert_eq!(
+        host_perms(page(6)),
+        "rw-p",
+        "the placeholder is private zero memory"
+    );
+    let t = rig.token();
+    assert_eq!(rig.mem_map(&t, tpage(0), wpage(6)), Ok(0));
+    // KVM maps a PROT_READ host page read-only into the appliance: its writes never reach
+    // the target's page.
+    assert_eq!(host_perms(page(6)), "r--s");
+    assert_eq!(host_perms(page(7)), "rw-p");
+    assert_eq!(rig.call(Hypercall::MemUnmap, [wpage(6), 0, 0, 0]), Ok(0));
+    assert_eq!(host_perms(page(6)), "rw-p");
+    assert_eq!(
+        SERVED_FEATURES.0 & hypercall::discovery::Features::WRITABLE_MAPS.0,
+        0,
+        "writable maps are not announced"
+    );
+    rig.assert_target_running();
+}
