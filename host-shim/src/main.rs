@@ -206,8 +206,10 @@ fn run(args: RunArgs) -> Result<u8> {
         Some(spec) => Some(load_image(spec).context("loading the appliance image")?.1),
         None => None,
     };
+    let host_agent = args.appliance.appliance_socket.is_some();
     let introspection = match appliance_image {
         Some(_) => None,
+        None if host_agent => None,
         None => args.kvmi.setup()?,
     };
     let mut vm = Vm::new(config, &image).with_context(|| format!("building the VM for {name}"))?;
@@ -219,6 +221,7 @@ fn run(args: RunArgs) -> Result<u8> {
     };
     let report = match (appliance_image, introspection) {
         (Some(image), _) => args.appliance.run(&args.kvmi, vm, image, limits)?.target,
+        (None, _) if host_agent => args.appliance.run_host_socket(&args.kvmi, vm, limits)?,
         (None, introspection) => match introspection {
             Some((config, endpoint)) => {
                 host_shim::introspect::start_introspected(vm, config, endpoint)?.wait(limits)

@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod event_bench;
 pub mod hook;
+pub mod host_socket;
 pub mod launch;
 pub mod pager;
 pub mod rings;

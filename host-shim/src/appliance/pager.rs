@@ -45,12 +45,64 @@ pub struct PagerStats {
     pub refused: u64,
 }
 
+/// What backs the appliance's window.
+enum Backing {
+    /// An appliance VM's window: target pages are mapped over it, zero-copy.
+    Remap(Arc<RemapWindow>),
+    /// A host agent's window memfd (guest-driver's host backend): the shim cannot remap
+    /// pages in another process, so granted pages are copied in at map time and zeroed on
+    /// unmap. The checks are the same.
+    Copy(Arc<GuestRam>),
+}
+
+impl Backing {
+    fn len(&self) -> u64 {
+        match self {
+            Backing::Remap(w) => w.len(),
+            Backing::Copy(m) => m.size(),
+        }
+    }
+
+    fn map(
+        &self,
+        offset: u64,
+        target: &GuestRam,
+        target_gpa: u64,
+        len: u64,
+    ) -> Result<(), crate::error::VmError> {
+        match self {
+            Backing::Remap(w) => w.map_shared_readonly(offset, target.memfd(), target_gpa, len),
+            Backing::Copy(m) => {
+                let mut page = vec![0u8; PAGE_SIZE as usize];
+                for at in (0..len).step_by(PAGE_SIZE as usize) {
+                    target.read(target_gpa + at, &mut page)?;
+                    m.write(offset + at, &page)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn revoke(&self, offset: u64, len: u64) -> Result<(), crate::error::VmError> {
+        match self {
+            Backing::Remap(w) => w.revoke(offset, len),
+            Backing::Copy(m) => {
+                let zero = vec![0u8; PAGE_SIZE as usize];
+                for at in (0..len).step_by(PAGE_SIZE as usize) {
+                    m.write(offset + at, &zero)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Serves the page-sharing hypercalls of one appliance for one target.
 pub struct Pager {
     target: Arc<Introspector>,
     target_ram: Arc<GuestRam>,
     others: Vec<Arc<Introspector>>,
-    window: Arc<RemapWindow>,
+    window: Backing,
     window_gpa: u64,
     mapped: Mutex<Vec<bool>>,
     retired: AtomicBool,
@@ -86,6 +138,40 @@ impl Pager {
         window: Arc<RemapWindow>,
         window_gpa: u64,
     ) -> Pager {
+        Self::with_backing(
+            target,
+            target_ram,
+            others,
+            Backing::Remap(window),
+            window_gpa,
+        )
+    }
+
+    /// A pager for a host agent (guest-driver's host backend) whose window is the memfd
+    /// `window` at guest-physical `window_gpa`: granted pages are copied in at map time (a
+    /// snapshot; the one difference from the zero-copy VM path) and zeroed on unmap.
+    pub fn new_copying(
+        target: Arc<Introspector>,
+        target_ram: Arc<GuestRam>,
+        window: Arc<GuestRam>,
+        window_gpa: u64,
+    ) -> Pager {
+        Self::with_backing(
+            target,
+            target_ram,
+            Vec::new(),
+            Backing::Copy(window),
+            window_gpa,
+        )
+    }
+
+    fn with_backing(
+        target: Arc<Introspector>,
+        target_ram: Arc<GuestRam>,
+        others: Vec<Arc<Introspector>>,
+        window: Backing,
+        window_gpa: u64,
+    ) -> Pager {
         let pages = (window.len() / PAGE_SIZE) as usize;
         Pager {
             target,
@@ -107,9 +193,12 @@ impl Pager {
         self.window_gpa
     }
 
-    /// The window (its host mapping is what the appliance sees).
-    pub fn window(&self) -> &Arc<RemapWindow> {
-        &self.window
+    /// The VM window (its host mapping is what the appliance sees); None for a host agent.
+    pub fn window(&self) -> Option<&Arc<RemapWindow>> {
+        match &self.window {
+            Backing::Remap(w) => Some(w),
+            Backing::Copy(_) => None,
+        }
     }
 
     /// The counters.
@@ -214,9 +303,9 @@ impl Pager {
         let token = Self::read_token(caller_ram, token_gpa)?;
         self.consume(&token)?;
         self.window
-            .map_shared_readonly(
+            .map(
                 window_gpa - self.window_gpa,
-                self.target_ram.memfd(),
+                &self.target_ram,
                 target_gpa,
                 bytes,
             )

@@ -19,8 +19,18 @@ pub struct ApplianceRunArgs {
     /// Boot an appliance VM next to the target, from an ELF file or an embedded image name
     /// (default when the flag has no value: the embedded `appliance`). Its log-ring lines are
     /// printed on stdout.
-    #[arg(long, value_name = "FILE|NAME", num_args = 0..=1, default_missing_value = "appliance")]
+    #[arg(
+        long,
+        value_name = "FILE|NAME",
+        num_args = 0..=1,
+        default_missing_value = "appliance",
+        conflicts_with = "appliance_socket"
+    )]
     pub appliance: Option<String>,
+    /// Serve a host-process agent (guest-driver's host backend) on the unix socket PATH: the
+    /// rings and window as memfds, hypercalls as socket requests.
+    #[arg(long, value_name = "PATH")]
+    pub appliance_socket: Option<std::path::PathBuf>,
     /// The appliance's command line.
     #[arg(long, value_name = "WORDS", default_value = "", requires = "appliance")]
     pub appliance_cmdline: String,
@@ -28,7 +38,7 @@ pub struct ApplianceRunArgs {
     #[arg(long, value_name = "MIB", default_value_t = 64, requires = "appliance")]
     pub appliance_memory: u64,
     /// Size of the appliance's map window in MiB (at most 256).
-    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_WINDOW_SIZE >> 20, requires = "appliance")]
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_WINDOW_SIZE >> 20)]
     pub appliance_window: u64,
 }
 
@@ -55,6 +65,40 @@ impl ApplianceRunArgs {
     /// Whether `--appliance` was given.
     pub fn enabled(&self) -> bool {
         self.appliance.is_some()
+    }
+
+    /// Runs `target` serving a host agent on `--appliance-socket` until the target ends.
+    pub fn run_host_socket(
+        &self,
+        kvmi: &KvmiRunArgs,
+        mut target: Vm,
+        limits: RunLimits,
+    ) -> Result<crate::vm::RunReport, ApplianceArgsError> {
+        let Some(path) = &self.appliance_socket else {
+            return Err(ApplianceArgsError::Size("--appliance-socket needs a path"));
+        };
+        let window_size = self
+            .appliance_window
+            .checked_mul(1 << 20)
+            .filter(|b| (1 << 20..=256 << 20).contains(b))
+            .ok_or(ApplianceArgsError::Size(
+                "--appliance-window must be 1..=256 MiB",
+            ))?;
+        let config = Self::introspector_config(kvmi)?;
+        let caps = crate::probe::cached_capabilities().map_err(|e| IntrospectError::Io {
+            what: "capability probe".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let intro = crate::introspect::Introspector::install(&mut target, caps, config)?;
+        let ram = target.ram().clone();
+        let vcpus = target.boot_info().vcpu_count;
+        let running = target.start().map_err(IntrospectError::from)?;
+        intro.set_handle(running.handle());
+        let server =
+            super::host_socket::HostSocketServer::start(intro, ram, vcpus, path, window_size)?;
+        let report = running.wait(limits);
+        server.stop();
+        Ok(report)
     }
 
     /// The introspector's configuration from the shared `--kvmi-*` / `--allow-*` flags.
