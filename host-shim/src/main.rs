@@ -158,7 +158,7 @@ fn init_logging(verbose: u8) {
 /// Reads an image: an existing file, else an embedded image of that name.
 fn load_image(spec: &str) -> Result<(String, Vec<u8>)> {
     let path = PathBuf::from(spec);
-    if path.exists() {
+    if path.is_file() {
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let name = path
             .file_stem()
@@ -200,6 +200,8 @@ fn run(args: RunArgs) -> Result<u8> {
         Some(p) => SerialSink::File(
             File::create(p).with_context(|| format!("creating serial file {}", p.display()))?,
         ),
+        // With an appliance, stdout carries only its JSON lines; serial output goes to stderr.
+        None if args.appliance.enabled() => host_shim::appliance::run_args::stderr_sink()?,
         None => SerialSink::Stdout,
     };
     let appliance_image = match &args.appliance.appliance {

@@ -13,7 +13,15 @@ use crate::introspect::run_args::KvmiRunArgs;
 use crate::introspect::{IntrospectError, IntrospectorConfig, masks};
 use crate::vm::{RunLimits, Vm, VmConfig};
 
-/// Appliance options of `kvmi run`.
+/// A serial sink writing to the process's standard error (a duplicate of fd 2).
+pub fn stderr_sink() -> std::io::Result<SerialSink> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stderr().as_fd().try_clone_to_owned()?;
+    Ok(SerialSink::File(std::fs::File::from(fd)))
+}
+
+/// Appliance options of `kvmi run`. With `--appliance`, stdout carries only the appliance's
+/// JSON lines (log ring); both VMs' serial output goes to stderr (unless `--serial`).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ApplianceRunArgs {
     /// Boot an appliance VM next to the target, from an ELF file or an embedded image name
@@ -160,7 +168,10 @@ impl ApplianceRunArgs {
                 unknown_io: UnknownIoPolicy::Ignore,
             },
             image,
-            serial: SerialSink::Stdout,
+            serial: stderr_sink().map_err(|source| IntrospectError::Io {
+                what: "duplicating stderr".into(),
+                source,
+            })?,
             log: stdout_sink(),
             window_size,
             sizes: RingSizes::default(),
