@@ -114,7 +114,7 @@ impl Options {
             secs: num("secs")?,
             scan_ms: num("scan_ms")?.unwrap_or(50).max(1),
             summary_ms: num("summary_ms")?.unwrap_or(1000).max(1),
-            cache: num("cache")?.unwrap_or(64).clamp(4, 4096) as usize,
+            cache: num("cache")?.unwrap_or(64).clamp(8, 4096) as usize,
         })
     }
 }
