@@ -24,7 +24,7 @@ use protocol::types::{Access, PageAccessEntry};
 use protocol::wire::{HostMessage, WireProfile};
 
 use super::hook::SERVED_FEATURES;
-use super::rings::{RingMemory, RingService, create_region};
+use super::rings::{RingMemory, RingService, Waker, create_region};
 use crate::client::KvmiClient;
 use crate::devices::{SerialSink, UnknownIoPolicy};
 use crate::hook::{ExitContext, ExitHook, HookResult, MmioAccess};
@@ -144,6 +144,8 @@ struct RingAgent {
     command_replies: Consumer<RingMemory>,
     buf: Vec<u8>,
     seq: u32,
+    /// NOTIFY: wakes the shim's service thread when it sleeps (as the appliance's hypercall).
+    waker: Waker,
 }
 
 impl RingAgent {
@@ -161,10 +163,19 @@ impl RingAgent {
         }
     }
 
-    fn push(p: &mut Producer<RingMemory>, msg: &[u8]) -> Result<(), EventBenchError> {
-        p.try_push(msg)
-            .and_then(|()| p.publish().map(|_| ()))
-            .map_err(|e| fail("ring push")(e.to_string()))
+    fn push(
+        p: &mut Producer<RingMemory>,
+        msg: &[u8],
+        waker: &Waker,
+    ) -> Result<(), EventBenchError> {
+        let notify = p
+            .try_push(msg)
+            .and_then(|()| p.publish())
+            .map_err(|e| fail("ring push")(e.to_string()))?;
+        if notify {
+            waker.wake();
+        }
+        Ok(())
     }
 
     /// Sends `command`, retrying a few times while the vCPU is slow to take it (`-EAGAIN`
@@ -185,7 +196,7 @@ impl RingAgent {
         self.seq += 1;
         let n = V4::encode_command(self.seq, command, &mut self.buf)
             .map_err(|e| fail("encode")(e.to_string()))?;
-        Self::push(&mut self.commands, &self.buf[..n])?;
+        Self::push(&mut self.commands, &self.buf[..n], &self.waker)?;
         let mut reply = vec![0u8; self.command_replies.max_payload()];
         let n = Self::pop(&mut self.command_replies, &mut reply)?;
         let frame = V4::parse_frame(&reply[..n]).map_err(|e| fail("reply")(e.to_string()))?;
@@ -225,7 +236,7 @@ impl RingAgent {
             };
             let m = V4::encode_event_reply(seq, &reply, &mut self.buf)
                 .map_err(|e| fail("encode")(e.to_string()))?;
-            Self::push(&mut self.replies, &self.buf[..m])?;
+            Self::push(&mut self.replies, &self.buf[..m], &self.waker)?;
         }
         Ok(times)
     }
@@ -295,6 +306,7 @@ fn rings(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, Eve
             .map_err(|e| fail("command-reply ring")(e.to_string()))?,
         buf: vec![0u8; V4::MAX_MSG_SIZE],
         seq: 0,
+        waker: service.waker(),
     };
     let entries = [PageAccessEntry {
         gpa: page,

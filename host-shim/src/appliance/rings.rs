@@ -239,9 +239,11 @@ struct Inbound {
 
 /// How long the service thread sleeps at most before re-checking (a NOTIFY ends it early).
 const SLEEP: Duration = Duration::from_millis(2);
-/// Empty polls (with a spin hint) before the thread yields, then sleeps.
-const SPINS: u32 = 2000;
-const YIELDS: u32 = 50;
+/// How long after its last work the thread polls with spin hints, then with scheduler
+/// yields, before it arms the wake words and sleeps (time-based, so the budget does not
+/// depend on the build's speed).
+const SPIN_FOR: Duration = Duration::from_micros(50);
+const YIELD_FOR: Duration = Duration::from_micros(500);
 
 impl RingService {
     /// Attaches the appliance's rings in `region` to `introspector` as its tool and starts
@@ -377,7 +379,7 @@ fn serve(
     stats: &ServiceStats,
 ) -> ServiceEnd {
     let mut scratch = vec![0u8; 1 << 20];
-    let mut idle = 0u32;
+    let mut last_work = Instant::now();
     let mut handle = |record: &[u8]| -> Result<(), String> {
         stats.messages.fetch_add(1, Ordering::Relaxed);
         intro
@@ -409,13 +411,13 @@ fn serve(
             return ServiceEnd::Detached("the introspector detached the appliance".into());
         }
         if work > 0 {
-            idle = 0;
+            last_work = Instant::now();
             continue;
         }
-        idle = idle.saturating_add(1);
-        if idle < SPINS {
+        let idle = last_work.elapsed();
+        if idle < SPIN_FOR {
             std::hint::spin_loop();
-        } else if idle < SPINS + YIELDS {
+        } else if idle < YIELD_FOR {
             std::thread::yield_now();
         } else if let Err(e) = sleep_armed(&mut inbound, stats) {
             return ServiceEnd::Detached(format!("arming ring wake words: {e}"));

@@ -1,0 +1,56 @@
+//! `kvmi run --appliance` as a user runs it (real KVM, the real binary): stdout carries only
+//! the appliance's JSON lines, the serial output goes to stderr, the summary is reported.
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn kvmi_run_appliance_prints_json_findings_on_stdout() {
+    if common::skip("kvmi_run_appliance_prints_json_findings_on_stdout") {
+        return;
+    }
+    if host_shim::images::Image::from_name("appliance")
+        .and_then(|i| i.elf())
+        .is_none()
+    {
+        println!("SKIPPED: the appliance image is not embedded in this build");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmi"))
+        .args(["run", "--appliance", "--timeout", "5"])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("kvmi runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "the --timeout ends it: {stderr}"
+    );
+    let findings: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["finding"] == "task" && f["name"] == "init"),
+        "{stdout}"
+    );
+    assert!(
+        findings.iter().any(|f| f["finding"] == "write_denied"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("heartbeat"),
+        "serial output on stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("kvmi: appliance: target timed out"),
+        "{stderr}"
+    );
+}
