@@ -207,6 +207,8 @@ impl EventHandler for Guard {
         let rip = event.common.regs.rip.get();
         if gpa == self.plan.task_create || rip == self.plan.task_create {
             self.stats.tasks_created += 1;
+            // The demo target's `task_create` has the C calling convention: RDI = name
+            // pointer, RSI = name length, EDX = parent pid.
             let r = &event.common.regs;
             ctx.emit(&TaskCreate {
                 finding: "task_create",
@@ -214,7 +216,7 @@ impl EventHandler for Guard {
                 cr3: event.common.sregs.cr3.get(),
                 name_ptr: r.rdi.get(),
                 name_len: r.rsi.get(),
-                parent: r.rdx.get(),
+                parent: r.rdx.get() & 0xffff_ffff,
             });
         } else {
             self.stats.other += 1;

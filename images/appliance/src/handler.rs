@@ -201,20 +201,16 @@ impl<H: Hypercalls, M: SharedMemory, T: TokenSource> EventHandler for MainJob<H,
         let Some(line) = capture.line else {
             return reply;
         };
-        // `task_create(name: &[u8], parent: u32, …) -> Result<(u32, usize), CreateError>` is
-        // a Rust-ABI function whose result does not fit in two registers: RDI carries the
-        // return slot, so the name is (RSI, RDX) and the parent is RCX (checked against the
-        // demo target's code). The guard's line assumes RDI/RSI/RDX; set the fields right.
+        // `task_create` has the C calling convention (see the demo target's docs): the
+        // guard's line carries the name pointer (RDI), its length (RSI) and the parent (RDX);
+        // add the name itself, read from the target through the window.
         let regs = &event.common.regs;
-        let (ptr, len, parent) = (regs.rsi.get(), regs.rdx.get(), regs.rcx.get() & 0xffff_ffff);
+        let (ptr, len) = (regs.rdi.get(), regs.rsi.get());
         let name = self.read_name(cr3, ptr, len);
         let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&line) else {
             return reply;
         };
         if value.is_object() {
-            value["name_ptr"] = ptr.into();
-            value["name_len"] = len.into();
-            value["parent"] = parent.into();
             value["name"] = name.map_or(serde_json::Value::Null, serde_json::Value::String);
         }
         ctx.emit(&value);

@@ -20,7 +20,20 @@ static WORKERS_SPAWNED: AtomicU64 = AtomicU64::new(0);
 /// Creates a task and logs it (`task created pid=.. name=.. parent=.. cr3=..`).
 pub fn spawn(name: &[u8], parent: u32, kind: Kind, cpu: u32) -> Option<u32> {
     let round = KERNEL_STATS.rounds.load(Ordering::Relaxed);
-    match task::task_create(name, parent, kind, cpu, round) {
+    let mut result: task::CreateResult = Err(task::CreateError::TableFull);
+    // SAFETY: `name` is a live slice: its pointer and length describe readable bytes.
+    unsafe {
+        task::task_create(
+            name.as_ptr(),
+            name.len(),
+            parent,
+            kind,
+            cpu,
+            round,
+            &mut result,
+        )
+    };
+    match result {
         Ok((pid, slot)) => {
             KERNEL_STATS.tasks_created.fetch_add(1, Ordering::Relaxed);
             let task = task::read(slot);

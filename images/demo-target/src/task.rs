@@ -186,20 +186,39 @@ impl core::fmt::Debug for CreateError {
     }
 }
 
+/// What [`task_create`] writes through its last argument: `(pid, slot)` or why it failed.
+pub type CreateResult = Result<(u32, usize), CreateError>;
+
 /// Creates a task: picks a free (or exited) slot, builds or reuses its address space, fills
-/// its table entry and context and makes it READY on vCPU `cpu`. Returns `(pid, slot)`.
+/// its table entry and context and makes it READY on vCPU `cpu`. Writes `(pid, slot)` or the
+/// error to `result`.
 ///
-/// A real, never-inlined function: its address is the profile symbol
-/// `kvmi_profile.sym.task_create`, a hardware-breakpoint target for introspection.
+/// The kernel's task-creation entry point, a real never-inlined function: its address is the
+/// profile symbol `kvmi_profile.sym.task_create` (a hardware-breakpoint target for
+/// introspection). It has the C calling convention so a tool can read its arguments from the
+/// registers at entry, whatever the compiler version (System V: RDI = name pointer, RSI =
+/// name length, RDX = parent pid, RCX = workload kind, R8 = vCPU, R9 = round, and the result
+/// pointer on the stack), as a real OS's profile documents its entry points.
+///
+/// # Safety
+/// `name` must point to `name_len` readable bytes.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub fn task_create(
-    name: &[u8],
+pub unsafe extern "C" fn task_create(
+    name: *const u8,
+    name_len: usize,
     parent: u32,
     kind: Kind,
     cpu: u32,
     round: u64,
-) -> Result<(u32, usize), CreateError> {
+    result: &mut CreateResult,
+) {
+    // SAFETY: the caller passes a readable `name_len`-byte buffer (this function's contract).
+    let name = unsafe { core::slice::from_raw_parts(name, name_len) };
+    *result = create(name, parent, kind, cpu, round);
+}
+
+fn create(name: &[u8], parent: u32, kind: Kind, cpu: u32, round: u64) -> CreateResult {
     let mut next_pid = TABLE_LOCK.lock();
     let slot = (0..MAX_TASKS)
         .find(|&slot| matches!(read(slot).state, state::FREE | state::EXITED))
