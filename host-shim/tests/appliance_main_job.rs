@@ -61,8 +61,26 @@ fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
         full_timeout: DEFAULT_FULL_TIMEOUT,
     };
     let run = start_with_appliance(target, IntrospectorConfig::default(), appliance).unwrap();
+    // Run until every kind of finding has shown up (at most 60 s on a loaded host), then
+    // stop the target.
+    let wanted = [
+        "\"finding\":\"guard\"",
+        "\"finding\":\"write_denied\"",
+        "\"finding\":\"task_create\"",
+        "\"finding\":\"summary\"",
+        "\"name\":\"rootkit\"",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let seen = lines.lock().unwrap().join("\n");
+        if wanted.iter().all(|w| seen.contains(w)) && seen.matches("task_create").count() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run.target.handle().stop();
     let report = run.wait(RunLimits {
-        timeout: Some(Duration::from_secs(8)),
+        timeout: Some(Duration::from_secs(10)),
         interrupt: None,
     });
     let lines = lines.lock().unwrap().clone();
@@ -103,12 +121,7 @@ fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
         report.pages.pages_unmapped, report.pages.pages_mapped,
         "all revoked"
     );
-    // The target ran its course (the time limit), undisturbed by denied writes.
+    // The target ran undisturbed by the denied writes until we stopped it.
     let text = target_serial.text();
     assert!(text.contains("read the secret buffer"), "{text}");
-    assert!(
-        report.target.outcome.to_string().contains("timed out"),
-        "{}",
-        report.target.outcome
-    );
 }
