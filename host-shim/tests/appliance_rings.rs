@@ -205,7 +205,6 @@ fn an_appliance_that_stops_answering_is_detached_and_the_target_runs_on() {
         V4::EVENT_ID,
         "an event was delivered"
     );
-    let started = Instant::now();
     let report = running.wait(RunLimits {
         timeout: Some(Duration::from_secs(20)),
         interrupt: None,
@@ -215,10 +214,6 @@ fn an_appliance_that_stops_answering_is_detached_and_the_target_runs_on() {
         "the target ran to its end unhooked: {:?}: {}",
         report.outcome,
         serial.text()
-    );
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "it waited for the timeout"
     );
     assert!(!intro.is_attached(), "the silent appliance was detached");
     assert!(
