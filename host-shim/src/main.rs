@@ -34,11 +34,13 @@ A command-line usage error exits with 2 after printing the usage.";
 
 const RUN_HELP: &str = "\
 EXAMPLES:
-  kvmi run                                     the demo target OS, until Ctrl-C
+  kvmi run                                     the main job: the demo target OS watched by the
+                                               appliance VM (JSON findings on stdout, the
+                                               guests' serial output on stderr), until Ctrl-C
+  kvmi run --no-appliance                      the demo target alone (serial on stdout)
   kvmi run --cmdline rounds=20 --vcpus 2       20 scheduler rounds on 2 vCPUs, then exit 0
   kvmi run --image test-guest --cmdline mode=hello --serial out.txt --timeout 10
   kvmi run --image guest.elf --unknown-io error
-  kvmi run --appliance                         the demo target and the embedded appliance VM
   kvmi run --appliance agent.elf --appliance-cmdline verbose=1
 Images and their command lines are described in images/README.md.
 ";
@@ -88,9 +90,14 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// An ELF file, or the name of an embedded image (demo-target, test-guest).
-    #[arg(long, default_value = "demo-target")]
-    image: String,
+    /// An ELF file, or the name of an embedded image (demo-target, test-guest) [default: the
+    /// demo target, watched by the embedded appliance VM unless --no-appliance or a KVMI
+    /// socket is given].
+    #[arg(long)]
+    image: Option<String>,
+    /// With no --image: run the demo target alone, without the appliance VM.
+    #[arg(long, conflicts_with = "appliance")]
+    no_appliance: bool,
     /// Number of vCPUs (each on its own thread).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
@@ -175,8 +182,28 @@ fn load_image(spec: &str) -> Result<(String, Vec<u8>)> {
     Ok((image.name().to_string(), bytes.to_vec()))
 }
 
-fn run(args: RunArgs) -> Result<u8> {
-    let (name, image) = load_image(&args.image)?;
+/// The main job: `kvmi run` with no image and no tool of its own boots the demo target and the
+/// embedded appliance VM that watches it.
+fn apply_main_job_default(args: &mut RunArgs) {
+    let tool_chosen = args.appliance.appliance.is_some()
+        || args.appliance.appliance_socket.is_some()
+        || args.kvmi.kvmi_socket.is_some()
+        || args.kvmi.kvmi_connect.is_some();
+    if args.image.is_some() || args.no_appliance || tool_chosen {
+        return;
+    }
+    if Image::Appliance.elf().is_none() {
+        tracing::warn!(
+            "the appliance image is not embedded in this build: the demo target runs alone"
+        );
+        return;
+    }
+    args.appliance.appliance = Some(Image::Appliance.name().to_string());
+}
+
+fn run(mut args: RunArgs) -> Result<u8> {
+    apply_main_job_default(&mut args);
+    let (name, image) = load_image(args.image.as_deref().unwrap_or(Image::DemoTarget.name()))?;
     let memory_bytes = args
         .memory
         .checked_mul(1 << 20)

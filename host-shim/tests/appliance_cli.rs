@@ -1,5 +1,6 @@
-//! `kvmi run --appliance` as a user runs it (real KVM, the real binary): stdout carries only
-//! the appliance's JSON lines, the serial output goes to stderr, the summary is reported.
+//! `kvmi run` with no image — the main job: the demo target watched by the appliance VM — as
+//! a user runs it (real KVM, the real binary): stdout carries only the appliance's JSON lines,
+//! the serial output goes to stderr, the summary is reported.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::process::Command;
 use serde_json::Value;
 
 #[test]
-fn kvmi_run_appliance_prints_json_findings_on_stdout() {
+fn kvmi_run_main_job_prints_json_findings_on_stdout() {
     if common::skip("kvmi_run_appliance_prints_json_findings_on_stdout") {
         return;
     }
@@ -20,7 +21,7 @@ fn kvmi_run_appliance_prints_json_findings_on_stdout() {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_kvmi"))
-        .args(["run", "--appliance", "--timeout", "5"])
+        .args(["run", "--cmdline", "rounds=6", "--timeout", "120"])
         .current_dir(std::env::temp_dir())
         .output()
         .expect("kvmi runs");
@@ -28,8 +29,8 @@ fn kvmi_run_appliance_prints_json_findings_on_stdout() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
-        Some(124),
-        "the --timeout ends it: {stderr}"
+        Some(0),
+        "6 rounds, then exit 0: {stderr}"
     );
     let findings: Vec<Value> = stdout
         .lines()
@@ -50,7 +51,13 @@ fn kvmi_run_appliance_prints_json_findings_on_stdout() {
         "serial output on stderr: {stderr}"
     );
     assert!(
-        stderr.contains("kvmi: appliance: target timed out"),
+        findings
+            .iter()
+            .any(|f| f["finding"] == "task_create" && f["name"] == "worker-1" && f["parent"] == 1),
+        "task creation traced by the breakpoint: {stdout}"
+    );
+    assert!(
+        stderr.contains("kvmi: appliance: target guest exited with status 0"),
         "{stderr}"
     );
 }
