@@ -56,6 +56,9 @@ pub const DEFAULT_FULL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shim's producing end: per-vCPU event rings and the command-reply ring.
 pub struct RingChannel {
     events: Vec<Mutex<Producer<RingMemory>>>,
+    /// The per-vCPU reply rings, consumed by whichever of the waiting vCPU thread and the
+    /// service thread holds the lock (one consumer at a time, as the ring requires).
+    replies: Vec<Mutex<ReplyConsumer>>,
     command_replies: Mutex<Producer<RingMemory>>,
     closed: AtomicBool,
     full_timeout: Duration,
@@ -68,6 +71,20 @@ impl std::fmt::Debug for RingChannel {
             .field("vcpus", &self.events.len())
             .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
+    }
+}
+
+/// A reply ring's consuming end with its copy-out buffer.
+struct ReplyConsumer {
+    ring: Consumer<RingMemory>,
+    scratch: Vec<u8>,
+}
+
+impl ReplyConsumer {
+    /// Feeds every published record to `f`; returns how many.
+    fn drain(&mut self, f: &mut dyn FnMut(&[u8])) -> Result<usize, RingError> {
+        self.ring
+            .drain(&mut self.scratch, &NoNotify, |record| f(record))
     }
 }
 
@@ -86,8 +103,16 @@ impl RingChannel {
             .map(|v| region.producer_for(RingKind::Event, v).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         let command_replies = Mutex::new(region.producer_for(RingKind::CommandReply, 0)?);
+        let replies = (0..vcpus)
+            .map(|v| {
+                let ring = region.consumer_for(RingKind::EventReply, v)?;
+                let scratch = vec![0u8; ring.max_payload()];
+                Ok(Mutex::new(ReplyConsumer { ring, scratch }))
+            })
+            .collect::<Result<Vec<_>, RingError>>()?;
         Ok(RingChannel {
             events,
+            replies,
             command_replies,
             closed: AtomicBool::new(false),
             full_timeout,
@@ -159,6 +184,21 @@ impl Channel for RingChannel {
 
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+    }
+
+    fn polls_replies(&self) -> bool {
+        true
+    }
+
+    fn poll_replies(&self, vcpu: u32, f: &mut dyn FnMut(&[u8])) -> std::io::Result<usize> {
+        let Some(ring) = self.replies.get(vcpu as usize) else {
+            return Ok(0);
+        };
+        // The service thread holds it: it delivers this reply itself.
+        let Ok(mut consumer) = ring.try_lock() else {
+            return Ok(0);
+        };
+        consumer.drain(f).map_err(io_err)
     }
 }
 
@@ -232,7 +272,7 @@ impl Waker {
 }
 
 struct Inbound {
-    replies: Vec<Consumer<RingMemory>>,
+    channel: Arc<RingChannel>,
     commands: Consumer<RingMemory>,
     log: Consumer<RingMemory>,
 }
@@ -255,16 +295,12 @@ impl RingService {
         full_timeout: Duration,
     ) -> Result<RingService, ChannelError> {
         let bad = |e: RingError| ChannelError::Protocol(format!("ring region: {e}"));
-        let vcpus = region.params().vcpu_count;
+        let channel = Arc::new(RingChannel::new(region, full_timeout).map_err(bad)?);
         let inbound = Inbound {
-            replies: (0..vcpus)
-                .map(|v| region.consumer_for(RingKind::EventReply, v))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(bad)?,
+            channel: channel.clone(),
             commands: region.consumer_for(RingKind::Command, 0).map_err(bad)?,
             log: region.consumer_for(RingKind::Log, 0).map_err(bad)?,
         };
-        let channel = Arc::new(RingChannel::new(region, full_timeout).map_err(bad)?);
         let generation = introspector.attach(channel.clone())?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServiceStats::default());
@@ -389,8 +425,24 @@ fn serve(
     loop {
         let mut work = 0usize;
         let round = (|| -> Result<(), String> {
-            for (v, ring) in inbound.replies.iter_mut().enumerate() {
-                work += drain(ring, &mut scratch, &format!("reply {v}"), &mut handle)?;
+            for (v, ring) in inbound.channel.replies.iter().enumerate() {
+                // A vCPU collecting its own reply holds the ring: skip it this round.
+                let Ok(mut consumer) = ring.try_lock() else {
+                    continue;
+                };
+                let mut failure = None;
+                work += consumer
+                    .drain(&mut |record| {
+                        if failure.is_none()
+                            && let Err(e) = handle(record)
+                        {
+                            failure = Some(e);
+                        }
+                    })
+                    .map_err(|e| format!("reply {v} ring: {e}"))?;
+                if let Some(e) = failure {
+                    return Err(e);
+                }
             }
             work += drain(&mut inbound.commands, &mut scratch, "command", &mut handle)?;
             work += drain(&mut inbound.log, &mut scratch, "log", |r| {
@@ -425,26 +477,28 @@ fn serve(
     }
 }
 
+fn lock_reply(m: &Mutex<ReplyConsumer>) -> std::sync::MutexGuard<'_, ReplyConsumer> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Arms every inbound ring's wake word; sleeps (until NOTIFY or [`SLEEP`]) only if all are
 /// still empty; disarms again.
 fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingError> {
     let mut all_empty = true;
-    for c in inbound
-        .replies
-        .iter_mut()
-        .chain([&mut inbound.commands, &mut inbound.log])
-    {
+    for reply in &inbound.channel.replies {
+        all_empty &= lock_reply(reply).ring.arm_wake()?;
+    }
+    for c in [&mut inbound.commands, &mut inbound.log] {
         all_empty &= c.arm_wake()?;
     }
     if all_empty {
         stats.sleeps.fetch_add(1, Ordering::Relaxed);
         std::thread::park_timeout(SLEEP);
     }
-    for c in inbound
-        .replies
-        .iter_mut()
-        .chain([&mut inbound.commands, &mut inbound.log])
-    {
+    for reply in &inbound.channel.replies {
+        lock_reply(reply).ring.disarm_wake()?;
+    }
+    for c in [&mut inbound.commands, &mut inbound.log] {
         c.disarm_wake()?;
     }
     Ok(())

@@ -250,6 +250,15 @@ impl Introspector {
         tracing::info!(pages = pages.len(), "unhooked: the VM runs untouched");
     }
 
+    /// The attached tool's channel, if `generation` is still the attached one.
+    pub(crate) fn channel_of(&self, generation: u64) -> Option<Arc<dyn Channel>> {
+        let link = lock(&self.link);
+        if link.generation != generation {
+            return None;
+        }
+        link.channel.clone()
+    }
+
     /// Sends a message to the attached tool; on failure the tool is detached. False if no
     /// tool (of `generation`) is attached or the send failed.
     pub(crate) fn send(&self, generation: u64, message: &[u8]) -> bool {

@@ -11,6 +11,17 @@ pub trait Channel: Send + Sync {
     fn send(&self, message: &[u8]) -> io::Result<()>;
     /// Closes the channel (the transport's reader then ends).
     fn close(&self);
+    /// Whether a vCPU thread waiting for its event reply can collect it itself with
+    /// [`Channel::poll_replies`] (shared-memory rings: no thread hand-off on the hot path).
+    fn polls_replies(&self) -> bool {
+        false
+    }
+    /// Passes every whole message waiting on `vcpu`'s reply ring to `f` and returns how many
+    /// (0 when another thread is draining that ring right now). The default collects none:
+    /// a socket is read by its own thread.
+    fn poll_replies(&self, _vcpu: u32, _f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        Ok(0)
+    }
 }
 
 /// Why an incoming message closes the channel (a protocol error).

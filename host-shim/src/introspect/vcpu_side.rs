@@ -22,7 +22,13 @@ use super::convert::{cpu_mode, regs_from_wire, regs_to_wire, sregs_to_wire};
 use super::engine::{HW_BREAKPOINTS, Introspector, error_message};
 use super::msr::SHADOWED;
 use super::slot::{AppliedDebug, OwnedReply, PendingTrap, Slot};
+use super::transport::Channel;
 use crate::hook::ExitContext;
+
+/// How long a vCPU waiting for its event reply collects it itself from a polling transport
+/// (the rings) before it sleeps on its slot. A tool answering within this budget costs no
+/// thread hand-off.
+const REPLY_POLL: Duration = Duration::from_micros(200);
 
 /// DR6 bit of a completed single step.
 pub(crate) const DR6_BS: u64 = 1 << 14;
@@ -192,6 +198,12 @@ impl Introspector {
         let slot = &self.slots[i];
         let timeout = self.config.reply_timeout;
         let mut deadline = Instant::now() + timeout.unwrap_or(Duration::from_secs(3600));
+        // On the rings this thread collects its own reply for a while (no hand-off through
+        // the transport's service thread), then sleeps on the slot like a socket waiter.
+        let polling = self
+            .channel_of(generation)
+            .filter(|channel| channel.polls_replies());
+        let poll_until = Instant::now() + REPLY_POLL;
         let mut s = slot.lock();
         s.waiting = true;
         let answer = loop {
@@ -230,11 +242,45 @@ impl Introspector {
                 self.detach(generation, "event reply timeout");
                 return Answer::NotSent;
             }
+            if let Some(channel) = &polling
+                && now < poll_until
+            {
+                drop(s);
+                if self.collect_replies(channel.as_ref(), generation, i) == 0 {
+                    std::hint::spin_loop();
+                }
+                s = slot.lock();
+                continue;
+            }
             let wait = (deadline - now).min(Duration::from_millis(200));
             s = slot.wait(s, wait).0;
         };
         s.waiting = false;
         answer
+    }
+
+    /// Feeds the messages waiting on vCPU `i`'s reply ring to the engine (on this vCPU's
+    /// thread); a bad ring or message detaches the tool. Returns how many were handled.
+    fn collect_replies(&self, channel: &dyn Channel, generation: u64, i: usize) -> usize {
+        let mut failure = None;
+        let collected = channel.poll_replies(i as u32, &mut |message| {
+            if failure.is_none()
+                && let Err(e) = self.handle_message(generation, message)
+            {
+                failure = Some(e.to_string());
+            }
+        });
+        match (collected, failure) {
+            (Err(e), _) => {
+                self.detach(generation, &format!("reply ring of vCPU {i}: {e}"));
+                0
+            }
+            (Ok(_), Some(reason)) => {
+                self.detach(generation, &reason);
+                0
+            }
+            (Ok(n), None) => n,
+        }
     }
 
     /// Runs everything pending for this vCPU before it re-enters the guest: a queued command,
