@@ -137,8 +137,10 @@ pub fn run(target_image: &[u8], cmdline: &str, mib: u64) -> Result<BenchFigures,
     // called directly, as its exit would.
     let mut appliance = Vm::new(vm_config("bench-appliance", 16 << 20, ""), target_image)
         .map_err(|e| err("appliance")(e.to_string()))?;
+    // Large enough for the read and for the 512-page map-cost measurement below.
+    let window_bytes = bytes.max(MAX_RANGE_PAGES * PAGE_SIZE);
     let window = appliance
-        .add_map_window(WINDOW_GPA, bytes)
+        .add_map_window(WINDOW_GPA, window_bytes)
         .map_err(|e| err("window")(e.to_string()))?;
     let pager = Arc::new(Pager::new(
         intro.clone(),
@@ -183,7 +185,7 @@ pub fn run(target_image: &[u8], cmdline: &str, mib: u64) -> Result<BenchFigures,
     let window_map = t.elapsed();
     let mut buf = vec![0u8; bytes as usize];
     let t = Instant::now();
-    // SAFETY: the window mapping is `bytes` long, readable (read-only shared target pages)
+    // SAFETY: the window mapping is at least `bytes` long, readable (read-only shared target pages)
     // and stays mapped while `window` lives; the target may write concurrently, which only
     // changes the values copied.
     unsafe { std::ptr::copy_nonoverlapping(window.host_base(), buf.as_mut_ptr(), buf.len()) };
