@@ -1,10 +1,10 @@
 //! The consumer end of a ring.
 
-use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use core::sync::atomic::Ordering::{Acquire, Relaxed};
 
 use super::layout::RingGeometry;
 use super::memory::SharedMemory;
-use super::producer::{geometry_fits, max_payload, wake_crossed};
+use super::producer::{advance, geometry_fits, max_payload};
 use super::wait::{self, Notify, WaitStrategy, Waiter};
 use super::{POS_LIMIT, RingError, TAG_RECORD, TAG_WRAP, record_size};
 use crate::discovery::WAKE_ARMED;
@@ -144,16 +144,15 @@ impl<M: SharedMemory> Consumer<M> {
         if self.read == self.released {
             return Ok(false);
         }
-        let old = self.released;
-        let word = self.geo.control + RingGeometry::CONSUMER_POS;
-        self.mem
-            .store(word, self.read, Release)
-            .ok_or(RingError::OutOfBounds)?;
+        let notify = advance(
+            &self.mem,
+            self.geo.control + RingGeometry::CONSUMER_POS,
+            self.geo.control + RingGeometry::PRODUCER_WAKE,
+            self.released,
+            self.read,
+        )?;
         self.released = self.read;
-        self.mem.fence();
-        let wake = self.geo.control + RingGeometry::PRODUCER_WAKE;
-        let armed = self.mem.load(wake, Relaxed).ok_or(RingError::OutOfBounds)?;
-        Ok(wake_crossed(armed, old, self.released))
+        Ok(notify)
     }
 
     /// [`release`](Self::release), then notify through `notify` if needed.

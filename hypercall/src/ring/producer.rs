@@ -135,16 +135,15 @@ impl<M: SharedMemory> Producer<M> {
         if self.staged == self.published {
             return Ok(false);
         }
-        let old = self.published;
-        let word = self.geo.control + RingGeometry::PRODUCER_POS;
-        self.mem
-            .store(word, self.staged, Release)
-            .ok_or(RingError::OutOfBounds)?;
+        let notify = advance(
+            &self.mem,
+            self.geo.control + RingGeometry::PRODUCER_POS,
+            self.geo.control + RingGeometry::CONSUMER_WAKE,
+            self.published,
+            self.staged,
+        )?;
         self.published = self.staged;
-        self.mem.fence();
-        let wake = self.geo.control + RingGeometry::CONSUMER_WAKE;
-        let armed = self.mem.load(wake, Relaxed).ok_or(RingError::OutOfBounds)?;
-        Ok(wake_crossed(armed, old, self.published))
+        Ok(notify)
     }
 
     /// [`publish`](Self::publish), then notify through `notify` if needed.
@@ -267,6 +266,22 @@ pub(super) fn geometry_fits(geo: &RingGeometry, words: usize) -> bool {
         && geo.size >= 64
         && data_end.is_some_and(|end| end <= words)
         && control_end.is_some_and(|end| end <= words)
+}
+
+/// One side's hand-over: stores its position `new` (was `old`) at word `pos` with release
+/// ordering, then — after a full fence, so the peer cannot arm its wake word unseen — reads the
+/// peer's wake word at `wake`. True if the peer must be notified.
+pub(super) fn advance(
+    mem: &impl SharedMemory,
+    pos: usize,
+    wake: usize,
+    old: u64,
+    new: u64,
+) -> Result<bool, RingError> {
+    mem.store(pos, new, Release).ok_or(RingError::OutOfBounds)?;
+    mem.fence();
+    let armed = mem.load(wake, Relaxed).ok_or(RingError::OutOfBounds)?;
+    Ok(wake_crossed(armed, old, new))
 }
 
 /// Whether a wake word armed at position `p` asks for a notification when the peer's position
