@@ -71,12 +71,7 @@ fn page_fault_event_reports_gpa_and_write_and_skip_drops_while_allow_completes()
         )
         .unwrap();
     }
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(
-        t.serial().contains("mem-write n=3 last=0x5ca10002"),
-        "{}",
-        t.serial()
-    );
+    t.assert_clean_exit(EXIT_WAIT, "mem-write n=3 last=0x5ca10002");
     assert_eq!(seen.len(), 3);
 }
 
@@ -111,12 +106,7 @@ fn msr_event_reports_index_and_values_and_the_reply_value_is_what_the_guest_gets
     );
     c.reply(&ev, Action::Continue, EventReplyData::Msr { new_val: 0x23 })
         .unwrap();
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(
-        t.serial().contains("msr 0x174 wrote 0x10 read 0x23"),
-        "{}",
-        t.serial()
-    );
+    t.assert_clean_exit(EXIT_WAIT, "msr 0x174 wrote 0x10 read 0x23");
 }
 
 #[test]
@@ -143,12 +133,7 @@ fn breakpoint_event_reports_rip_and_set_registers_changes_what_the_guest_prints(
     c.set_registers(0, &regs).unwrap();
     c.reply(&ev, Action::Continue, EventReplyData::None)
         .unwrap();
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(
-        t.serial().contains("breakpoint calls=1 result=66"),
-        "{}",
-        t.serial()
-    );
+    t.assert_clean_exit(EXIT_WAIT, "breakpoint calls=1 result=66");
 }
 
 #[test]
@@ -171,12 +156,7 @@ fn retry_after_moving_rip_past_the_function_skips_its_code() {
     regs.rax = U64::new(7);
     c.set_registers(0, &regs).unwrap();
     c.reply(&ev, Action::Retry, EventReplyData::None).unwrap();
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(
-        t.serial().contains("breakpoint calls=0 result=7"),
-        "{}",
-        t.serial()
-    );
+    t.assert_clean_exit(EXIT_WAIT, "breakpoint calls=0 result=7");
 }
 
 #[test]
@@ -207,8 +187,7 @@ fn single_step_events_report_rips_in_order() {
         c.reply(&s, Action::Continue, EventReplyData::None).unwrap();
     }
     assert_eq!(rips, vec![step + 1, step + 2, step + 3, step + 4, ret]);
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(t.serial().contains("step calls=1"), "{}", t.serial());
+    t.assert_clean_exit(EXIT_WAIT, "step calls=1");
 }
 
 #[test]
@@ -336,12 +315,7 @@ fn detach_restores_page_access_breakpoints_and_msr_interception() {
     let c2 = t.attach();
     assert_eq!(c2.get_page_access(0, &[page]).unwrap(), vec![Access::RWX]);
     t.open_gate(&c2);
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(
-        t.serial().contains("mem-write n=4 last=0x5ca10003"),
-        "{}",
-        t.serial()
-    );
+    t.assert_clean_exit(EXIT_WAIT, "mem-write n=4 last=0x5ca10003");
     assert_eq!(
         c2.next_event(Duration::from_millis(10)).ok().flatten(),
         None
@@ -410,8 +384,7 @@ fn create_vcpu_events_hold_each_vcpu_until_answered_with_kvmi_wait() {
     for ev in &held {
         c.reply_continue(ev).unwrap();
     }
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(t.serial().contains("all 2 vcpus up"), "{}", t.serial());
+    t.assert_clean_exit(EXIT_WAIT, "all 2 vcpus up");
 }
 
 #[test]
@@ -436,12 +409,7 @@ fn detach_restores_msr_interception_and_single_step() {
     c.close();
     let c2 = t.attach();
     t.open_gate(&c2);
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(
-        t.serial().contains("msr 0x174 wrote 0x10 read 0x10"),
-        "{}",
-        t.serial()
-    );
+    t.assert_clean_exit(EXIT_WAIT, "msr 0x174 wrote 0x10 read 0x10");
     assert_eq!(
         c2.next_event(Duration::from_millis(10)).ok().flatten(),
         None
@@ -495,12 +463,7 @@ fn read_restriction_raises_a_read_event_and_allow_returns_the_context_data() {
         EventReplyData::PageFault(PageFaultReply::default()),
     )
     .unwrap();
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(
-        t.serial().contains("mem-read n=2 sum=0x107"),
-        "{}",
-        t.serial()
-    );
+    t.assert_clean_exit(EXIT_WAIT, "mem-read n=2 sum=0x107");
 }
 
 #[test]
@@ -543,8 +506,7 @@ fn exec_restriction_raises_a_fetch_event_at_the_function() {
         EventReplyData::PageFault(PageFaultReply::default()),
     )
     .unwrap();
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(t.serial().contains("step calls=2"), "{}", t.serial());
+    t.assert_clean_exit(EXIT_WAIT, "step calls=2");
 }
 
 #[test]
@@ -581,11 +543,6 @@ fn retry_after_lifting_the_protection_re_executes_the_write() {
         EventReplyData::PageFault(PageFaultReply::default()),
     )
     .unwrap();
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    assert!(
-        t.serial().contains("mem-write n=1 last=0x5ca10000"),
-        "{}",
-        t.serial()
-    );
+    t.assert_clean_exit(EXIT_WAIT, "mem-write n=1 last=0x5ca10000");
     assert_eq!(c.next_event(Duration::from_millis(10)).ok().flatten(), None);
 }

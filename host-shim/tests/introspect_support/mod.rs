@@ -127,6 +127,18 @@ impl Target {
         self.serial().contains(needle)
     }
 
+    /// Asserts that the VM exits with status 0 within `timeout` and that its serial output
+    /// contains `expected` (the guest's own report of what it saw).
+    pub fn assert_clean_exit(&mut self, timeout: Duration, expected: &str) {
+        assert_eq!(
+            self.wait_exit(timeout),
+            Some(0),
+            "stderr: {}",
+            self.stderr()
+        );
+        assert!(self.serial().contains(expected), "{}", self.serial());
+    }
+
     /// Waits for the VM process to exit; its exit status, or None on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         if self.exit.is_some() {
