@@ -23,6 +23,7 @@
 extern crate alloc;
 
 mod call;
+mod checksum;
 mod discovery;
 mod error;
 #[cfg(feature = "std")]
@@ -32,6 +33,7 @@ pub mod port;
 mod window;
 
 pub use call::{HypercallNotify, Hypercalls, HypercallsExt};
+pub use checksum::content_checksum;
 pub use discovery::{Discovery, PAGE};
 pub use error::DriverError;
 pub use window::{MapWindow, Page, PageRange, WindowStats, read_unaligned};

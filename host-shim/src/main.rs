@@ -290,7 +290,8 @@ fn profile(spec: &str) -> Result<u8> {
 
 fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
     let (_, image) = load_image("test-guest")?;
-    let figures = host_shim::appliance::bench::run(&image, "mode=spin", mib)?;
+    let (_, appliance) = load_image("appliance")?;
+    let figures = host_shim::appliance::bench::run(&image, &appliance, mib)?;
     print!("{}", figures.table());
     if events > 0 {
         let profile = Image::TestGuest
@@ -300,7 +301,8 @@ fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
             .symbol("scratch_page")
             .context("profile lacks sym.scratch_page")?;
         let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
-        let figures = host_shim::appliance::event_bench::run(&image, events, page, gate)?;
+        let figures =
+            host_shim::appliance::event_bench::run(&image, &appliance, events, page, gate)?;
         print!("{}", figures.table());
     }
     Ok(0)

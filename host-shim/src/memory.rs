@@ -5,6 +5,10 @@
 //! possible: another mapping of the same file (in this process or another one, after passing
 //! the fd) sees the guest's bytes, and a page of it can be mapped with `mmap(MAP_FIXED)` over a
 //! window of a second VM. [`GuestRam::memfd`] and [`GuestRam::host_range`] are the hooks for that.
+//!
+//! The mapping is advised `MADV_HUGEPAGE`: where the host enables transparent huge pages for
+//! shmem (`shmem_enabled` = `advise` or wider), RAM is allocated in 2 MiB folios, which KVM
+//! maps with 2 MiB entries and a map window can share with one PMD ([`crate::window`]).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -56,6 +60,7 @@ impl GuestRam {
         let region = MmapRegion::<()>::from_file(FileOffset::from_arc(memfd.clone(), 0), len)
             .map_err(|e| VmError::mem("mmap guest RAM")(io::Error::other(e.to_string())))?;
         let host_base = region.as_ptr() as usize;
+        crate::window::advise_huge(region.as_ptr().cast(), size);
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| VmError::Config("guest RAM region overflows".to_string()))?;
         let memory = GuestMemoryMmap::from_regions(vec![region])

@@ -176,6 +176,16 @@ impl Vm {
         &mut self.vcpus
     }
 
+    /// The guest's TSC frequency in kHz (KVM_GET_TSC_KHZ of vCPU 0), if KVM reports it.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.vcpus.first()?.fd.get_tsc_khz().ok()
+    }
+
+    /// The installed exit hook (to wrap it, e.g. to time exits around it).
+    pub fn hook(&self) -> Arc<dyn ExitHook> {
+        self.hook.clone()
+    }
+
     /// Installs the exit hook (default: [`NoHook`]).
     pub fn set_hook(&mut self, hook: Arc<dyn ExitHook>) {
         self.hook = hook;

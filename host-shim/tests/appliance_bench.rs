@@ -16,10 +16,20 @@ fn the_appliance_bench_measures_every_figure() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let f = host_shim::appliance::bench::run(common::elf(Image::TestGuest), "mode=spin", 2)
-        .expect("bench runs");
-    assert_eq!(f.bytes, 2 << 20);
+    let (guest, appliance) = (common::elf(Image::TestGuest), common::elf(Image::Appliance));
+    let f = host_shim::appliance::bench::run(guest, appliance, 4).expect("bench runs");
+    assert_eq!(f.bytes, 4 << 20);
+    // The pattern starts after the image and covers the rest: every reader (the appliance
+    // VM through its window, the shim's window mapping, READ_PHYSICAL) checksummed the same
+    // non-zero bytes, or `run` would have failed.
+    assert!(f.from >= 1 << 20 && f.from < f.bytes, "{f:?}");
+    assert_ne!(f.checksum, 0);
+    assert_eq!(f.vm_map_calls, 4 * 256 / 512);
     for (name, d) in [
+        ("vm_map", f.vm_map),
+        ("vm_tokens", f.vm_tokens),
+        ("vm_read", f.vm_read),
+        ("vm_reread", f.vm_reread),
         ("window_map", f.window_map),
         ("window_read", f.window_read),
         ("read_physical", f.read_physical),
@@ -28,29 +38,41 @@ fn the_appliance_bench_measures_every_figure() {
     ] {
         assert!(!d.is_zero(), "{name} measured");
     }
+    assert!(f.vm_tokens <= f.vm_map, "{f:?}");
     let table = f.table();
-    assert!(table.contains("read 2 MiB"), "{table}");
+    assert!(table.contains("read 4 MiB"), "{table}");
     assert!(f.window_speedup().is_finite() && f.batching_speedup().is_finite());
-    assert!(
-        host_shim::appliance::bench::run(common::elf(Image::TestGuest), "mode=spin", 0).is_err()
-    );
+    assert!(host_shim::appliance::bench::run(guest, appliance, 0).is_err());
 }
 
 #[test]
-fn the_event_bench_measures_floor_rings_and_socket() {
-    if common::skip("the_event_bench_measures_floor_rings_and_socket") {
+fn the_event_bench_measures_floor_appliance_rings_and_socket() {
+    if common::skip("the_event_bench_measures_floor_appliance_rings_and_socket") {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let profile = common::profile(Image::TestGuest);
     let page = profile.symbol("scratch_page").expect("sym.scratch_page");
     let gate = profile.symbol("gate").expect("sym.gate");
-    let f = host_shim::appliance::event_bench::run(common::elf(Image::TestGuest), 20, page, gate)
-        .expect("event bench runs");
-    assert_eq!(f.samples, 20);
-    assert!(
-        !f.floor.is_zero() && !f.rings.is_zero() && !f.socket.is_zero(),
-        "{f:?}"
-    );
-    assert!(f.table().contains("socket / rings"));
+    // `run` fails unless the appliance VM's agent answered exactly 20 events and the
+    // target made exactly 20 write exits on each path.
+    let f = host_shim::appliance::event_bench::run(
+        common::elf(Image::TestGuest),
+        common::elf(Image::Appliance),
+        20,
+        page,
+        gate,
+    )
+    .expect("event bench runs");
+    assert_eq!(f.samples, 3 * 20);
+    for (name, d) in [
+        ("floor", f.floor),
+        ("appliance", f.appliance),
+        ("appliance_mean", f.appliance_mean),
+        ("rings", f.rings),
+        ("socket", f.socket),
+    ] {
+        assert!(!d.is_zero(), "{name} measured: {f:?}");
+    }
+    assert!(f.table().contains("socket / rings (appliance VM)"));
 }

@@ -139,13 +139,13 @@ fn events_commands_and_log_lines_travel_over_the_rings() {
         *lines.lock().unwrap(),
         vec![b"{\"finding\":\"hello\"}\n".to_vec()]
     );
-    assert!(
-        service
-            .stats()
-            .messages
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 2
-    );
+    // The command went through the service (the event reply too, unless the waiting vCPU
+    // collected it itself from its reply ring, as it does when the reply comes quickly).
+    let served = service
+        .stats()
+        .messages
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=2).contains(&served), "{served} messages served");
     assert!(
         intro.is_attached(),
         "a well-behaved appliance stays attached"

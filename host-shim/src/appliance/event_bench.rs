@@ -4,10 +4,11 @@
 //! two consecutive exits (so it includes the guest's loop body and every cost of one round
 //! trip):
 //! - **floor**: an in-process [`ExitHook`] takes the write exit and drops it;
-//! - **rings**: the target's introspector with the ring transport, answered by an agent
-//!   thread polling the shared ring region (the appliance's side of the same memory — the
-//!   agent runs on the host here, so the figure is the transport's, without the appliance
-//!   VM's scheduling);
+//! - **appliance**: the target's introspector with the ring transport, answered by the agent
+//!   inside the appliance VM (the embedded appliance image in `bench=events` mode, at CPL3,
+//!   polling its event ring) — the path `kvmi run --appliance` uses;
+//! - **rings**: the same transport answered by an agent thread of this process polling the
+//!   shared ring region (the transport's cost without the appliance VM);
 //! - **socket**: the same introspector over the KVMI unix socket, answered by [`KvmiClient`].
 
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ use protocol::list::List;
 use protocol::types::{Access, PageAccessEntry};
 use protocol::wire::{HostMessage, WireProfile};
 
+use super::bench_vm::{self, EventsLine, TargetEnd, TimingHook};
 use super::hook::SERVED_FEATURES;
 use super::rings::{RingMemory, RingService, Waker, create_region};
 use crate::client::KvmiClient;
@@ -37,11 +39,18 @@ use crate::vm::{RunLimits, Vm, VmConfig};
 /// Median time per round trip of each path.
 #[derive(Clone, Copy, Debug)]
 pub struct EventFigures {
-    /// Events per path.
+    /// Events per path (all rounds).
     pub samples: u64,
     /// The VMM alone handles the exit.
     pub floor: Duration,
-    /// Through the rings.
+    /// Through the rings, answered by the agent in the appliance VM.
+    pub appliance: Duration,
+    /// The appliance agent's own mean time per event (its TSC, from opening the gate to
+    /// the last reply).
+    pub appliance_mean: Duration,
+    /// Times the appliance agent found every ring empty long enough to sleep (all rounds).
+    pub appliance_sleeps: u64,
+    /// Through the rings, answered by a host thread.
     pub rings: Duration,
     /// Through the socket.
     pub socket: Duration,
@@ -54,17 +63,23 @@ impl EventFigures {
         let r = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
         format!(
             "event round trip (write-protected page, {} events, median):\n\
-             \x20 raw exit floor   {:>8.1} us\n\
-             \x20 rings            {:>8.1} us   {:.2}x the floor\n\
-             \x20 socket           {:>8.1} us   {:.2}x the floor\n\
-             \x20 socket / rings   {:.2}x\n",
+             \x20 raw exit floor                     {:>8.1} us\n\
+             \x20 rings, agent in the appliance VM   {:>8.1} us   {:.2}x the floor\n\
+             \x20 rings, agent on a host thread      {:>8.1} us   {:.2}x the floor\n\
+             \x20 socket, host tool                  {:>8.1} us   {:.2}x the floor\n\
+             \x20 socket / rings (appliance VM)      {:.2}x\n\
+             \x20 appliance agent: mean {:.1} us per event by its own clock, {} sleeps\n",
             self.samples,
             us(self.floor),
+            us(self.appliance),
+            r(self.appliance, self.floor),
             us(self.rings),
             r(self.rings, self.floor),
             us(self.socket),
             r(self.socket, self.floor),
-            r(self.socket, self.rings),
+            r(self.socket, self.appliance),
+            us(self.appliance_mean),
+            self.appliance_sleeps,
         )
     }
 }
@@ -78,11 +93,18 @@ fn fail(what: &str) -> impl FnOnce(String) -> EventBenchError + '_ {
     move |e| EventBenchError(format!("{what}: {e}"))
 }
 
-fn median(times: &[Instant]) -> Duration {
-    let mut gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+/// The times between consecutive exits.
+fn gaps(times: &[Instant]) -> impl Iterator<Item = Duration> + '_ {
+    times.windows(2).map(|w| w[1] - w[0])
+}
+
+fn median(mut gaps: Vec<Duration>) -> Duration {
     gaps.sort();
     gaps.get(gaps.len() / 2).copied().unwrap_or_default()
 }
+
+/// Rounds of the four paths, alternated so a slow spell of the machine hits them all.
+const ROUNDS: u32 = 3;
 
 fn target_vm(image: &[u8], n: u64) -> Result<Vm, EventBenchError> {
     let config = VmConfig {
@@ -363,18 +385,84 @@ fn socket(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, Ev
     Ok(times)
 }
 
-/// Runs the three paths with `n` events each on test-guest (`image`), whose profile gives
-/// the scratch `page` and the start `gate` addresses.
-pub fn run(image: &[u8], n: u64, page: u64, gate: u64) -> Result<EventFigures, EventBenchError> {
+/// The agent in the appliance VM (`appliance_image` in `bench=events` mode); the times are
+/// the target's write exits, taken before its introspector sees them.
+fn appliance(
+    image: &[u8],
+    appliance_image: &[u8],
+    n: u64,
+    page: u64,
+    gate: u64,
+) -> Result<(Vec<Instant>, Duration, u64), EventBenchError> {
+    let target = target_vm(image, n)?;
+    let mut timing = None;
+    let run = bench_vm::run::<EventsLine>(
+        target,
+        appliance_image,
+        format!("bench=events n={n} page={page:#x} gate={gate:#x}"),
+        1 << 20,
+        TargetEnd::Exits,
+        |inner| {
+            let hook = Arc::new(TimingHook::new(inner, n as usize));
+            timing = Some(hook.clone());
+            hook
+        },
+    )
+    .map_err(|e| EventBenchError(format!("appliance run: {e}")))?;
+    if run.line.events != n || run.line.replies != n {
+        return Err(EventBenchError(format!(
+            "the appliance answered {} of {n} events ({} replies)",
+            run.line.events, run.line.replies
+        )));
+    }
+    let times = timing.map(|t| t.take()).unwrap_or_default();
+    if times.len() as u64 != n {
+        return Err(EventBenchError(format!(
+            "the target made {} write exits, expected {n}",
+            times.len()
+        )));
+    }
+    let mean = bench_vm::cycles(run.line.cycles, run.tsc_hz) / n as u32;
+    Ok((times, mean, run.line.sleeps))
+}
+
+/// Runs the four paths with `n` events each, [`ROUNDS`] times alternated, on test-guest
+/// (`image`), whose profile gives
+/// the scratch `page` and the start `gate` addresses; `appliance_image` is the appliance VM.
+pub fn run(
+    image: &[u8],
+    appliance_image: &[u8],
+    n: u64,
+    page: u64,
+    gate: u64,
+) -> Result<EventFigures, EventBenchError> {
     if !(2..=1_000_000).contains(&n) {
         return Err(EventBenchError("n must be 2..=1000000".into()));
     }
-    let floor = median(&floor(image, n, page, gate)?);
-    let rings = median(&rings(image, n, page, gate)?);
-    let socket = median(&socket(image, n, page, gate)?);
+    let (mut floor_gaps, mut appliance_gaps, mut ring_gaps, mut socket_gaps) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut appliance_mean, mut appliance_sleeps) = (Duration::ZERO, 0);
+    for _ in 0..ROUNDS {
+        floor_gaps.extend(gaps(&floor(image, n, page, gate)?));
+        let (times, mean, sleeps) = appliance(image, appliance_image, n, page, gate)?;
+        appliance_gaps.extend(gaps(&times));
+        appliance_mean += mean / ROUNDS;
+        appliance_sleeps += sleeps;
+        ring_gaps.extend(gaps(&rings(image, n, page, gate)?));
+        socket_gaps.extend(gaps(&socket(image, n, page, gate)?));
+    }
+    let (floor, appliance, rings, socket) = (
+        median(floor_gaps),
+        median(appliance_gaps),
+        median(ring_gaps),
+        median(socket_gaps),
+    );
     Ok(EventFigures {
-        samples: n,
+        samples: n * u64::from(ROUNDS),
         floor,
+        appliance,
+        appliance_mean,
+        appliance_sleeps,
         rings,
         socket,
     })

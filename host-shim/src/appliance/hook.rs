@@ -1,7 +1,7 @@
 //! The appliance VM's exit hook: its doorbell hypercalls.
 //!
-//! VERSION and FEATURES answer from `hypercall::discovery`; NOTIFY wakes the ring service
-//! thread; MEM_MAP, MEM_UNMAP, MAP_RANGE and REVOKE_ALL go to the [`Pager`]; the agent call
+//! VERSION and FEATURES answer from `hypercall::discovery`; NOTIFY serves the command ring on
+//! the caller's thread and wakes the ring service thread for the others ([`Waker::notify`]); MEM_MAP, MEM_UNMAP, MAP_RANGE and REVOKE_ALL go to the [`Pager`]; the agent call
 //! (34) is a target's call and is `NotPermitted` here. Every result or error goes back in RAX
 //! (`hypercall::error::encode`); a bad call never stops the appliance or the shim.
 
@@ -53,9 +53,9 @@ impl ApplianceHook {
         match Request::decode(regs)? {
             Request::Version => Ok(u64::from(ABI_VERSION)),
             Request::Features => Ok(SERVED_FEATURES.0),
-            Request::Notify { .. } => {
+            Request::Notify { ring } => {
                 self.notifies.fetch_add(1, Ordering::Relaxed);
-                self.waker.wake();
+                self.waker.notify(ring);
                 Ok(0)
             }
             Request::Agent => Err(HcError::NotPermitted),

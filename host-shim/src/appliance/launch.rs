@@ -152,6 +152,16 @@ pub fn start_with_appliance(
 ) -> Result<ApplianceRun, IntrospectError> {
     let caps = crate::probe::cached_capabilities().map_err(vm_err)?;
     let introspector = Introspector::install(&mut target, caps, intro_config)?;
+    start_installed(target, introspector, config)
+}
+
+/// [`start_with_appliance`] for a target whose introspector is already installed (its exit
+/// hook may have been wrapped since, e.g. by a benchmark timing the exits).
+pub fn start_installed(
+    target: Vm,
+    introspector: Arc<Introspector>,
+    config: ApplianceConfig,
+) -> Result<ApplianceRun, IntrospectError> {
     let target_ram = target.ram().clone();
     let BuiltAppliance {
         vm: mut appliance,

@@ -16,6 +16,7 @@
 //! them by `SCM_RIGHTS`; this shim runs both VMs in one process.
 
 pub mod bench;
+mod bench_vm;
 pub mod event_bench;
 pub mod hook;
 pub mod host_socket;

@@ -7,10 +7,18 @@
 //!   ring stays full for the reply timeout is the appliance declared dead: the send fails and
 //!   the engine detaches it (unhooks the target, which keeps running).
 //! - Command replies go to the command-reply ring (same back-pressure).
-//! - The service thread drains the per-vCPU reply rings and the command ring into
-//!   [`Introspector::handle_message`], and prints the log ring's records on stdout (one line
-//!   each). When every ring is empty it spins briefly, then arms each ring's wake word and
-//!   sleeps; the appliance's NOTIFY hypercall ([`RingService::waker`]) ends the sleep. Armed
+//! - A vCPU waiting for its event reply polls its own reply ring for a while
+//!   ([`Channel::reply_wait`]); meanwhile the service thread leaves that ring alone and does
+//!   not arm its wake word, so the appliance answers without an exit. A vCPU that stops
+//!   polling wakes the service thread, which takes the ring over.
+//! - Commands: the command ring's wake word stays armed, so the appliance makes a NOTIFY
+//!   hypercall after each command, and the shim serves the ring right there on the
+//!   appliance's vCPU thread ([`Waker::notify`]): no hand-off to a thread that, on a busy
+//!   host, may wait milliseconds for a CPU.
+//! - The service thread drains the reply rings no vCPU polls, the command ring (when nobody
+//!   notified) into [`Introspector::handle_message`], and prints the log ring's records on
+//!   stdout (one line each). When every ring is empty it spins briefly, then arms the wake
+//!   words and sleeps; the appliance's NOTIFY ([`RingService::waker`]) ends the sleep. Armed
 //!   wake words are what lets the appliance skip NOTIFY while the thread is awake.
 //! - The appliance polls the rings the shim produces, so the shim never notifies it.
 //!
@@ -19,10 +27,11 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
+use hypercall::call::NOTIFY_ALL_RINGS;
 use hypercall::discovery::RingKind;
 use hypercall::ring::{
     Consumer, LayoutParams, NoNotify, Producer, Region, RingError, SharedRegion,
@@ -31,7 +40,7 @@ use protocol::V4;
 use protocol::frame::HEADER_SIZE;
 use protocol::wire::WireProfile;
 
-use crate::introspect::{Channel, ChannelError, Introspector};
+use crate::introspect::{Channel, ChannelError, Introspector, ReplyWait};
 use crate::memory::GuestRam;
 
 /// The ring region's memory as the shim sees it: the appliance's ring-region RAM.
@@ -59,6 +68,11 @@ pub struct RingChannel {
     /// The per-vCPU reply rings, consumed by whichever of the waiting vCPU thread and the
     /// service thread holds the lock (one consumer at a time, as the ring requires).
     replies: Vec<Mutex<ReplyConsumer>>,
+    /// Per vCPU: its thread is polling its reply ring right now ([`ReplyWait::Polling`]), so
+    /// the service thread leaves that ring alone.
+    polled: Vec<AtomicBool>,
+    /// The service thread, woken when a vCPU stops polling (it then delivers the reply).
+    service: OnceLock<Thread>,
     command_replies: Mutex<Producer<RingMemory>>,
     closed: AtomicBool,
     full_timeout: Duration,
@@ -113,11 +127,18 @@ impl RingChannel {
         Ok(RingChannel {
             events,
             replies,
+            polled: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            service: OnceLock::new(),
             command_replies,
             closed: AtomicBool::new(false),
             full_timeout,
             waits: AtomicU64::new(0),
         })
+    }
+
+    /// Whether vCPU `v`'s thread is polling its own reply ring.
+    fn is_polled(&self, v: usize) -> bool {
+        self.polled.get(v).is_some_and(|p| p.load(Ordering::SeqCst))
     }
 
     /// Times a send found its ring full and waited (back-pressure).
@@ -200,6 +221,27 @@ impl Channel for RingChannel {
         };
         consumer.drain(f).map_err(io_err)
     }
+
+    fn reply_wait(&self, vcpu: u32, state: ReplyWait) {
+        let Some(polled) = self.polled.get(vcpu as usize) else {
+            return;
+        };
+        polled.store(state == ReplyWait::Polling, Ordering::SeqCst);
+        if state == ReplyWait::Polling
+            && let Some(ring) = self.replies.get(vcpu as usize)
+            && let Ok(mut consumer) = ring.try_lock()
+        {
+            // Armed by a sleeping service thread: the agent would NOTIFY (exit) for a reply
+            // this thread is about to collect itself. A failure shows up in the next drain.
+            let _ = consumer.ring.disarm_wake();
+        }
+        if state == ReplyWait::Blocked
+            && let Some(service) = self.service.get()
+        {
+            // It may sleep with this ring's wake word unarmed: let it take the ring over.
+            service.unpark();
+        }
+    }
 }
 
 /// Where the log ring's lines go.
@@ -241,6 +283,8 @@ pub enum ServiceEnd {
 pub struct RingService {
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<ServiceEnd>>>,
+    /// The command ring's desk and the ring's index (for NOTIFY).
+    desk: (Arc<CommandDesk>, u64),
     waker: Thread,
     stats: Arc<ServiceStats>,
     channel: Arc<RingChannel>,
@@ -255,25 +299,99 @@ impl std::fmt::Debug for RingService {
     }
 }
 
-/// Wakes the service thread (the appliance's NOTIFY hypercall).
-#[derive(Clone, Debug)]
-pub struct Waker(Thread);
+/// What the appliance's NOTIFY hypercall does: serve the command ring right away on the
+/// calling (appliance vCPU) thread, and wake the service thread for the other rings.
+#[derive(Clone)]
+pub struct Waker {
+    thread: Thread,
+    desk: Option<(Arc<CommandDesk>, u64)>,
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waker")
+            .field("inline_commands", &self.desk.is_some())
+            .finish()
+    }
+}
 
 impl Waker {
-    /// A waker for `thread` (e.g. a test's own thread).
+    /// A waker for `thread` (e.g. a test's own thread), with no command ring to serve.
     pub fn for_thread(thread: Thread) -> Waker {
-        Waker(thread)
+        Waker { thread, desk: None }
     }
 
     /// Ends the service thread's sleep (cheap, idempotent).
     pub fn wake(&self) {
-        self.0.unpark();
+        self.thread.unpark();
+    }
+
+    /// NOTIFY for ring index `ring` ([`NOTIFY_ALL_RINGS`] = any): the command ring is served
+    /// on this thread at once (no hand-off to a thread that may wait for a CPU); any other
+    /// ring wakes the service thread, as does a command ring the service thread is draining.
+    pub fn notify(&self, ring: u64) {
+        let Some((desk, command_ring)) = &self.desk else {
+            return self.wake();
+        };
+        let commands = ring == NOTIFY_ALL_RINGS || ring == *command_ring;
+        let served = commands && desk.serve().is_some();
+        if ring != *command_ring || !served {
+            self.wake();
+        }
+    }
+}
+
+/// The command ring's consumer, shared by the service thread and NOTIFY (whoever holds it
+/// drains it into the introspector). Its wake word stays armed, so the appliance notifies
+/// after every command it publishes.
+pub struct CommandDesk {
+    intro: Arc<Introspector>,
+    generation: u64,
+    inbox: Mutex<(Consumer<RingMemory>, Vec<u8>)>,
+    stats: Arc<ServiceStats>,
+}
+
+impl CommandDesk {
+    /// Drains the command ring if no other thread is; `None` when one is. A bad ring or
+    /// command detaches the appliance (the service thread then ends).
+    fn serve(&self) -> Option<usize> {
+        let mut inbox = self.inbox.try_lock().ok()?;
+        match self.drain(&mut inbox) {
+            Ok(n) => Some(n),
+            Err(reason) => {
+                drop(inbox);
+                tracing::warn!("appliance rings: {reason}; detaching the appliance");
+                self.intro.detach(self.generation, &reason);
+                Some(0)
+            }
+        }
+    }
+
+    /// Drains the ring, then re-arms its wake word at the new read position (the word is an
+    /// event index: armed once, it fires once).
+    fn drain(&self, inbox: &mut (Consumer<RingMemory>, Vec<u8>)) -> Result<usize, String> {
+        let (consumer, scratch) = inbox;
+        let mut total = 0;
+        loop {
+            total += drain(consumer, scratch, "command", |record| {
+                self.stats.messages.fetch_add(1, Ordering::Relaxed);
+                self.intro
+                    .handle_message(self.generation, record)
+                    .map_err(|e| e.to_string())
+            })?;
+            if consumer
+                .arm_wake()
+                .map_err(|e| format!("command ring: {e}"))?
+            {
+                return Ok(total);
+            }
+        }
     }
 }
 
 struct Inbound {
     channel: Arc<RingChannel>,
-    commands: Consumer<RingMemory>,
+    desk: Arc<CommandDesk>,
     log: Consumer<RingMemory>,
 }
 
@@ -296,14 +414,25 @@ impl RingService {
     ) -> Result<RingService, ChannelError> {
         let bad = |e: RingError| ChannelError::Protocol(format!("ring region: {e}"));
         let channel = Arc::new(RingChannel::new(region, full_timeout).map_err(bad)?);
-        let inbound = Inbound {
-            channel: channel.clone(),
-            commands: region.consumer_for(RingKind::Command, 0).map_err(bad)?,
-            log: region.consumer_for(RingKind::Log, 0).map_err(bad)?,
-        };
+        let mut commands = region.consumer_for(RingKind::Command, 0).map_err(bad)?;
+        // Armed for good: the appliance notifies after each command (served inline).
+        commands.arm_wake().map_err(bad)?;
+        let command_ring = region.ring_index(RingKind::Command, 0).map_err(bad)?;
+        let log_ring = region.consumer_for(RingKind::Log, 0).map_err(bad)?;
         let generation = introspector.attach(channel.clone())?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServiceStats::default());
+        let desk = Arc::new(CommandDesk {
+            intro: introspector.clone(),
+            generation,
+            inbox: Mutex::new((commands, vec![0u8; 1 << 20])),
+            stats: stats.clone(),
+        });
+        let inbound = Inbound {
+            channel: channel.clone(),
+            desk: desk.clone(),
+            log: log_ring,
+        };
         let (s, st, intro) = (stop.clone(), stats.clone(), introspector.clone());
         let spawned = std::thread::Builder::new()
             .name("kvmi-rings".into())
@@ -324,9 +453,11 @@ impl RingService {
             }
         };
         let waker = thread.thread().clone();
+        let _ = channel.service.set(waker.clone());
         Ok(RingService {
             stop,
             thread: Mutex::new(Some(thread)),
+            desk: (desk, u64::from(command_ring)),
             waker,
             stats,
             channel,
@@ -334,9 +465,12 @@ impl RingService {
         })
     }
 
-    /// The NOTIFY handler's way to wake the thread.
+    /// The NOTIFY handler: serves commands inline, wakes the thread for the rest.
     pub fn waker(&self) -> Waker {
-        Waker(self.waker.clone())
+        Waker {
+            thread: self.waker.clone(),
+            desk: Some(self.desk.clone()),
+        }
     }
 
     /// The attach generation of the appliance.
@@ -416,7 +550,7 @@ fn serve(
 ) -> ServiceEnd {
     let mut scratch = vec![0u8; 1 << 20];
     let mut last_work = Instant::now();
-    let mut handle = |record: &[u8]| -> Result<(), String> {
+    let handle = |record: &[u8]| -> Result<(), String> {
         stats.messages.fetch_add(1, Ordering::Relaxed);
         intro
             .handle_message(generation, record)
@@ -426,7 +560,10 @@ fn serve(
         let mut work = 0usize;
         let round = (|| -> Result<(), String> {
             for (v, ring) in inbound.channel.replies.iter().enumerate() {
-                // A vCPU collecting its own reply holds the ring: skip it this round.
+                // A vCPU collecting its own reply polls or holds the ring: skip it.
+                if inbound.channel.is_polled(v) {
+                    continue;
+                }
                 let Ok(mut consumer) = ring.try_lock() else {
                     continue;
                 };
@@ -444,7 +581,9 @@ fn serve(
                     return Err(e);
                 }
             }
-            work += drain(&mut inbound.commands, &mut scratch, "command", &mut handle)?;
+            if let Ok(mut inbox) = inbound.desk.inbox.try_lock() {
+                work += inbound.desk.drain(&mut inbox)?;
+            }
             work += drain(&mut inbound.log, &mut scratch, "log", |r| {
                 stats.log_records.fetch_add(1, Ordering::Relaxed);
                 log(r);
@@ -485,12 +624,22 @@ fn lock_reply(m: &Mutex<ReplyConsumer>) -> std::sync::MutexGuard<'_, ReplyConsum
 /// still empty; disarms again.
 fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingError> {
     let mut all_empty = true;
-    for reply in &inbound.channel.replies {
-        all_empty &= lock_reply(reply).ring.arm_wake()?;
+    for (v, reply) in inbound.channel.replies.iter().enumerate() {
+        // A ring its vCPU polls needs no NOTIFY (the appliance would exit for nothing); the
+        // vCPU wakes this thread when it stops polling.
+        if !inbound.channel.is_polled(v) {
+            all_empty &= lock_reply(reply).ring.arm_wake()?;
+        }
     }
-    for c in [&mut inbound.commands, &mut inbound.log] {
-        all_empty &= c.arm_wake()?;
-    }
+    all_empty &= inbound.log.arm_wake()?;
+    all_empty &= inbound
+        .desk
+        .inbox
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .available()?
+        == 0;
     if all_empty {
         stats.sleeps.fetch_add(1, Ordering::Relaxed);
         std::thread::park_timeout(SLEEP);
@@ -498,8 +647,6 @@ fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingEr
     for reply in &inbound.channel.replies {
         lock_reply(reply).ring.disarm_wake()?;
     }
-    for c in [&mut inbound.commands, &mut inbound.log] {
-        c.disarm_wake()?;
-    }
+    inbound.log.disarm_wake()?;
     Ok(())
 }

@@ -59,13 +59,14 @@ mod vcpu_side;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use protocol::masks::AllowedMasks;
 
 pub use engine::{HW_BREAKPOINTS, Introspector, KVMI_VERSION, VCPU_COMMAND_TIMEOUT};
 pub use socket::{Endpoint, SocketServer};
-pub use transport::{Channel, ChannelError};
+pub use transport::{Channel, ChannelError, ReplyWait};
 
 use crate::error::VmError;
 use crate::probe::Capabilities;
@@ -132,7 +133,13 @@ impl Introspector {
             vcpus,
             caps.sw_breakpoints,
         )
-        .map(Arc::new)
+        .map(|i| {
+            // Known before any vCPU runs, so GET_GUEST_INFO never reports 0.
+            if let Some(khz) = vm.tsc_khz() {
+                i.tsc_khz.store(u64::from(khz), Ordering::Relaxed);
+            }
+            Arc::new(i)
+        })
         .map_err(|source| IntrospectError::Io {
             what: "mapping the guest RAM alias".into(),
             source,

@@ -22,6 +22,21 @@ pub trait Channel: Send + Sync {
     fn poll_replies(&self, _vcpu: u32, _f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
         Ok(0)
     }
+    /// What `vcpu`'s thread is doing about its event reply, so the transport's service thread
+    /// leaves a ring the vCPU polls alone (neither draining it nor asking the tool to wake it
+    /// for that ring) and takes it over when the vCPU stops polling. Default: nothing.
+    fn reply_wait(&self, _vcpu: u32, _state: ReplyWait) {}
+}
+
+/// A vCPU thread's state while it waits for its event reply ([`Channel::reply_wait`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyWait {
+    /// It polls its reply ring with [`Channel::poll_replies`].
+    Polling,
+    /// It stopped polling and sleeps until someone else delivers the reply.
+    Blocked,
+    /// It has its reply (or gave up): nothing to deliver to it.
+    Done,
 }
 
 /// Why an incoming message closes the channel (a protocol error).

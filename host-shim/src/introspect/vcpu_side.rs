@@ -2,6 +2,7 @@
 //! commands, running vCPU-scope commands with the vCPU's own fd and synced registers, and
 //! loading the guest-debug state (breakpoints, single step).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -22,13 +23,22 @@ use super::convert::{cpu_mode, regs_from_wire, regs_to_wire, sregs_to_wire};
 use super::engine::{HW_BREAKPOINTS, Introspector, error_message};
 use super::msr::SHADOWED;
 use super::slot::{AppliedDebug, OwnedReply, PendingTrap, Slot};
-use super::transport::Channel;
+use super::transport::{Channel, ReplyWait};
 use crate::hook::ExitContext;
 
 /// How long a vCPU waiting for its event reply collects it itself from a polling transport
 /// (the rings) before it sleeps on its slot. A tool answering within this budget costs no
 /// thread hand-off.
 const REPLY_POLL: Duration = Duration::from_micros(200);
+
+/// Tells the channel when a vCPU's wait for its event reply ends, however it ends.
+struct WaitDone(Arc<dyn Channel>, u32);
+
+impl Drop for WaitDone {
+    fn drop(&mut self) {
+        self.0.reply_wait(self.1, ReplyWait::Done);
+    }
+}
 
 /// DR6 bit of a completed single step.
 pub(crate) const DR6_BS: u64 = 1 << 14;
@@ -200,9 +210,13 @@ impl Introspector {
         let mut deadline = Instant::now() + timeout.unwrap_or(Duration::from_secs(3600));
         // On the rings this thread collects its own reply for a while (no hand-off through
         // the transport's service thread), then sleeps on the slot like a socket waiter.
-        let polling = self
+        let mut polling = self
             .channel_of(generation)
             .filter(|channel| channel.polls_replies());
+        let _done = polling.clone().map(|channel| {
+            channel.reply_wait(i as u32, ReplyWait::Polling);
+            WaitDone(channel, i as u32)
+        });
         let poll_until = Instant::now() + REPLY_POLL;
         let mut s = slot.lock();
         s.waiting = true;
@@ -242,15 +256,18 @@ impl Introspector {
                 self.detach(generation, "event reply timeout");
                 return Answer::NotSent;
             }
-            if let Some(channel) = &polling
-                && now < poll_until
-            {
-                drop(s);
-                if self.collect_replies(channel.as_ref(), generation, i) == 0 {
-                    std::hint::spin_loop();
+            if let Some(channel) = &polling {
+                if now < poll_until {
+                    drop(s);
+                    if self.collect_replies(channel.as_ref(), generation, i) == 0 {
+                        std::hint::spin_loop();
+                    }
+                    s = slot.lock();
+                    continue;
                 }
-                s = slot.lock();
-                continue;
+                // Slow tool: the transport's service thread delivers the reply from now on.
+                channel.reply_wait(i as u32, ReplyWait::Blocked);
+                polling = None;
             }
             let wait = (deadline - now).min(Duration::from_millis(200));
             s = slot.wait(s, wait).0;

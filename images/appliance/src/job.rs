@@ -20,7 +20,7 @@ use guest_driver::{Discovery, DriverError, HypercallNotify, MapWindow};
 use hypercall::boot::BootInfo;
 use hypercall::call::NOTIFY_ALL_RINGS;
 use hypercall::discovery::{NO_VCPU, RingKind};
-use hypercall::ring::{RingError, WaitStrategy};
+use hypercall::ring::{Region, RingError, WaitStrategy};
 use protocol::{Command, Reply};
 use serde::Serialize;
 
@@ -57,13 +57,15 @@ type Window = MapWindow<PortHypercalls, GuestMemory>;
 type Job = MainJob<PortHypercalls, GuestMemory, SharedTokens<GuestMemory, PauseWaiter, Notifier>>;
 
 /// Why the agent stopped.
-enum Fail {
+pub(crate) enum Fail {
     Args(&'static str),
     Open(DriverError),
     Profile(ProfileError),
     Agent(AgentError),
     Ring(RingError),
     Command(CommandError),
+    /// A benchmark's set-up command was refused (command name, error).
+    Refused(&'static str, alloc::string::String),
 }
 
 impl Fail {
@@ -72,7 +74,7 @@ impl Fail {
             Fail::Args(_) => BAD_COMMAND_LINE,
             Fail::Open(_) => BAD_REGION,
             Fail::Profile(_) => BAD_PROFILE,
-            Fail::Agent(_) | Fail::Ring(_) | Fail::Command(_) => CHANNEL_FAILED,
+            Fail::Agent(_) | Fail::Ring(_) | Fail::Command(_) | Fail::Refused(..) => CHANNEL_FAILED,
         }
     }
 }
@@ -86,6 +88,7 @@ impl fmt::Display for Fail {
             Fail::Agent(e) => write!(f, "agent: {e}"),
             Fail::Ring(e) => write!(f, "ring: {e}"),
             Fail::Command(e) => write!(f, "command: {e}"),
+            Fail::Refused(command, e) => write!(f, "{command} refused: {e}"),
         }
     }
 }
@@ -192,8 +195,30 @@ struct Summary {
     heap_bytes: usize,
 }
 
+/// The agent's links to the shim, open: the ring region, the map window, how to wait, and the
+/// command client.
+pub(crate) struct Link {
+    pub discovery: Discovery,
+    pub region: Region<GuestMemory>,
+    pub window: &'static Window,
+    pub waiting: &'static Wait,
+    /// How the command client waits (its NOTIFY names the command ring).
+    pub commands: &'static Wait,
+    pub client: &'static RefCell<Client>,
+}
+
 fn run(info: &'static BootInfo) -> Result<(), Fail> {
     let options = Options::parse(info)?;
+    let bench = crate::bench::Mode::parse(info)?;
+    let link = open_link(info)?;
+    match bench {
+        Some(mode) => crate::bench::run(mode, &link),
+        None => main_job(&link, &options),
+    }
+}
+
+/// Opens the ring region and the map window named by the boot info.
+fn open_link(info: &'static BootInfo) -> Result<Link, Fail> {
     let discovery = Discovery::from_boot_info(info).map_err(Fail::Open)?;
     let calls =
         PortHypercalls::new(&MAP_TOKEN, (&raw const MAP_TOKEN) as u64).map_err(Fail::Open)?;
@@ -212,11 +237,21 @@ fn run(info: &'static BootInfo) -> Result<(), Fail> {
     }
     .map_err(Fail::Open)?;
     let window: &'static Window = Box::leak(Box::new(window));
-    let waiting: &'static Wait = Box::leak(Box::new(Waiting::new(
-        WaitStrategy::default(),
-        PauseWaiter { pauses: 256 },
-        HypercallNotify::new(notify_calls, NOTIFY_ALL_RINGS),
-    )));
+    let wait = |ring| -> &'static Wait {
+        Box::leak(Box::new(Waiting::new(
+            WaitStrategy::default(),
+            // Nothing else runs on this vCPU: a short burst keeps a "sleep" well below an
+            // event round trip.
+            PauseWaiter { pauses: 16 },
+            HypercallNotify::new(notify_calls, ring),
+        )))
+    };
+    let waiting = wait(NOTIFY_ALL_RINGS);
+    // The shim serves commands on the NOTIFY naming their ring, without a thread hand-off.
+    let command_ring = region
+        .ring_index(RingKind::Command, NO_VCPU)
+        .map_err(Fail::Ring)?;
+    let commands = wait(u64::from(command_ring));
     let client: &'static RefCell<Client> = Box::leak(Box::new(RefCell::new(CommandClient::new(
         region
             .producer_for(RingKind::Command, NO_VCPU)
@@ -225,21 +260,41 @@ fn run(info: &'static BootInfo) -> Result<(), Fail> {
             .consumer_for(RingKind::CommandReply, NO_VCPU)
             .map_err(Fail::Ring)?,
     ))));
+    Ok(Link {
+        discovery,
+        region,
+        window,
+        waiting,
+        commands,
+        client,
+    })
+}
 
+/// The main job: guard the demo target, list its tasks, report.
+fn main_job(link: &Link, options: &Options) -> Result<(), Fail> {
+    let Link {
+        discovery,
+        region,
+        window,
+        waiting,
+        commands,
+        client,
+    } = link;
+    let (window, waiting, commands, client) = (*window, *waiting, *commands, *client);
     let profile = Profile::from_json(PROFILE.as_bytes()).map_err(Fail::Profile)?;
     let plan = GuardPlan::from_profile(&profile).map_err(Fail::Profile)?;
     let layout = TaskLayout::from_profile(&profile).map_err(Fail::Profile)?;
     let cache_pages = options.cache.min(window.slot_count());
-    let mem = CachedMemory::new(window, SharedTokens::new(client, waiting), cache_pages);
+    let mem = CachedMemory::new(window, SharedTokens::new(client, commands), cache_pages);
     let vcpus = region.params().vcpu_count;
     let mut agent: Agent<_, Job, _, _> = Agent::new(
-        &region,
+        region,
         MainJob::new(plan.clone(), layout, mem),
         waiting.clone(),
     )
     .map_err(Fail::Agent)?;
 
-    let tsc_hz = guest_tsc_hz(client, waiting)?.unwrap_or(FALLBACK_TSC_HZ);
+    let tsc_hz = guest_tsc_hz(client, commands)?.unwrap_or(FALLBACK_TSC_HZ);
     agent.log().emit(&Start {
         finding: "start",
         profile: "demo-target",
@@ -250,9 +305,9 @@ fn run(info: &'static BootInfo) -> Result<(), Fail> {
         tsc_hz,
     });
     emit_scan(&mut agent);
-    set_up_guard(&mut agent, &plan, vcpus, client, waiting)?;
+    set_up_guard(&mut agent, &plan, vcpus, client, commands)?;
     agent.flush_log().map_err(Fail::Agent)?;
-    serve(&mut agent, window, &options, tsc_hz)
+    serve(&mut agent, window, options, tsc_hz)
 }
 
 /// GET_GUEST_INFO: the target's TSC frequency (the same host clock the agent's TSC runs on).
@@ -322,7 +377,8 @@ fn emit_scan(agent: &mut Agent<GuestMemory, Job, PauseWaiter, Notifier>) {
     }
 }
 
-fn rdtsc() -> u64 {
+/// This vCPU's time-stamp counter.
+pub(crate) fn rdtsc() -> u64 {
     // SAFETY: `rdtsc` only reads the time-stamp counter (CR4.TSD is clear: allowed at CPL3).
     unsafe { core::arch::x86_64::_rdtsc() }
 }

@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+mod bench;
 mod handler;
 mod job;
 mod kernel;
