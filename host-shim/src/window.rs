@@ -227,3 +227,33 @@ impl Drop for RemapWindow {
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_start_on_a_huge_page_boundary_and_read_as_zero() {
+        for len in [PAGE_SIZE, 3 * PAGE_SIZE, 2 << 20, 6 << 20] {
+            let w = RemapWindow::new(len).unwrap();
+            assert_eq!(w.host_base() as usize % HUGE_PAGE, 0, "len {len:#x}");
+            assert_eq!(w.len(), len);
+            // SAFETY: the window is `len` readable bytes while `w` lives.
+            let bytes = unsafe { std::slice::from_raw_parts(w.host_base(), len as usize) };
+            assert!(bytes.iter().all(|&b| b == 0));
+        }
+        assert!(RemapWindow::new(0).is_err());
+        assert!(RemapWindow::new(100).is_err());
+    }
+
+    #[test]
+    fn the_shmem_thp_mode_is_one_of_the_kernels_words() {
+        if let Some(mode) = shmem_thp_mode() {
+            assert!(
+                ["always", "within_size", "advise", "never", "deny", "force"]
+                    .contains(&mode.as_str()),
+                "{mode}"
+            );
+        }
+    }
+}

@@ -224,3 +224,90 @@ fn an_appliance_that_stops_answering_is_detached_and_the_target_runs_on() {
         "the service reports the detach"
     );
 }
+
+#[test]
+fn a_notify_for_the_command_ring_serves_it_on_the_callers_thread() {
+    if common::skip("a_notify_for_the_command_ring_serves_it_on_the_callers_thread") {
+        return;
+    }
+    let caps = host_shim::probe::cached_capabilities().expect("probe");
+    let config = VmConfig {
+        name: "notify-target".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin gate=1".into(),
+        unknown_io: host_shim::UnknownIoPolicy::Ignore,
+    };
+    let mut target = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
+    target.set_serial(SerialSink::Null);
+    let intro = Introspector::install(&mut target, caps, IntrospectorConfig::default()).unwrap();
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let size = params.region_size().next_multiple_of(4096);
+    let region = create_region(Arc::new(GuestRam::new("notify", size).unwrap()), &params).unwrap();
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    let service = RingService::start(
+        intro.clone(),
+        &region,
+        Box::new(|_| {}),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let waker = service.waker();
+    // No service thread from here on: whatever serves the commands is the NOTIFY itself.
+    assert_eq!(
+        service.stop(),
+        host_shim::appliance::rings::ServiceEnd::Stopped
+    );
+    assert!(intro.is_attached());
+
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let command_ring = u64::from(app.ring_index(RingKind::Command, 0).unwrap());
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let mut record = vec![0u8; replies.max_payload()];
+    for (seq, ring) in [
+        (1, command_ring),
+        (2, command_ring),
+        (3, hypercall::call::NOTIFY_ALL_RINGS),
+    ] {
+        let n = V4::encode_command(seq, &Command::GetVersion, &mut buf).unwrap();
+        commands.try_push(&buf[..n]).unwrap();
+        assert!(
+            commands.publish().unwrap(),
+            "command {seq}: the shim keeps the command ring's wake word armed"
+        );
+        waker.notify(ring);
+        // Served before `notify` returned: the reply is there without waiting.
+        let n = replies
+            .try_pop(&mut record)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no reply to command {seq} after its NOTIFY"));
+        let _ = replies.release().unwrap();
+        match V4::decode_host_message(V4::parse_frame(&record[..n]).unwrap()).unwrap() {
+            HostMessage::Reply {
+                seq: got, command, ..
+            } => assert_eq!((got, command), (seq, CommandKind::GetVersion)),
+            other => panic!("expected the GET_VERSION reply, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        service
+            .stats()
+            .messages
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}
