@@ -11,7 +11,7 @@ use host_shim::appliance::hook::SERVED_FEATURES;
 use host_shim::appliance::rings::{RingMemory, RingService, create_region};
 use host_shim::images::Image;
 use host_shim::introspect::{Introspector, IntrospectorConfig};
-use host_shim::{GuestRam, RunLimits, SerialSink, SharedBuffer, Vm, VmConfig};
+use host_shim::{GuestRam, RunLimits, RunningVm, SerialSink, SharedBuffer, Vm, VmConfig};
 use hypercall::discovery::RingKind;
 use hypercall::ring::{Consumer, LayoutParams, Region, RingSizes};
 use protocol::V4;
@@ -34,26 +34,33 @@ fn pop(c: &mut Consumer<RingMemory>) -> Vec<u8> {
     }
 }
 
-#[test]
-fn events_commands_and_log_lines_travel_over_the_rings() {
-    if common::skip("events_commands_and_log_lines_travel_over_the_rings") {
-        return;
-    }
+/// A running test-guest target (`cmdline`) with an introspector (`intro_config`) serving a
+/// ring region of one vCPU through a started [`RingService`] whose log lines go to `log`.
+struct RingTarget {
+    running: RunningVm,
+    intro: Arc<Introspector>,
+    region: Region<RingMemory>,
+    service: RingService,
+    serial: SharedBuffer,
+}
+
+fn ring_target(
+    name: &str,
+    cmdline: &str,
+    intro_config: IntrospectorConfig,
+    log: host_shim::appliance::rings::LogSink,
+) -> RingTarget {
     let caps = host_shim::probe::cached_capabilities().expect("probe");
     let config = VmConfig {
-        name: "rings-target".into(),
+        name: name.into(),
         memory_bytes: 64 << 20,
         vcpus: 1,
-        cmdline: "mode=hello".into(),
+        cmdline: cmdline.into(),
         unknown_io: host_shim::UnknownIoPolicy::Ignore,
     };
     let mut target = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
     let serial = SharedBuffer::new();
     target.set_serial(SerialSink::Buffer(serial.clone()));
-    let intro_config = IntrospectorConfig {
-        wait_for_tool: true,
-        ..IntrospectorConfig::default()
-    };
     let intro = Introspector::install(&mut target, caps, intro_config).unwrap();
     let params = LayoutParams {
         vcpu_count: 1,
@@ -62,21 +69,42 @@ fn events_commands_and_log_lines_travel_over_the_rings() {
         map_window_gpa: 0xC100_0000,
         map_window_size: 1 << 20,
     };
-    let ram = Arc::new(
-        GuestRam::new("rings-region", params.region_size().next_multiple_of(4096)).unwrap(),
-    );
-    let region = create_region(ram, &params).unwrap();
-    let lines: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let sink = lines.clone();
+    let size = params.region_size().next_multiple_of(4096);
+    let region = create_region(Arc::new(GuestRam::new(name, size).unwrap()), &params).unwrap();
     let running = target.start().unwrap();
     intro.set_handle(running.handle());
-    let service = RingService::start(
-        intro.clone(),
-        &region,
+    let service = RingService::start(intro.clone(), &region, log, Duration::from_secs(5)).unwrap();
+    RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        serial,
+    }
+}
+
+#[test]
+fn events_commands_and_log_lines_travel_over_the_rings() {
+    if common::skip("events_commands_and_log_lines_travel_over_the_rings") {
+        return;
+    }
+    let lines: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let sink = lines.clone();
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        serial,
+    } = ring_target(
+        "rings-target",
+        "mode=hello",
+        IntrospectorConfig {
+            wait_for_tool: true,
+            ..IntrospectorConfig::default()
+        },
         Box::new(move |r: &[u8]| sink.lock().unwrap().push(r.to_vec())),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    );
 
     // The appliance's side of the same memory.
     let app = Region::open(region.memory().clone()).unwrap();
@@ -161,41 +189,22 @@ fn an_appliance_that_stops_answering_is_detached_and_the_target_runs_on() {
     if common::skip("an_appliance_that_stops_answering_is_detached_and_the_target_runs_on") {
         return;
     }
-    let caps = host_shim::probe::cached_capabilities().expect("probe");
-    let config = VmConfig {
-        name: "silent-target".into(),
-        memory_bytes: 64 << 20,
-        vcpus: 1,
-        cmdline: "mode=hello".into(),
-        unknown_io: host_shim::UnknownIoPolicy::Ignore,
-    };
-    let mut target = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
-    let serial = SharedBuffer::new();
-    target.set_serial(SerialSink::Buffer(serial.clone()));
-    let intro_config = IntrospectorConfig {
-        wait_for_tool: true,
-        reply_timeout: Some(Duration::from_millis(500)),
-        ..IntrospectorConfig::default()
-    };
-    let intro = Introspector::install(&mut target, caps, intro_config).unwrap();
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes::default(),
-        features: SERVED_FEATURES,
-        map_window_gpa: 0xC100_0000,
-        map_window_size: 1 << 20,
-    };
-    let size = params.region_size().next_multiple_of(4096);
-    let region = create_region(Arc::new(GuestRam::new("silent", size).unwrap()), &params).unwrap();
-    let running = target.start().unwrap();
-    intro.set_handle(running.handle());
-    let service = RingService::start(
-        intro.clone(),
-        &region,
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        serial,
+    } = ring_target(
+        "silent-target",
+        "mode=hello",
+        IntrospectorConfig {
+            wait_for_tool: true,
+            reply_timeout: Some(Duration::from_millis(500)),
+            ..IntrospectorConfig::default()
+        },
         Box::new(|_| {}),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    );
     // The appliance sees the CREATE_VCPU event but never answers.
     let app = Region::open(region.memory().clone()).unwrap();
     let mut events = app.consumer_for(RingKind::Event, 0).unwrap();
@@ -230,35 +239,18 @@ fn a_notify_for_the_command_ring_serves_it_on_the_callers_thread() {
     if common::skip("a_notify_for_the_command_ring_serves_it_on_the_callers_thread") {
         return;
     }
-    let caps = host_shim::probe::cached_capabilities().expect("probe");
-    let config = VmConfig {
-        name: "notify-target".into(),
-        memory_bytes: 64 << 20,
-        vcpus: 1,
-        cmdline: "mode=spin gate=1".into(),
-        unknown_io: host_shim::UnknownIoPolicy::Ignore,
-    };
-    let mut target = Vm::new(config, common::elf(Image::TestGuest)).unwrap();
-    target.set_serial(SerialSink::Null);
-    let intro = Introspector::install(&mut target, caps, IntrospectorConfig::default()).unwrap();
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes::default(),
-        features: SERVED_FEATURES,
-        map_window_gpa: 0xC100_0000,
-        map_window_size: 1 << 20,
-    };
-    let size = params.region_size().next_multiple_of(4096);
-    let region = create_region(Arc::new(GuestRam::new("notify", size).unwrap()), &params).unwrap();
-    let running = target.start().unwrap();
-    intro.set_handle(running.handle());
-    let service = RingService::start(
-        intro.clone(),
-        &region,
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        ..
+    } = ring_target(
+        "notify-target",
+        "mode=spin gate=1",
+        IntrospectorConfig::default(),
         Box::new(|_| {}),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    );
     let waker = service.waker();
     // No service thread from here on: whatever serves the commands is the NOTIFY itself.
     assert_eq!(
