@@ -21,6 +21,18 @@ pub enum SerialSink {
     Null,
 }
 
+impl SerialSink {
+    /// Another sink writing to the same place (a restarted VM's console).
+    pub fn try_clone(&self) -> io::Result<SerialSink> {
+        Ok(match self {
+            SerialSink::Stdout => SerialSink::Stdout,
+            SerialSink::File(f) => SerialSink::File(f.try_clone()?),
+            SerialSink::Buffer(b) => SerialSink::Buffer(b.clone()),
+            SerialSink::Null => SerialSink::Null,
+        })
+    }
+}
+
 /// A cloneable in-memory byte sink.
 #[derive(Clone, Debug, Default)]
 pub struct SharedBuffer(Arc<Mutex<Vec<u8>>>);

@@ -203,6 +203,9 @@ fn apply_main_job_default(args: &mut RunArgs) {
 
 fn run(mut args: RunArgs) -> Result<u8> {
     apply_main_job_default(&mut args);
+    if let Some(option) = args.appliance.orphan_options() {
+        bail!("{option} needs an appliance VM (--appliance, or the main job's default)");
+    }
     let (name, image) = load_image(args.image.as_deref().unwrap_or(Image::DemoTarget.name()))?;
     let memory_bytes = args
         .memory

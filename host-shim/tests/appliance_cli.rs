@@ -61,3 +61,56 @@ fn kvmi_run_main_job_prints_json_findings_on_stdout() {
         "{stderr}"
     );
 }
+
+#[test]
+fn kvmi_run_restarts_an_appliance_that_ends_and_refuses_orphan_appliance_options() {
+    if common::skip("kvmi_run_restarts_an_appliance_that_ends") {
+        return;
+    }
+    if host_shim::images::Image::from_name("appliance")
+        .and_then(|i| i.elf())
+        .is_none()
+    {
+        println!("SKIPPED: the appliance image is not embedded in this build");
+        return;
+    }
+    // Each agent stops after 40 events; one restart, then the target (300 rounds) runs on.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmi"))
+        .args([
+            "run",
+            "--cmdline",
+            "rounds=300",
+            "--appliance-cmdline",
+            "events=40",
+            "--appliance-restarts",
+            "1",
+            "--timeout",
+            "120",
+        ])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("kvmi runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let starts = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|f| f["finding"] == "start")
+        .count();
+    assert_eq!(starts, 2, "two agents, one after the other: {stdout}");
+    assert!(stderr.contains("started appliance #1"), "{stderr}");
+    assert!(stderr.contains("the target runs on, unhooked"), "{stderr}");
+    assert!(stderr.contains("restarts 1;"), "{stderr}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmi"))
+        .args(["run", "--no-appliance", "--appliance-restarts", "1"])
+        .output()
+        .expect("kvmi runs");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--appliance-restarts needs an appliance VM"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

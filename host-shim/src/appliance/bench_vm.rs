@@ -207,12 +207,13 @@ pub(super) fn run<T: for<'de> Deserialize<'de>>(
         window_size,
         sizes: RingSizes::default(),
         full_timeout: DEFAULT_FULL_TIMEOUT,
+        restarts: 0,
     };
     let clock = TscClock::start();
     let run = start_installed(target, intro, config).map_err(|e| format!("start: {e}"))?;
     if end == TargetEnd::Stopped {
         let deadline = Instant::now() + LIMITS.timeout.unwrap_or_default();
-        while !run.appliance.handle().has_ended() && Instant::now() < deadline {
+        while !run.appliance_gone() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         run.target.handle().stop();
@@ -227,7 +228,10 @@ pub(super) fn run<T: for<'de> Deserialize<'de>>(
             format!(
                 "no result line from the appliance (target {}, appliance {}; serial: {})",
                 report.target.outcome,
-                report.appliance.outcome,
+                report
+                    .appliance
+                    .as_ref()
+                    .map_or("not run".to_string(), |r| r.outcome.to_string()),
                 serial.text().trim()
             )
         })?;

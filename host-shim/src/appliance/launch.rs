@@ -2,23 +2,29 @@
 //! region and the map window in the appliance's physical address space (recorded in its
 //! BootInfo), the ring service attached to the target's introspector, the page calls served
 //! by the appliance's exit hook, and everything revoked when either side ends.
+//!
+//! A watcher thread supervises the appliance: when it ends (exit, crash) or is detached
+//! (reply timeout, corrupt ring, protocol error) while the target runs, its grants are
+//! revoked, its VM stopped, and — while [`ApplianceConfig::restarts`] remain — a fresh
+//! appliance VM with a fresh ring region and window is booted and attached (the engine
+//! unhooked the target at the detach, so the new agent sets up its own events). With no
+//! restart left the target runs on, unhooked.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hypercall::discovery::Features;
-use hypercall::ring::{LayoutParams, Region, RingSizes};
+use hypercall::ring::{LayoutParams, RingSizes};
 
 use super::hook::{ApplianceHook, SERVED_FEATURES};
 use super::pager::{Pager, PagerStats};
-use super::rings::{LogSink, RingMemory, RingService, ServiceEnd, create_region};
+use super::rings::{LogSink, RingService, ServiceEnd, create_region};
 use crate::devices::SerialSink;
 use crate::introspect::{IntrospectError, Introspector, IntrospectorConfig};
 use crate::running::RunningVm;
 use crate::vm::{RunLimits, RunReport, Vm, VmConfig};
-use crate::window::RemapWindow;
 
 /// Guest-physical address of the ring region in the appliance (3 GiB: above any appliance
 /// RAM this shim accepts, inside the 4 GiB boot identity map).
@@ -44,6 +50,9 @@ pub struct ApplianceConfig {
     pub sizes: RingSizes,
     /// How long a full ring may block a vCPU before the appliance is declared dead.
     pub full_timeout: Duration,
+    /// How many times a fresh appliance VM is booted and attached when the current one ends
+    /// or is detached (crash, exit, reply timeout, corrupt ring) while the target runs.
+    pub restarts: u32,
 }
 
 impl std::fmt::Debug for ApplianceConfig {
@@ -51,6 +60,7 @@ impl std::fmt::Debug for ApplianceConfig {
         f.debug_struct("ApplianceConfig")
             .field("vm", &self.vm)
             .field("window_size", &self.window_size)
+            .field("restarts", &self.restarts)
             .finish()
     }
 }
@@ -62,20 +72,162 @@ fn vm_err(e: impl std::fmt::Display) -> IntrospectError {
     }
 }
 
+/// One appliance VM attached to the target's introspector.
+struct Attached {
+    appliance: RunningVm,
+    service: Arc<RingService>,
+    pager: Arc<Pager>,
+}
+
+/// What ended appliances left behind.
+#[derive(Default)]
+struct Ended {
+    /// The last ended appliance's run and why its service ended.
+    last: Option<(RunReport, ServiceEnd)>,
+    /// Page counters of every ended appliance.
+    pages: PagerStats,
+}
+
+/// Boots appliances for one target and replaces an ended one while restarts remain.
+struct Supervisor {
+    introspector: Arc<Introspector>,
+    target_ram: Arc<crate::memory::GuestRam>,
+    target_vcpus: u32,
+    vm: VmConfig,
+    image: Vec<u8>,
+    serial: SerialSink,
+    log: Arc<Mutex<LogSink>>,
+    window_size: u64,
+    sizes: RingSizes,
+    full_timeout: Duration,
+    restarts_left: AtomicU32,
+    restarts: AtomicU32,
+    current: Mutex<Option<Attached>>,
+    ended: Mutex<Ended>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Supervisor {
+    /// Builds an appliance VM (ring region, map window), attaches its ring service to the
+    /// introspector and starts it.
+    fn boot(&self) -> Result<Attached, IntrospectError> {
+        let params = LayoutParams {
+            vcpu_count: self.target_vcpus,
+            sizes: self.sizes,
+            features: SERVED_FEATURES,
+            map_window_gpa: MAP_WINDOW_GPA,
+            map_window_size: self.window_size,
+        };
+        params.validate().map_err(vm_err)?;
+        let ring_size = params.region_size().next_multiple_of(4096);
+        if RING_REGION_GPA + ring_size > MAP_WINDOW_GPA || self.window_size > 256 << 20 {
+            return Err(vm_err("ring region or map window too large"));
+        }
+        let mut vm = Vm::new(self.vm.clone(), &self.image)?;
+        vm.set_serial(self.serial.try_clone().map_err(vm_err)?);
+        let ring_ram = vm.add_ring_region(RING_REGION_GPA, ring_size)?;
+        let window = vm.add_map_window(MAP_WINDOW_GPA, self.window_size)?;
+        let region = create_region(ring_ram, &params).map_err(vm_err)?;
+        let log = self.log.clone();
+        let sink: LogSink = Box::new(move |record: &[u8]| (lock(&log))(record));
+        let service = Arc::new(
+            RingService::start(self.introspector.clone(), &region, sink, self.full_timeout)
+                .map_err(vm_err)?,
+        );
+        let pager = Arc::new(Pager::new(
+            self.introspector.clone(),
+            self.target_ram.clone(),
+            Vec::new(),
+            window,
+            MAP_WINDOW_GPA,
+        ));
+        vm.set_hook(Arc::new(ApplianceHook::new(pager.clone(), service.waker())));
+        match vm.start() {
+            Ok(appliance) => Ok(Attached {
+                appliance,
+                service,
+                pager,
+            }),
+            Err(e) => {
+                pager.retire();
+                let _ = service.stop();
+                self.introspector
+                    .detach(service.generation(), "the appliance VM did not start");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Detaches `att`, revokes its grants, stops its VM and records how it ended.
+    fn retire(&self, att: Attached, why: &str) -> usize {
+        let revoked = att.pager.retire();
+        let service = att.service.stop();
+        self.introspector.detach(att.service.generation(), why);
+        att.appliance.handle().stop();
+        let report = att.appliance.wait(RunLimits {
+            timeout: Some(APPLIANCE_GRACE),
+            interrupt: None,
+        });
+        let mut ended = lock(&self.ended);
+        ended.pages = ended.pages.plus(att.pager.stats());
+        ended.last = Some((report, service));
+        revoked
+    }
+
+    /// One look at the current appliance: when it ended or was detached, retire it and boot
+    /// the next one if restarts remain.
+    fn check(&self) {
+        let mut current = lock(&self.current);
+        let Some(att) = current.as_ref() else {
+            return;
+        };
+        let vm_ended = att.appliance.handle().has_ended();
+        if !vm_ended && !att.service.has_ended() {
+            return;
+        }
+        let Some(att) = current.take() else {
+            return;
+        };
+        let why = if vm_ended {
+            "the appliance VM ended"
+        } else {
+            "the appliance was detached"
+        };
+        self.retire(att, why);
+        let outcome = lock(&self.ended)
+            .last
+            .as_ref()
+            .map(|(r, s)| format!("{}; rings {s:?}", r.outcome))
+            .unwrap_or_default();
+        let left = self.restarts_left.load(Ordering::SeqCst);
+        if left == 0 {
+            eprintln!("kvmi: {why} ({outcome}); the target runs on, unhooked");
+            return;
+        }
+        self.restarts_left.store(left - 1, Ordering::SeqCst);
+        let n = self.restarts.fetch_add(1, Ordering::SeqCst) + 1;
+        match self.boot() {
+            Ok(next) => {
+                eprintln!("kvmi: {why} ({outcome}); started appliance #{n}");
+                *current = Some(next);
+            }
+            Err(e) => eprintln!(
+                "kvmi: {why} ({outcome}); restarting it failed: {e}; the target runs on, unhooked"
+            ),
+        }
+    }
+}
+
 /// A target and its appliance, running.
 pub struct ApplianceRun {
     /// The target VM.
     pub target: RunningVm,
-    /// The appliance VM.
-    pub appliance: RunningVm,
     /// The target's introspector (the appliance is its tool).
     pub introspector: Arc<Introspector>,
-    /// The ring service.
-    pub service: Arc<RingService>,
-    /// The page-call server.
-    pub pager: Arc<Pager>,
-    /// The appliance's exit hook.
-    pub hook: Arc<ApplianceHook>,
+    supervisor: Arc<Supervisor>,
     watch_stop: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
 }
@@ -83,7 +235,7 @@ pub struct ApplianceRun {
 impl std::fmt::Debug for ApplianceRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApplianceRun")
-            .field("pager", &self.pager)
+            .field("restarts", &self.restarts())
             .finish()
     }
 }
@@ -93,55 +245,16 @@ impl std::fmt::Debug for ApplianceRun {
 pub struct ApplianceReport {
     /// The target's run.
     pub target: RunReport,
-    /// The appliance's run.
-    pub appliance: RunReport,
-    /// Why the ring service ended.
+    /// The last appliance's run.
+    pub appliance: Option<RunReport>,
+    /// Why the last appliance's ring service ended.
     pub service: ServiceEnd,
-    /// Page-call counters.
+    /// Page-call counters of every appliance of the run.
     pub pages: PagerStats,
-    /// Pages revoked at the end.
+    /// Pages revoked when the target ended.
     pub revoked_at_end: usize,
-}
-
-/// The appliance VM before start, with its ring region and map window.
-struct BuiltAppliance {
-    vm: Vm,
-    region: Region<RingMemory>,
-    window: Arc<RemapWindow>,
-    log: LogSink,
-    full_timeout: Duration,
-}
-
-/// Builds the appliance VM for a target of `target_vcpus` vCPUs: the ring region laid out
-/// and the map window reserved.
-fn build_appliance(
-    config: ApplianceConfig,
-    target_vcpus: u32,
-) -> Result<BuiltAppliance, IntrospectError> {
-    let params = LayoutParams {
-        vcpu_count: target_vcpus,
-        sizes: config.sizes,
-        features: SERVED_FEATURES,
-        map_window_gpa: MAP_WINDOW_GPA,
-        map_window_size: config.window_size,
-    };
-    params.validate().map_err(vm_err)?;
-    let ring_size = params.region_size().next_multiple_of(4096);
-    if RING_REGION_GPA + ring_size > MAP_WINDOW_GPA || config.window_size > 256 << 20 {
-        return Err(vm_err("ring region or map window too large"));
-    }
-    let mut vm = Vm::new(config.vm, &config.image)?;
-    vm.set_serial(config.serial);
-    let ring_ram = vm.add_ring_region(RING_REGION_GPA, ring_size)?;
-    let window = vm.add_map_window(MAP_WINDOW_GPA, config.window_size)?;
-    let region = create_region(ring_ram, &params).map_err(vm_err)?;
-    Ok(BuiltAppliance {
-        vm,
-        region,
-        window,
-        log: config.log,
-        full_timeout: config.full_timeout,
-    })
+    /// Appliances booted after the first.
+    pub restarts: u32,
 }
 
 /// Starts `target` with an introspector and the appliance VM of `config` as its tool.
@@ -162,71 +275,50 @@ pub fn start_installed(
     introspector: Arc<Introspector>,
     config: ApplianceConfig,
 ) -> Result<ApplianceRun, IntrospectError> {
-    let target_ram = target.ram().clone();
-    let BuiltAppliance {
-        vm: mut appliance,
-        region,
-        window,
-        log,
-        full_timeout,
-    } = build_appliance(config, target.boot_info().vcpu_count)?;
-    let service = Arc::new(
-        RingService::start(introspector.clone(), &region, log, full_timeout).map_err(vm_err)?,
-    );
-    let pager = Arc::new(Pager::new(
-        introspector.clone(),
-        target_ram,
-        Vec::new(),
-        window,
-        MAP_WINDOW_GPA,
-    ));
-    let hook = Arc::new(ApplianceHook::new(pager.clone(), service.waker()));
-    appliance.set_hook(hook.clone());
-    let target = target.start()?;
-    introspector.set_handle(target.handle());
-    let appliance = match appliance.start() {
-        Ok(a) => a,
+    let supervisor = Arc::new(Supervisor {
+        introspector: introspector.clone(),
+        target_ram: target.ram().clone(),
+        target_vcpus: target.boot_info().vcpu_count,
+        vm: config.vm,
+        image: config.image,
+        serial: config.serial,
+        log: Arc::new(Mutex::new(config.log)),
+        window_size: config.window_size,
+        sizes: config.sizes,
+        full_timeout: config.full_timeout,
+        restarts_left: AtomicU32::new(config.restarts),
+        restarts: AtomicU32::new(0),
+        current: Mutex::new(None),
+        ended: Mutex::new(Ended::default()),
+    });
+    // The appliance attaches first (its rings are ready before the target's first event).
+    let first = supervisor.boot()?;
+    let target = match target.start() {
+        Ok(t) => t,
         Err(e) => {
-            target.handle().stop();
+            supervisor.retire(first, "the target did not start");
             return Err(e.into());
         }
     };
-    // Watch the appliance: when it ends first, detach it (the target runs on, unhooked) and
-    // revoke its mappings.
+    introspector.set_handle(target.handle());
+    *lock(&supervisor.current) = Some(first);
+    // Watch the appliance: when it ends or is detached first, revoke its grants and boot the
+    // next one while restarts remain; else the target runs on, unhooked.
     let watch_stop = Arc::new(AtomicBool::new(false));
-    let (ws, ah, th, svc, pg, intro) = (
-        watch_stop.clone(),
-        appliance.handle(),
-        target.handle(),
-        service.clone(),
-        pager.clone(),
-        introspector.clone(),
-    );
+    let (ws, th, sup) = (watch_stop.clone(), target.handle(), supervisor.clone());
     let watcher = std::thread::Builder::new()
         .name("kvmi-appliance-watch".into())
         .spawn(move || {
-            while !ws.load(Ordering::SeqCst) {
-                if ah.has_ended() && !th.has_ended() {
-                    eprintln!("kvmi: the appliance VM ended; the target runs on, unhooked");
-                    let _ = svc.stop();
-                    intro.detach(svc.generation(), "the appliance VM ended");
-                    pg.retire();
-                    return;
-                }
-                if svc.has_ended() {
-                    pg.retire();
-                }
+            while !ws.load(Ordering::SeqCst) && !th.has_ended() {
+                sup.check();
                 std::thread::sleep(Duration::from_millis(20));
             }
         })
         .ok();
     Ok(ApplianceRun {
         target,
-        appliance,
         introspector,
-        service,
-        pager,
-        hook,
+        supervisor,
         watch_stop,
         watcher,
     })
@@ -236,6 +328,25 @@ pub fn start_installed(
 const APPLIANCE_GRACE: Duration = Duration::from_secs(2);
 
 impl ApplianceRun {
+    /// Appliances booted after the first so far.
+    pub fn restarts(&self) -> u32 {
+        self.supervisor.restarts.load(Ordering::SeqCst)
+    }
+
+    /// True when no appliance is attached or running any more (the current one ended and no
+    /// restart is left).
+    pub fn appliance_gone(&self) -> bool {
+        self.supervisor.check();
+        lock(&self.supervisor.current).is_none()
+    }
+
+    /// The current appliance's page-call server (none once the last appliance is gone).
+    pub fn pager(&self) -> Option<Arc<Pager>> {
+        lock(&self.supervisor.current)
+            .as_ref()
+            .map(|a| a.pager.clone())
+    }
+
     /// Waits for the target's end within `limits`, then revokes every mapping, detaches and
     /// stops the appliance.
     pub fn wait(mut self, limits: RunLimits) -> ApplianceReport {
@@ -244,21 +355,23 @@ impl ApplianceRun {
         if let Some(w) = self.watcher.take() {
             let _ = w.join();
         }
-        let revoked_at_end = self.pager.retire();
-        let service = self.service.stop();
-        self.introspector
-            .detach(self.service.generation(), "the target ended");
-        self.appliance.handle().stop();
-        let appliance = self.appliance.wait(RunLimits {
-            timeout: Some(APPLIANCE_GRACE),
-            interrupt: None,
-        });
+        let current = lock(&self.supervisor.current).take();
+        let revoked_at_end = current
+            .map(|att| self.supervisor.retire(att, "the target ended"))
+            .unwrap_or(0);
+        let ended = std::mem::take(&mut *lock(&self.supervisor.ended));
+        // An appliance was booted before the target started, and every one is retired by
+        // now, so `last` is always there.
+        let (appliance, service) = ended
+            .last
+            .map_or((None, ServiceEnd::Stopped), |(r, s)| (Some(r), s));
         ApplianceReport {
             target,
             appliance,
             service,
-            pages: self.pager.stats(),
+            pages: ended.pages,
             revoked_at_end,
+            restarts: self.supervisor.restarts.load(Ordering::SeqCst),
         }
     }
 }

@@ -45,6 +45,18 @@ pub struct PagerStats {
     pub refused: u64,
 }
 
+impl PagerStats {
+    /// The counters of two pagers together.
+    pub fn plus(self, other: PagerStats) -> PagerStats {
+        PagerStats {
+            pages_mapped: self.pages_mapped + other.pages_mapped,
+            map_calls: self.map_calls + other.map_calls,
+            pages_unmapped: self.pages_unmapped + other.pages_unmapped,
+            refused: self.refused + other.refused,
+        }
+    }
+}
+
 /// What backs the appliance's window.
 enum Backing {
     /// An appliance VM's window: target pages are mapped over it, zero-copy.

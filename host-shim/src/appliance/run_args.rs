@@ -40,14 +40,19 @@ pub struct ApplianceRunArgs {
     #[arg(long, value_name = "PATH")]
     pub appliance_socket: Option<std::path::PathBuf>,
     /// The appliance's command line.
-    #[arg(long, value_name = "WORDS", default_value = "", requires = "appliance")]
+    #[arg(long, value_name = "WORDS", default_value = "")]
     pub appliance_cmdline: String,
     /// The appliance's RAM in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 64, requires = "appliance")]
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub appliance_memory: u64,
     /// Size of the appliance's map window in MiB (at most 256).
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_WINDOW_SIZE >> 20)]
     pub appliance_window: u64,
+    /// When the appliance VM ends or is detached (crash, exit, reply timeout, corrupt ring)
+    /// while the target runs, boot a fresh one and attach it, at most N times; after that
+    /// the target runs on, unhooked.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub appliance_restarts: u32,
 }
 
 /// A bad appliance flag.
@@ -73,6 +78,21 @@ impl ApplianceRunArgs {
     /// Whether `--appliance` was given.
     pub fn enabled(&self) -> bool {
         self.appliance.is_some()
+    }
+
+    /// The appliance VM options given without an appliance VM to apply them to (the main
+    /// job's default appliance counts).
+    pub fn orphan_options(&self) -> Option<&'static str> {
+        if self.appliance.is_some() {
+            return None;
+        }
+        if !self.appliance_cmdline.is_empty() {
+            Some("--appliance-cmdline")
+        } else if self.appliance_restarts != 0 {
+            Some("--appliance-restarts")
+        } else {
+            None
+        }
     }
 
     /// Runs `target` serving a host agent on `--appliance-socket` until the target ends.
@@ -176,15 +196,20 @@ impl ApplianceRunArgs {
             window_size,
             sizes: RingSizes::default(),
             full_timeout: DEFAULT_FULL_TIMEOUT,
+            restarts: self.appliance_restarts,
         };
         let run = start_with_appliance(target, intro_config, config)?;
         let report = run.wait(limits);
         eprintln!(
-            "kvmi: appliance: target {}, appliance {}, rings {:?}; pages mapped {} in {} calls, \
-             unmapped {}, refused calls {}, revoked at end {}",
+            "kvmi: appliance: target {}, appliance {}, rings {:?}, restarts {}; pages mapped {} \
+             in {} calls, unmapped {}, refused calls {}, revoked at end {}",
             report.target.outcome,
-            report.appliance.outcome,
+            report
+                .appliance
+                .as_ref()
+                .map_or("not run".to_string(), |r| r.outcome.to_string()),
             report.service,
+            report.restarts,
             report.pages.pages_mapped,
             report.pages.map_calls,
             report.pages.pages_unmapped,
