@@ -549,3 +549,35 @@ fn granted_pages_are_mapped_read_only_and_shared() {
     );
     rig.assert_target_running();
 }
+
+#[test]
+fn a_notify_on_a_scribbled_command_ring_detaches_at_once_and_later_ones_are_harmless() {
+    if common::skip("a_notify_on_a_scribbled_command_ring_detaches_at_once") {
+        return;
+    }
+    let rig = Rig::new();
+    let (service, region) = ring_rig(&rig);
+    let waker = service.waker();
+    // Only the NOTIFY path is left to read the command ring.
+    assert_eq!(
+        service.stop(),
+        host_shim::appliance::rings::ServiceEnd::Stopped
+    );
+    assert!(rig.intro.is_attached());
+    let index = region.ring_index(RingKind::Command, 0).unwrap();
+    let geo = region.geometry(index).unwrap();
+    region.memory().words()[geo.control].store(1 << 40, std::sync::atomic::Ordering::Release);
+    waker.notify(u64::from(index));
+    assert!(
+        !rig.intro.is_attached(),
+        "detached by the NOTIFY that found the ring corrupt"
+    );
+    // A hostile appliance keeps ringing: nothing is served, nothing breaks.
+    for ring in [u64::from(index), hypercall::call::NOTIFY_ALL_RINGS, 12345] {
+        for _ in 0..1000 {
+            waker.notify(ring);
+        }
+    }
+    assert!(!rig.intro.is_attached());
+    rig.assert_target_running();
+}

@@ -355,6 +355,10 @@ impl CommandDesk {
     /// Drains the command ring if no other thread is; `None` when one is. A bad ring or
     /// command detaches the appliance (the service thread then ends).
     fn serve(&self) -> Option<usize> {
+        if self.intro.current_generation() != self.generation {
+            // Detached: nothing to serve (and no warning per NOTIFY of a hostile appliance).
+            return Some(0);
+        }
         let mut inbox = self.inbox.try_lock().ok()?;
         match self.drain(&mut inbox) {
             Ok(n) => Some(n),
