@@ -56,6 +56,14 @@ fn kvmi_run_main_job_prints_json_findings_on_stdout() {
             .any(|f| f["finding"] == "task_create" && f["name"] == "worker-1" && f["parent"] == 1),
         "task creation traced by the breakpoint: {stdout}"
     );
+    // The target started only once the agent's guard was in place: even the boot's first
+    // task creation was traced.
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["finding"] == "task_create" && f["name"] == "init" && f["parent"] == 0),
+        "the boot's task creations traced: {stdout}"
+    );
     assert!(
         stderr.contains("kvmi: appliance: target guest exited with status 0"),
         "{stderr}"

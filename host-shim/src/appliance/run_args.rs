@@ -26,7 +26,8 @@ pub fn stderr_sink() -> std::io::Result<SerialSink> {
 pub struct ApplianceRunArgs {
     /// Boot an appliance VM next to the target, from an ELF file or an embedded image name
     /// (default when the flag has no value: the embedded `appliance`). Its log-ring lines are
-    /// printed on stdout.
+    /// printed on stdout. The target's vCPUs start once the agent has answered their
+    /// CREATE_VCPU event (as with --kvmi-wait).
     #[arg(
         long,
         value_name = "FILE|NAME",
@@ -164,7 +165,12 @@ impl ApplianceRunArgs {
         image: Vec<u8>,
         limits: RunLimits,
     ) -> Result<ApplianceReport, ApplianceArgsError> {
-        let intro_config = Self::introspector_config(kvmi)?;
+        // The target's vCPUs start once the agent has answered their CREATE_VCPU event, which
+        // it does after its guard is in place: nothing the target does goes unwatched.
+        let intro_config = IntrospectorConfig {
+            wait_for_tool: true,
+            ..Self::introspector_config(kvmi)?
+        };
         let memory_bytes = self
             .appliance_memory
             .checked_mul(1 << 20)
