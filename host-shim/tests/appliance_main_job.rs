@@ -52,6 +52,27 @@ fn appliance_config(
     }
 }
 
+/// A target of `image` with `cmdline`, its serial console collected.
+fn target(name: &str, image: Image, cmdline: &str) -> (Vm, SharedBuffer) {
+    let mut vm = Vm::new(config(name, cmdline), common::elf(image)).unwrap();
+    let serial = SharedBuffer::new();
+    vm.set_serial(SerialSink::Buffer(serial.clone()));
+    (vm, serial)
+}
+
+/// The log lines as JSON values (every line must be one).
+fn findings(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect()
+}
+
+/// The findings of one kind.
+fn of<'a>(findings: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    findings.iter().filter(|f| f["finding"] == kind).collect()
+}
+
 #[test]
 fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
     if common::skip("the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation") {
@@ -61,13 +82,7 @@ fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
         println!("SKIPPED: the appliance image is not embedded in this build");
         return;
     };
-    let mut target = Vm::new(
-        config("main-job-target", ""),
-        common::elf(Image::DemoTarget),
-    )
-    .unwrap();
-    let target_serial = SharedBuffer::new();
-    target.set_serial(SerialSink::Buffer(target_serial.clone()));
+    let (target, target_serial) = target("main-job-target", Image::DemoTarget, "");
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let appliance = appliance_config(appliance_elf, "", &lines, 0);
     let run = start_with_appliance(target, IntrospectorConfig::default(), appliance).unwrap();
@@ -95,12 +110,8 @@ fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
     });
     let lines = lines.lock().unwrap().clone();
     let all = lines.join("\n");
-    let findings: Vec<Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
-        .collect();
-    let of =
-        |kind: &str| -> Vec<&Value> { findings.iter().filter(|f| f["finding"] == kind).collect() };
+    let findings = findings(&lines);
+    let of = |kind: &str| of(&findings, kind);
     let names: Vec<&str> = of("task")
         .iter()
         .filter_map(|t| t["name"].as_str())
@@ -183,12 +194,8 @@ fn an_appliance_that_ends_is_replaced_while_restarts_remain() {
     );
     let lines = lines.lock().unwrap().clone();
     let all = lines.join("\n");
-    let findings: Vec<Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
-        .collect();
-    let of =
-        |kind: &str| -> Vec<&Value> { findings.iter().filter(|f| f["finding"] == kind).collect() };
+    let findings = findings(&lines);
+    let of = |kind: &str| of(&findings, kind);
     assert_eq!(of("start").len(), 3, "three agents started:\n{all}");
     assert_eq!(of("guard").len(), 3, "each set up its guard again:\n{all}");
     let finals: Vec<&Value> = of("summary")
@@ -218,13 +225,7 @@ fn a_hung_appliance_is_detached_stopped_and_replaced() {
     // The "appliance" spins without ever reading its rings (test-guest `mode=spin`): the
     // target's first event (CREATE_VCPU, the target waits for its tool) times out, the
     // appliance is detached and stopped, and a fresh one takes its place.
-    let mut target = Vm::new(
-        config("hung-target", "mode=spin"),
-        common::elf(Image::TestGuest),
-    )
-    .unwrap();
-    let target_serial = SharedBuffer::new();
-    target.set_serial(SerialSink::Buffer(target_serial.clone()));
+    let (target, target_serial) = target("hung-target", Image::TestGuest, "mode=spin");
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let appliance = appliance_config(common::elf(Image::TestGuest), "mode=spin", &lines, 1);
     let intro = IntrospectorConfig {
