@@ -120,16 +120,7 @@ impl Dispatcher {
                 vcpu: index,
                 reason,
             }),
-            Exit::Interrupted => {
-                let mut ctx = self.ctx(index, fd, area);
-                match self.hook.kicked(&mut ctx) {
-                    HookResult::Stop(reason) => Flow::End(RunOutcome::Stopped {
-                        vcpu: index,
-                        reason,
-                    }),
-                    _ => Flow::Continue,
-                }
-            }
+            Exit::Interrupted => self.kicked(index, fd, area),
             Exit::SystemEvent { kind } => Flow::End(RunOutcome::Stopped {
                 vcpu: index,
                 reason: format!("system event {kind}"),
@@ -138,6 +129,19 @@ impl Dispatcher {
                 vcpu: index,
                 reason: format!("unexpected exit reason {reason}"),
             }),
+        }
+    }
+
+    /// The vCPU was kicked (an interrupted `KVM_RUN`, or a nudge seen before an entry): the
+    /// hook's `kicked` runs before the guest does.
+    pub(crate) fn kicked(&self, index: u32, fd: &VcpuFd, area: &mut RunArea) -> Flow {
+        let mut ctx = self.ctx(index, fd, area);
+        match self.hook.kicked(&mut ctx) {
+            HookResult::Stop(reason) => Flow::End(RunOutcome::Stopped {
+                vcpu: index,
+                reason,
+            }),
+            _ => Flow::Continue,
         }
     }
 

@@ -5,7 +5,7 @@
 //! then signals the vCPU thread (so a vCPU inside the guest returns with `EINTR`). The vCPU
 //! thread clears `immediate_exit` *before* reading the request, so no kick is ever lost.
 
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, Once};
 
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
@@ -61,6 +61,8 @@ unsafe impl Send for Target {}
 #[derive(Default)]
 pub struct VcpuControl {
     request: AtomicU32,
+    /// Set by [`VcpuControl::nudge`]: run the exit hook's `kicked` before the next entry.
+    attention: AtomicBool,
     target: Mutex<Option<Target>>,
     paused: Mutex<bool>,
     pause_changed: Condvar,
@@ -111,6 +113,21 @@ impl VcpuControl {
             REQ_PAUSE => Request::Pause,
             _ => Request::None,
         }
+    }
+
+    /// Asks the vCPU thread to call the exit hook's `kicked` (e.g. to run a queued
+    /// introspection command) before it next enters the guest, and kicks it. Never lost: the
+    /// flag is set before the kick, and the thread clears `immediate_exit` before it takes
+    /// the flag, so either it sees the flag or `KVM_RUN` returns at once and it sees it then.
+    /// A thread that is not running yet sees the flag at its first entry.
+    pub fn nudge(&self) {
+        self.attention.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Takes the flag [`VcpuControl::nudge`] set (vCPU thread, before each entry).
+    pub fn take_attention(&self) -> bool {
+        self.attention.swap(false, Ordering::SeqCst)
     }
 
     /// Asks the vCPU to stop for good and kicks it.

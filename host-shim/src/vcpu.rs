@@ -108,6 +108,13 @@ pub(crate) fn run_vcpu(
                 }
                 Request::None => {}
             }
+            if control.take_attention() {
+                match dispatcher.kicked(vcpu.index, &vcpu.fd, &mut vcpu.area) {
+                    Flow::End(outcome) => break Some(outcome),
+                    Flow::Halt => break None,
+                    Flow::Continue => {}
+                }
+            }
             let exit = match run_once(&mut vcpu.fd, &vcpu.area) {
                 Ok(exit) => exit,
                 Err(e) => {

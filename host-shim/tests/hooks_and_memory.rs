@@ -252,3 +252,46 @@ fn extra_regions_are_recorded_in_boot_info() {
         .unwrap();
     assert!(report.outcome.is_success(), "{}", report.outcome);
 }
+
+/// Counts `kicked` calls.
+#[derive(Default)]
+struct KickCounter(AtomicU64);
+
+impl ExitHook for KickCounter {
+    fn kicked(&self, _ctx: &mut ExitContext<'_>) -> HookResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        HookResult::Handled
+    }
+}
+
+#[test]
+fn a_nudge_always_reaches_the_hook_even_before_the_vcpu_runs_or_between_exits() {
+    if common::skip("a_nudge_always_reaches_the_hook") {
+        return;
+    }
+    // test-guest `spin` prints (serial exits the VMM handles without the hook), then spins
+    // with no exit at all: a nudge lost on the way would never be noticed.
+    let hook = Arc::new(KickCounter::default());
+    let mut vm = Vm::new(config("mode=spin"), common::elf(Image::TestGuest)).unwrap();
+    vm.set_hook(hook.clone());
+    vm.set_serial(SerialSink::Null);
+    let running = vm.start().unwrap();
+    let control = running.handle().vcpu(0).unwrap().clone();
+    let count = || hook.0.load(Ordering::SeqCst);
+    // At once after the start (the thread may not even be registered yet), then 200 more
+    // at whatever moment each lands.
+    for n in 1..=201 {
+        let before = count();
+        control.nudge();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while count() == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        assert!(count() > before, "nudge {n} reached the hook");
+    }
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}

@@ -161,6 +161,14 @@ impl Introspector {
     /// Gives the introspector the running VM's handle (to kick vCPUs).
     pub fn set_handle(&self, handle: VmHandle) {
         let _ = self.handle.set(handle);
+        // A tool may have queued vCPU commands before the VM ran (the socket accepts tools
+        // before the start): their kicks found no handle, so kick those vCPUs now. A command
+        // queued after this scan sees the handle (the slot lock orders the two).
+        for i in 0..self.slots.len() {
+            if self.slots[i].lock().command.is_some() {
+                self.kick(i);
+            }
+        }
     }
 
     /// True while a tool is attached.
@@ -175,7 +183,7 @@ impl Introspector {
 
     pub(crate) fn kick(&self, vcpu: usize) {
         if let Some(c) = self.handle.get().and_then(|h| h.vcpu(vcpu as u32)) {
-            c.kick();
+            c.nudge();
         }
     }
 
