@@ -137,6 +137,14 @@ fn caps_reports_what_this_host_delivers() {
     assert!(caps.ro_slot_write_trap, "{out}");
     assert!(caps.memfd_remap, "{out}");
     assert_eq!(caps.sync_regs, 7);
+    // The host's shmem huge-page mode, as the kernel names it.
+    assert_eq!(
+        caps.shmem_huge_pages,
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+            .ok()
+            .and_then(|t| Some(t[t.find('[')? + 1..t.find(']')?].to_string())),
+        "{out}"
+    );
     if caps.pvm_module {
         // kvm-platform.md: PVM cannot emulate int3 at CPL0, and traps mprotect'ed writes as
         // MMIO; CPL0 is emulated.

@@ -144,6 +144,7 @@ mod tests {
             cpl0_ns_per_iteration: 1000.0,
             sync_regs: 7,
             immediate_exit: true,
+            shmem_huge_pages: None,
             details: Vec::new(),
             probe_micros: 0,
         }
