@@ -636,14 +636,12 @@ fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingEr
         }
     }
     all_empty &= inbound.log.arm_wake()?;
-    all_empty &= inbound
-        .desk
-        .inbox
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .0
-        .available()?
-        == 0;
+    // A NOTIFY serving the command ring right now holds it (possibly waiting on a full
+    // reply ring): do not wait for it; it drains what is there and re-arms the ring.
+    all_empty &= match inbound.desk.inbox.try_lock() {
+        Ok(mut inbox) => inbox.0.available()? == 0,
+        Err(_) => true,
+    };
     if all_empty {
         stats.sleeps.fetch_add(1, Ordering::Relaxed);
         std::thread::park_timeout(SLEEP);
