@@ -140,20 +140,7 @@ impl TaskLayout {
         let name_bytes = entry
             .get(self.name as usize..(self.name + self.name_len) as usize)
             .unwrap_or(&[]);
-        let end = name_bytes
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(name_bytes.len());
-        let name = name_bytes[..end]
-            .iter()
-            .map(|&b| {
-                if b.is_ascii_graphic() || b == b' ' {
-                    b as char
-                } else {
-                    '?'
-                }
-            })
-            .collect();
+        let name = printable_name(name_bytes);
         let mut cr3 = [0u8; 8];
         if let Some(b) = entry.get(self.cr3 as usize..self.cr3 as usize + 8) {
             cr3.copy_from_slice(b);
@@ -181,4 +168,20 @@ impl TaskLayout {
             .filter_map(|slot| self.decode(&table, slot))
             .collect())
     }
+}
+
+/// A name read from guest memory: up to the first NUL, every byte that is not printable
+/// ASCII shown as `?` (guest bytes are never trusted to be text).
+pub fn printable_name(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    bytes[..end]
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }

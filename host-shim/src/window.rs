@@ -106,6 +106,38 @@ impl RemapWindow {
         file_offset: u64,
         len: u64,
     ) -> Result<(), VmError> {
+        self.map_fixed(
+            offset,
+            fd,
+            file_offset,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    }
+
+    /// Like [`RemapWindow::map_shared`], but the host mapping is `PROT_READ` only: KVM then
+    /// maps the pages read-only into the guest that uses this window (a guest write exits
+    /// instead of reaching the shared page).
+    pub fn map_shared_readonly(
+        &self,
+        offset: u64,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        len: u64,
+    ) -> Result<(), VmError> {
+        self.map_fixed(offset, fd, file_offset, len, libc::PROT_READ)
+    }
+
+    /// `mmap(MAP_SHARED | MAP_FIXED, prot)` of `fd` over the window at `offset`, advised for
+    /// huge pages.
+    fn map_fixed(
+        &self,
+        offset: u64,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        len: u64,
+        prot: libc::c_int,
+    ) -> Result<(), VmError> {
         use std::os::fd::AsRawFd;
         let at = self.check(offset, len)?;
         // SAFETY: MAP_FIXED replaces only pages inside our own window (checked above), which
@@ -114,7 +146,7 @@ impl RemapWindow {
             libc::mmap(
                 at,
                 len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 fd.as_raw_fd(),
                 file_offset as libc::off_t,
@@ -129,42 +161,10 @@ impl RemapWindow {
         Ok(())
     }
 
-    /// Like [`RemapWindow::map_shared`], but the host mapping is `PROT_READ` only: KVM then
-    /// maps the pages read-only into the guest that uses this window (a guest write exits
-    /// instead of reaching the shared page).
-    pub fn map_shared_readonly(
-        &self,
-        offset: u64,
-        fd: BorrowedFd<'_>,
-        file_offset: u64,
-        len: u64,
-    ) -> Result<(), VmError> {
-        use std::os::fd::AsRawFd;
-        let at = self.check(offset, len)?;
-        // SAFETY: as in `map_shared`: MAP_FIXED replaces only pages inside our own window.
-        let p = unsafe {
-            libc::mmap(
-                at,
-                len as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_raw_fd(),
-                file_offset as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(VmError::mem("mmap MAP_FIXED read-only over window")(
-                io::Error::last_os_error(),
-            ));
-        }
-        advise_huge(at, len);
-        Ok(())
-    }
-
     /// Puts the zeroed placeholder back over `offset..offset+len` (revokes a share).
     pub fn revoke(&self, offset: u64, len: u64) -> Result<(), VmError> {
         let at = self.check(offset, len)?;
-        // SAFETY: as in `map_shared`: only pages of our own window are replaced.
+        // SAFETY: as in `map_fixed`: only pages of our own window are replaced.
         let p = unsafe {
             libc::mmap(
                 at,

@@ -8,16 +8,23 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// Whether this build embeds the appliance image (else the test says SKIPPED).
+fn appliance_embedded() -> bool {
+    let embedded = host_shim::images::Image::from_name("appliance")
+        .and_then(|i| i.elf())
+        .is_some();
+    if !embedded {
+        println!("SKIPPED: the appliance image is not embedded in this build");
+    }
+    embedded
+}
+
 #[test]
 fn kvmi_run_main_job_prints_json_findings_on_stdout() {
     if common::skip("kvmi_run_appliance_prints_json_findings_on_stdout") {
         return;
     }
-    if host_shim::images::Image::from_name("appliance")
-        .and_then(|i| i.elf())
-        .is_none()
-    {
-        println!("SKIPPED: the appliance image is not embedded in this build");
+    if !appliance_embedded() {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_kvmi"))
@@ -75,11 +82,7 @@ fn kvmi_run_restarts_an_appliance_that_ends_and_refuses_orphan_appliance_options
     if common::skip("kvmi_run_restarts_an_appliance_that_ends") {
         return;
     }
-    if host_shim::images::Image::from_name("appliance")
-        .and_then(|i| i.elf())
-        .is_none()
-    {
-        println!("SKIPPED: the appliance image is not embedded in this build");
+    if !appliance_embedded() {
         return;
     }
     // Each agent stops after 40 events; one restart, then the target (300 rounds) runs on.

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use host_shim::client::neutral_data;
 use host_shim::images::Image;
-use introspect_support::{Target, expect_event, read_u64, skip};
+use introspect_support::{Target, expect_event, read_u64, set_access, skip};
 use protocol::event::EventSet;
 use protocol::event_reply::{EventReplyData, PageFaultReply};
-use protocol::types::{Access, PageAccessEntry};
+use protocol::types::Access;
 use protocol::{Action, EventKind, EventPayload};
 use zerocopy::little_endian::U64;
 
@@ -29,14 +29,7 @@ fn page_fault_event_reports_gpa_and_write_and_skip_drops_while_allow_completes()
     let c = t.attach();
     let page = t.sym("scratch_page");
     c.control_events(0, only(EventKind::PageFault)).unwrap();
-    c.set_page_access(
-        0,
-        &[PageAccessEntry {
-            gpa: page,
-            access: Access::R.union(Access::X),
-        }],
-    )
-    .unwrap();
+    set_access(&c, page, Access::R.union(Access::X));
     assert_eq!(
         c.get_page_access(0, &[page]).unwrap(),
         vec![Access::R.union(Access::X)]
@@ -300,14 +293,7 @@ fn detach_restores_page_access_breakpoints_and_msr_interception() {
             .with(EventKind::Breakpoint),
     )
     .unwrap();
-    c.set_page_access(
-        0,
-        &[PageAccessEntry {
-            gpa: page,
-            access: Access::R,
-        }],
-    )
-    .unwrap();
+    set_access(&c, page, Access::R);
     c.control_breakpoint(None, t.sym("breakpoint_target"), true)
         .unwrap();
     c.close();
@@ -427,14 +413,7 @@ fn read_restriction_raises_a_read_event_and_allow_returns_the_context_data() {
     c.write_physical(page, &0x5u64.to_le_bytes()).unwrap();
     c.write_physical(page + 8, &0x7u64.to_le_bytes()).unwrap();
     c.control_events(0, only(EventKind::PageFault)).unwrap();
-    c.set_page_access(
-        0,
-        &[PageAccessEntry {
-            gpa: page,
-            access: Access::NONE,
-        }],
-    )
-    .unwrap();
+    set_access(&c, page, Access::NONE);
     t.open_gate(&c);
     // Word 0: ALLOW with context data 0x100 (the guest reads it instead of memory's 5).
     let ev = expect_event(&c, EventKind::PageFault, &t);
@@ -476,14 +455,7 @@ fn exec_restriction_raises_a_fetch_event_at_the_function() {
     let step = t.sym("step_target");
     let page = step & !0xfff;
     c.control_events(0, only(EventKind::PageFault)).unwrap();
-    c.set_page_access(
-        0,
-        &[PageAccessEntry {
-            gpa: page,
-            access: Access::R.union(Access::W),
-        }],
-    )
-    .unwrap();
+    set_access(&c, page, Access::R.union(Access::W));
     t.open_gate(&c);
     let ev = expect_event(&c, EventKind::PageFault, &t);
     let EventPayload::PageFault { gpa, mode, .. } = ev.event.payload else {
@@ -492,14 +464,7 @@ fn exec_restriction_raises_a_fetch_event_at_the_function() {
     assert_eq!(gpa & !0xfff, page, "fetch outside the protected page");
     assert_ne!(mode & 4, 0, "access mode {mode:#x} lacks fetch");
     // Lift the restriction and let it go on: no further events, both calls complete.
-    c.set_page_access(
-        0,
-        &[PageAccessEntry {
-            gpa: page,
-            access: Access::RWX,
-        }],
-    )
-    .unwrap();
+    set_access(&c, page, Access::RWX);
     c.reply(
         &ev,
         Action::Retry,
@@ -518,25 +483,11 @@ fn retry_after_lifting_the_protection_re_executes_the_write() {
     let c = t.attach();
     let page = t.sym("scratch_page");
     c.control_events(0, only(EventKind::PageFault)).unwrap();
-    c.set_page_access(
-        0,
-        &[PageAccessEntry {
-            gpa: page,
-            access: Access::R,
-        }],
-    )
-    .unwrap();
+    set_access(&c, page, Access::R);
     t.open_gate(&c);
     let ev = expect_event(&c, EventKind::PageFault, &t);
     assert_eq!(read_u64(&c, page), 0, "written before the reply");
-    c.set_page_access(
-        0,
-        &[PageAccessEntry {
-            gpa: page,
-            access: Access::RWX,
-        }],
-    )
-    .unwrap();
+    set_access(&c, page, Access::RWX);
     c.reply(
         &ev,
         Action::Retry,

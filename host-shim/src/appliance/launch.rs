@@ -181,14 +181,11 @@ impl Supervisor {
     /// the next one if restarts remain.
     fn check(&self) {
         let mut current = lock(&self.current);
-        let Some(att) = current.as_ref() else {
-            return;
-        };
-        let vm_ended = att.appliance.handle().has_ended();
-        if !vm_ended && !att.service.has_ended() {
-            return;
-        }
-        let Some(att) = current.take() else {
+        let mut vm_ended = false;
+        let Some(att) = current.take_if(|att| {
+            vm_ended = att.appliance.handle().has_ended();
+            vm_ended || att.service.has_ended()
+        }) else {
             return;
         };
         let why = if vm_ended {
@@ -338,13 +335,6 @@ impl ApplianceRun {
     pub fn appliance_gone(&self) -> bool {
         self.supervisor.check();
         lock(&self.supervisor.current).is_none()
-    }
-
-    /// The current appliance's page-call server (none once the last appliance is gone).
-    pub fn pager(&self) -> Option<Arc<Pager>> {
-        lock(&self.supervisor.current)
-            .as_ref()
-            .map(|a| a.pager.clone())
     }
 
     /// Waits for the target's end within `limits`, then revokes every mapping, detaches and

@@ -75,6 +75,17 @@ pub enum ApplianceArgsError {
     Setup(#[from] IntrospectError),
 }
 
+/// `mib` MiB in bytes, if that lies in `bytes`; else the error `what`.
+fn mib_in(
+    mib: u64,
+    bytes: std::ops::RangeInclusive<u64>,
+    what: &'static str,
+) -> Result<u64, ApplianceArgsError> {
+    mib.checked_mul(1 << 20)
+        .filter(|b| bytes.contains(b))
+        .ok_or(ApplianceArgsError::Size(what))
+}
+
 impl ApplianceRunArgs {
     /// Whether `--appliance` was given.
     pub fn enabled(&self) -> bool {
@@ -106,13 +117,11 @@ impl ApplianceRunArgs {
         let Some(path) = &self.appliance_socket else {
             return Err(ApplianceArgsError::Size("--appliance-socket needs a path"));
         };
-        let window_size = self
-            .appliance_window
-            .checked_mul(1 << 20)
-            .filter(|b| (1 << 20..=256 << 20).contains(b))
-            .ok_or(ApplianceArgsError::Size(
-                "--appliance-window must be 1..=256 MiB",
-            ))?;
+        let window_size = mib_in(
+            self.appliance_window,
+            1 << 20..=256 << 20,
+            "--appliance-window must be 1..=256 MiB",
+        )?;
         let config = Self::introspector_config(kvmi)?;
         let caps = crate::probe::cached_capabilities().map_err(|e| IntrospectError::Io {
             what: "capability probe".into(),
@@ -171,20 +180,16 @@ impl ApplianceRunArgs {
             wait_for_tool: true,
             ..Self::introspector_config(kvmi)?
         };
-        let memory_bytes = self
-            .appliance_memory
-            .checked_mul(1 << 20)
-            .filter(|b| (2 << 20..=2 << 30).contains(b))
-            .ok_or(ApplianceArgsError::Size(
-                "--appliance-memory must be 2..=2048 MiB",
-            ))?;
-        let window_size = self
-            .appliance_window
-            .checked_mul(1 << 20)
-            .filter(|b| (1 << 20..=256 << 20).contains(b))
-            .ok_or(ApplianceArgsError::Size(
-                "--appliance-window must be 1..=256 MiB",
-            ))?;
+        let memory_bytes = mib_in(
+            self.appliance_memory,
+            2 << 20..=2 << 30,
+            "--appliance-memory must be 2..=2048 MiB",
+        )?;
+        let window_size = mib_in(
+            self.appliance_window,
+            1 << 20..=256 << 20,
+            "--appliance-window must be 1..=256 MiB",
+        )?;
         let config = ApplianceConfig {
             vm: VmConfig {
                 name: "kvmi-appliance".into(),

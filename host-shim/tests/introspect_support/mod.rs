@@ -200,6 +200,13 @@ pub fn expect_event(client: &KvmiClient, kind: EventKind, target: &Target) -> Re
     }
 }
 
+/// SET_PAGE_ACCESS of one page (view 0), which must succeed.
+pub fn set_access(client: &KvmiClient, gpa: u64, access: protocol::types::Access) {
+    client
+        .set_page_access(0, &[protocol::types::PageAccessEntry { gpa, access }])
+        .expect("SET_PAGE_ACCESS");
+}
+
 /// Reads a little-endian u64 of guest-physical memory.
 pub fn read_u64(client: &KvmiClient, gpa: u64) -> u64 {
     let b = client.read_physical(gpa, 8).expect("READ_PHYSICAL");

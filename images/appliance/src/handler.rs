@@ -137,19 +137,7 @@ impl<H: Hypercalls, M: SharedMemory, T: TokenSource> MainJob<H, M, T> {
         AddressSpace::Paged { cr3 }
             .read(&mut self.mem, ptr, buf)
             .ok()?;
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        Some(
-            buf[..end]
-                .iter()
-                .map(|&b| {
-                    if b.is_ascii_graphic() || b == b' ' {
-                        b as char
-                    } else {
-                        '?'
-                    }
-                })
-                .collect(),
-        )
+        Some(appliance::tasks::printable_name(buf))
     }
 }
 
