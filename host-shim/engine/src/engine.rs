@@ -1,0 +1,608 @@
+//! The introspector's shared state, the attach/detach (unhook) cycle, and the reader-thread
+//! side of the protocol: classify every incoming message, run VM-scope commands, queue
+//! vCPU-scope commands to their vCPU thread, and hand event replies to the waiting vCPU.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use protocol::V4;
+use protocol::command::{Command, CommandKind};
+use protocol::error::ErrorCode;
+use protocol::event_reply::EventReplyData;
+use protocol::masks::AllowedMasks;
+use protocol::reply::{CommandResult, GuestInfo, Reply, VersionInfo};
+use protocol::types::{Access, MapToken, VcpuSelector};
+use protocol::wire::{ToolMessage, WireProfile};
+
+use super::IntrospectorConfig;
+use super::access::AccessTable;
+use super::alias::RamAlias;
+use super::msr::MsrFilter;
+use super::slot::{OwnedReply, QueuedCommand, VcpuSlot};
+use super::tokens::{DEFAULT_TTL, TokenStore};
+use super::transport::{Channel, ChannelError};
+use vmm::memory::GuestRam;
+use vmm::running::VmHandle;
+
+/// The KVMI version GET_VERSION reports.
+pub const KVMI_VERSION: u32 = 1;
+/// How long the reader waits for a vCPU thread to run a queued command.
+pub const VCPU_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Hardware breakpoint slots (DR0–DR3).
+pub const HW_BREAKPOINTS: usize = 4;
+
+/// The attached tool, if any.
+#[derive(Default)]
+pub(crate) struct Link {
+    pub(crate) channel: Option<Arc<dyn Channel>>,
+    /// Bumped by every attach and detach.
+    pub(crate) generation: u64,
+    /// A tool attached at least once (releases `--kvmi-wait`).
+    pub(crate) ever_attached: bool,
+    /// When the tool last sent anything.
+    pub(crate) last_heard: Option<Instant>,
+}
+
+/// The execution breakpoints set with CONTROL_BREAKPOINT (shared by every vCPU).
+#[derive(Debug, Default)]
+pub(crate) struct Breakpoints {
+    pub(crate) gvas: [Option<u64>; HW_BREAKPOINTS],
+    pub(crate) generation: u64,
+}
+
+/// The introspector of one VM: installed as its [`vmm::ExitHook`], attached to at most one
+/// tool at a time through a [`Channel`]. With no tool attached it is a pass-through.
+pub struct Introspector {
+    pub(crate) config: IntrospectorConfig,
+    pub(crate) masks: AllowedMasks,
+    pub(crate) ram: Arc<GuestRam>,
+    pub(crate) alias: RamAlias,
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) handle: OnceLock<VmHandle>,
+    pub(crate) link: Mutex<Link>,
+    pub(crate) link_changed: Condvar,
+    pub(crate) generation: AtomicU64,
+    pub(crate) slots: Vec<VcpuSlot>,
+    pub(crate) access: Mutex<AccessTable>,
+    pub(crate) breakpoints: Mutex<Breakpoints>,
+    pub(crate) msr_filter: MsrFilter,
+    pub(crate) tokens: TokenStore,
+    pub(crate) event_seq: AtomicU32,
+    pub(crate) tickets: AtomicU64,
+    /// KVM delivers guest INT3 as KVM_EXIT_DEBUG (USE_SW_BP) on this host.
+    pub(crate) sw_breakpoints: bool,
+    /// The guest TSC frequency in kHz (read by the first vCPU at start; 0 = unknown).
+    pub(crate) tsc_khz: AtomicU64,
+}
+
+impl std::fmt::Debug for Introspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Introspector")
+            .field("vcpus", &self.slots.len())
+            .field("masks", &self.masks)
+            .field("attached", &self.is_attached())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn encode_result(kind: CommandKind, seq: u32, result: &CommandResult<'_>) -> Vec<u8> {
+    let len = V4::reply_len(kind, result).unwrap_or(16);
+    let mut buf = vec![0u8; len];
+    match V4::encode_reply(kind, seq, result, &mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            buf
+        }
+        Err(e) => {
+            tracing::error!("cannot encode the {kind:?} reply: {e}");
+            error_message(V4::command_id(kind), seq, ErrorCode::NoMem)
+        }
+    }
+}
+
+/// An error-only reply under message `id`.
+pub(crate) fn error_message(id: u16, seq: u32, code: ErrorCode) -> Vec<u8> {
+    let mut buf = vec![0u8; 16];
+    let n = V4::encode_error_reply(id, seq, code, &mut buf).unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
+impl Introspector {
+    pub(crate) fn new_parts(
+        config: IntrospectorConfig,
+        masks: AllowedMasks,
+        ram: Arc<GuestRam>,
+        vm_fd: Arc<VmFd>,
+        vcpus: u32,
+        sw_breakpoints: bool,
+    ) -> std::io::Result<Introspector> {
+        let alias = RamAlias::new(&ram)?;
+        let target = ram.host_base() as u64;
+        let msr_filter = MsrFilter::new(&vm_fd);
+        Ok(Introspector {
+            config,
+            masks,
+            alias,
+            ram,
+            vm_fd,
+            handle: OnceLock::new(),
+            link: Mutex::new(Link::default()),
+            link_changed: Condvar::new(),
+            generation: AtomicU64::new(0),
+            slots: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
+            access: Mutex::new(AccessTable::default()),
+            breakpoints: Mutex::new(Breakpoints::default()),
+            msr_filter,
+            tokens: TokenStore::new(target, DEFAULT_TTL),
+            event_seq: AtomicU32::new(1),
+            tickets: AtomicU64::new(1),
+            tsc_khz: AtomicU64::new(0),
+            sw_breakpoints,
+        })
+    }
+
+    /// The `GET_VERSION` masks: what this host delivers ∩ what the operator allows.
+    pub fn masks(&self) -> AllowedMasks {
+        self.masks
+    }
+
+    /// The map-token store of this VM (consumed by the appliance's MEM_MAP).
+    pub fn tokens(&self) -> &TokenStore {
+        &self.tokens
+    }
+
+    /// Gives the introspector the running VM's handle (to kick vCPUs).
+    pub fn set_handle(&self, handle: VmHandle) {
+        let _ = self.handle.set(handle);
+        // A tool may have queued vCPU commands before the VM ran (the socket accepts tools
+        // before the start): their kicks found no handle, so kick those vCPUs now. A command
+        // queued after this scan sees the handle (the slot lock orders the two).
+        for i in 0..self.slots.len() {
+            if self.slots[i].lock().command.is_some() {
+                self.kick(i);
+            }
+        }
+    }
+
+    /// True while a tool is attached.
+    pub fn is_attached(&self) -> bool {
+        lock(&self.link).channel.is_some()
+    }
+
+    /// Current attach generation (changes on every attach and detach).
+    pub fn current_generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn kick(&self, vcpu: usize) {
+        if let Some(c) = self.handle.get().and_then(|h| h.vcpu(vcpu as u32)) {
+            c.nudge();
+        }
+    }
+
+    /// Attaches a tool; returns the attach generation to pass to
+    /// [`Introspector::handle_message`] and [`Introspector::detach`]. Fails if a tool is
+    /// already attached.
+    pub fn attach(&self, channel: Arc<dyn Channel>) -> Result<u64, ChannelError> {
+        let mut link = lock(&self.link);
+        if link.channel.is_some() {
+            return Err(ChannelError::Protocol("a tool is already attached".into()));
+        }
+        link.channel = Some(channel);
+        link.generation += 1;
+        link.ever_attached = true;
+        link.last_heard = Some(Instant::now());
+        self.generation.store(link.generation, Ordering::SeqCst);
+        if let Err(e) = self.msr_filter.apply(&self.vm_fd, &[]) {
+            tracing::warn!("MSR filter for the event-header MSRs: {e}");
+        }
+        self.link_changed.notify_all();
+        tracing::info!(generation = link.generation, "introspection tool attached");
+        Ok(link.generation)
+    }
+
+    /// Detaches the tool of `generation` (no-op if it is gone already) and restores every
+    /// interception: page protections, breakpoints, single step, MSR filter, event masks,
+    /// tokens. vCPUs waiting for a reply continue as if answered CONTINUE.
+    pub fn detach(&self, generation: u64, reason: &str) {
+        let channel = {
+            let mut link = lock(&self.link);
+            if link.generation != generation || link.channel.is_none() {
+                return;
+            }
+            link.generation += 1;
+            self.generation.store(link.generation, Ordering::SeqCst);
+            self.link_changed.notify_all();
+            link.channel.take()
+        };
+        if let Some(c) = channel {
+            c.close();
+        }
+        tracing::info!("introspection tool detached ({reason}); unhooking");
+        self.unhook();
+    }
+
+    fn unhook(&self) {
+        let pages = lock(&self.access).clear();
+        for page in &pages {
+            if let Err(e) = self
+                .ram
+                .protect(*page, 4096, libc::PROT_READ | libc::PROT_WRITE)
+            {
+                tracing::error!("unhook: restoring page {page:#x}: {e}");
+            }
+        }
+        {
+            let mut bps = lock(&self.breakpoints);
+            bps.gvas = [None; HW_BREAKPOINTS];
+            bps.generation += 1;
+        }
+        for slot in &self.slots {
+            slot.lock().reset();
+            slot.changed.notify_all();
+        }
+        if let Err(e) = self.msr_filter.clear(&self.vm_fd) {
+            tracing::error!("unhook: clearing the MSR filter: {e}");
+        }
+        self.tokens.revoke_all();
+        for i in 0..self.slots.len() {
+            self.kick(i);
+        }
+        tracing::info!(pages = pages.len(), "unhooked: the VM runs untouched");
+    }
+
+    /// The attached tool's channel, if `generation` is still the attached one.
+    pub(crate) fn channel_of(&self, generation: u64) -> Option<Arc<dyn Channel>> {
+        let link = lock(&self.link);
+        if link.generation != generation {
+            return None;
+        }
+        link.channel.clone()
+    }
+
+    /// Sends a message to the attached tool; on failure the tool is detached. False if no
+    /// tool (of `generation`) is attached or the send failed.
+    pub(crate) fn send(&self, generation: u64, message: &[u8]) -> bool {
+        let channel = {
+            let link = lock(&self.link);
+            if link.generation != generation {
+                return false;
+            }
+            link.channel.clone()
+        };
+        let Some(channel) = channel else {
+            return false;
+        };
+        match channel.send(message) {
+            Ok(()) => true,
+            Err(e) => {
+                self.detach(generation, &format!("send failed: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Waits until a tool has attached once (for `--kvmi-wait`), or the VM ended.
+    pub(crate) fn wait_first_attach(&self) {
+        let mut link = lock(&self.link);
+        while !link.ever_attached {
+            if self.handle.get().is_some_and(|h| h.has_ended()) {
+                return;
+            }
+            link = self
+                .link_changed
+                .wait_timeout(link, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Seconds since the tool last sent something (for the reply timeout).
+    pub(crate) fn heard_recently(&self, within: Duration) -> bool {
+        lock(&self.link)
+            .last_heard
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
+    /// Handles one whole message from the tool of `generation`. Commands are answered
+    /// (errors included) on the channel; an `Err` is a protocol error: the caller closes
+    /// the channel with [`Introspector::detach`].
+    pub fn handle_message(&self, generation: u64, message: &[u8]) -> Result<(), ChannelError> {
+        if self.current_generation() != generation {
+            return Err(ChannelError::Detached);
+        }
+        lock(&self.link).last_heard = Some(Instant::now());
+        let frame = V4::parse_frame(message).map_err(|e| ChannelError::Protocol(e.to_string()))?;
+        let (id, seq) = (frame.header.id, frame.header.seq);
+        let reply = match V4::decode_tool_message(frame) {
+            Ok(ToolMessage::EventReply { seq, payload }) => {
+                return self.event_reply(seq, payload);
+            }
+            Ok(ToolMessage::Command { seq, command }) => self.command(seq, &command, message),
+            Err(e) if id == V4::EVENT_ID => {
+                return Err(ChannelError::Protocol(format!("tool sent an event: {e}")));
+            }
+            Err(e) => {
+                tracing::debug!(id, seq, "bad command: {e}");
+                error_message(id, seq, e.error_code())
+            }
+        };
+        if self.send(generation, &reply) {
+            Ok(())
+        } else {
+            Err(ChannelError::Detached)
+        }
+    }
+
+    fn event_reply(&self, seq: u32, payload: &[u8]) -> Result<(), ChannelError> {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let mut s = slot.lock();
+            let Some((sent, kind)) = s.outstanding else {
+                continue;
+            };
+            if sent != seq {
+                continue;
+            }
+            let reply = V4::decode_event_reply(kind, payload).map_err(|e| {
+                ChannelError::Protocol(format!("bad reply to {kind:?} event {seq}: {e}"))
+            })?;
+            let (new_val, ctx_data) = match reply.data {
+                EventReplyData::Msr { new_val } | EventReplyData::Cr { new_val } => {
+                    (Some(new_val), Vec::new())
+                }
+                EventReplyData::PageFault(pf) => (None, pf.ctx_data.to_vec()),
+                EventReplyData::None => (None, Vec::new()),
+            };
+            s.outstanding = None;
+            s.reply = Some(OwnedReply {
+                action: reply.action,
+                new_val,
+                ctx_data,
+            });
+            drop(s);
+            slot.changed.notify_all();
+            tracing::trace!(vcpu = i, seq, "event reply");
+            return Ok(());
+        }
+        Err(ChannelError::Protocol(format!(
+            "reply to event seq {seq}, which is not outstanding"
+        )))
+    }
+
+    fn command(&self, seq: u32, command: &Command<'_>, message: &[u8]) -> Vec<u8> {
+        let kind = command.kind();
+        if let Err(e) = self.masks.check_command(kind) {
+            return error_message(V4::command_id(kind), seq, e.error_code());
+        }
+        if let Some(vcpu) = command.vcpu()
+            && usize::from(vcpu) >= self.slots.len()
+        {
+            return error_message(V4::command_id(kind), seq, ErrorCode::Inval);
+        }
+        let result = match *command {
+            Command::GetVersion => Ok(Reply::Version(VersionInfo {
+                version: KVMI_VERSION,
+                allowed: self.masks,
+            })),
+            Command::GetGuestInfo => Ok(Reply::GuestInfo(GuestInfo {
+                vcpu_count: self.slots.len() as u16,
+                tsc_speed: self.tsc_khz.load(Ordering::Relaxed) * 1000,
+            })),
+            Command::ControlCr { .. } | Command::ControlVe { .. } => Err(ErrorCode::NoSys),
+            Command::ReadPhysical { gpa, size } => {
+                let mut buf = vec![0u8; size as usize];
+                return if self.alias.read(gpa, &mut buf) {
+                    encode_result(kind, seq, &Ok(Reply::Physical(&buf)))
+                } else {
+                    encode_result(kind, seq, &Err(ErrorCode::Inval))
+                };
+            }
+            Command::WritePhysical { gpa, data } => {
+                if self.alias.write(gpa, data) {
+                    Ok(Reply::Empty)
+                } else {
+                    Err(ErrorCode::Inval)
+                }
+            }
+            Command::GetPageAccess { view, gpas, .. } => {
+                if view != 0 {
+                    Err(ErrorCode::NoSys)
+                } else if gpas.iter().any(|g| !self.alias.contains(g, 1)) {
+                    Err(ErrorCode::Inval)
+                } else {
+                    let table = lock(&self.access);
+                    let out: Vec<Access> = gpas.iter().map(|g| table.get(g)).collect();
+                    drop(table);
+                    return encode_result(
+                        kind,
+                        seq,
+                        &Ok(Reply::PageAccess(protocol::list::List::from_slice(&out))),
+                    );
+                }
+            }
+            Command::SetPageAccess { view, entries, .. } => {
+                if view != 0 {
+                    Err(ErrorCode::NoSys)
+                } else {
+                    self.set_page_access(entries.iter().map(|e| (e.gpa, e.access)))
+                }
+            }
+            Command::GetMapToken => match self.tokens.issue() {
+                Ok(t) => Ok(Reply::MapToken(MapToken(t.to_bytes()))),
+                Err(_) => Err(ErrorCode::Again),
+            },
+            Command::ControlBreakpoint { vcpus, enable, gva } => {
+                self.control_breakpoint(vcpus, enable, gva)
+            }
+            Command::ControlMsr { vcpu, enable, msr } => self.control_msr(vcpu, enable, msr),
+            Command::PauseVcpu { vcpu } => self.pause_vcpu(vcpu),
+            Command::ControlEvents { events, .. }
+                if self.masks.check_event_set(events).is_err() =>
+            {
+                Err(ErrorCode::Perm)
+            }
+            _ => {
+                let vcpu = command.vcpu().unwrap_or(0);
+                return self.queue_vcpu_command(usize::from(vcpu), kind, seq, message);
+            }
+        };
+        encode_result(kind, seq, &result)
+    }
+
+    fn set_page_access(
+        &self,
+        entries: impl Iterator<Item = (u64, Access)>,
+    ) -> CommandResult<'static> {
+        let mut failed = None;
+        let mut table = lock(&self.access);
+        for (gpa, access) in entries {
+            if !self.alias.contains(gpa, 1) {
+                failed = Some(ErrorCode::Inval);
+                continue;
+            }
+            if let Some(change) = table.set(gpa, access)
+                && let Err(e) = self.ram.protect(change.page, 4096, change.prot)
+            {
+                tracing::error!("mprotect {:#x}: {e}", change.page);
+                failed = Some(ErrorCode::NoMem);
+            }
+        }
+        failed.map_or(Ok(Reply::Empty), Err)
+    }
+
+    fn control_breakpoint(
+        &self,
+        vcpus: VcpuSelector,
+        enable: bool,
+        gva: u64,
+    ) -> CommandResult<'static> {
+        if let VcpuSelector::One(v) = vcpus
+            && usize::from(v) >= self.slots.len()
+        {
+            return Err(ErrorCode::Inval);
+        }
+        let mut bps = lock(&self.breakpoints);
+        let existing = bps.gvas.iter().position(|g| *g == Some(gva));
+        if enable {
+            if existing.is_none() {
+                let free = bps.gvas.iter().position(Option::is_none);
+                let Some(free) = free else {
+                    return Err(ErrorCode::Busy);
+                };
+                bps.gvas[free] = Some(gva);
+            }
+        } else {
+            let Some(i) = existing else {
+                return Err(ErrorCode::NoEnt);
+            };
+            bps.gvas[i] = None;
+        }
+        bps.generation += 1;
+        drop(bps);
+        self.refresh_debug_all();
+        Ok(Reply::Empty)
+    }
+
+    /// Marks every vCPU's guest debug dirty and kicks the running ones to reload it.
+    pub(crate) fn refresh_debug_all(&self) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let waiting = {
+                let mut s = slot.lock();
+                s.debug_dirty = true;
+                s.waiting
+            };
+            if !waiting {
+                self.kick(i);
+            }
+        }
+    }
+
+    fn control_msr(&self, vcpu: u16, enable: bool, msr: u32) -> CommandResult<'static> {
+        {
+            let mut s = self.slots[usize::from(vcpu)].lock();
+            if enable {
+                s.msrs.insert(msr);
+            } else {
+                s.msrs.remove(&msr);
+            }
+        }
+        let wanted: Vec<u32> = self
+            .slots
+            .iter()
+            .flat_map(|s| s.lock().msrs.iter().copied().collect::<Vec<_>>())
+            .collect();
+        self.msr_filter.apply(&self.vm_fd, &wanted).map_err(|e| {
+            tracing::warn!("MSR filter: {e}");
+            ErrorCode::Inval
+        })?;
+        Ok(Reply::Empty)
+    }
+
+    fn pause_vcpu(&self, vcpu: u16) -> CommandResult<'static> {
+        let i = usize::from(vcpu);
+        let waiting = {
+            let mut s = self.slots[i].lock();
+            if s.dead {
+                return Err(ErrorCode::Again);
+            }
+            if s.pause_pending {
+                return Err(ErrorCode::Busy);
+            }
+            s.pause_pending = true;
+            s.waiting
+        };
+        self.slots[i].changed.notify_all();
+        if !waiting {
+            self.kick(i);
+        }
+        Ok(Reply::Empty)
+    }
+
+    fn queue_vcpu_command(&self, i: usize, kind: CommandKind, seq: u32, message: &[u8]) -> Vec<u8> {
+        let id = V4::command_id(kind);
+        let slot = &self.slots[i];
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let waiting = {
+            let mut s = slot.lock();
+            if s.dead {
+                return error_message(id, seq, ErrorCode::Again);
+            }
+            if s.command.is_some() {
+                return error_message(id, seq, ErrorCode::Busy);
+            }
+            s.command = Some(QueuedCommand {
+                ticket,
+                message: message.to_vec(),
+            });
+            s.waiting
+        };
+        slot.changed.notify_all();
+        if !waiting {
+            self.kick(i);
+        }
+        let deadline = Instant::now() + VCPU_COMMAND_TIMEOUT;
+        let mut s = slot.lock();
+        loop {
+            if let Some((t, _)) = &s.result
+                && *t == ticket
+            {
+                return s.result.take().map(|(_, m)| m).unwrap_or_default();
+            }
+            let now = Instant::now();
+            if now >= deadline || s.dead {
+                if s.command.as_ref().is_some_and(|c| c.ticket == ticket) {
+                    s.command = None;
+                }
+                return error_message(id, seq, ErrorCode::Again);
+            }
+            s = slot.wait(s, deadline - now).0;
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The introspection engine: KVMI's host side on stock KVM.
+//!
+//! One [`Introspector`] per VM, installed as the VM's [`vmm::ExitHook`]: with no tool
+//! attached it is a pass-through; a tool attached through a [`Channel`] (the unix socket of
+//! [`socket`] here; the appliance's shared-memory rings later) pauses vCPUs, reads and writes
+//! registers and memory, sets page access, and receives events it answers with actions.
+//!
+//! # Threads
+//! VM-scope commands (GET_VERSION, GET_GUEST_INFO, READ/WRITE_PHYSICAL, GET/SET_PAGE_ACCESS,
+//! GET_MAP_TOKEN, CONTROL_BREAKPOINT, CONTROL_MSR, PAUSE_VCPU) run on the channel's reader
+//! thread. vCPU-scope commands (GET/SET_REGISTERS, GET_CPUID, GET_XSAVE, INJECT_EXCEPTION,
+//! CONTROL_EVENTS) are queued to the vCPU's thread and run there, while it waits for an event
+//! reply or after a kick; a second queued command gets `-KVM_EBUSY`, a vCPU whose thread has
+//! ended `-KVM_EAGAIN`. Every vCPU can have one event outstanding at once; replies are matched
+//! by seq.
+//!
+//! # Actions per event (as implemented on PVM; upstream differences noted)
+//! - PF, write to a write-protected page (PVM: decoded MMIO write, rip already past the
+//!   instruction): CONTINUE writes the data, SKIP and RETRY drop it (the page is unchanged),
+//!   CRASH stops the VM. PF read of a read-protected page: CONTINUE returns memory, or the
+//!   reply's `ctx_data` (then memory) when `ctx_size > 0`; RETRY returns memory; SKIP returns
+//!   ctx_data or zeros. PF exec (PVM emulation failure in a no-exec page, gva = rip):
+//!   CONTINUE single-steps the instruction with the page unprotected, then re-protects;
+//!   RETRY/SKIP re-enter as is (the tool moved rip or changed access, else it traps again).
+//!   Upstream (`KVM_EXIT_MEMORY_FAULT`, no access type, nothing emulated): the access is
+//!   inferred from the page's restriction and rip; CONTINUE steps it through like exec; SKIP
+//!   = RETRY; ctx_data is not supported. The event's `mode` holds the access bits (1 = R,
+//!   2 = W, 4 = X); gva is `u64::MAX` for data accesses (unknown on this path).
+//! - BREAKPOINT (hardware DR0–DR3 set with CONTROL_BREAKPOINT, limit 4; gpa translated from
+//!   rip with the guest's page tables): CONTINUE resumes, stepping over the breakpoint if rip
+//!   is still on one; RETRY and SKIP re-enter at rip as the tool left it (on an armed
+//!   breakpoint it fires again). Where the probe saw KVM deliver INT3 (`USE_SW_BP`; not on
+//!   PVM), a guest INT3 (e.g. one the tool wrote) is a BREAKPOINT event too: CONTINUE
+//!   re-injects #BP into the guest, RETRY/SKIP re-enter at rip as the tool left it.
+//! - SINGLESTEP (enabled with CONTROL_EVENTS; stepping lasts while the event is enabled):
+//!   CONTINUE/RETRY/SKIP step the next instruction.
+//! - MSR (writes to MSRs enabled with CONTROL_MSR): CONTINUE writes the reply's `new_val`,
+//!   SKIP drops the write, CRASH stops.
+//! - HYPERCALL (agent call RAX=34, RDI=24 on the doorbell port): RAX = 0 after the reply.
+//! - PAUSE_VCPU, CREATE_VCPU, TRAP: CONTINUE (or RETRY) resumes; CRASH stops.
+//! - No answer within the reply timeout: the tool is detached and everything unhooked
+//!   (PAUSE_VCPU events are exempt: a paused vCPU waits for its tool).
+
+pub mod access;
+pub mod alias;
+pub mod convert;
+pub mod decode;
+mod engine;
+pub mod fault;
+mod hooks;
+pub mod masks;
+pub mod msr;
+pub mod slot;
+pub mod socket;
+pub mod tokens;
+pub mod transport;
+mod vcpu_side;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use protocol::masks::AllowedMasks;
+
+pub use engine::{HW_BREAKPOINTS, Introspector, KVMI_VERSION, VCPU_COMMAND_TIMEOUT};
+pub use socket::{Endpoint, SocketServer};
+pub use transport::{Channel, ChannelError, ReplyWait};
+
+use vmm::error::VmError;
+use vmm::probe::Capabilities;
+use vmm::running::RunningVm;
+use vmm::vm::{RunLimits, RunReport, Vm};
+
+/// Default time a tool has to answer an event before it is detached.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the introspector of a VM behaves.
+#[derive(Clone, Debug)]
+pub struct IntrospectorConfig {
+    /// The operator's restriction (`--allow-commands`, `--allow-events`); intersected with
+    /// what the host delivers. Default: everything.
+    pub allowed: AllowedMasks,
+    /// Time a tool has to answer an event (None: wait forever).
+    pub reply_timeout: Option<Duration>,
+    /// Keep every vCPU from starting until a tool attaches, then send CREATE_VCPU events
+    /// (if allowed) and start each vCPU when its event is answered.
+    pub wait_for_tool: bool,
+}
+
+impl Default for IntrospectorConfig {
+    fn default() -> Self {
+        IntrospectorConfig {
+            allowed: AllowedMasks::all(),
+            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            wait_for_tool: false,
+        }
+    }
+}
+
+/// Errors setting up introspection.
+#[derive(Debug, thiserror::Error)]
+pub enum IntrospectError {
+    /// The VM could not be built or started.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The socket or RAM alias could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl Introspector {
+    /// Creates the introspector of `vm` (installing nothing yet; see [`Introspector::install`]).
+    /// `caps` decides which commands and events this host can deliver.
+    pub fn new(
+        vm: &Vm,
+        caps: &Capabilities,
+        config: IntrospectorConfig,
+    ) -> Result<Arc<Introspector>, IntrospectError> {
+        let masks = masks::intersect(masks::host_masks(caps), config.allowed);
+        let vcpus = vm.boot_info().vcpu_count;
+        Introspector::new_parts(
+            config,
+            masks,
+            vm.ram().clone(),
+            vm.vm_fd().clone(),
+            vcpus,
+            caps.sw_breakpoints,
+        )
+        .map(|i| {
+            // Known before any vCPU runs, so GET_GUEST_INFO never reports 0.
+            if let Some(khz) = vm.tsc_khz() {
+                i.tsc_khz.store(u64::from(khz), Ordering::Relaxed);
+            }
+            Arc::new(i)
+        })
+        .map_err(|source| IntrospectError::Io {
+            what: "mapping the guest RAM alias".into(),
+            source,
+        })
+    }
+
+    /// Creates the introspector of `vm` and installs it as the VM's exit hook.
+    pub fn install(
+        vm: &mut Vm,
+        caps: &Capabilities,
+        config: IntrospectorConfig,
+    ) -> Result<Arc<Introspector>, IntrospectError> {
+        let i = Introspector::new(vm, caps, config)?;
+        vm.set_hook(i.clone());
+        Ok(i)
+    }
+}
+
+/// A VM started with its introspector and a KVMI socket.
+pub struct IntrospectedVm {
+    /// The running VM.
+    pub running: RunningVm,
+    /// Its introspector.
+    pub introspector: Arc<Introspector>,
+    /// The socket server (listening or connecting).
+    pub server: SocketServer,
+}
+
+impl std::fmt::Debug for IntrospectedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntrospectedVm")
+            .field("socket", &self.server.path())
+            .finish()
+    }
+}
+
+impl IntrospectedVm {
+    /// The KVMI socket path.
+    pub fn socket(&self) -> &Path {
+        self.server.path()
+    }
+
+    /// Waits for the run's end (see [`RunningVm::wait`]), then stops the socket server.
+    pub fn wait(self, limits: RunLimits) -> RunReport {
+        let report = self.running.wait(limits);
+        self.server.stop();
+        report
+    }
+}
+
+/// Builds the introspector of `vm` (masks from the host's cached capability probe),
+/// starts the VM and serves KVMI on `endpoint`. With `config.wait_for_tool` the vCPUs start
+/// only once a tool attached.
+pub fn start_introspected(
+    mut vm: Vm,
+    config: IntrospectorConfig,
+    endpoint: Endpoint,
+) -> Result<IntrospectedVm, IntrospectError> {
+    let caps = vmm::probe::cached_capabilities().map_err(|e| IntrospectError::Io {
+        what: "capability probe".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let introspector = Introspector::install(&mut vm, caps, config)?;
+    let server = SocketServer::start(introspector.clone(), endpoint)?;
+    let running = vm.start()?;
+    introspector.set_handle(running.handle());
+    server.set_vm(running.handle());
+    Ok(IntrospectedVm {
+        running,
+        introspector,
+        server,
+    })
+}
+
+/// A fresh socket path in the temporary directory (for tests and tools).
+pub fn temp_socket_path(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "kvmi-{tag}-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}

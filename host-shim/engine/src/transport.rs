@@ -1,0 +1,51 @@
+//! The transport-neutral link between the introspector and one tool: the engine sends whole
+//! encoded messages through a [`Channel`]; a transport (the unix socket here, the appliance's
+//! shared-memory rings later) feeds every whole message it receives to
+//! [`crate::Introspector::handle_message`].
+
+use std::io;
+
+/// One tool's channel, as the engine sees it.
+pub trait Channel: Send + Sync {
+    /// Sends one whole message (header and payload together, as one write).
+    fn send(&self, message: &[u8]) -> io::Result<()>;
+    /// Closes the channel (the transport's reader then ends).
+    fn close(&self);
+    /// Whether a vCPU thread waiting for its event reply can collect it itself with
+    /// [`Channel::poll_replies`] (shared-memory rings: no thread hand-off on the hot path).
+    fn polls_replies(&self) -> bool {
+        false
+    }
+    /// Passes every whole message waiting on `vcpu`'s reply ring to `f` and returns how many
+    /// (0 when another thread is draining that ring right now). The default collects none:
+    /// a socket is read by its own thread.
+    fn poll_replies(&self, _vcpu: u32, _f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        Ok(0)
+    }
+    /// What `vcpu`'s thread is doing about its event reply, so the transport's service thread
+    /// leaves a ring the vCPU polls alone (neither draining it nor asking the tool to wake it
+    /// for that ring) and takes it over when the vCPU stops polling. Default: nothing.
+    fn reply_wait(&self, _vcpu: u32, _state: ReplyWait) {}
+}
+
+/// A vCPU thread's state while it waits for its event reply ([`Channel::reply_wait`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyWait {
+    /// It polls its reply ring with [`Channel::poll_replies`].
+    Polling,
+    /// It stopped polling and sleeps until someone else delivers the reply.
+    Blocked,
+    /// It has its reply (or gave up): nothing to deliver to it.
+    Done,
+}
+
+/// Why an incoming message closes the channel (a protocol error).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// The framing or an event reply was invalid.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The message arrived on a channel that is no longer attached.
+    #[error("channel no longer attached")]
+    Detached,
+}

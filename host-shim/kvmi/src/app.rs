@@ -1,0 +1,342 @@
+//! The `kvmi` command line: `run`, `caps`, `profile`, `appliance-bench`, and the tool
+//! subcommands of [`crate::cli`] on a running VM's KVMI socket.
+
+use crate::cli;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::images::Image;
+use crate::profile::Profile;
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use vmm::outcome::{
+    EXIT_ALL_HALTED, EXIT_EMULATION_FAILURE, EXIT_INTERRUPTED, EXIT_SHUTDOWN, EXIT_TIMEOUT,
+    EXIT_VMM_ERROR,
+};
+use vmm::{RunLimits, SerialSink, UnknownIoPolicy, Vm, VmConfig};
+
+const EXIT_STATUS_HELP: &str = "\
+EXIT STATUS of `kvmi run`:
+  0..=255  the guest's debug-exit value (port 0xf4; values above 255 clamp to 255)
+  123      every vCPU halted without a debug exit
+  124      the --timeout limit passed (every vCPU was kicked and stopped)
+  125      VMM error: bad image or option, KVM failure, unknown I/O with --unknown-io error,
+           KVM entry failure or an exit the VMM does not handle
+  126      KVM could not emulate a guest instruction (the message names rip and its bytes)
+  127      the guest shut down (triple fault)
+  130      interrupted by Ctrl-C
+A guest may also write one of these values itself; the message on stderr tells them apart.
+A command-line usage error exits with 2 after printing the usage.";
+
+const RUN_HELP: &str = "\
+EXAMPLES:
+  kvmi run                                     the main job: the demo target OS watched by the
+                                               appliance VM (JSON findings on stdout, the
+                                               guests' serial output on stderr), until Ctrl-C
+  kvmi run --no-appliance                      the demo target alone (serial on stdout)
+  kvmi run --cmdline rounds=20 --vcpus 2       20 scheduler rounds on 2 vCPUs, then exit 0
+  kvmi run --image test-guest --cmdline mode=hello --serial out.txt --timeout 10
+  kvmi run --image guest.elf --unknown-io error
+  kvmi run --appliance agent.elf --appliance-cmdline verbose=1
+Images and their command lines are described in images/README.md.
+";
+
+/// Run freestanding guest images on KVM and introspect them.
+#[derive(Parser, Debug)]
+#[command(name = "kvmi", version, after_help = EXIT_STATUS_HELP)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest image and run it until it exits (serial output on stdout by default).
+    #[command(after_help = format!("{RUN_HELP}\n{EXIT_STATUS_HELP}"))]
+    Run(RunArgs),
+    /// Probe what this host's KVM delivers (breakpoints, single step, MSR filter, traps...).
+    Caps {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an image's JSON profile (from its kvmi_profile.* ELF symbols).
+    Profile {
+        /// An ELF file, or the name of an embedded image (demo-target, test-guest).
+        #[arg(long, default_value = "demo-target")]
+        image: String,
+    },
+    /// Appliance benchmarks: target memory through the map window vs READ_PHYSICAL, and the
+    /// map cost per page, single vs batched (ratios measured in one run).
+    ApplianceBench {
+        /// MiB of target memory to read (1..=256).
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        /// Events per path for the event round trip (rings, socket, raw floor; 0 = skip).
+        #[arg(long, default_value_t = 2000)]
+        events: u64,
+    },
+    /// Subcommands on a running VM's KVMI socket (events, regs, read, pause, ...).
+    #[command(flatten)]
+    Tool(cli::ToolCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// An ELF file, or the name of an embedded image (demo-target, test-guest) [default: the
+    /// demo target, watched by the embedded appliance VM unless --no-appliance or a KVMI
+    /// socket is given].
+    #[arg(long)]
+    image: Option<String>,
+    /// With no --image: run the demo target alone, without the appliance VM.
+    #[arg(long, conflicts_with = "appliance")]
+    no_appliance: bool,
+    /// Number of vCPUs (each on its own thread).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    memory: u64,
+    /// Write the guest's serial output to this file instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    serial: Option<PathBuf>,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// The guest's command line, e.g. "mode=hello" or "rounds=3".
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// What to do with port or MMIO accesses no device handles.
+    #[arg(long, value_enum, default_value_t = UnknownIo::Ignore)]
+    unknown_io: UnknownIo,
+    #[command(flatten)]
+    kvmi: crate::args::introspection::KvmiRunArgs,
+    #[command(flatten)]
+    appliance: crate::args::appliance::ApplianceRunArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum UnknownIo {
+    /// Log and continue: writes are dropped, reads return all-ones.
+    Ignore,
+    /// Stop the VM with an error naming the port or address (exit status 125).
+    Error,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn install_sigint() {
+    // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
+    // async-signal-safe.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigint as *const () as usize;
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(libc::SIGINT, &act, std::ptr::null_mut());
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Reads an image: an existing file, else an embedded image of that name.
+fn load_image(spec: &str) -> Result<(String, Vec<u8>)> {
+    let path = PathBuf::from(spec);
+    if path.is_file() {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.to_string());
+        return Ok((name, bytes));
+    }
+    let Some(image) = Image::from_name(spec) else {
+        bail!("no file `{spec}` and no embedded image of that name (demo-target, test-guest)");
+    };
+    let Some(bytes) = image.elf() else {
+        bail!("image `{spec}` is not embedded in this build (built with KVMI_SKIP_IMAGES?)");
+    };
+    Ok((image.name().to_string(), bytes.to_vec()))
+}
+
+/// The main job: `kvmi run` with no image and no tool of its own boots the demo target and the
+/// embedded appliance VM that watches it.
+fn apply_main_job_default(args: &mut RunArgs) {
+    let tool_chosen = args.appliance.appliance.is_some()
+        || args.appliance.appliance_socket.is_some()
+        || args.kvmi.kvmi_socket.is_some()
+        || args.kvmi.kvmi_connect.is_some();
+    if args.image.is_some() || args.no_appliance || tool_chosen {
+        return;
+    }
+    if Image::Appliance.elf().is_none() {
+        tracing::warn!(
+            "the appliance image is not embedded in this build: the demo target runs alone"
+        );
+        return;
+    }
+    args.appliance.appliance = Some(Image::Appliance.name().to_string());
+}
+
+fn run(mut args: RunArgs) -> Result<u8> {
+    apply_main_job_default(&mut args);
+    if let Some(option) = args.appliance.orphan_options() {
+        bail!("{option} needs an appliance VM (--appliance, or the main job's default)");
+    }
+    let (name, image) = load_image(args.image.as_deref().unwrap_or(Image::DemoTarget.name()))?;
+    let memory_bytes = args
+        .memory
+        .checked_mul(1 << 20)
+        .context("--memory is too large")?;
+    let timeout = match args.timeout {
+        Some(s) if !(s.is_finite() && s > 0.0) => bail!("--timeout must be a positive number"),
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
+    let config = VmConfig {
+        name: format!("kvmi-{name}"),
+        memory_bytes,
+        vcpus: args.vcpus,
+        cmdline: args.cmdline,
+        unknown_io: match args.unknown_io {
+            UnknownIo::Ignore => UnknownIoPolicy::Ignore,
+            UnknownIo::Error => UnknownIoPolicy::Error,
+        },
+    };
+    let serial = match &args.serial {
+        Some(p) => SerialSink::File(
+            File::create(p).with_context(|| format!("creating serial file {}", p.display()))?,
+        ),
+        // With an appliance, stdout carries only its JSON lines; serial output goes to stderr.
+        None if args.appliance.enabled() => crate::args::appliance::stderr_sink()?,
+        None => SerialSink::Stdout,
+    };
+    let appliance_image = match &args.appliance.appliance {
+        Some(spec) => Some(load_image(spec).context("loading the appliance image")?.1),
+        None => None,
+    };
+    let host_agent = args.appliance.appliance_socket.is_some();
+    let introspection = match appliance_image {
+        Some(_) => None,
+        None if host_agent => None,
+        None => args.kvmi.setup()?,
+    };
+    let mut vm = Vm::new(config, &image).with_context(|| format!("building the VM for {name}"))?;
+    vm.set_serial(serial);
+    install_sigint();
+    let limits = RunLimits {
+        timeout,
+        interrupt: Some(&INTERRUPTED),
+    };
+    let report = match (appliance_image, introspection) {
+        (Some(image), _) => args.appliance.run(&args.kvmi, vm, image, limits)?.target,
+        (None, _) if host_agent => args.appliance.run_host_socket(&args.kvmi, vm, limits)?,
+        (None, introspection) => match introspection {
+            Some((config, endpoint)) => {
+                kvmi_engine::start_introspected(vm, config, endpoint)?.wait(limits)
+            }
+            None => vm.run(limits)?,
+        },
+    };
+    let code = report.outcome.exit_code();
+    if report.outcome.is_success() {
+        tracing::info!(
+            "{} in {:.3} s",
+            report.outcome,
+            report.elapsed.as_secs_f64()
+        );
+    } else {
+        eprintln!("kvmi: {} (exit status {code})", report.outcome);
+    }
+    Ok(code)
+}
+
+fn caps(json: bool) -> Result<u8> {
+    let caps = vmm::probe_capabilities().context("probing KVM")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&caps)?);
+    } else {
+        print!("{}", caps.table());
+    }
+    Ok(0)
+}
+
+fn profile(spec: &str) -> Result<u8> {
+    let (name, bytes) = load_image(spec)?;
+    let profile = Profile::from_elf(&name, &bytes).with_context(|| format!("profile of {spec}"))?;
+    println!("{}", profile.to_json());
+    Ok(0)
+}
+
+fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
+    let (_, image) = load_image("test-guest")?;
+    let (_, appliance) = load_image("appliance")?;
+    let figures = crate::bench::window::run(&image, &appliance, mib)?;
+    print!("{}", figures.table());
+    if events > 0 {
+        let profile = Image::TestGuest
+            .profile()
+            .context("test-guest profile not embedded")??;
+        let page = profile
+            .symbol("scratch_page")
+            .context("profile lacks sym.scratch_page")?;
+        let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
+        let figures = crate::bench::events::run(&image, &appliance, events, page, gate)?;
+        print!("{}", figures.table());
+    }
+    Ok(0)
+}
+
+/// The `kvmi` command: parses the process arguments, runs the subcommand, and returns its exit
+/// status (documented in `kvmi --help`). The `kvmi` binary is this function.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Caps { json } => caps(json),
+        Command::Profile { image } => profile(&image),
+        Command::ApplianceBench { mib, events } => appliance_bench(mib, events),
+        Command::Tool(command) => cli::run(command),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("kvmi: error: {e:#}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+// The statuses are documented in EXIT_STATUS_HELP; keep them in sync at compile time.
+const _: () = {
+    assert!(EXIT_ALL_HALTED == 123);
+    assert!(EXIT_TIMEOUT == 124);
+    assert!(EXIT_VMM_ERROR == 125);
+    assert!(EXIT_EMULATION_FAILURE == 126);
+    assert!(EXIT_SHUTDOWN == 127);
+    assert!(EXIT_INTERRUPTED == 130);
+};

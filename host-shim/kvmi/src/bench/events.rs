@@ -1,0 +1,469 @@
+//! Event round trips through the rings against the socket and the raw exit floor, in one
+//! run (issue 5 item 7). All three run the same test-guest loop, `mode=mem-write n=N gate=1`
+//! (N word writes to a write-protected scratch page), and each sample is the time between
+//! two consecutive exits (so it includes the guest's loop body and every cost of one round
+//! trip):
+//! - **floor**: an in-process [`ExitHook`] takes the write exit and drops it;
+//! - **appliance**: the target's introspector with the ring transport, answered by the agent
+//!   inside the appliance VM (the embedded appliance image in `bench=events` mode, at CPL3,
+//!   polling its event ring) — the path `kvmi run --appliance` uses;
+//! - **rings**: the same transport answered by an agent thread of this process polling the
+//!   shared ring region (the transport's cost without the appliance VM);
+//! - **socket**: the same introspector over the KVMI unix socket, answered by [`KvmiClient`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hypercall::discovery::RingKind;
+use hypercall::ring::{Consumer, LayoutParams, Producer, Region, RingSizes};
+use protocol::V4;
+use protocol::command::Command;
+use protocol::event::{EventKind, EventSet};
+use protocol::event_reply::{Action, EventReply, EventReplyData};
+use protocol::list::List;
+use protocol::types::{Access, PageAccessEntry};
+use protocol::wire::{HostMessage, WireProfile};
+
+use super::vms::{self, EventsLine, TargetEnd, TimingHook};
+use appliance_link::hook::SERVED_FEATURES;
+use appliance_link::rings::{RingMemory, RingService, Waker, create_region};
+use kvmi_client::KvmiClient;
+use kvmi_engine::{
+    Endpoint, Introspector, IntrospectorConfig, start_introspected, temp_socket_path,
+};
+use vmm::devices::{SerialSink, UnknownIoPolicy};
+use vmm::hook::{ExitContext, ExitHook, HookResult, MmioAccess};
+use vmm::memory::GuestRam;
+use vmm::vm::{RunLimits, Vm, VmConfig};
+
+/// Median time per round trip of each path.
+#[derive(Clone, Copy, Debug)]
+pub struct EventFigures {
+    /// Events per path (all rounds).
+    pub samples: u64,
+    /// The VMM alone handles the exit.
+    pub floor: Duration,
+    /// Through the rings, answered by the agent in the appliance VM.
+    pub appliance: Duration,
+    /// The appliance agent's own mean time per event (its TSC, from opening the gate to
+    /// the last reply).
+    pub appliance_mean: Duration,
+    /// Times the appliance agent found every ring empty long enough to sleep (all rounds).
+    pub appliance_sleeps: u64,
+    /// Through the rings, answered by a host thread.
+    pub rings: Duration,
+    /// Through the socket.
+    pub socket: Duration,
+}
+
+impl EventFigures {
+    /// A human-readable table with the ratios.
+    pub fn table(&self) -> String {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let r = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
+        format!(
+            "event round trip (write-protected page, {} events, median):\n\
+             \x20 raw exit floor                     {:>8.1} us\n\
+             \x20 rings, agent in the appliance VM   {:>8.1} us   {:.2}x the floor\n\
+             \x20 rings, agent on a host thread      {:>8.1} us   {:.2}x the floor\n\
+             \x20 socket, host tool                  {:>8.1} us   {:.2}x the floor\n\
+             \x20 socket / rings (appliance VM)      {:.2}x\n\
+             \x20 appliance agent: mean {:.1} us per event by its own clock, {} sleeps\n",
+            self.samples,
+            us(self.floor),
+            us(self.appliance),
+            r(self.appliance, self.floor),
+            us(self.rings),
+            r(self.rings, self.floor),
+            us(self.socket),
+            r(self.socket, self.floor),
+            r(self.socket, self.appliance),
+            us(self.appliance_mean),
+            self.appliance_sleeps,
+        )
+    }
+}
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+#[error("event bench: {0}")]
+pub struct EventBenchError(String);
+
+fn fail(what: &str) -> impl FnOnce(String) -> EventBenchError + '_ {
+    move |e| EventBenchError(format!("{what}: {e}"))
+}
+
+/// The times between consecutive exits.
+fn gaps(times: &[Instant]) -> impl Iterator<Item = Duration> + '_ {
+    times.windows(2).map(|w| w[1] - w[0])
+}
+
+fn median(mut gaps: Vec<Duration>) -> Duration {
+    gaps.sort();
+    gaps.get(gaps.len() / 2).copied().unwrap_or_default()
+}
+
+/// Rounds of the four paths, alternated so a slow spell of the machine hits them all.
+const ROUNDS: u32 = 3;
+
+fn target_vm(image: &[u8], n: u64) -> Result<Vm, EventBenchError> {
+    let config = VmConfig {
+        name: "event-bench".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: format!("mode=mem-write n={n} gate=1"),
+        unknown_io: UnknownIoPolicy::Ignore,
+    };
+    let mut vm = Vm::new(config, image).map_err(|e| fail("target")(e.to_string()))?;
+    vm.set_serial(SerialSink::Null);
+    Ok(vm)
+}
+
+const LIMITS: RunLimits = RunLimits {
+    timeout: Some(Duration::from_secs(120)),
+    interrupt: None,
+};
+
+struct FloorHook(Mutex<Vec<Instant>>);
+
+impl ExitHook for FloorHook {
+    fn mmio(&self, _ctx: &mut ExitContext<'_>, io: &mut MmioAccess<'_>) -> HookResult {
+        if io.write {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Instant::now());
+            return HookResult::Handled;
+        }
+        HookResult::Unhandled
+    }
+}
+
+fn floor(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+    let mut vm = target_vm(image, n)?;
+    let hook = Arc::new(FloorHook(Mutex::new(Vec::new())));
+    vm.set_hook(hook.clone());
+    let ram = vm.ram().clone();
+    ram.write(gate, &1u64.to_le_bytes())
+        .and_then(|()| ram.protect(page, 4096, libc::PROT_READ))
+        .map_err(|e| fail("floor setup")(e.to_string()))?;
+    let report = vm
+        .run(LIMITS)
+        .map_err(|e| fail("floor run")(e.to_string()))?;
+    if !report.outcome.is_success() {
+        return Err(EventBenchError(format!("floor run: {}", report.outcome)));
+    }
+    Ok(std::mem::take(
+        &mut *hook.0.lock().unwrap_or_else(|p| p.into_inner()),
+    ))
+}
+
+/// The agent's side of the rings.
+struct RingAgent {
+    events: Consumer<RingMemory>,
+    replies: Producer<RingMemory>,
+    commands: Producer<RingMemory>,
+    command_replies: Consumer<RingMemory>,
+    buf: Vec<u8>,
+    seq: u32,
+    /// NOTIFY: wakes the shim's service thread when it sleeps (as the appliance's hypercall).
+    waker: Waker,
+}
+
+impl RingAgent {
+    fn pop(c: &mut Consumer<RingMemory>, buf: &mut [u8]) -> Result<usize, EventBenchError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(n) = c.try_pop(buf).map_err(|e| fail("ring")(e.to_string()))? {
+                let _ = c.release().map_err(|e| fail("ring")(e.to_string()))?;
+                return Ok(n);
+            }
+            if Instant::now() > deadline {
+                return Err(EventBenchError("no record for 10 s".into()));
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn push(
+        p: &mut Producer<RingMemory>,
+        msg: &[u8],
+        waker: &Waker,
+    ) -> Result<(), EventBenchError> {
+        let notify = p
+            .try_push(msg)
+            .and_then(|()| p.publish())
+            .map_err(|e| fail("ring push")(e.to_string()))?;
+        if notify {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Sends `command`, retrying a few times while the vCPU is slow to take it (`-EAGAIN`
+    /// after the engine's vCPU-command timeout, e.g. on a loaded host).
+    fn command(&mut self, command: &Command<'_>) -> Result<(), EventBenchError> {
+        let mut tries = 0;
+        loop {
+            match self.command_once(command) {
+                Err(EventBenchError(e)) if e.ends_with("refused: Again") && tries < 5 => {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn command_once(&mut self, command: &Command<'_>) -> Result<(), EventBenchError> {
+        self.seq += 1;
+        let n = V4::encode_command(self.seq, command, &mut self.buf)
+            .map_err(|e| fail("encode")(e.to_string()))?;
+        Self::push(&mut self.commands, &self.buf[..n], &self.waker)?;
+        let mut reply = vec![0u8; self.command_replies.max_payload()];
+        let n = Self::pop(&mut self.command_replies, &mut reply)?;
+        let frame = V4::parse_frame(&reply[..n]).map_err(|e| fail("reply")(e.to_string()))?;
+        match V4::decode_host_message(frame) {
+            Ok(HostMessage::Reply {
+                seq,
+                command: kind,
+                payload,
+            }) if seq == self.seq => match V4::decode_reply(kind, payload) {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(code)) => Err(EventBenchError(format!("{kind:?} refused: {code:?}"))),
+                Err(e) => Err(fail("reply")(e.to_string())),
+            },
+            other => Err(EventBenchError(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    fn answer_events(&mut self, n: u64) -> Result<Vec<Instant>, EventBenchError> {
+        let mut times = Vec::with_capacity(n as usize);
+        let mut record = vec![0u8; self.events.max_payload()];
+        while (times.len() as u64) < n {
+            let len = Self::pop(&mut self.events, &mut record)?;
+            times.push(Instant::now());
+            let frame =
+                V4::parse_frame(&record[..len]).map_err(|e| fail("event")(e.to_string()))?;
+            let Ok(HostMessage::Event { seq, event }) = V4::decode_host_message(frame) else {
+                return Err(EventBenchError("not an event on the event ring".into()));
+            };
+            let data = match event.payload.kind() {
+                EventKind::PageFault => EventReplyData::PageFault(Default::default()),
+                _ => EventReplyData::None,
+            };
+            let reply = EventReply {
+                event: event.payload.kind(),
+                action: Action::Continue,
+                data,
+            };
+            let m = V4::encode_event_reply(seq, &reply, &mut self.buf)
+                .map_err(|e| fail("encode")(e.to_string()))?;
+            Self::push(&mut self.replies, &self.buf[..m], &self.waker)?;
+        }
+        Ok(times)
+    }
+}
+
+fn setup_commands<'a>(
+    gate: u64,
+    entries: &'a [PageAccessEntry; 1],
+    one: &'a [u8; 8],
+) -> [Command<'a>; 3] {
+    [
+        Command::ControlEvents {
+            vcpu: 0,
+            events: EventSet::EMPTY.with(EventKind::PageFault),
+        },
+        Command::SetPageAccess {
+            vcpu: 0,
+            view: 0,
+            entries: List::from_slice(entries),
+        },
+        Command::WritePhysical {
+            gpa: gate,
+            data: one,
+        },
+    ]
+}
+
+fn rings(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+    let caps = vmm::probe::cached_capabilities().map_err(|e| fail("probe")(e.to_string()))?;
+    let mut vm = target_vm(image, n)?;
+    let intro = Introspector::install(&mut vm, caps, IntrospectorConfig::default())
+        .map_err(|e| fail("introspector")(e.to_string()))?;
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: appliance_link::launch::MAP_WINDOW_GPA,
+        map_window_size: 1 << 20,
+    };
+    let size = params.region_size().next_multiple_of(4096);
+    let ram =
+        GuestRam::new("event-bench-rings", size).map_err(|e| fail("region")(e.to_string()))?;
+    let region =
+        create_region(Arc::new(ram), &params).map_err(|e| fail("region")(e.to_string()))?;
+    let running = vm.start().map_err(|e| fail("start")(e.to_string()))?;
+    intro.set_handle(running.handle());
+    let service = RingService::start(
+        intro.clone(),
+        &region,
+        Box::new(|_| {}),
+        Duration::from_secs(10),
+    )
+    .map_err(|e| fail("ring service")(e.to_string()))?;
+    let app = Region::open(region.memory().clone()).map_err(|e| fail("open")(e.to_string()))?;
+    let mut agent = RingAgent {
+        events: app
+            .consumer_for(RingKind::Event, 0)
+            .map_err(|e| fail("event ring")(e.to_string()))?,
+        replies: app
+            .producer_for(RingKind::EventReply, 0)
+            .map_err(|e| fail("reply ring")(e.to_string()))?,
+        commands: app
+            .producer_for(RingKind::Command, 0)
+            .map_err(|e| fail("command ring")(e.to_string()))?,
+        command_replies: app
+            .consumer_for(RingKind::CommandReply, 0)
+            .map_err(|e| fail("command-reply ring")(e.to_string()))?,
+        buf: vec![0u8; V4::MAX_MSG_SIZE],
+        seq: 0,
+        waker: service.waker(),
+    };
+    let entries = [PageAccessEntry {
+        gpa: page,
+        access: Access::R.union(Access::X),
+    }];
+    let one = 1u64.to_le_bytes();
+    for c in setup_commands(gate, &entries, &one) {
+        agent.command(&c)?;
+    }
+    let times = agent.answer_events(n);
+    let report = running.wait(LIMITS);
+    let _ = service.stop();
+    let times = times?;
+    if !report.outcome.is_success() {
+        return Err(EventBenchError(format!("rings run: {}", report.outcome)));
+    }
+    Ok(times)
+}
+
+fn socket(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+    let vm = target_vm(image, n)?;
+    let path = temp_socket_path("event-bench");
+    let run = start_introspected(vm, IntrospectorConfig::default(), Endpoint::Listen(path))
+        .map_err(|e| fail("socket target")(e.to_string()))?;
+    let client = KvmiClient::connect(run.socket()).map_err(|e| fail("connect")(e.to_string()))?;
+    let entries = [PageAccessEntry {
+        gpa: page,
+        access: Access::R.union(Access::X),
+    }];
+    let one = 1u64.to_le_bytes();
+    for c in setup_commands(gate, &entries, &one) {
+        client
+            .call(&c)
+            .map_err(|e| fail("command")(e.to_string()))?;
+    }
+    let mut times = Vec::with_capacity(n as usize);
+    while (times.len() as u64) < n {
+        match client.next_event(Duration::from_secs(10)) {
+            Ok(Some(ev)) => {
+                times.push(ev.received);
+                client
+                    .reply_continue(&ev)
+                    .map_err(|e| fail("reply")(e.to_string()))?;
+            }
+            Ok(None) => return Err(EventBenchError("no event for 10 s".into())),
+            Err(e) => return Err(fail("socket")(e.to_string())),
+        }
+    }
+    client.close();
+    let report = run.wait(LIMITS);
+    if !report.outcome.is_success() {
+        return Err(EventBenchError(format!("socket run: {}", report.outcome)));
+    }
+    Ok(times)
+}
+
+/// The agent in the appliance VM (`appliance_image` in `bench=events` mode); the times are
+/// the target's write exits, taken before its introspector sees them.
+fn appliance(
+    image: &[u8],
+    appliance_image: &[u8],
+    n: u64,
+    page: u64,
+    gate: u64,
+) -> Result<(Vec<Instant>, Duration, u64), EventBenchError> {
+    let target = target_vm(image, n)?;
+    let mut timing = None;
+    let run = vms::run::<EventsLine>(
+        target,
+        appliance_image,
+        format!("bench=events n={n} page={page:#x} gate={gate:#x}"),
+        1 << 20,
+        TargetEnd::Exits,
+        |inner| {
+            let hook = Arc::new(TimingHook::new(inner, n as usize));
+            timing = Some(hook.clone());
+            hook
+        },
+    )
+    .map_err(|e| EventBenchError(format!("appliance run: {e}")))?;
+    if run.line.events != n || run.line.replies != n {
+        return Err(EventBenchError(format!(
+            "the appliance answered {} of {n} events ({} replies)",
+            run.line.events, run.line.replies
+        )));
+    }
+    let times = timing.map(|t| t.take()).unwrap_or_default();
+    if times.len() as u64 != n {
+        return Err(EventBenchError(format!(
+            "the target made {} write exits, expected {n}",
+            times.len()
+        )));
+    }
+    let mean = vms::cycles(run.line.cycles, run.tsc_hz) / n as u32;
+    Ok((times, mean, run.line.sleeps))
+}
+
+/// Runs the four paths with `n` events each, [`ROUNDS`] times alternated, on test-guest
+/// (`image`), whose profile gives
+/// the scratch `page` and the start `gate` addresses; `appliance_image` is the appliance VM.
+pub fn run(
+    image: &[u8],
+    appliance_image: &[u8],
+    n: u64,
+    page: u64,
+    gate: u64,
+) -> Result<EventFigures, EventBenchError> {
+    if !(2..=1_000_000).contains(&n) {
+        return Err(EventBenchError("n must be 2..=1000000".into()));
+    }
+    let (mut floor_gaps, mut appliance_gaps, mut ring_gaps, mut socket_gaps) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut appliance_mean, mut appliance_sleeps) = (Duration::ZERO, 0);
+    for _ in 0..ROUNDS {
+        floor_gaps.extend(gaps(&floor(image, n, page, gate)?));
+        let (times, mean, sleeps) = appliance(image, appliance_image, n, page, gate)?;
+        appliance_gaps.extend(gaps(&times));
+        appliance_mean += mean / ROUNDS;
+        appliance_sleeps += sleeps;
+        ring_gaps.extend(gaps(&rings(image, n, page, gate)?));
+        socket_gaps.extend(gaps(&socket(image, n, page, gate)?));
+    }
+    let (floor, appliance, rings, socket) = (
+        median(floor_gaps),
+        median(appliance_gaps),
+        median(ring_gaps),
+        median(socket_gaps),
+    );
+    Ok(EventFigures {
+        samples: n * u64::from(ROUNDS),
+        floor,
+        appliance,
+        appliance_mean,
+        appliance_sleeps,
+        rings,
+        socket,
+    })
+}

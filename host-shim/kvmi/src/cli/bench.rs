@@ -1,0 +1,331 @@
+//! `kvmi bench`: event round trips answered over the KVMI socket against the same exit
+//! handled by the VMM itself (the floor), in one run, reported as ratios.
+//!
+//! Both sides run the same test-guest loop: `mode=breakpoint` (calls
+//! `sym.breakpoint_target` n times; a hardware breakpoint there) and `mode=mem-write`
+//! (n word writes to `sym.scratch_page`; the page write-protected). The floor is an in-process
+//! [`ExitHook`] that takes the exit and resumes (stepping over the breakpoint, dropping the
+//! write). The introspected side is a child `kvmi run --kvmi-socket` with this process as the
+//! tool, answering every event with CONTINUE. Each sample is the time between two consecutive
+//! exits (floor: seen by the hook; introspected: the event's arrival at the tool), so both
+//! include the guest's loop body and every cost of one round trip.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::images::Image;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use kvm_bindings::{
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, kvm_guest_debug,
+};
+use kvmi_client::KvmiClient;
+use protocol::EventKind;
+use protocol::event::EventSet;
+use protocol::types::{Access, PageAccessEntry};
+use vmm::{
+    DebugEvent, ExitContext, ExitHook, HookResult, MmioAccess, RunLimits, SerialSink, Vm, VmConfig,
+};
+
+/// `kvmi bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Guest loop iterations per measurement.
+    #[arg(long, default_value_t = 2000)]
+    iterations: u64,
+    /// Print the results as one JSON object too.
+    #[arg(long)]
+    json: bool,
+    /// Measure only the floor (the exits handled by the VMM, no socket).
+    #[arg(long)]
+    floor_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Breakpoint,
+    PageWrite,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Breakpoint => "hw-breakpoint",
+            Kind::PageWrite => "page-write",
+        }
+    }
+    fn cmdline(self, n: u64) -> String {
+        match self {
+            Kind::Breakpoint => format!("mode=breakpoint n={n}"),
+            Kind::PageWrite => format!("mode=mem-write n={n}"),
+        }
+    }
+}
+
+/// Summary of the gaps between consecutive exits.
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    samples: usize,
+    per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn stats(times: &[Instant]) -> Result<Stats> {
+    if times.len() < 3 {
+        bail!("only {} exits measured", times.len());
+    }
+    let mut gaps: Vec<f64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e6)
+        .collect();
+    let total: f64 = gaps.iter().sum();
+    gaps.sort_by(f64::total_cmp);
+    let pct = |p: f64| gaps[((gaps.len() - 1) as f64 * p).round() as usize];
+    Ok(Stats {
+        samples: gaps.len(),
+        per_sec: gaps.len() as f64 / (total / 1e6),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    })
+}
+
+fn guest_debug(control: u32, dr0: u64, dr7: u64) -> kvm_guest_debug {
+    let mut dbg = kvm_guest_debug {
+        control,
+        ..Default::default()
+    };
+    dbg.arch.debugreg[0] = dr0;
+    dbg.arch.debugreg[7] = dr7;
+    dbg
+}
+
+/// The floor's hook: records each exit and resumes at once.
+struct FloorHook {
+    target: u64,
+    page: u64,
+    stepping: AtomicBool,
+    times: Mutex<Vec<Instant>>,
+}
+
+impl FloorHook {
+    fn record(&self) {
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Instant::now());
+    }
+}
+
+impl ExitHook for FloorHook {
+    fn debug(&self, ctx: &mut ExitContext<'_>, _ev: &DebugEvent) -> HookResult {
+        // Step over portably (as the introspector must): disarm + single step, then re-arm.
+        let (dbg, stepping) = if self.stepping.swap(false, Ordering::SeqCst) {
+            (
+                guest_debug(
+                    KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+                    self.target,
+                    0x401,
+                ),
+                false,
+            )
+        } else {
+            self.record();
+            let c = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP | KVM_GUESTDBG_SINGLESTEP;
+            (guest_debug(c, self.target, 0x400), true)
+        };
+        self.stepping.store(stepping, Ordering::SeqCst);
+        match ctx.vcpu_fd().set_guest_debug(&dbg) {
+            Ok(()) => HookResult::Handled,
+            Err(e) => HookResult::Stop(format!("guest debug: {e}")),
+        }
+    }
+
+    fn mmio(&self, _ctx: &mut ExitContext<'_>, io: &mut MmioAccess<'_>) -> HookResult {
+        if io.write && io.addr & !0xfff == self.page {
+            self.record();
+            return HookResult::Handled;
+        }
+        HookResult::Unhandled
+    }
+}
+
+fn floor(kind: Kind, n: u64, target: u64, page: u64) -> Result<Vec<Instant>> {
+    let image = Image::TestGuest
+        .elf()
+        .context("test-guest is not embedded")?;
+    let config = VmConfig {
+        name: "kvmi-bench-floor".into(),
+        memory_bytes: 32 << 20,
+        cmdline: kind.cmdline(n),
+        ..VmConfig::default()
+    };
+    let hook = Arc::new(FloorHook {
+        target,
+        page,
+        stepping: AtomicBool::new(false),
+        times: Mutex::new(Vec::with_capacity(n as usize)),
+    });
+    let mut vm = Vm::new(config, image)?;
+    vm.set_hook(hook.clone());
+    vm.set_serial(SerialSink::Null);
+    match kind {
+        Kind::Breakpoint => vm.vcpus_mut()[0].fd().set_guest_debug(&guest_debug(
+            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+            target,
+            0x401,
+        ))?,
+        Kind::PageWrite => vm.ram().protect(page, 4096, libc::PROT_READ)?,
+    }
+    let report = vm.run(RunLimits {
+        timeout: Some(Duration::from_secs(300)),
+        interrupt: None,
+    })?;
+    if !report.outcome.is_success() {
+        bail!("floor VM for {}: {}", kind.name(), report.outcome);
+    }
+    let times = std::mem::take(&mut *hook.times.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(times)
+}
+
+/// Kills the child VM if the measurement fails half-way.
+struct ChildVm(Option<Child>);
+
+impl Drop for ChildVm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn introspected(kind: Kind, n: u64, target: u64, page: u64, gate: u64) -> Result<Vec<Instant>> {
+    let dir = std::env::temp_dir();
+    let socket: PathBuf = dir.join(format!(
+        "kvmi-bench-{}-{}.sock",
+        std::process::id(),
+        kind.name()
+    ));
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new(std::env::current_exe()?)
+        .args(["run", "--image", "test-guest", "--timeout", "300"])
+        .arg("--cmdline")
+        .arg(format!("{} gate=1", kind.cmdline(n)))
+        .arg("--kvmi-socket")
+        .arg(&socket)
+        .arg("--serial")
+        .arg("/dev/null")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the VM")?;
+    let mut child = ChildVm(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = loop {
+        if let Some(c) = child.0.as_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            bail!("the VM exited with {status} before a tool could attach");
+        }
+        match KvmiClient::connect(&socket) {
+            Ok(client) => break client,
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    match kind {
+        Kind::Breakpoint => {
+            client.control_events_all(EventSet::EMPTY.with(EventKind::Breakpoint))?;
+            client.control_breakpoint(None, target, true)?;
+        }
+        Kind::PageWrite => {
+            client.control_events_all(EventSet::EMPTY.with(EventKind::PageFault))?;
+            client.set_page_access(
+                0,
+                &[PageAccessEntry {
+                    gpa: page,
+                    access: Access::R.union(Access::X),
+                }],
+            )?;
+        }
+    }
+    // Open the test-guest start gate: the loop starts once the interception is in place.
+    client.write_physical(gate, &1u64.to_le_bytes())?;
+    let mut times = Vec::with_capacity(n as usize);
+    while (times.len() as u64) < n {
+        match client.next_event(Duration::from_secs(10)) {
+            Ok(Some(ev)) => {
+                times.push(ev.received);
+                client.reply_continue(&ev)?;
+            }
+            Ok(None) => bail!("no event for 10 s after {} events", times.len()),
+            Err(e) => bail!("channel closed after {} of {n} events: {e}", times.len()),
+        }
+    }
+    client.close();
+    let status = child.0.take().map(|mut c| c.wait()).transpose()?;
+    let _ = std::fs::remove_file(&socket);
+    if let Some(s) = status
+        && !s.success()
+    {
+        bail!("introspected VM for {} exited with {s}", kind.name());
+    }
+    Ok(times)
+}
+
+fn show(name: &str, s: &Stats) -> String {
+    format!(
+        "  {name:<13} {:>9.0} round trips/s   p50 {:>8.1} µs   p99 {:>8.1} µs   ({} samples)",
+        s.per_sec, s.p50_us, s.p99_us, s.samples
+    )
+}
+
+/// Runs both kinds, floor and introspected, and prints the figures and ratios.
+pub fn run(args: &BenchArgs) -> Result<u8> {
+    if !vmm::kvm_available() {
+        bail!("/dev/kvm is not available");
+    }
+    let profile = Image::TestGuest
+        .profile()
+        .context("test-guest is not embedded")??;
+    let target = profile
+        .symbol("breakpoint_target")
+        .context("profile lacks sym.breakpoint_target")?;
+    let page = profile
+        .symbol("scratch_page")
+        .context("profile lacks sym.scratch_page")?;
+    let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
+    let n = args.iterations.max(10);
+    let mut results = serde_json::Map::new();
+    for kind in [Kind::Breakpoint, Kind::PageWrite] {
+        let f = stats(&floor(kind, n, target, page)?)?;
+        println!("{} (n={n}):", kind.name());
+        println!("{}", show("floor (VMM)", &f));
+        if args.floor_only {
+            continue;
+        }
+        let t = stats(&introspected(kind, n, target, page, gate)?)?;
+        println!("{}", show("over socket", &t));
+        let rate = f.per_sec / t.per_sec;
+        let p50 = t.p50_us / f.p50_us;
+        let p99 = t.p99_us / f.p99_us;
+        println!(
+            "  ratio socket/floor: {p50:.2}x p50 latency, {p99:.2}x p99 latency, {rate:.2}x fewer round trips/s"
+        );
+        results.insert(
+            kind.name().into(),
+            serde_json::json!({
+                "floor": {"per_sec": f.per_sec, "p50_us": f.p50_us, "p99_us": f.p99_us, "samples": f.samples},
+                "socket": {"per_sec": t.per_sec, "p50_us": t.p50_us, "p99_us": t.p99_us, "samples": t.samples},
+                "ratio": {"p50": p50, "p99": p99, "rate": rate},
+            }),
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Object(results));
+    }
+    Ok(0)
+}

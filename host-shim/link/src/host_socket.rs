@@ -1,0 +1,267 @@
+//! The host-agent backend (`kvmi run --appliance-socket PATH`): the agent runs as a host
+//! process (guest-driver's `HostAgent`, see `guest-driver/src/host.rs` for the protocol), a
+//! unix socket stands in for the doorbell port, memfds for the ring region and the window.
+//!
+//! Per connection (one agent at a time): a fresh ring region and window memfd are created,
+//! sent with the agent's BootInfo in one `SCM_RIGHTS` message, the rings are attached to the
+//! target's introspector (the same [`RingService`] as for the appliance VM), and every
+//! 80-byte request is served by the same [`ApplianceHook`] as the VM doorbell, answered by
+//! the new RAX. The one difference: the shim cannot remap pages inside another process, so
+//! granted pages are copied into the window memfd at map time ([`Pager::new_copying`]).
+//! Closing the socket detaches the agent and revokes (zeroes) everything it was granted.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use guest_driver::host::{HOST_TOKEN_GPA, HostRequest, REQUEST_SIZE, send_with_fds};
+use hypercall::boot::{BOOT_MAGIC, BOOT_VERSION, BootInfo};
+use hypercall::call::Request;
+use hypercall::error::{HcError, encode};
+use hypercall::ring::{LayoutParams, RingSizes};
+use hypercall::token::MapToken;
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+use super::hook::{ApplianceHook, SERVED_FEATURES};
+use super::launch::{MAP_WINDOW_GPA, RING_REGION_GPA};
+use super::pager::Pager;
+use super::rings::{DEFAULT_FULL_TIMEOUT, RingService, create_region, stdout_sink};
+use kvmi_engine::{IntrospectError, Introspector};
+use vmm::memory::GuestRam;
+
+/// Poll period of the accept loop and of reads (to notice a stop).
+const POLL: Duration = Duration::from_millis(50);
+
+/// The thread serving host agents on a unix socket.
+pub struct HostSocketServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for HostSocketServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostSocketServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// What one agent connection needs.
+#[derive(Clone)]
+struct Target {
+    intro: Arc<Introspector>,
+    ram: Arc<GuestRam>,
+    vcpus: u32,
+    window_size: u64,
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> IntrospectError {
+    move |source| IntrospectError::Io { what, source }
+}
+
+impl HostSocketServer {
+    /// Listens on `path` (a stale socket file is replaced) and serves agents for the target
+    /// whose introspector is `intro` (RAM `ram`, `vcpus` vCPUs), with a window of
+    /// `window_size` bytes.
+    pub fn start(
+        intro: Arc<Introspector>,
+        ram: Arc<GuestRam>,
+        vcpus: u32,
+        path: &Path,
+        window_size: u64,
+    ) -> Result<HostSocketServer, IntrospectError> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(IntrospectError::Io {
+                    what: format!("{} exists and is not a socket", path.display()),
+                    source: ErrorKind::AlreadyExists.into(),
+                });
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listener =
+            UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("non-blocking listener".into()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = Target {
+            intro,
+            ram,
+            vcpus,
+            window_size,
+        };
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("kvmi-host-agent".into())
+            .spawn(move || accept_loop(&listener, &target, &s))
+            .map_err(io_err("spawning the host-agent thread".into()))?;
+        tracing::info!(path = %path.display(), "host-agent socket listening");
+        Ok(HostSocketServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops serving (an agent connected now is detached) and removes the socket file.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for HostSocketServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(listener: &UnixListener, target: &Target, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => match serve_agent(target, stream, stop) {
+                Ok(reason) => tracing::info!("host agent detached: {reason}"),
+                Err(e) => tracing::warn!("host agent: {e}"),
+            },
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(e) => {
+                tracing::warn!("host-agent accept: {e}");
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, checking `stop` between timeouts. `Ok(false)`: the peer
+/// closed (or we were stopped).
+fn read_request(
+    stream: &mut UnixStream,
+    buf: &mut [u8],
+    stop: &AtomicBool,
+) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn handshake_boot_info(ring_size: u64, window_size: u64) -> BootInfo {
+    let mut boot = BootInfo::new_zeroed();
+    boot.magic = BOOT_MAGIC;
+    boot.version = BOOT_VERSION;
+    boot.vcpu_count = 1;
+    boot.ring_region_gpa = RING_REGION_GPA;
+    boot.ring_region_size = ring_size;
+    boot.map_window_gpa = MAP_WINDOW_GPA;
+    boot.map_window_size = window_size;
+    boot
+}
+
+/// Serves one agent until it closes; returns why it ended.
+fn serve_agent(
+    target: &Target,
+    mut stream: UnixStream,
+    stop: &AtomicBool,
+) -> Result<String, String> {
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let params = LayoutParams {
+        vcpu_count: target.vcpus,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: MAP_WINDOW_GPA,
+        map_window_size: target.window_size,
+    };
+    let ring_size = params.region_size().next_multiple_of(4096);
+    let mem = |name: &str, size| {
+        GuestRam::new(name, size)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    };
+    let ring = mem("kvmi-host-rings", ring_size)?;
+    let window = mem("kvmi-host-window", target.window_size)?;
+    let token_ram = mem("kvmi-host-token", 4096)?;
+    let region = create_region(ring.clone(), &params).map_err(|e| e.to_string())?;
+    let boot = handshake_boot_info(ring_size, target.window_size);
+    send_with_fds(
+        &stream,
+        boot.as_bytes(),
+        &[ring.memfd().as_raw_fd(), window.memfd().as_raw_fd()],
+    )
+    .map_err(|e| format!("handshake: {e}"))?;
+    let service = RingService::start(
+        target.intro.clone(),
+        &region,
+        stdout_sink(),
+        DEFAULT_FULL_TIMEOUT,
+    )
+    .map_err(|e| format!("attaching the agent: {e}"))?;
+    let pager = Arc::new(Pager::new_copying(
+        target.intro.clone(),
+        target.ram.clone(),
+        window,
+        MAP_WINDOW_GPA,
+    ));
+    let hook = ApplianceHook::new(pager.clone(), service.waker());
+    stream
+        .set_read_timeout(Some(POLL))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; REQUEST_SIZE];
+    let reason = loop {
+        match read_request(&mut stream, &mut buf, stop) {
+            Ok(true) => {}
+            Ok(false) => break "the agent closed the socket".to_string(),
+            Err(e) => break format!("socket read: {e}"),
+        }
+        let Ok(request) = HostRequest::read_from_bytes(&buf) else {
+            break "malformed request".into();
+        };
+        let regs = request.regs();
+        let result = match Request::decode(&regs) {
+            Ok(Request::MemMap { token_gpa, .. } | Request::MapRange { token_gpa, .. })
+                if token_gpa != HOST_TOKEN_GPA =>
+            {
+                Err(HcError::Fault)
+            }
+            _ => token_ram
+                .write(0, &MapToken::new(request.token).to_bytes())
+                .map_err(|_| HcError::NoMemory)
+                .and_then(|()| hook.call(&regs, &token_ram)),
+        };
+        if let Err(e) = stream.write_all(&encode(result).to_le_bytes()) {
+            break format!("socket write: {e}");
+        }
+    };
+    let revoked = pager.retire();
+    let _ = service.stop();
+    target.intro.detach(service.generation(), &reason);
+    Ok(format!("{reason} ({revoked} pages revoked)"))
+}

@@ -1,0 +1,62 @@
+//! Support for the workspace's end-to-end tests (`tests/tests/*`): every test boots real VMs
+//! on `/dev/kvm` from the guest images the workspace builds.
+//!
+//! - [`require_kvm`] decides whether a test that needs KVM runs: without `/dev/kvm` it
+//!   reports SKIPPED on the terminal (not swallowed by the test harness), and with
+//!   `KVMI_REQUIRE_KVM=1` (set by CI) it fails instead, so a green CI run means the KVM tests
+//!   ran.
+//! - [`common`] runs an embedded image on an in-process VM; [`socket_target`] runs one under
+//!   the `kvmi` command with a KVMI socket and attaches a client.
+//! - [`kvmi_bin`] is the `kvmi` command under test (this package builds it as its example
+//!   `kvmi`, from the same `kvmi::app::main`).
+
+pub mod common;
+pub mod socket_target;
+pub mod wait;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+// Every end-to-end test needs the guest images: a build without them (KVMI_SKIP_IMAGES)
+// must not compile the tests rather than let them pass vacuously.
+const _: () = assert!(
+    kvmi::images::ALL_EMBEDDED,
+    "the end-to-end tests need the embedded guest images (unset KVMI_SKIP_IMAGES)"
+);
+
+/// The environment variable that turns a missing `/dev/kvm` into a test failure.
+pub const REQUIRE_KVM: &str = "KVMI_REQUIRE_KVM";
+
+/// True when `test` can run here. Without `/dev/kvm` it prints `SKIPPED: <test>: <why>` to
+/// the terminal and returns false, or panics when `KVMI_REQUIRE_KVM=1`.
+pub fn require_kvm(test: &str) -> bool {
+    if vmm::kvm_available() {
+        return true;
+    }
+    let why = "/dev/kvm is not available (or not read-write)";
+    if std::env::var(REQUIRE_KVM).is_ok_and(|v| v == "1") {
+        panic!("{test}: {why}, and {REQUIRE_KVM}=1 requires the KVM tests to run");
+    }
+    // Straight to the process's stderr: the harness captures `println!`/`eprintln!`.
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+    false
+}
+
+/// The `kvmi` command under test: this package's example `kvmi` (`examples/kvmi.rs`), which
+/// `cargo test` builds next to the test binaries. Panics with the fix if it is missing.
+pub fn kvmi_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/examples/kvmi
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("kvmi"))
+        .expect("test executable lives in target/<profile>/deps");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the end-to-end tests with `cargo test -p kvmi-tests` (which \
+         builds the example) or build it with `cargo build -p kvmi-tests --example kvmi`",
+        bin.display()
+    );
+    bin
+}

@@ -1,0 +1,220 @@
+//! Helpers for the end-to-end introspection tests: a VM run by the real `kvmi` binary with
+//! `--kvmi-socket`, and a [`KvmiClient`] attached to it. Addresses come from the image's
+//! profile, never from constants.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use kvmi::images::Image;
+use kvmi::profile::Profile;
+use kvmi_client::{KvmiClient, ReceivedEvent};
+use protocol::EventKind;
+
+/// How long a test waits for an event it expects.
+pub const EVENT_WAIT: Duration = Duration::from_secs(20);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A VM started with `kvmi run --kvmi-socket`; killed when dropped.
+pub struct Target {
+    child: Option<Child>,
+    dir: PathBuf,
+    /// The KVMI socket path.
+    pub socket: PathBuf,
+    /// The image's profile.
+    pub profile: Profile,
+    exit: Option<i32>,
+}
+
+impl Target {
+    /// Starts `image` with `cmdline` and extra `kvmi run` arguments.
+    pub fn start(image: Image, cmdline: &str, extra: &[&str]) -> Target {
+        let dir = std::env::temp_dir().join(format!(
+            "kvmi-e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("kvmi.sock");
+        let stderr = File::create(dir.join("stderr.txt")).expect("stderr file");
+        let child = Command::new(crate::kvmi_bin())
+            .args(["run", "--image", image.name(), "--timeout", "120"])
+            .arg("--cmdline")
+            .arg(cmdline)
+            .arg("--kvmi-socket")
+            .arg(&socket)
+            .arg("--serial")
+            .arg(dir.join("serial.txt"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start kvmi run");
+        Target {
+            child: Some(child),
+            dir,
+            socket,
+            profile: crate::common::profile(image),
+            exit: None,
+        }
+    }
+
+    /// Attaches a client (retrying while the VM sets up its socket).
+    pub fn attach(&self) -> KvmiClient {
+        KvmiClient::connect_retry(&self.socket, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("attach: {e}; stderr: {}", self.stderr()))
+    }
+
+    /// A profile symbol.
+    pub fn sym(&self, name: &str) -> u64 {
+        self.profile
+            .symbol(name)
+            .unwrap_or_else(|| panic!("profile has no sym.{name}"))
+    }
+
+    /// Opens the test-guest start gate (`gate=1`) through `client`.
+    pub fn open_gate(&self, client: &KvmiClient) {
+        client
+            .write_physical(self.sym("gate"), &1u64.to_le_bytes())
+            .expect("WRITE_PHYSICAL to sym.gate");
+    }
+
+    /// The serial output so far.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serial.txt")).unwrap_or_default()
+    }
+
+    /// The VMM's stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.txt")).unwrap_or_default()
+    }
+
+    /// Waits until the serial output contains `needle`.
+    pub fn wait_serial(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.serial().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.serial().contains(needle)
+    }
+
+    /// Asserts that the VM exits with status 0 within `timeout` and that its serial output
+    /// contains `expected` (the guest's own report of what it saw).
+    pub fn assert_clean_exit(&mut self, timeout: Duration, expected: &str) {
+        assert_eq!(
+            self.wait_exit(timeout),
+            Some(0),
+            "stderr: {}",
+            self.stderr()
+        );
+        assert!(self.serial().contains(expected), "{}", self.serial());
+    }
+
+    /// Waits for the VM process to exit; its exit status, or None on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        if self.exit.is_some() {
+            return self.exit;
+        }
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.exit = Some(status.code().unwrap_or(-1));
+                self.child = None;
+                return self.exit;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the VM process is still running.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The temp directory of this VM.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits for the next event of `kind`, failing the test with context if none comes.
+pub fn expect_event(client: &KvmiClient, kind: EventKind, target: &Target) -> ReceivedEvent {
+    match client.next_event_of(kind, EVENT_WAIT) {
+        Ok(Some(ev)) => ev,
+        Ok(None) => panic!(
+            "no {kind:?} event within {EVENT_WAIT:?}; serial: {}; stderr: {}",
+            target.serial(),
+            target.stderr()
+        ),
+        Err(e) => panic!(
+            "waiting for {kind:?}: {e}; serial: {}; stderr: {}",
+            target.serial(),
+            target.stderr()
+        ),
+    }
+}
+
+/// SET_PAGE_ACCESS of one page (view 0), which must succeed.
+pub fn set_access(client: &KvmiClient, gpa: u64, access: protocol::types::Access) {
+    client
+        .set_page_access(0, &[protocol::types::PageAccessEntry { gpa, access }])
+        .expect("SET_PAGE_ACCESS");
+}
+
+/// Reads a little-endian u64 of guest-physical memory.
+pub fn read_u64(client: &KvmiClient, gpa: u64) -> u64 {
+    let b = client.read_physical(gpa, 8).expect("READ_PHYSICAL");
+    u64::from_le_bytes(b.try_into().expect("8 bytes"))
+}
+
+/// Asserts the VM still makes progress: the spin mode's counter moves (read by a fresh
+/// client, since the previous channel may have been closed).
+pub fn assert_still_running(target: &mut Target) {
+    assert!(target.running(), "the VM died; stderr: {}", target.stderr());
+    let client = target.attach();
+    let counter = target.sym("probe_counter");
+    let before = read_u64(&client, counter);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = read_u64(&client, counter);
+    assert!(after > before, "guest counter stuck at {before}");
+    client.close();
+}
+
+impl Target {
+    /// Waits until the serial output grows beyond `len` bytes.
+    pub fn wait_serial_growth(&self, len: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.serial().len() > len {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}

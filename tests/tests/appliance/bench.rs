@@ -1,0 +1,79 @@
+//! Smoke test of `kvmi appliance-bench` (real KVM): every figure is measured (no timing
+//! assertion: speed is judged by the ratios the benchmark prints, not by tests).
+
+use std::sync::Mutex;
+
+use kvmi::images::Image;
+
+/// The benchmarks run one at a time (they measure; two at once on 2 cores starve each other).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[test]
+fn the_appliance_bench_measures_every_figure() {
+    if !kvmi_tests::require_kvm("the_appliance_bench_measures_every_figure") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (guest, appliance) = (
+        kvmi_tests::common::elf(Image::TestGuest),
+        kvmi_tests::common::elf(Image::Appliance),
+    );
+    let f = kvmi::bench::window::run(guest, appliance, 4).expect("bench runs");
+    assert_eq!(f.bytes, 4 << 20);
+    // The pattern starts after the image and covers the rest: every reader (the appliance
+    // VM through its window, the shim's window mapping, READ_PHYSICAL) checksummed the same
+    // non-zero bytes, or `run` would have failed.
+    assert!(f.from >= 1 << 20 && f.from < f.bytes, "{f:?}");
+    assert_ne!(f.checksum, 0);
+    assert_eq!(f.vm_map_calls, 4 * 256 / 512);
+    for (name, d) in [
+        ("vm_map", f.vm_map),
+        ("vm_tokens", f.vm_tokens),
+        ("vm_read", f.vm_read),
+        ("vm_reread", f.vm_reread),
+        ("window_map", f.window_map),
+        ("window_read", f.window_read),
+        ("read_physical", f.read_physical),
+        ("single_map_per_page", f.single_map_per_page),
+        ("batched_map_per_page", f.batched_map_per_page),
+    ] {
+        assert!(!d.is_zero(), "{name} measured");
+    }
+    assert!(f.vm_tokens <= f.vm_map, "{f:?}");
+    let table = f.table();
+    assert!(table.contains("read 4 MiB"), "{table}");
+    assert!(f.window_speedup().is_finite() && f.batching_speedup().is_finite());
+    assert!(kvmi::bench::window::run(guest, appliance, 0).is_err());
+}
+
+#[test]
+fn the_event_bench_measures_floor_appliance_rings_and_socket() {
+    if !kvmi_tests::require_kvm("the_event_bench_measures_floor_appliance_rings_and_socket") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let profile = kvmi_tests::common::profile(Image::TestGuest);
+    let page = profile.symbol("scratch_page").expect("sym.scratch_page");
+    let gate = profile.symbol("gate").expect("sym.gate");
+    // `run` fails unless the appliance VM's agent answered exactly 20 events and the
+    // target made exactly 20 write exits on each path.
+    let f = kvmi::bench::events::run(
+        kvmi_tests::common::elf(Image::TestGuest),
+        kvmi_tests::common::elf(Image::Appliance),
+        20,
+        page,
+        gate,
+    )
+    .expect("event bench runs");
+    assert_eq!(f.samples, 3 * 20);
+    for (name, d) in [
+        ("floor", f.floor),
+        ("appliance", f.appliance),
+        ("appliance_mean", f.appliance_mean),
+        ("rings", f.rings),
+        ("socket", f.socket),
+    ] {
+        assert!(!d.is_zero(), "{name} measured: {f:?}");
+    }
+    assert!(f.table().contains("socket / rings (appliance VM)"));
+}

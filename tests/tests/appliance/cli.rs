@@ -1,0 +1,125 @@
+//! `kvmi run` with no image — the main job: the demo target watched by the appliance VM — as
+//! a user runs it (real KVM, the real binary): stdout carries only the appliance's JSON lines,
+//! the serial output goes to stderr, the summary is reported.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Whether this build embeds the appliance image (else the test says SKIPPED).
+fn appliance_embedded() -> bool {
+    let embedded = kvmi::images::Image::from_name("appliance")
+        .and_then(|i| i.elf())
+        .is_some();
+    if !embedded {
+        println!("SKIPPED: the appliance image is not embedded in this build");
+    }
+    embedded
+}
+
+#[test]
+fn kvmi_run_main_job_prints_json_findings_on_stdout() {
+    if !kvmi_tests::require_kvm("kvmi_run_appliance_prints_json_findings_on_stdout") {
+        return;
+    }
+    if !appliance_embedded() {
+        return;
+    }
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args(["run", "--cmdline", "rounds=6", "--timeout", "120"])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("kvmi runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "6 rounds, then exit 0: {stderr}"
+    );
+    let findings: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["finding"] == "task" && f["name"] == "init"),
+        "{stdout}"
+    );
+    assert!(
+        findings.iter().any(|f| f["finding"] == "write_denied"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("heartbeat"),
+        "serial output on stderr: {stderr}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["finding"] == "task_create" && f["name"] == "worker-1" && f["parent"] == 1),
+        "task creation traced by the breakpoint: {stdout}"
+    );
+    // The target started only once the agent's guard was in place: even the boot's first
+    // task creation was traced.
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["finding"] == "task_create" && f["name"] == "init" && f["parent"] == 0),
+        "the boot's task creations traced: {stdout}"
+    );
+    assert!(
+        stderr.contains("kvmi: appliance: target guest exited with status 0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kvmi_run_restarts_an_appliance_that_ends_and_refuses_orphan_appliance_options() {
+    if !kvmi_tests::require_kvm("kvmi_run_restarts_an_appliance_that_ends") {
+        return;
+    }
+    if !appliance_embedded() {
+        return;
+    }
+    // Each agent stops after 40 events; one restart, then the target (300 rounds) runs on.
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args([
+            "run",
+            "--cmdline",
+            "rounds=300",
+            "--appliance-cmdline",
+            "events=40",
+            "--appliance-restarts",
+            "1",
+            "--timeout",
+            "120",
+        ])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("kvmi runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let starts = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|f| f["finding"] == "start")
+        .count();
+    assert_eq!(starts, 2, "two agents, one after the other: {stdout}");
+    assert!(stderr.contains("started appliance #1"), "{stderr}");
+    assert!(stderr.contains("the target runs on, unhooked"), "{stderr}");
+    assert!(stderr.contains("restarts 1;"), "{stderr}");
+
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args(["run", "--no-appliance", "--appliance-restarts", "1"])
+        .output()
+        .expect("kvmi runs");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--appliance-restarts needs an appliance VM"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

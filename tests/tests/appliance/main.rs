@@ -1,0 +1,11 @@
+//! End-to-end tests of the appliance link: the appliance VM (or a host-process agent) served
+//! over the shared-memory rings, token-checked page grants into its map window, the main job
+//! of `kvmi run`, and the appliance benchmarks' checks.
+
+mod bench;
+mod cli;
+mod host_socket;
+mod image;
+mod main_job;
+mod rings;
+mod security;

@@ -1,0 +1,299 @@
+//! The ring transport end to end (real KVM, a real target, a real memfd ring region): the
+//! target's introspector serves an appliance over the rings exactly as over the socket. The
+//! appliance side is this test, on the same shared memory (`Region::open`).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use appliance_link::hook::SERVED_FEATURES;
+use appliance_link::rings::{RingMemory, RingService, create_region};
+use hypercall::discovery::RingKind;
+use hypercall::ring::{Consumer, LayoutParams, Region, RingSizes};
+use kvmi::images::Image;
+use kvmi_engine::{Introspector, IntrospectorConfig};
+use protocol::V4;
+use protocol::command::{Command, CommandKind};
+use protocol::event::EventKind;
+use protocol::event_reply::{Action, EventReply, EventReplyData};
+use protocol::wire::{HostMessage, WireProfile};
+use vmm::{GuestRam, RunLimits, RunningVm, SerialSink, SharedBuffer, Vm, VmConfig};
+
+/// Pops one record within 10 s.
+fn pop(c: &mut Consumer<RingMemory>) -> Vec<u8> {
+    let mut buf = vec![0u8; c.max_payload()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(n) = c.try_pop(&mut buf).expect("ring intact") {
+            let _ = c.release().unwrap();
+            return buf[..n].to_vec();
+        }
+        assert!(Instant::now() < deadline, "no record within 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A running test-guest target (`cmdline`) with an introspector (`intro_config`) serving a
+/// ring region of one vCPU through a started [`RingService`] whose log lines go to `log`.
+struct RingTarget {
+    running: RunningVm,
+    intro: Arc<Introspector>,
+    region: Region<RingMemory>,
+    service: RingService,
+    serial: SharedBuffer,
+}
+
+fn ring_target(
+    name: &str,
+    cmdline: &str,
+    intro_config: IntrospectorConfig,
+    log: appliance_link::rings::LogSink,
+) -> RingTarget {
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = VmConfig {
+        name: name.into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: cmdline.into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = Vm::new(config, kvmi_tests::common::elf(Image::TestGuest)).unwrap();
+    let serial = SharedBuffer::new();
+    target.set_serial(SerialSink::Buffer(serial.clone()));
+    let intro = Introspector::install(&mut target, caps, intro_config).unwrap();
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let size = params.region_size().next_multiple_of(4096);
+    let region = create_region(Arc::new(GuestRam::new(name, size).unwrap()), &params).unwrap();
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    let service = RingService::start(intro.clone(), &region, log, Duration::from_secs(5)).unwrap();
+    RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        serial,
+    }
+}
+
+#[test]
+fn events_commands_and_log_lines_travel_over_the_rings() {
+    if !kvmi_tests::require_kvm("events_commands_and_log_lines_travel_over_the_rings") {
+        return;
+    }
+    let lines: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let sink = lines.clone();
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        serial,
+    } = ring_target(
+        "rings-target",
+        "mode=hello",
+        IntrospectorConfig {
+            wait_for_tool: true,
+            ..IntrospectorConfig::default()
+        },
+        Box::new(move |r: &[u8]| sink.lock().unwrap().push(r.to_vec())),
+    );
+
+    // The appliance's side of the same memory.
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut events = app.consumer_for(RingKind::Event, 0).unwrap();
+    let mut replies = app.producer_for(RingKind::EventReply, 0).unwrap();
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut command_replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let mut log = app.producer_for(RingKind::Log, 0).unwrap();
+
+    // The vCPU waits for its CREATE_VCPU event to be answered.
+    let record = pop(&mut events);
+    let frame = V4::parse_frame(&record).unwrap();
+    let HostMessage::Event { seq, event } = V4::decode_host_message(frame).unwrap() else {
+        panic!("an event on the event ring");
+    };
+    assert_eq!(event.payload.kind(), EventKind::CreateVcpu);
+    assert_eq!(event.common.vcpu, 0);
+    let reply = EventReply {
+        event: EventKind::CreateVcpu,
+        action: Action::Continue,
+        data: EventReplyData::None,
+    };
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let n = V4::encode_event_reply(seq, &reply, &mut buf).unwrap();
+    replies.try_push(&buf[..n]).unwrap();
+    let _ = replies.publish().unwrap();
+
+    // A command and its reply.
+    let n = V4::encode_command(77, &Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    let _ = commands.publish().unwrap();
+    let record = pop(&mut command_replies);
+    let frame = V4::parse_frame(&record).unwrap();
+    match V4::decode_host_message(frame).unwrap() {
+        HostMessage::Reply { seq, command, .. } => {
+            assert_eq!((seq, command), (77, CommandKind::GetVersion));
+        }
+        other => panic!("expected the GET_VERSION reply, got {other:?}"),
+    }
+
+    // A log line.
+    log.try_push(b"{\"finding\":\"hello\"}\n").unwrap();
+    let _ = log.publish().unwrap();
+
+    let report = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(20)),
+        interrupt: None,
+    });
+    assert!(
+        report.outcome.is_success(),
+        "{:?}: {}",
+        report.outcome,
+        serial.text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        *lines.lock().unwrap(),
+        vec![b"{\"finding\":\"hello\"}\n".to_vec()]
+    );
+    // The command went through the service (the event reply too, unless the waiting vCPU
+    // collected it itself from its reply ring, as it does when the reply comes quickly).
+    let served = service
+        .stats()
+        .messages
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=2).contains(&served), "{served} messages served");
+    assert!(
+        intro.is_attached(),
+        "a well-behaved appliance stays attached"
+    );
+    assert_eq!(service.stop(), appliance_link::rings::ServiceEnd::Stopped);
+}
+
+#[test]
+fn an_appliance_that_stops_answering_is_detached_and_the_target_runs_on() {
+    if !kvmi_tests::require_kvm(
+        "an_appliance_that_stops_answering_is_detached_and_the_target_runs_on",
+    ) {
+        return;
+    }
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        serial,
+    } = ring_target(
+        "silent-target",
+        "mode=hello",
+        IntrospectorConfig {
+            wait_for_tool: true,
+            reply_timeout: Some(Duration::from_millis(500)),
+            ..IntrospectorConfig::default()
+        },
+        Box::new(|_| {}),
+    );
+    // The appliance sees the CREATE_VCPU event but never answers.
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut events = app.consumer_for(RingKind::Event, 0).unwrap();
+    let record = pop(&mut events);
+    assert_eq!(
+        V4::parse_frame(&record).unwrap().header.id,
+        V4::EVENT_ID,
+        "an event was delivered"
+    );
+    let report = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(20)),
+        interrupt: None,
+    });
+    assert!(
+        report.outcome.is_success(),
+        "the target ran to its end unhooked: {:?}: {}",
+        report.outcome,
+        serial.text()
+    );
+    assert!(!intro.is_attached(), "the silent appliance was detached");
+    assert!(
+        matches!(
+            service.stop(),
+            appliance_link::rings::ServiceEnd::Detached(_)
+        ),
+        "the service reports the detach"
+    );
+}
+
+#[test]
+fn a_notify_for_the_command_ring_serves_it_on_the_callers_thread() {
+    if !kvmi_tests::require_kvm("a_notify_for_the_command_ring_serves_it_on_the_callers_thread") {
+        return;
+    }
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        ..
+    } = ring_target(
+        "notify-target",
+        "mode=spin gate=1",
+        IntrospectorConfig::default(),
+        Box::new(|_| {}),
+    );
+    let waker = service.waker();
+    // No service thread from here on: whatever serves the commands is the NOTIFY itself.
+    assert_eq!(service.stop(), appliance_link::rings::ServiceEnd::Stopped);
+    assert!(intro.is_attached());
+
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let command_ring = u64::from(app.ring_index(RingKind::Command, 0).unwrap());
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let mut record = vec![0u8; replies.max_payload()];
+    for (seq, ring) in [
+        (1, command_ring),
+        (2, command_ring),
+        (3, hypercall::call::NOTIFY_ALL_RINGS),
+    ] {
+        let n = V4::encode_command(seq, &Command::GetVersion, &mut buf).unwrap();
+        commands.try_push(&buf[..n]).unwrap();
+        assert!(
+            commands.publish().unwrap(),
+            "command {seq}: the shim keeps the command ring's wake word armed"
+        );
+        waker.notify(ring);
+        // Served before `notify` returned: the reply is there without waiting.
+        let n = replies
+            .try_pop(&mut record)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no reply to command {seq} after its NOTIFY"));
+        let _ = replies.release().unwrap();
+        match V4::decode_host_message(V4::parse_frame(&record[..n]).unwrap()).unwrap() {
+            HostMessage::Reply {
+                seq: got, command, ..
+            } => assert_eq!((got, command), (seq, CommandKind::GetVersion)),
+            other => panic!("expected the GET_VERSION reply, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        service
+            .stats()
+            .messages
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}

@@ -1,0 +1,329 @@
+//! End-to-end: every KVMI command through a real `kvmi run --kvmi-socket` VM, asserting on
+//! the reply and on its effect in the guest.
+
+use std::time::Duration;
+
+use kvmi::images::Image;
+use kvmi_tests::socket_target::{Target, read_u64};
+use protocol::masks::AllowedMasks;
+use protocol::types::{Access, PageAccessEntry};
+use protocol::{CommandKind, ErrorCode, EventKind};
+
+const EXIT_WAIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn get_version_reports_what_this_host_delivers() {
+    if !kvmi_tests::require_kvm("get_version_reports_what_this_host_delivers") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    let v = c.get_version().unwrap();
+    assert_eq!(v.version, 1);
+    let m = v.allowed;
+    for kind in [
+        CommandKind::GetVersion,
+        CommandKind::GetGuestInfo,
+        CommandKind::PauseVcpu,
+        CommandKind::GetRegisters,
+        CommandKind::SetRegisters,
+        CommandKind::ReadPhysical,
+        CommandKind::WritePhysical,
+        CommandKind::SetPageAccess,
+        CommandKind::GetPageAccess,
+        CommandKind::ControlEvents,
+        CommandKind::InjectException,
+        CommandKind::GetMapToken,
+    ] {
+        assert!(m.allows_command(kind), "{kind:?} missing from {m:?}");
+    }
+    // Stock KVM cannot deliver CR or #VE interception: reported honestly.
+    assert!(!m.allows_command(CommandKind::ControlCr));
+    assert!(!m.allows_command(CommandKind::ControlVe));
+    for kind in [EventKind::Cr, EventKind::Xsetbv, EventKind::Descriptor] {
+        assert!(!m.allows_event(kind), "{kind:?} claimed");
+    }
+    for kind in [
+        EventKind::PageFault,
+        EventKind::PauseVcpu,
+        EventKind::Hypercall,
+    ] {
+        assert!(m.allows_event(kind), "{kind:?} missing");
+    }
+    // And the unsupported commands fail, without touching the channel.
+    let cr = c.control_cr(0, 3, true).unwrap_err();
+    assert!(cr.kvm_code().is_some(), "{cr}");
+    let ve = c.control_ve(0, &[0x1000], true).unwrap_err();
+    assert!(ve.kvm_code().is_some(), "{ve}");
+    assert!(c.closed().is_none());
+}
+
+#[test]
+fn operator_restrictions_narrow_the_masks_and_refuse_with_eperm() {
+    if !kvmi_tests::require_kvm("operator_restrictions_narrow_the_masks_and_refuse_with_eperm") {
+        return;
+    }
+    let t = Target::start(
+        Image::TestGuest,
+        "mode=spin",
+        &[
+            "--allow-commands",
+            "get_guest_info,read_physical",
+            "--allow-events",
+            "msr",
+        ],
+    );
+    let c = t.attach();
+    let m: AllowedMasks = c.get_version().unwrap().allowed;
+    assert!(m.allows_command(CommandKind::ReadPhysical));
+    assert!(!m.allows_command(CommandKind::WritePhysical));
+    assert!(m.allows_event(EventKind::Msr));
+    assert!(!m.allows_event(EventKind::PageFault));
+    assert_eq!(
+        c.write_physical(t.sym("scratch_page"), &[1])
+            .unwrap_err()
+            .kvm_code(),
+        Some(ErrorCode::Perm)
+    );
+    assert_eq!(c.read_physical(t.sym("scratch_page"), 8).unwrap().len(), 8);
+    assert_eq!(c.get_guest_info().unwrap().vcpu_count, 1);
+}
+
+#[test]
+fn guest_info_counts_vcpus_and_cpuid_matches_the_guest_view() {
+    if !kvmi_tests::require_kvm("guest_info_counts_vcpus_and_cpuid_matches_the_guest_view") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &["--vcpus", "2"]);
+    let c = t.attach();
+    let info = c.get_guest_info().unwrap();
+    assert_eq!(info.vcpu_count, 2);
+    let leaf0 = c.get_cpuid(0, 0, 0).unwrap();
+    // SAFETY-free: the host's own vendor string; KVM passes it through to the guest.
+    let host = std::arch::x86_64::__cpuid(0);
+    assert_eq!(
+        (leaf0.ebx, leaf0.edx, leaf0.ecx),
+        (host.ebx, host.edx, host.ecx),
+        "vendor string"
+    );
+    assert!(leaf0.eax >= 1);
+    let leaf1 = c.get_cpuid(1, 1, 0).unwrap();
+    assert_ne!(leaf1.edx & (1 << 0), 0, "FPU bit");
+    assert!(c.get_cpuid(9, 0, 0).is_err(), "vCPU 9 does not exist");
+}
+
+#[test]
+fn registers_and_xsave_of_a_paused_vcpu() {
+    if !kvmi_tests::require_kvm("registers_and_xsave_of_a_paused_vcpu") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    assert!(t.wait_serial("spinning", Duration::from_secs(20)));
+    let paused = c.pause_all(Duration::from_secs(10)).unwrap();
+    let text = t.profile.range("kernel_text").expect("range.kernel_text");
+    let r = c.get_registers(0, &[0xc000_0080]).unwrap();
+    let rip = r.regs.rip.get();
+    assert!(
+        (text.start..text.end).contains(&rip),
+        "rip {rip:#x} outside kernel text"
+    );
+    assert_eq!(r.mode, protocol::types::CpuMode::Bits64);
+    assert_eq!(r.sregs.cs.dpl, 0);
+    assert_eq!(r.msrs.len(), 1);
+    assert_eq!(r.msrs[0].index, 0xc000_0080);
+    assert_eq!(r.msrs[0].data & (1 << 10), 1 << 10, "EFER.LMA");
+    assert_eq!(r.msrs[0].data, r.sregs.efer.get());
+    let xsave = c.get_xsave(0).unwrap();
+    assert!(
+        xsave.len() >= 512 && xsave.len().is_multiple_of(4),
+        "{} bytes",
+        xsave.len()
+    );
+    c.resume(&paused).unwrap();
+}
+
+#[test]
+fn write_physical_is_what_the_guest_reads_and_read_physical_sees_guest_writes() {
+    if !kvmi_tests::require_kvm(
+        "write_physical_is_what_the_guest_reads_and_read_physical_sees_guest_writes",
+    ) {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=mem-read n=4 gate=1", &[]);
+    let c = t.attach();
+    let page = t.sym("scratch_page");
+    let words: Vec<u8> = [0x10u64, 0x200, 0x3000, 0x4_0000]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    c.write_physical(page, &words).unwrap();
+    assert_eq!(c.read_physical(page, 32).unwrap(), words);
+    t.open_gate(&c);
+    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "{}", t.stderr());
+    assert!(
+        t.serial().contains("mem-read n=4 sum=0x43210"),
+        "{}",
+        t.serial()
+    );
+
+    let t2 = Target::start(Image::TestGuest, "mode=mem-write n=2", &[]);
+    let c2 = t2.attach();
+    assert!(t2.wait_serial("mem-write n=2", Duration::from_secs(20)));
+    // The VM may be gone already; read only while it lives.
+    if let Ok(word) = c2.read_physical(t2.sym("scratch_page"), 8) {
+        assert_eq!(word, 0x5ca1_0000u64.to_le_bytes());
+    }
+}
+
+#[test]
+fn page_access_set_many_get_back_and_lift() {
+    if !kvmi_tests::require_kvm("page_access_set_many_get_back_and_lift") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    let page = t.sym("scratch_page");
+    let gpas = [page, page + 0x1000, page + 0x2000];
+    let rights = [Access::R, Access::R.union(Access::X), Access::NONE];
+    let entries: Vec<PageAccessEntry> = gpas
+        .iter()
+        .zip(rights)
+        .map(|(&gpa, access)| PageAccessEntry { gpa, access })
+        .collect();
+    c.set_page_access(0, &entries).unwrap();
+    assert_eq!(c.get_page_access(0, &gpas).unwrap(), rights.to_vec());
+    let lift: Vec<PageAccessEntry> = gpas
+        .iter()
+        .map(|&gpa| PageAccessEntry {
+            gpa,
+            access: Access::RWX,
+        })
+        .collect();
+    c.set_page_access(0, &lift).unwrap();
+    assert_eq!(c.get_page_access(0, &gpas).unwrap(), vec![Access::RWX; 3]);
+    // Reads through the channel still work on a no-access page.
+    c.set_page_access(0, &entries[2..]).unwrap();
+    assert_eq!(c.read_physical(gpas[2], 8).unwrap().len(), 8);
+}
+
+#[test]
+fn map_tokens_are_random_distinct_and_limited() {
+    if !kvmi_tests::require_kvm("map_tokens_are_random_distinct_and_limited") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    let mut tokens = Vec::new();
+    let mut again = None;
+    for _ in 0..9 {
+        match c.get_map_token() {
+            Ok(tok) => tokens.push(tok),
+            Err(e) => {
+                again = e.kvm_code();
+                break;
+            }
+        }
+    }
+    assert_eq!(tokens.len(), 8, "at most 8 outstanding tokens");
+    assert_eq!(again, Some(ErrorCode::Again));
+    for (i, a) in tokens.iter().enumerate() {
+        assert_ne!(a.0, [0u8; 32]);
+        for b in &tokens[i + 1..] {
+            assert_ne!(a.0, b.0);
+        }
+    }
+}
+
+#[test]
+fn pause_vcpu_freezes_the_guest_until_the_event_is_answered() {
+    if !kvmi_tests::require_kvm("pause_vcpu_freezes_the_guest_until_the_event_is_answered") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    assert!(t.wait_serial("spinning", Duration::from_secs(20)));
+    let counter = t.sym("probe_counter");
+    c.pause_vcpu(0).unwrap();
+    let ev = c
+        .next_event_of(EventKind::PauseVcpu, Duration::from_secs(10))
+        .unwrap()
+        .expect("PAUSE_VCPU event");
+    assert_eq!(ev.event.common.vcpu, 0);
+    let frozen = read_u64(&c, counter);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(read_u64(&c, counter), frozen);
+    c.reply_continue(&ev).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(read_u64(&c, counter) > frozen);
+}
+
+#[test]
+fn set_registers_outside_an_event_is_refused() {
+    if !kvmi_tests::require_kvm("set_registers_outside_an_event_is_refused") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    let regs = c.get_registers(0, &[]).unwrap().regs;
+    let err = c.set_registers(0, &regs).unwrap_err();
+    assert!(err.kvm_code().is_some(), "{err}");
+    assert!(c.closed().is_none());
+}
+
+#[test]
+fn vm_connects_to_a_listening_tool_with_kvmi_connect() {
+    if !kvmi_tests::require_kvm("vm_connects_to_a_listening_tool_with_kvmi_connect") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kvmi-e2e-connect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tool.sock");
+    let listener = kvmi_client::KvmiClient::listen(&path).unwrap();
+    let mut vm = std::process::Command::new(kvmi_tests::kvmi_bin())
+        .args([
+            "run",
+            "--image",
+            "test-guest",
+            "--cmdline",
+            "mode=spin",
+            "--timeout",
+            "60",
+        ])
+        .arg("--kvmi-connect")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = kvmi_client::KvmiClient::accept_on(&listener, Duration::from_secs(30));
+    let result = c.and_then(|c| c.get_guest_info());
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(result.unwrap().vcpu_count, 1);
+}
+
+#[test]
+fn hardware_breakpoint_slots_are_limited_and_clearing_an_unset_one_fails() {
+    if !kvmi_tests::require_kvm(
+        "hardware_breakpoint_slots_are_limited_and_clearing_an_unset_one_fails",
+    ) {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    let text = t.profile.range("kernel_text").expect("range.kernel_text");
+    for i in 0..4 {
+        c.control_breakpoint(None, text.start + i, true).unwrap();
+    }
+    let busy = c
+        .control_breakpoint(None, text.start + 4, true)
+        .unwrap_err();
+    assert_eq!(busy.kvm_code(), Some(ErrorCode::Busy));
+    let none = c
+        .control_breakpoint(None, text.start + 5, false)
+        .unwrap_err();
+    assert_eq!(none.kvm_code(), Some(ErrorCode::NoEnt));
+    c.control_breakpoint(None, text.start, false).unwrap();
+    c.control_breakpoint(None, text.start + 4, true).unwrap();
+}

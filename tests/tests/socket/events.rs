@@ -1,0 +1,509 @@
+//! End-to-end: every event the introspector delivers, through a real `kvmi run
+//! --kvmi-socket` VM and the client, asserting on the payload and on the effect of the reply.
+
+use std::time::Duration;
+
+use kvmi::images::Image;
+use kvmi_client::neutral_data;
+use kvmi_tests::socket_target::{Target, expect_event, read_u64, set_access};
+use protocol::event::EventSet;
+use protocol::event_reply::{EventReplyData, PageFaultReply};
+use protocol::types::Access;
+use protocol::{Action, EventKind, EventPayload};
+use zerocopy::little_endian::U64;
+
+fn only(kind: EventKind) -> EventSet {
+    EventSet::EMPTY.with(kind)
+}
+
+const EXIT_WAIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn page_fault_event_reports_gpa_and_write_and_skip_drops_while_allow_completes() {
+    if !kvmi_tests::require_kvm(
+        "page_fault_event_reports_gpa_and_write_and_skip_drops_while_allow_completes",
+    ) {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=mem-write n=3 gate=1", &[]);
+    let c = t.attach();
+    let page = t.sym("scratch_page");
+    c.control_events(0, only(EventKind::PageFault)).unwrap();
+    set_access(&c, page, Access::R.union(Access::X));
+    assert_eq!(
+        c.get_page_access(0, &[page]).unwrap(),
+        vec![Access::R.union(Access::X)]
+    );
+    t.open_gate(&c);
+    let mut seen = Vec::new();
+    for (i, action) in [Action::Skip, Action::Continue, Action::Continue]
+        .into_iter()
+        .enumerate()
+    {
+        let ev = expect_event(&c, EventKind::PageFault, &t);
+        let EventPayload::PageFault { gpa, mode, .. } = ev.event.payload else {
+            unreachable!()
+        };
+        assert_eq!(gpa, page + 8 * i as u64, "write {i} at the wrong gpa");
+        assert_ne!(mode & 2, 0, "access mode {mode:#x} lacks write");
+        assert_eq!(mode & 4, 0, "a data write reported as a fetch");
+        if i == 2 {
+            // SKIP dropped word 0; ALLOW wrote word 1.
+            assert_eq!(read_u64(&c, page), 0, "SKIP let the write through");
+            assert_eq!(
+                read_u64(&c, page + 8),
+                0x5ca1_0001,
+                "ALLOW did not complete the write"
+            );
+        }
+        seen.push(gpa);
+        c.reply(
+            &ev,
+            action,
+            EventReplyData::PageFault(PageFaultReply::default()),
+        )
+        .unwrap();
+    }
+    t.assert_clean_exit(EXIT_WAIT, "mem-write n=3 last=0x5ca10002");
+    assert_eq!(seen.len(), 3);
+}
+
+#[test]
+fn msr_event_reports_index_and_values_and_the_reply_value_is_what_the_guest_gets() {
+    if !kvmi_tests::require_kvm(
+        "msr_event_reports_index_and_values_and_the_reply_value_is_what_the_guest_gets",
+    ) {
+        return;
+    }
+    let mut t = Target::start(
+        Image::TestGuest,
+        "mode=msr msr=0x174 value=0x10 gate=1",
+        &[],
+    );
+    let c = t.attach();
+    c.control_msr(0, 0x174, true).unwrap();
+    c.control_events(0, only(EventKind::Msr)).unwrap();
+    t.open_gate(&c);
+    let ev = expect_event(&c, EventKind::Msr, &t);
+    let EventPayload::Msr {
+        msr,
+        new_value,
+        old_value,
+    } = ev.event.payload
+    else {
+        unreachable!()
+    };
+    assert_eq!(msr, 0x174);
+    assert_eq!(new_value, 0x10);
+    assert_eq!(
+        old_value, ev.event.common.msrs.sysenter_cs,
+        "old value vs event header"
+    );
+    c.reply(&ev, Action::Continue, EventReplyData::Msr { new_val: 0x23 })
+        .unwrap();
+    t.assert_clean_exit(EXIT_WAIT, "msr 0x174 wrote 0x10 read 0x23");
+}
+
+#[test]
+fn breakpoint_event_reports_rip_and_set_registers_changes_what_the_guest_prints() {
+    if !kvmi_tests::require_kvm(
+        "breakpoint_event_reports_rip_and_set_registers_changes_what_the_guest_prints",
+    ) {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=breakpoint n=1 gate=1", &[]);
+    let c = t.attach();
+    let target = t.sym("breakpoint_target");
+    c.control_events(0, only(EventKind::Breakpoint)).unwrap();
+    c.control_breakpoint(None, target, true).unwrap();
+    t.open_gate(&c);
+    let ev = expect_event(&c, EventKind::Breakpoint, &t);
+    assert_eq!(ev.event.common.regs.rip.get(), target);
+    let EventPayload::Breakpoint { gpa } = ev.event.payload else {
+        unreachable!()
+    };
+    assert_eq!(gpa, target, "kernel text is identity mapped");
+    // The argument (rdi) is 0; make it 0x41: breakpoint_target returns 0x42 = 66.
+    let mut regs = c.get_registers(0, &[]).unwrap().regs;
+    assert_eq!(regs.rip.get(), target);
+    regs.rdi = U64::new(0x41);
+    c.set_registers(0, &regs).unwrap();
+    c.reply(&ev, Action::Continue, EventReplyData::None)
+        .unwrap();
+    t.assert_clean_exit(EXIT_WAIT, "breakpoint calls=1 result=66");
+}
+
+#[test]
+fn retry_after_moving_rip_past_the_function_skips_its_code() {
+    if !kvmi_tests::require_kvm("retry_after_moving_rip_past_the_function_skips_its_code") {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=breakpoint n=1 gate=1", &[]);
+    let c = t.attach();
+    let target = t.sym("breakpoint_target");
+    c.control_events(0, only(EventKind::Breakpoint)).unwrap();
+    c.control_breakpoint(None, target, true).unwrap();
+    t.open_gate(&c);
+    let ev = expect_event(&c, EventKind::Breakpoint, &t);
+    // Emulate `ret` with rax = 7: rip = [rsp], rsp += 8. The body (counter increment) never runs.
+    let mut regs = ev.event.common.regs;
+    let ret = read_u64(&c, regs.rsp.get());
+    regs.rip = U64::new(ret);
+    regs.rsp = U64::new(regs.rsp.get() + 8);
+    regs.rax = U64::new(7);
+    c.set_registers(0, &regs).unwrap();
+    c.reply(&ev, Action::Retry, EventReplyData::None).unwrap();
+    t.assert_clean_exit(EXIT_WAIT, "breakpoint calls=0 result=7");
+}
+
+#[test]
+fn single_step_events_report_rips_in_order() {
+    if !kvmi_tests::require_kvm("single_step_events_report_rips_in_order") {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=step n=1 gate=1", &[]);
+    let c = t.attach();
+    let step = t.sym("step_target");
+    c.control_events(0, only(EventKind::Breakpoint)).unwrap();
+    c.control_breakpoint(None, step, true).unwrap();
+    t.open_gate(&c);
+    let ev = expect_event(&c, EventKind::Breakpoint, &t);
+    assert_eq!(ev.event.common.regs.rip.get(), step);
+    let ret = read_u64(&c, ev.event.common.regs.rsp.get());
+    c.control_breakpoint(None, step, false).unwrap();
+    c.control_events(0, only(EventKind::Singlestep)).unwrap();
+    c.reply(&ev, Action::Continue, EventReplyData::None)
+        .unwrap();
+    let mut rips = Vec::new();
+    for _ in 0..5 {
+        let s = expect_event(&c, EventKind::Singlestep, &t);
+        rips.push(s.event.common.regs.rip.get());
+        if rips.len() == 5 {
+            c.control_events(0, EventSet::EMPTY).unwrap();
+        }
+        c.reply(&s, Action::Continue, EventReplyData::None).unwrap();
+    }
+    assert_eq!(rips, vec![step + 1, step + 2, step + 3, step + 4, ret]);
+    t.assert_clean_exit(EXIT_WAIT, "step calls=1");
+}
+
+#[test]
+fn hypercall_event_carries_the_agent_call_registers_from_cpl0_and_cpl3() {
+    if !kvmi_tests::require_kvm(
+        "hypercall_event_carries_the_agent_call_registers_from_cpl0_and_cpl3",
+    ) {
+        return;
+    }
+    let mut t = Target::start(
+        Image::TestGuest,
+        "mode=hypercall nr=34 a0=0x1234 gate=1",
+        &[],
+    );
+    let c = t.attach();
+    c.control_events(0, only(EventKind::Hypercall)).unwrap();
+    t.open_gate(&c);
+    let mut cpls = Vec::new();
+    for _ in 0..2 {
+        let ev = expect_event(&c, EventKind::Hypercall, &t);
+        let r = ev.event.common.regs;
+        assert_eq!(r.rax.get(), 34, "hypercall number");
+        assert_eq!(r.rbx.get(), 0x1234, "first argument");
+        cpls.push(ev.event.common.sregs.cs.dpl);
+        c.reply(&ev, Action::Continue, EventReplyData::None)
+            .unwrap();
+    }
+    assert_eq!(cpls, vec![0, 3]);
+    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
+}
+
+#[test]
+fn injected_exception_reaches_the_guest_handler_and_raises_a_trap_event() {
+    if !kvmi_tests::require_kvm(
+        "injected_exception_reaches_the_guest_handler_and_raises_a_trap_event",
+    ) {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    assert!(
+        t.wait_serial("spinning", Duration::from_secs(20)),
+        "{}",
+        t.serial()
+    );
+    c.control_events(0, only(EventKind::Trap)).unwrap();
+    c.inject_exception(0, 14, Some(0x2), 0xdead_b000).unwrap();
+    let ev = expect_event(&c, EventKind::Trap, &t);
+    let EventPayload::Trap {
+        vector,
+        error_code,
+        cr2,
+        ..
+    } = ev.event.payload
+    else {
+        unreachable!()
+    };
+    assert_eq!((vector, error_code, cr2), (14, 2, 0xdead_b000));
+    c.reply(&ev, Action::Continue, EventReplyData::None)
+        .unwrap();
+    let code = t.wait_exit(EXIT_WAIT);
+    let serial = t.serial();
+    assert!(
+        serial.contains("EXCEPTION vector=14 err=0x2") && serial.contains("cr2=0xdeadb000"),
+        "{serial}"
+    );
+    assert_eq!(
+        code,
+        Some(255),
+        "0x10e clamps to 255; stderr: {}",
+        t.stderr()
+    );
+}
+
+#[test]
+fn crash_action_ends_the_vm_with_a_clear_status() {
+    if !kvmi_tests::require_kvm("crash_action_ends_the_vm_with_a_clear_status") {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=breakpoint n=1 gate=1", &[]);
+    let c = t.attach();
+    let target = t.sym("breakpoint_target");
+    c.control_events(0, only(EventKind::Breakpoint)).unwrap();
+    c.control_breakpoint(None, target, true).unwrap();
+    t.open_gate(&c);
+    let ev = expect_event(&c, EventKind::Breakpoint, &t);
+    c.reply(&ev, Action::Crash, EventReplyData::None).unwrap();
+    let code = t.wait_exit(EXIT_WAIT).expect("the VM ends after CRASH");
+    assert_eq!(code, 125, "the VMM-stopped status; stderr: {}", t.stderr());
+    assert!(
+        !t.serial().contains("breakpoint calls="),
+        "the guest went on: {}",
+        t.serial()
+    );
+    assert!(
+        t.stderr().contains("CRASH"),
+        "stderr does not say why: {}",
+        t.stderr()
+    );
+}
+
+#[test]
+fn detach_restores_page_access_breakpoints_and_msr_interception() {
+    if !kvmi_tests::require_kvm("detach_restores_page_access_breakpoints_and_msr_interception") {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=mem-write n=4 gate=1", &[]);
+    let page = t.sym("scratch_page");
+    let c = t.attach();
+    c.control_events(
+        0,
+        EventSet::EMPTY
+            .with(EventKind::PageFault)
+            .with(EventKind::Breakpoint),
+    )
+    .unwrap();
+    set_access(&c, page, Access::R);
+    c.control_breakpoint(None, t.sym("breakpoint_target"), true)
+        .unwrap();
+    c.close();
+    // A second tool opens the gate and enables nothing: the guest's writes go through.
+    let c2 = t.attach();
+    assert_eq!(c2.get_page_access(0, &[page]).unwrap(), vec![Access::RWX]);
+    t.open_gate(&c2);
+    t.assert_clean_exit(EXIT_WAIT, "mem-write n=4 last=0x5ca10003");
+    assert_eq!(
+        c2.next_event(Duration::from_millis(10)).ok().flatten(),
+        None
+    );
+}
+
+#[test]
+fn pause_event_answers_pause_vcpu_and_the_vcpu_waits_for_the_reply() {
+    if !kvmi_tests::require_kvm("pause_event_answers_pause_vcpu_and_the_vcpu_waits_for_the_reply") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &["--vcpus", "2"]);
+    let c = t.attach();
+    assert!(
+        t.wait_serial("spinning", Duration::from_secs(20)),
+        "{}",
+        t.serial()
+    );
+    let counter = t.sym("probe_counter");
+    let paused = c.pause_all(Duration::from_secs(10)).unwrap();
+    assert_eq!(paused.len(), 2);
+    assert_eq!(
+        paused
+            .iter()
+            .map(|e| e.event.common.vcpu)
+            .collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    let frozen = read_u64(&c, counter);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(read_u64(&c, counter), frozen, "counter moved while paused");
+    // Commands while the events are pending.
+    let regs = c.get_registers(0, &[]).unwrap();
+    assert_eq!(regs.regs.rip.get(), paused[0].event.common.regs.rip.get());
+    c.resume(&paused).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(read_u64(&c, counter) > frozen, "no progress after resume");
+    let _ = neutral_data(&paused[0]);
+}
+
+#[test]
+fn create_vcpu_events_hold_each_vcpu_until_answered_with_kvmi_wait() {
+    if !kvmi_tests::require_kvm("create_vcpu_events_hold_each_vcpu_until_answered_with_kvmi_wait") {
+        return;
+    }
+    let mut t = Target::start(
+        Image::TestGuest,
+        "mode=smp",
+        &["--vcpus", "2", "--kvmi-wait"],
+    );
+    let c = t.attach();
+    let mut vcpus = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let ev = expect_event(&c, EventKind::CreateVcpu, &t);
+        vcpus.push(ev.event.common.vcpu);
+        held.push(ev);
+    }
+    vcpus.sort();
+    assert_eq!(vcpus, vec![0, 1]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !t.serial().contains("up"),
+        "a vCPU ran before its CREATE_VCPU reply"
+    );
+    for ev in &held {
+        c.reply_continue(ev).unwrap();
+    }
+    t.assert_clean_exit(EXIT_WAIT, "all 2 vcpus up");
+}
+
+#[test]
+fn detach_restores_msr_interception_and_single_step() {
+    if !kvmi_tests::require_kvm("detach_restores_msr_interception_and_single_step") {
+        return;
+    }
+    let mut t = Target::start(
+        Image::TestGuest,
+        "mode=msr msr=0x174 value=0x10 gate=1",
+        &[],
+    );
+    let c = t.attach();
+    c.control_msr(0, 0x174, true).unwrap();
+    c.control_events(
+        0,
+        EventSet::EMPTY
+            .with(EventKind::Msr)
+            .with(EventKind::Singlestep),
+    )
+    .unwrap();
+    c.close();
+    let c2 = t.attach();
+    t.open_gate(&c2);
+    t.assert_clean_exit(EXIT_WAIT, "msr 0x174 wrote 0x10 read 0x10");
+    assert_eq!(
+        c2.next_event(Duration::from_millis(10)).ok().flatten(),
+        None
+    );
+}
+
+#[test]
+fn read_restriction_raises_a_read_event_and_allow_returns_the_context_data() {
+    if !kvmi_tests::require_kvm(
+        "read_restriction_raises_a_read_event_and_allow_returns_the_context_data",
+    ) {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=mem-read n=2 gate=1", &[]);
+    let c = t.attach();
+    let page = t.sym("scratch_page");
+    c.write_physical(page, &0x5u64.to_le_bytes()).unwrap();
+    c.write_physical(page + 8, &0x7u64.to_le_bytes()).unwrap();
+    c.control_events(0, only(EventKind::PageFault)).unwrap();
+    set_access(&c, page, Access::NONE);
+    t.open_gate(&c);
+    // Word 0: ALLOW with context data 0x100 (the guest reads it instead of memory's 5).
+    let ev = expect_event(&c, EventKind::PageFault, &t);
+    let EventPayload::PageFault { gpa, mode, .. } = ev.event.payload else {
+        unreachable!()
+    };
+    assert_eq!(gpa, page);
+    assert_ne!(mode & 1, 0, "access mode {mode:#x} lacks read");
+    assert_eq!(mode & 2, 0, "a read reported as a write");
+    let ctx = 0x100u64.to_le_bytes();
+    let reply = PageFaultReply {
+        trap_access: false,
+        ctx_data: &ctx,
+    };
+    c.reply(&ev, Action::Continue, EventReplyData::PageFault(reply))
+        .unwrap();
+    // Word 1: plain ALLOW reads memory (7).
+    let ev = expect_event(&c, EventKind::PageFault, &t);
+    let EventPayload::PageFault { gpa, .. } = ev.event.payload else {
+        unreachable!()
+    };
+    assert_eq!(gpa, page + 8);
+    c.reply(
+        &ev,
+        Action::Continue,
+        EventReplyData::PageFault(PageFaultReply::default()),
+    )
+    .unwrap();
+    t.assert_clean_exit(EXIT_WAIT, "mem-read n=2 sum=0x107");
+}
+
+#[test]
+fn exec_restriction_raises_a_fetch_event_at_the_function() {
+    if !kvmi_tests::require_kvm("exec_restriction_raises_a_fetch_event_at_the_function") {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=step n=2 gate=1", &[]);
+    let c = t.attach();
+    let step = t.sym("step_target");
+    let page = step & !0xfff;
+    c.control_events(0, only(EventKind::PageFault)).unwrap();
+    set_access(&c, page, Access::R.union(Access::W));
+    t.open_gate(&c);
+    let ev = expect_event(&c, EventKind::PageFault, &t);
+    let EventPayload::PageFault { gpa, mode, .. } = ev.event.payload else {
+        unreachable!()
+    };
+    assert_eq!(gpa & !0xfff, page, "fetch outside the protected page");
+    assert_ne!(mode & 4, 0, "access mode {mode:#x} lacks fetch");
+    // Lift the restriction and let it go on: no further events, both calls complete.
+    set_access(&c, page, Access::RWX);
+    c.reply(
+        &ev,
+        Action::Retry,
+        EventReplyData::PageFault(PageFaultReply::default()),
+    )
+    .unwrap();
+    t.assert_clean_exit(EXIT_WAIT, "step calls=2");
+}
+
+#[test]
+fn retry_after_lifting_the_protection_re_executes_the_write() {
+    if !kvmi_tests::require_kvm("retry_after_lifting_the_protection_re_executes_the_write") {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=mem-write n=1 gate=1", &[]);
+    let c = t.attach();
+    let page = t.sym("scratch_page");
+    c.control_events(0, only(EventKind::PageFault)).unwrap();
+    set_access(&c, page, Access::R);
+    t.open_gate(&c);
+    let ev = expect_event(&c, EventKind::PageFault, &t);
+    assert_eq!(read_u64(&c, page), 0, "written before the reply");
+    set_access(&c, page, Access::RWX);
+    c.reply(
+        &ev,
+        Action::Retry,
+        EventReplyData::PageFault(PageFaultReply::default()),
+    )
+    .unwrap();
+    t.assert_clean_exit(EXIT_WAIT, "mem-write n=1 last=0x5ca10000");
+    assert_eq!(c.next_event(Duration::from_millis(10)).ok().flatten(), None);
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests of the introspection engine over the KVMI socket: a VM run by the `kvmi`
+//! command with `--kvmi-socket`, driven by the client library, the tool subcommands and
+//! hostile raw clients; plus the engine installed in-process.
+
+mod cli;
+mod commands;
+mod demo;
+mod engine_smoke;
+mod events;
+mod hostile;

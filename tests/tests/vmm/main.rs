@@ -1,0 +1,10 @@
+//! End-to-end tests of the VMM core and the `kvmi run` command: the embedded guest images on
+//! real VMs (statuses, serial output, exits the dispatcher hands to a hook, memory sharing),
+//! the capability probe.
+
+mod cli;
+mod debug_and_msr_hooks;
+mod demo_target;
+mod hooks_and_memory;
+mod probe_watchdog;
+mod test_guest;
