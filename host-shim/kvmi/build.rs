@@ -3,8 +3,12 @@
 //! The appliance image is a second build (`-p appliance-image`): it needs `alloc`, and a
 //! shared build would unify that feature into the images that have no allocator.
 //!
+//! The images need the freestanding target `x86_64-unknown-none`. When the toolchain lacks it,
+//! this script adds it with `rustup target add` (saying so in one line); where that cannot
+//! work it stops with a one-line error naming the fix, never a backtrace.
+//!
 //! Set `KVMI_SKIP_IMAGES=1` to build the VMM without images (the embedded images are then
-//! absent and `kvmi run` needs `--image`).
+//! absent and `kvmi run` needs `--image`; the end-to-end tests do not build).
 
 use std::env;
 use std::fmt::Write as _;
@@ -76,7 +80,56 @@ fn rerun_tree(dir: &Path) {
     }
 }
 
+/// Stops the build with a one-line error (cargo shows it under the build script's stderr).
+fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(1)
+}
+
+/// True when the toolchain running this build has the standard library for [`TARGET`].
+fn target_installed() -> bool {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let Ok(out) = Command::new(rustc).args(["--print", "sysroot"]).output() else {
+        return false;
+    };
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .join("lib")
+        .is_dir()
+}
+
+/// Makes sure [`TARGET`] is installed, adding it through rustup when it is not.
+fn ensure_target() -> Result<(), String> {
+    if target_installed() {
+        return Ok(());
+    }
+    let fix = format!("run `rustup target add {TARGET}` (or set KVMI_SKIP_IMAGES=1)");
+    println!("cargo:warning=adding the {TARGET} target with rustup (the guest images need it)");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["target", "add", TARGET]);
+    if let Ok(toolchain) = env::var("RUSTUP_TOOLCHAIN") {
+        cmd.args(["--toolchain", &toolchain]);
+    }
+    match cmd.output() {
+        Ok(out) if out.status.success() && target_installed() => Ok(()),
+        Ok(out) => Err(format!(
+            "the guest images need the {TARGET} target and `rustup target add` failed ({}): {fix}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("no message")
+                .trim()
+        )),
+        Err(e) => Err(format!(
+            "the guest images need the {TARGET} target and rustup cannot run ({e}): {fix}"
+        )),
+    }
+}
+
 fn build_images(images: &Path, out: &Path) -> Result<PathBuf, String> {
+    ensure_target()?;
     let target_dir = out.join("images");
     for extra in BUILDS {
         build_images_with(images, &target_dir, extra)?;
@@ -151,7 +204,7 @@ fn main() {
     } else {
         match build_images(&images, &out) {
             Ok(dir) => Some(dir),
-            Err(e) => panic!("{e}"),
+            Err(e) => fail(&e),
         }
     };
     for name in IMAGES {
@@ -162,11 +215,13 @@ fn main() {
             .filter(|p| p.exists());
         match elf {
             Some(path) => {
-                let bytes = fs::read(&path).expect("read built image");
+                let bytes = fs::read(&path)
+                    .unwrap_or_else(|e| fail(&format!("reading image {}: {e}", path.display())));
                 let profile = profile::Profile::from_elf(name, &bytes)
-                    .unwrap_or_else(|e| panic!("profile of image {name}: {e}"));
+                    .unwrap_or_else(|e| fail(&format!("profile of image {name}: {e}")));
                 let json_path = out.join(format!("{name}.profile.json"));
-                fs::write(&json_path, profile.to_json()).expect("write profile");
+                fs::write(&json_path, profile.to_json())
+                    .unwrap_or_else(|e| fail(&format!("writing {}: {e}", json_path.display())));
                 let _ = writeln!(
                     generated,
                     "/// The `{name}` image (ELF).\npub const {ident}: Option<&[u8]> = Some(include_bytes!({:?}));\n\
@@ -187,5 +242,6 @@ fn main() {
             }
         }
     }
-    fs::write(out.join("embedded_images.rs"), generated).expect("write embedded_images.rs");
+    fs::write(out.join("embedded_images.rs"), generated)
+        .unwrap_or_else(|e| fail(&format!("writing embedded_images.rs: {e}")));
 }
