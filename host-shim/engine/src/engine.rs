@@ -20,9 +20,9 @@ use super::IntrospectorConfig;
 use super::access::AccessTable;
 use super::alias::RamAlias;
 use super::msr::MsrFilter;
-use super::slot::{OwnedReply, QueuedCommand, VcpuSlot};
+use super::slot::{OwnedReply, QueuedCommand, VcpuCommand, VcpuSlot};
 use super::tokens::{DEFAULT_TTL, TokenStore};
-use super::transport::{Channel, ChannelError};
+use super::transport::{Channel, ChannelError, Route};
 use vmm::memory::GuestRam;
 use vmm::running::VmHandle;
 
@@ -269,7 +269,7 @@ impl Introspector {
 
     /// Sends a message to the attached tool; on failure the tool is detached. False if no
     /// tool (of `generation`) is attached or the send failed.
-    pub(crate) fn send(&self, generation: u64, message: &[u8]) -> bool {
+    pub(crate) fn send(&self, generation: u64, message: &[u8], route: Route) -> bool {
         let channel = {
             let link = lock(&self.link);
             if link.generation != generation {
@@ -280,7 +280,7 @@ impl Introspector {
         let Some(channel) = channel else {
             return false;
         };
-        match channel.send(message) {
+        match channel.send(message, route) {
             Ok(()) => true,
             Err(e) => {
                 self.detach(generation, &format!("send failed: {e}"));
@@ -325,7 +325,7 @@ impl Introspector {
             Ok(ToolMessage::EventReply { seq, payload }) => {
                 return self.event_reply(seq, payload);
             }
-            Ok(ToolMessage::Command { seq, command }) => self.command(seq, &command, message),
+            Ok(ToolMessage::Command { seq, command }) => self.command(seq, &command),
             Err(e) if id == V4::EVENT_ID => {
                 return Err(ChannelError::Protocol(format!("tool sent an event: {e}")));
             }
@@ -334,7 +334,7 @@ impl Introspector {
                 error_message(id, seq, e.error_code())
             }
         };
-        if self.send(generation, &reply) {
+        if self.send(generation, &reply, Route::CommandReply) {
             Ok(())
         } else {
             Err(ChannelError::Detached)
@@ -376,7 +376,7 @@ impl Introspector {
         )))
     }
 
-    fn command(&self, seq: u32, command: &Command<'_>, message: &[u8]) -> Vec<u8> {
+    fn command(&self, seq: u32, command: &Command<'_>) -> Vec<u8> {
         let kind = command.kind();
         if let Err(e) = self.masks.check_command(kind) {
             return error_message(V4::command_id(kind), seq, e.error_code());
@@ -448,10 +448,13 @@ impl Introspector {
             {
                 Err(ErrorCode::Perm)
             }
-            _ => {
-                let vcpu = command.vcpu().unwrap_or(0);
-                return self.queue_vcpu_command(usize::from(vcpu), kind, seq, message);
-            }
+            _ => match VcpuCommand::from_command(command) {
+                Some(queued) => {
+                    let vcpu = command.vcpu().unwrap_or(0);
+                    return self.queue_vcpu_command(usize::from(vcpu), seq, queued);
+                }
+                None => Err(ErrorCode::NoSys),
+            },
         };
         encode_result(kind, seq, &result)
     }
@@ -565,8 +568,8 @@ impl Introspector {
         Ok(Reply::Empty)
     }
 
-    fn queue_vcpu_command(&self, i: usize, kind: CommandKind, seq: u32, message: &[u8]) -> Vec<u8> {
-        let id = V4::command_id(kind);
+    fn queue_vcpu_command(&self, i: usize, seq: u32, command: VcpuCommand) -> Vec<u8> {
+        let id = V4::command_id(command.kind());
         let slot = &self.slots[i];
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let waiting = {
@@ -579,7 +582,8 @@ impl Introspector {
             }
             s.command = Some(QueuedCommand {
                 ticket,
-                message: message.to_vec(),
+                seq,
+                command,
             });
             s.waiting
         };

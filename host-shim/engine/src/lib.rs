@@ -65,7 +65,7 @@ use protocol::masks::AllowedMasks;
 
 pub use engine::{HW_BREAKPOINTS, Introspector, KVMI_VERSION, VCPU_COMMAND_TIMEOUT};
 pub use socket::{Endpoint, SocketServer};
-pub use transport::{Channel, ChannelError, ReplyWait};
+pub use transport::{Channel, ChannelError, ReplyWait, Route};
 
 use vmm::error::VmError;
 use vmm::probe::Capabilities;

@@ -3,14 +3,79 @@
 use std::collections::BTreeSet;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use protocol::command::{Command, CommandKind};
 use protocol::event::{EventKind, EventMsrs, EventSet};
 use protocol::event_reply::Action;
+use protocol::kvm::KvmRegs;
 
-/// A command queued for a vCPU thread (its whole message, decoded again there).
+/// A vCPU-scope command, decoded once on the channel's reader thread and run on the vCPU's
+/// own thread (the only thread that may touch its registers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum VcpuCommand {
+    /// GET_REGISTERS with the MSRs to read.
+    GetRegisters { msrs: Vec<u32> },
+    /// SET_REGISTERS (only while the vCPU is in an event).
+    SetRegisters { regs: KvmRegs },
+    /// GET_CPUID of a leaf and sub-leaf.
+    GetCpuid { function: u32, index: u32 },
+    /// GET_XSAVE.
+    GetXsave,
+    /// INJECT_EXCEPTION.
+    InjectException {
+        vector: u8,
+        error_code: Option<u16>,
+        address: u64,
+    },
+    /// CONTROL_EVENTS: the vCPU's new enabled-event set.
+    ControlEvents { events: EventSet },
+}
+
+impl VcpuCommand {
+    /// The owned form of `command`, or `None` when it is not a vCPU-scope command.
+    pub(crate) fn from_command(command: &Command<'_>) -> Option<VcpuCommand> {
+        Some(match *command {
+            Command::GetRegisters { msrs, .. } => VcpuCommand::GetRegisters {
+                msrs: msrs.iter().collect(),
+            },
+            Command::SetRegisters { regs, .. } => VcpuCommand::SetRegisters { regs },
+            Command::GetCpuid {
+                function, index, ..
+            } => VcpuCommand::GetCpuid { function, index },
+            Command::GetXsave { .. } => VcpuCommand::GetXsave,
+            Command::InjectException {
+                vector,
+                error_code,
+                address,
+                ..
+            } => VcpuCommand::InjectException {
+                vector,
+                error_code,
+                address,
+            },
+            Command::ControlEvents { events, .. } => VcpuCommand::ControlEvents { events },
+            _ => return None,
+        })
+    }
+
+    /// The command's kind (names its reply).
+    pub(crate) fn kind(&self) -> CommandKind {
+        match self {
+            VcpuCommand::GetRegisters { .. } => CommandKind::GetRegisters,
+            VcpuCommand::SetRegisters { .. } => CommandKind::SetRegisters,
+            VcpuCommand::GetCpuid { .. } => CommandKind::GetCpuid,
+            VcpuCommand::GetXsave => CommandKind::GetXsave,
+            VcpuCommand::InjectException { .. } => CommandKind::InjectException,
+            VcpuCommand::ControlEvents { .. } => CommandKind::ControlEvents,
+        }
+    }
+}
+
+/// A command queued for a vCPU thread: the typed command and the `seq` its reply carries.
 #[derive(Debug)]
 pub(crate) struct QueuedCommand {
     pub(crate) ticket: u64,
-    pub(crate) message: Vec<u8>,
+    pub(crate) seq: u32,
+    pub(crate) command: VcpuCommand,
 }
 
 /// A tool's answer to an event, copied out of the receive buffer.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use protocol::V4;
 use protocol::wire::WireProfile;
 
-use super::transport::{Channel, ChannelError};
+use super::transport::{Channel, ChannelError, Route};
 use super::{IntrospectError, Introspector};
 use vmm::running::VmHandle;
 
@@ -44,7 +44,7 @@ struct SocketChannel {
 }
 
 impl Channel for SocketChannel {
-    fn send(&self, message: &[u8]) -> std::io::Result<()> {
+    fn send(&self, message: &[u8], _route: Route) -> std::io::Result<()> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         w.write_all(message)
     }

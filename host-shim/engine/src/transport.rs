@@ -7,8 +7,9 @@ use std::io;
 
 /// One tool's channel, as the engine sees it.
 pub trait Channel: Send + Sync {
-    /// Sends one whole message (header and payload together, as one write).
-    fn send(&self, message: &[u8]) -> io::Result<()>;
+    /// Sends one whole message (header and payload together, as one write). `route` says
+    /// what it is, so a transport with one queue per vCPU never decodes it again.
+    fn send(&self, message: &[u8], route: Route) -> io::Result<()>;
     /// Closes the channel (the transport's reader then ends).
     fn close(&self);
     /// Whether a vCPU thread waiting for its event reply can collect it itself with
@@ -26,6 +27,18 @@ pub trait Channel: Send + Sync {
     /// leaves a ring the vCPU polls alone (neither draining it nor asking the tool to wake it
     /// for that ring) and takes it over when the vCPU stops polling. Default: nothing.
     fn reply_wait(&self, _vcpu: u32, _state: ReplyWait) {}
+}
+
+/// What an outgoing message is, as the engine that encoded it knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// An event raised by vCPU `vcpu` (the rings put it on that vCPU's event ring).
+    Event {
+        /// The vCPU index.
+        vcpu: u32,
+    },
+    /// The reply to a command.
+    CommandReply,
 }
 
 /// A vCPU thread's state while it waits for its event reply ([`Channel::reply_wait`]).

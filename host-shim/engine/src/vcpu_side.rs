@@ -10,20 +10,19 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, Msrs, kvm_guest_debug, kvm_msr_entry,
 };
 use protocol::V4;
-use protocol::command::{Command, CommandKind};
 use protocol::error::ErrorCode;
 use protocol::event::{Event, EventCommon, EventKind, EventMsrs, EventPayload};
 use protocol::list::List;
 use protocol::reply::{CommandResult, CpuidLeaf, Registers, Reply};
 use protocol::types::MsrEntry;
-use protocol::wire::{ToolMessage, WireProfile};
+use protocol::wire::WireProfile;
 use zerocopy::IntoBytes;
 
 use super::convert::{cpu_mode, regs_from_wire, regs_to_wire, sregs_to_wire};
 use super::engine::{HW_BREAKPOINTS, Introspector, error_message};
 use super::msr::SHADOWED;
-use super::slot::{AppliedDebug, OwnedReply, PendingTrap, Slot};
-use super::transport::{Channel, ReplyWait};
+use super::slot::{AppliedDebug, OwnedReply, PendingTrap, Slot, VcpuCommand};
+use super::transport::{Channel, ReplyWait, Route};
 use vmm::hook::ExitContext;
 
 /// How long a vCPU waiting for its event reply collects it itself from a polling transport
@@ -191,7 +190,7 @@ impl Introspector {
             s.reply = None;
             s.in_event = true;
         }
-        if !self.send(generation, &buf[..n]) {
+        if !self.send(generation, &buf[..n], Route::Event { vcpu: i as u32 }) {
             let mut s = self.slots[i].lock();
             s.outstanding = None;
             s.in_event = false;
@@ -229,7 +228,7 @@ impl Introspector {
             }
             if let Some(cmd) = s.command.take() {
                 drop(s);
-                let msg = self.run_vcpu_command(ctx, &cmd.message);
+                let msg = self.run_vcpu_command(ctx, cmd.seq, &cmd.command);
                 s = slot.lock();
                 s.result = Some((cmd.ticket, msg));
                 slot.changed.notify_all();
@@ -314,7 +313,7 @@ impl Introspector {
                 break;
             }
             if let Some(cmd) = cmd {
-                let msg = self.run_vcpu_command(ctx, &cmd.message);
+                let msg = self.run_vcpu_command(ctx, cmd.seq, &cmd.command);
                 let mut s = self.slots[i].lock();
                 s.result = Some((cmd.ticket, msg));
                 drop(s);
@@ -346,17 +345,16 @@ impl Introspector {
         Ok(())
     }
 
-    /// Decodes and runs a vCPU-scope command on this vCPU's thread; returns the reply message.
-    pub(crate) fn run_vcpu_command(&self, ctx: &mut ExitContext<'_>, message: &[u8]) -> Vec<u8> {
-        let Ok(frame) = V4::parse_frame(message) else {
-            return Vec::new();
-        };
-        let (id, seq) = (frame.header.id, frame.header.seq);
-        let command = match V4::decode_tool_message(frame) {
-            Ok(ToolMessage::Command { command, .. }) => command,
-            _ => return error_message(id, seq, ErrorCode::Inval),
-        };
+    /// Runs a vCPU-scope command (decoded by the reader thread) on this vCPU's thread;
+    /// returns the reply message, under `seq`.
+    pub(crate) fn run_vcpu_command(
+        &self,
+        ctx: &mut ExitContext<'_>,
+        seq: u32,
+        command: &VcpuCommand,
+    ) -> Vec<u8> {
         let kind = command.kind();
+        let id = V4::command_id(kind);
         let encode = |result: &CommandResult<'_>| {
             let len = V4::reply_len(kind, result).unwrap_or(16);
             let mut buf = vec![0u8; len];
@@ -369,12 +367,11 @@ impl Introspector {
             }
         };
         match command {
-            Command::GetRegisters { msrs, .. } => {
-                let indices: Vec<u32> = msrs.iter().collect();
+            VcpuCommand::GetRegisters { msrs: indices } => {
                 let values = if indices.is_empty() {
                     Some(Vec::new())
                 } else {
-                    read_msrs(ctx, &indices)
+                    read_msrs(ctx, indices)
                 };
                 let Some(values) = values else {
                     return encode(&Err(ErrorCode::Inval));
@@ -391,46 +388,45 @@ impl Introspector {
                     msrs: List::from_slice(&entries),
                 })))
             }
-            Command::SetRegisters { regs, .. } => {
+            VcpuCommand::SetRegisters { regs } => {
                 let in_event = self.slots[Self::slot_index(ctx)].lock().in_event;
                 if !in_event {
                     return encode(&Err(ErrorCode::Again));
                 }
-                *ctx.regs_mut() = regs_from_wire(&regs);
+                *ctx.regs_mut() = regs_from_wire(regs);
                 encode(&Ok(Reply::Empty))
             }
-            Command::GetXsave { .. } => match ctx.vcpu_fd().get_xsave() {
+            VcpuCommand::GetXsave => match ctx.vcpu_fd().get_xsave() {
                 Ok(x) => encode(&Ok(Reply::Xsave(x.region.as_bytes()))),
                 Err(_) => encode(&Err(ErrorCode::NoMem)),
             },
-            Command::GetCpuid {
-                function, index, ..
-            } => match ctx.vcpu_fd().get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
-                Ok(cpuid) => {
-                    let leaf = cpuid.as_slice().iter().find(|e| {
-                        e.function == function
-                            && (e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0
-                                || e.index == index)
-                    });
-                    match leaf {
-                        Some(e) => encode(&Ok(Reply::Cpuid(CpuidLeaf {
-                            eax: e.eax,
-                            ebx: e.ebx,
-                            ecx: e.ecx,
-                            edx: e.edx,
-                        }))),
-                        None => encode(&Err(ErrorCode::NoEnt)),
+            &VcpuCommand::GetCpuid { function, index } => {
+                match ctx.vcpu_fd().get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
+                    Ok(cpuid) => {
+                        let leaf = cpuid.as_slice().iter().find(|e| {
+                            e.function == function
+                                && (e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0
+                                    || e.index == index)
+                        });
+                        match leaf {
+                            Some(e) => encode(&Ok(Reply::Cpuid(CpuidLeaf {
+                                eax: e.eax,
+                                ebx: e.ebx,
+                                ecx: e.ecx,
+                                edx: e.edx,
+                            }))),
+                            None => encode(&Err(ErrorCode::NoEnt)),
+                        }
                     }
+                    Err(_) => encode(&Err(ErrorCode::NoMem)),
                 }
-                Err(_) => encode(&Err(ErrorCode::NoMem)),
-            },
-            Command::InjectException {
+            }
+            &VcpuCommand::InjectException {
                 vector,
                 error_code,
                 address,
-                ..
             } => encode(&self.inject(ctx, vector, error_code, address)),
-            Command::ControlEvents { events, .. } => {
+            &VcpuCommand::ControlEvents { events } => {
                 let i = Self::slot_index(ctx);
                 {
                     let mut s = self.slots[i].lock();
@@ -439,10 +435,6 @@ impl Introspector {
                 }
                 self.sync_debug(ctx);
                 encode(&Ok(Reply::Empty))
-            }
-            _ => {
-                debug_assert!(!matches!(kind, CommandKind::GetVersion));
-                encode(&Err(ErrorCode::NoSys))
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The ring transport: the introspector's [`Channel`] over the shared-memory ring region,
 //! and the service thread that feeds the appliance's replies and commands to it.
 //!
-//! - Events go to the event ring of the vCPU that raised them (decoded from the message), on
+//! - Events go to the event ring of the vCPU that raised them (the engine names it: [`Route`]), on
 //!   that vCPU's thread. A full ring **back-pressures** the vCPU: it waits (spin, yield, then
 //!   short sleeps) until the appliance frees space — an event is never dropped. Only when the
 //!   ring stays full for the reply timeout is the appliance declared dead: the send fails and
@@ -36,11 +36,9 @@ use hypercall::discovery::RingKind;
 use hypercall::ring::{
     Consumer, LayoutParams, NoNotify, Producer, Region, RingError, SharedRegion,
 };
-use protocol::V4;
 use protocol::frame::HEADER_SIZE;
-use protocol::wire::WireProfile;
 
-use kvmi_engine::{Channel, ChannelError, Introspector, ReplyWait};
+use kvmi_engine::{Channel, ChannelError, Introspector, ReplyWait, Route};
 use vmm::memory::GuestRam;
 
 /// The ring region's memory as the shim sees it: the appliance's ring-region RAM.
@@ -147,15 +145,14 @@ impl RingChannel {
     }
 
     /// The ring a message goes to: an event's vCPU ring, else the command-reply ring.
-    fn ring_for(&self, message: &[u8]) -> std::io::Result<&Mutex<Producer<RingMemory>>> {
-        let frame = V4::parse_frame(message).map_err(std::io::Error::other)?;
-        if frame.header.id != V4::EVENT_ID {
-            return Ok(&self.command_replies);
+    fn ring_for(&self, route: Route) -> std::io::Result<&Mutex<Producer<RingMemory>>> {
+        match route {
+            Route::CommandReply => Ok(&self.command_replies),
+            Route::Event { vcpu } => self
+                .events
+                .get(vcpu as usize)
+                .ok_or_else(|| std::io::Error::other("event of a vCPU without a ring")),
         }
-        let event = V4::decode_event(frame.payload).map_err(std::io::Error::other)?;
-        self.events
-            .get(usize::from(event.common.vcpu))
-            .ok_or_else(|| std::io::Error::other("event of a vCPU without a ring"))
     }
 
     fn push(&self, ring: &Mutex<Producer<RingMemory>>, message: &[u8]) -> std::io::Result<()> {
@@ -195,11 +192,11 @@ impl RingChannel {
 }
 
 impl Channel for RingChannel {
-    fn send(&self, message: &[u8]) -> std::io::Result<()> {
+    fn send(&self, message: &[u8], route: Route) -> std::io::Result<()> {
         if message.len() < HEADER_SIZE {
             return Err(std::io::Error::other("message shorter than its header"));
         }
-        let ring = self.ring_for(message)?;
+        let ring = self.ring_for(route)?;
         self.push(ring, message)
     }
 
