@@ -53,7 +53,7 @@ impl ActionSet {
     }
 }
 
-/// The actions an event accepts: kvmi-api.md §4.3 (v4), plus `SKIP` where "the tool emulated
+/// The actions an event accepts: v4's (docs/protocol.md), plus `SKIP` where "the tool emulated
 /// it" makes sense (page faults, breakpoints, MSR writes, single steps), plus `CONTINUE` for
 /// `PAUSE_VCPU` (as from v5: resume after the pause). `CRASH` is always accepted.
 pub const fn accepted_actions(event: EventKind) -> ActionSet {

@@ -17,7 +17,7 @@
 //!   RFC v4 (Dec 2017) ABI plus this project's extensions; every struct is in
 //!   [`wire::v4::layout`] / [`wire::v4::event_layout`], built from zerocopy little-endian
 //!   types (so `Unaligned`, viewable at any offset) with compile-time size/offset asserts.
-//!   The later KVM-VMI `kvmi-v7` ABI (kvmi-api.md §10) would be a second implementation of
+//!   The later KVM-VMI `kvmi-v7` ABI (docs/protocol.md) would be a second implementation of
 //!   the trait; the semantic types do not change.
 //! - Framing ([`frame`]): `kvmi_msg_hdr { u16 id; u16 size; u32 seq; }` (8 bytes) followed
 //!   by `size` payload bytes; the v4 maximum is [`wire::v4::MAX_MSG_SIZE`] = 8 + 65 535.

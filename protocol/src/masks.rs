@@ -1,6 +1,6 @@
 //! The allowed-command and allowed-event masks of `GET_VERSION`, and the permission check.
 //!
-//! The masks are in the v4 numbering (kvmi-api.md §2.5): command ID *n* is bit *n − 1* of
+//! The masks are in the v4 numbering (docs/protocol.md): command ID *n* is bit *n − 1* of
 //! `commands` (as `KVMI_ALLOWED_COMMAND`), and `events` holds event bits (bit *k* for the event
 //! numbered *k*, see [`EventKind`]). `GET_VERSION` and the `PAUSE_VCPU` event are always
 //! allowed; anything else outside the masks is refused with `-KVM_EPERM`.

@@ -83,7 +83,7 @@ pub fn event_json(seq: u32, event: &Event) -> Value {
         "cpl": c.sregs.cs.dpl,
     });
     if event.payload.kind() == protocol::EventKind::Hypercall {
-        // The agent call's number and arguments (DESIGN.md §4: RAX, then RBX/RCX/RDX/RSI).
+        // The agent call's number and arguments (docs/protocol.md: RAX, then RBX/RCX/RDX/RSI).
         let r = &c.regs;
         if let Value::Object(map) = &mut v {
             for (name, value) in [

@@ -1,4 +1,4 @@
-//! The appliance side of the shim (DESIGN.md §1, §4): a security VM in the same process as
+//! The appliance side of the shim (docs/architecture.md): a security VM in the same process as
 //! its target, served over shared-memory rings, with target pages mapped zero-copy into its
 //! map window by token and hypercall.
 //!

@@ -2,7 +2,7 @@
 //!
 //! With `kvm_valid_regs = REGS|SREGS|EVENTS`, KVM copies the register state into `kvm_run` on
 //! every exit and reloads what we mark dirty on the next entry, so exit handlers read and edit
-//! registers without the ~5 µs GET/SET_REGS ioctls (see kvm-platform.md).
+//! registers without the ~5 µs GET/SET_REGS ioctls (see docs/platform.md).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

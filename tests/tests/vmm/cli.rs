@@ -149,7 +149,7 @@ fn caps_reports_what_this_host_delivers() {
         "{out}"
     );
     if caps.pvm_module {
-        // kvm-platform.md: PVM cannot emulate int3 at CPL0, and traps mprotect'ed writes as
+        // docs/platform.md: PVM cannot emulate int3 at CPL0, and traps mprotect'ed writes as
         // MMIO; CPL0 is emulated.
         assert!(!caps.sw_breakpoints, "{out}");
         assert_eq!(caps.mprotect_write_trap, vmm::probe::MprotectMode::MmioExit);

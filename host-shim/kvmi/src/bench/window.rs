@@ -1,4 +1,4 @@
-//! Appliance benchmarks (issue 5 item 7), as ratios measured in one run on identical
+//! Appliance benchmarks of `kvmi appliance-bench`, as ratios measured in one run on identical
 //! targets (test-guest `mode=spin gate=1`, whose memory from [`BenchFigures::from`] on is
 //! filled with a pattern before boot, so every page is in use as in a real guest and the
 //! bytes read can be checked):

@@ -1,6 +1,6 @@
 //! The capability probe: tiny VMs that find out what this host's KVM delivers to a userspace
 //! introspector (breakpoints, single step, MSR filter, write traps, page sharing), so that
-//! nothing is assumed. See `kvm-platform.md` for what each probe yields on PVM and upstream.
+//! nothing is assumed. See `docs/platform.md` for what each probe yields on PVM and upstream.
 
 mod checks;
 pub mod snippets;

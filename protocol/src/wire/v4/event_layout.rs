@@ -1,4 +1,4 @@
-//! v4 layouts of events and event replies (kvmi-api.md §4).
+//! v4 layouts of events and event replies (docs/protocol.md).
 
 use core::mem::{offset_of, size_of};
 

@@ -1,5 +1,5 @@
 //! v4 layouts of command requests and replies (`include/uapi/linux/kvmi.h`,
-//! `arch/x86/include/uapi/asm/kvmi.h` of RFC v4, kvmi-api.md §3), plus this project's
+//! `arch/x86/include/uapi/asm/kvmi.h` of RFC v4, docs/protocol.md), plus this project's
 //! `CONTROL_BREAKPOINT`. Every struct is `Unaligned`: it can be viewed at any offset.
 
 use core::mem::{offset_of, size_of};
