@@ -10,6 +10,9 @@
 //! - **rings**: the same transport answered by an agent thread of this process polling the
 //!   shared ring region (the transport's cost without the appliance VM);
 //! - **socket**: the same introspector over the KVMI unix socket, answered by [`KvmiClient`].
+//!
+//! Every path must see exactly N exits (or events) per round, or the run fails naming the
+//! path and both counts: a ratio against a floor that saw nothing would mean nothing.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -96,6 +99,18 @@ fn fail(what: &str) -> impl FnOnce(String) -> EventBenchError + '_ {
 /// The times between consecutive exits.
 fn gaps(times: &[Instant]) -> impl Iterator<Item = Duration> + '_ {
     times.windows(2).map(|w| w[1] - w[0])
+}
+
+/// Checks that `path` saw exactly the `n` exits (or events) asked for: a path that saw fewer
+/// (an empty floor, say) would still give a median and a ratio.
+fn expect_count(path: &str, got: usize, n: u64) -> Result<(), EventBenchError> {
+    if got as u64 == n {
+        Ok(())
+    } else {
+        Err(EventBenchError(format!(
+            "{path}: saw {got} exits/events, expected {n}"
+        )))
+    }
 }
 
 fn median(mut gaps: Vec<Duration>) -> Duration {
@@ -240,7 +255,13 @@ impl RingAgent {
         let mut times = Vec::with_capacity(n as usize);
         let mut record = vec![0u8; self.events.max_payload()];
         while (times.len() as u64) < n {
-            let len = Self::pop(&mut self.events, &mut record)?;
+            let len = Self::pop(&mut self.events, &mut record).map_err(|e| {
+                EventBenchError(format!(
+                    "rings: after {} of {n} events: {}",
+                    times.len(),
+                    e.0
+                ))
+            })?;
             times.push(Instant::now());
             let frame =
                 V4::parse_frame(&record[..len]).map_err(|e| fail("event")(e.to_string()))?;
@@ -373,7 +394,12 @@ fn socket(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, Ev
                     .reply_continue(&ev)
                     .map_err(|e| fail("reply")(e.to_string()))?;
             }
-            Ok(None) => return Err(EventBenchError("no event for 10 s".into())),
+            Ok(None) => {
+                return Err(EventBenchError(format!(
+                    "socket: no event for 10 s after {} of {n} events",
+                    times.len()
+                )));
+            }
             Err(e) => return Err(fail("socket")(e.to_string())),
         }
     }
@@ -416,12 +442,6 @@ fn appliance(
         )));
     }
     let times = timing.map(|t| t.take()).unwrap_or_default();
-    if times.len() as u64 != n {
-        return Err(EventBenchError(format!(
-            "the target made {} write exits, expected {n}",
-            times.len()
-        )));
-    }
     let mean = vms::cycles(run.line.cycles, run.tsc_hz) / n as u32;
     Ok((times, mean, run.line.sleeps))
 }
@@ -443,13 +463,20 @@ pub fn run(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut appliance_mean, mut appliance_sleeps) = (Duration::ZERO, 0);
     for _ in 0..ROUNDS {
-        floor_gaps.extend(gaps(&floor(image, n, page, gate)?));
+        let times = floor(image, n, page, gate)?;
+        expect_count("floor", times.len(), n)?;
+        floor_gaps.extend(gaps(&times));
         let (times, mean, sleeps) = appliance(image, appliance_image, n, page, gate)?;
+        expect_count("appliance", times.len(), n)?;
         appliance_gaps.extend(gaps(&times));
         appliance_mean += mean / ROUNDS;
         appliance_sleeps += sleeps;
-        ring_gaps.extend(gaps(&rings(image, n, page, gate)?));
-        socket_gaps.extend(gaps(&socket(image, n, page, gate)?));
+        let times = rings(image, n, page, gate)?;
+        expect_count("rings", times.len(), n)?;
+        ring_gaps.extend(gaps(&times));
+        let times = socket(image, n, page, gate)?;
+        expect_count("socket", times.len(), n)?;
+        socket_gaps.extend(gaps(&times));
     }
     let (floor, appliance, rings, socket) = (
         median(floor_gaps),
