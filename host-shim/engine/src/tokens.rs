@@ -1,8 +1,10 @@
 //! Map tokens (`GET_MAP_TOKEN`): 256 random bits from the OS, bound to one target VM, single
 //! use, expiring, at most [`MAX_OUTSTANDING`] outstanding. The appliance's MEM_MAP handler
-//! consumes them with [`TokenStore::consume`].
+//! consumes them with [`TokenStore::consume`]. The store reads the time from a [`Clock`]:
+//! the system's monotonic clock ([`SystemClock`]) unless a test injects its own.
 
-use std::sync::Mutex;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hypercall::token::MapToken;
@@ -44,11 +46,35 @@ struct Entry {
     issued: Instant,
 }
 
+/// Where a [`TokenStore`] reads the current time (issue times, expiry).
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// The system's monotonic clock ([`Instant::now`]): what every store uses unless built with
+/// [`TokenStore::with_clock`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now(&self) -> Instant {
+        (**self).now()
+    }
+}
+
 /// The tokens issued for one target VM.
 #[derive(Debug)]
 pub struct TokenStore {
     target: u64,
     ttl: Duration,
+    clock: Box<dyn Clock>,
     entries: Mutex<Vec<Entry>>,
 }
 
@@ -71,11 +97,18 @@ fn random_token() -> Result<MapToken, TokenError> {
 }
 
 impl TokenStore {
-    /// A store for target VM `target` whose tokens live `ttl`.
+    /// A store for target VM `target` whose tokens live `ttl` (on the system clock).
     pub fn new(target: u64, ttl: Duration) -> TokenStore {
+        TokenStore::with_clock(target, ttl, SystemClock)
+    }
+
+    /// A store like [`TokenStore::new`] that reads the time from `clock` (tests drive it by
+    /// hand).
+    pub fn with_clock(target: u64, ttl: Duration, clock: impl Clock + 'static) -> TokenStore {
         TokenStore {
             target,
             ttl,
+            clock: Box::new(clock),
             entries: Mutex::new(Vec::new()),
         }
     }
@@ -87,8 +120,8 @@ impl TokenStore {
     /// Issues a fresh token (expired ones are dropped first).
     pub fn issue(&self) -> Result<MapToken, TokenError> {
         let mut entries = self.lock();
-        let now = Instant::now();
-        entries.retain(|e| now.duration_since(e.issued) < self.ttl);
+        let now = self.clock.now();
+        entries.retain(|e| now.saturating_duration_since(e.issued) < self.ttl);
         if entries.len() >= MAX_OUTSTANDING {
             return Err(TokenError::TooMany);
         }
@@ -105,7 +138,7 @@ impl TokenStore {
             .position(|e| e.token.ct_eq(token))
             .ok_or(TokenError::Unknown)?;
         let e = entries.swap_remove(pos);
-        if e.issued.elapsed() >= self.ttl {
+        if self.clock.now().saturating_duration_since(e.issued) >= self.ttl {
             return Err(TokenError::Expired);
         }
         Ok(Grant {
@@ -151,15 +184,55 @@ mod tests {
         assert_eq!(store.consume(&b), Err(TokenError::Unknown));
     }
 
+    /// A clock that moves only when the test says so.
+    #[derive(Debug)]
+    struct ManualClock(Mutex<Instant>);
+
+    impl ManualClock {
+        fn new() -> Arc<ManualClock> {
+            Arc::new(ManualClock(Mutex::new(Instant::now())))
+        }
+
+        fn advance(&self, by: Duration) {
+            *self.0.lock().unwrap() += by;
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+    }
+
     #[test]
     fn at_most_eight_outstanding_and_expiry_frees_slots() {
-        let store = TokenStore::new(1, Duration::from_millis(50));
+        let ttl = Duration::from_millis(50);
+        let clock = ManualClock::new();
+        let store = TokenStore::with_clock(1, ttl, clock.clone());
         let tokens: Vec<_> = (0..MAX_OUTSTANDING)
             .map(|_| store.issue().unwrap())
             .collect();
         assert_eq!(store.issue().err(), Some(TokenError::TooMany));
-        std::thread::sleep(Duration::from_millis(60));
+        // Just before the end of their lifetime the eight still count, and are valid.
+        clock.advance(ttl - Duration::from_millis(1));
+        assert_eq!(store.issue().err(), Some(TokenError::TooMany));
+        assert_eq!(store.consume(&tokens[1]).unwrap().target, 1);
+        assert!(store.issue().is_ok(), "the used token freed its slot");
+        assert_eq!(store.issue().err(), Some(TokenError::TooMany));
+        // At the end of their lifetime they are expired.
+        clock.advance(Duration::from_millis(1));
         assert_eq!(store.consume(&tokens[0]), Err(TokenError::Expired));
+        // Issuing drops the expired ones: only the token issued at 49 ms is left.
         assert!(store.issue().is_ok());
+        assert_eq!(store.outstanding(), 2);
+    }
+
+    #[test]
+    fn the_default_clock_is_the_system_clock() {
+        let store = TokenStore::new(3, DEFAULT_TTL);
+        let before = Instant::now();
+        let t = store.issue().unwrap();
+        let grant = store.consume(&t).unwrap();
+        assert!(grant.issued >= before && grant.issued <= Instant::now());
     }
 }
