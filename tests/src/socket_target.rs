@@ -6,12 +6,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvmi::images::Image;
 use kvmi::profile::Profile;
 use kvmi_client::{KvmiClient, ReceivedEvent};
 use protocol::EventKind;
+
+use crate::wait;
 
 /// How long a test waits for an event it expects.
 pub const EVENT_WAIT: Duration = Duration::from_secs(20);
@@ -94,16 +96,9 @@ impl Target {
         std::fs::read_to_string(self.dir.join("stderr.txt")).unwrap_or_default()
     }
 
-    /// Waits until the serial output contains `needle`.
+    /// Waits until the serial output contains `needle`; whether it did within `timeout`.
     pub fn wait_serial(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.serial().contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.serial().contains(needle)
+        wait::within(timeout, || self.serial().contains(needle))
     }
 
     /// Asserts that the VM exits with status 0 within `timeout` and that its serial output
@@ -123,19 +118,19 @@ impl Target {
         if self.exit.is_some() {
             return self.exit;
         }
-        let deadline = Instant::now() + timeout;
         let child = self.child.as_mut()?;
-        loop {
+        let mut exit = None;
+        wait::within(timeout, || {
             if let Ok(Some(status)) = child.try_wait() {
-                self.exit = Some(status.code().unwrap_or(-1));
-                self.child = None;
-                return self.exit;
+                exit = Some(status.code().unwrap_or(-1));
             }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            exit.is_some()
+        });
+        if exit.is_some() {
+            self.exit = exit;
+            self.child = None;
         }
+        exit
     }
 
     /// Whether the VM process is still running.
@@ -199,22 +194,56 @@ pub fn assert_still_running(target: &mut Target) {
     let client = target.attach();
     let counter = target.sym("probe_counter");
     let before = read_u64(&client, counter);
-    std::thread::sleep(Duration::from_millis(200));
-    let after = read_u64(&client, counter);
-    assert!(after > before, "guest counter stuck at {before}");
+    wait::until(EVENT_WAIT, "the guest counter to move", || {
+        read_u64(&client, counter) > before
+    });
     client.close();
 }
 
+/// Asserts that `client` receives no event during `window` while the guest keeps running:
+/// at the end of the window the VM process is alive and `sym.probe_counter` has advanced by
+/// at least `min_progress` since its start. (A dead or stalled guest raises no events either;
+/// this tells the two apart.)
+pub fn assert_quiet_while_running(
+    target: &mut Target,
+    client: &KvmiClient,
+    window: Duration,
+    min_progress: u64,
+) {
+    let counter = target.sym("probe_counter");
+    let before = read_u64(client, counter);
+    match client.next_event(window) {
+        Ok(None) => {}
+        Ok(Some(ev)) => panic!(
+            "an event within {window:?}: {:?} on vCPU {} at rip {:#x}; serial: {}",
+            ev.event.payload,
+            ev.event.common.vcpu,
+            ev.event.common.regs.rip.get(),
+            target.serial()
+        ),
+        Err(e) => panic!(
+            "waiting for events: {e}; serial: {}; stderr: {}",
+            target.serial(),
+            target.stderr()
+        ),
+    }
+    assert!(
+        target.running(),
+        "the VM ended during the quiet window; stderr: {}",
+        target.stderr()
+    );
+    let after = read_u64(client, counter);
+    assert!(
+        after >= before.saturating_add(min_progress),
+        "the guest counter went from {before} to {after} in {window:?}, expected at least \
+         {min_progress} more"
+    );
+}
+
 impl Target {
-    /// Waits until the serial output grows beyond `len` bytes.
+    /// Waits until the serial output grows beyond `len` bytes; whether it did within
+    /// `timeout`.
     pub fn wait_serial_growth(&self, len: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.serial().len() > len {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        wait::within(timeout, || self.serial().len() > len)
     }
 }

@@ -38,6 +38,7 @@ fn main(boot: Boot) -> ! {
         b"mem-read" => probes::mem_read(boot),
         b"breakpoint" => probes::breakpoint(boot),
         b"spin" => probes::spin(),
+        b"cycle" => probes::cycle(boot),
         b"step" => tool_probes::step(boot),
         b"user-exit" => usermode::user_exit_mode(boot),
         b"user-shared" => usermode::user_shared(boot),

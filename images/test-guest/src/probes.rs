@@ -1,6 +1,7 @@
 //! Modes that give the introspection tests something precise to watch: MSR writes, page
-//! writes and reads at a published address, calls of a published function, and an endless
-//! counter loop. Every address involved is a profile symbol.
+//! writes and reads at a published address, calls of a published function, all three in an
+//! endless cycle, and an endless counter loop. Every address involved is a profile symbol.
+//! The finite modes take `hold=1`: instead of exiting they print `holding` and spin.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -53,7 +54,7 @@ pub fn msr(boot: Boot) -> ! {
     unsafe { write_msr(number, value) };
     let read = read_msr(number);
     println!("msr {number:#x} wrote {value:#x} read {read:#x}");
-    port::exit(status::SUCCESS)
+    finish(&boot)
 }
 
 /// `mode=mem-write n=<count>` (default 16): writes word `i` of the scratch page with
@@ -69,7 +70,7 @@ pub fn mem_write(boot: Boot) -> ! {
         unsafe { page.add((i % 512) as usize).write_volatile(last) };
     }
     println!("mem-write n={count} last={last:#x}");
-    port::exit(status::SUCCESS)
+    finish(&boot)
 }
 
 /// `mode=mem-read n=<count>` (default 16): sums words `0..n` of the scratch page (wrapping
@@ -84,7 +85,7 @@ pub fn mem_read(boot: Boot) -> ! {
         sum = sum.wrapping_add(unsafe { page.add((i % 512) as usize).read_volatile() });
     }
     println!("mem-read n={count} sum={sum:#x}");
-    port::exit(status::SUCCESS)
+    finish(&boot)
 }
 
 /// `mode=breakpoint n=<count>` (default 3): calls `breakpoint_target` n times; prints
@@ -99,14 +100,60 @@ pub fn breakpoint(boot: Boot) -> ! {
         "breakpoint calls={} result={value}",
         PROBE_COUNTER.load(Ordering::Relaxed)
     );
-    port::exit(status::SUCCESS)
+    finish(&boot)
 }
 
 /// `mode=spin`: prints `spinning`, then increments the probe counter forever at CPL0 (for
 /// pause, kick and timeout tests).
 pub fn spin() -> ! {
     println!("spinning");
+    count_forever()
+}
+
+fn count_forever() -> ! {
     loop {
         PROBE_COUNTER.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The end of a finite probe mode: exit 0, or with `hold=1` print `holding` and increment the
+/// probe counter forever (as `spin` does), so a test can still read the guest's memory and
+/// see it alive after the mode's work.
+fn finish(boot: &Boot) -> ! {
+    if boot.arg("hold") == Some(b"1") {
+        println!("holding");
+        count_forever()
+    }
+    port::exit(status::SUCCESS)
+}
+
+/// `mode=cycle n=<count> every=<k> msr=<m>` (defaults: forever, 100, 0x174 = SYSENTER_CS, as
+/// for `msr`): iteration `i` (from 0) writes word `i % 512` of the scratch page with
+/// `0x5ca1_0000 + i`, writes `i` to MSR `m` and calls `breakpoint_target` (so the probe
+/// counter counts iterations); every `k` iterations it prints `cycle i=<iterations so far>`.
+/// With `n=`: prints `cycle n=N done` and exits 0 after `n` iterations. Detach tests watch
+/// all three (page write, MSR write, breakpointed call) recur.
+pub fn cycle(boot: Boot) -> ! {
+    let count = boot.arg_u64_or_exit("n");
+    let every = boot.arg_u64_or_exit("every").unwrap_or(100).max(1);
+    let number = boot.arg_u64_or_exit("msr").unwrap_or(0x174);
+    let Ok(number) = u32::try_from(number) else {
+        println!("bad command line: msr={number:#x} does not fit 32 bits");
+        port::exit(status::BAD_COMMAND_LINE)
+    };
+    let page = (&raw mut SCRATCH_PAGE).cast::<u64>();
+    let mut i = 0u64;
+    while count.is_none_or(|n| i < n) {
+        // SAFETY: as in `mem_write`.
+        unsafe { page.add((i % 512) as usize).write_volatile(0x5ca1_0000 + i) };
+        // SAFETY: as in `msr`; the default, SYSENTER_CS, is unused in long mode.
+        unsafe { write_msr(number, i) };
+        breakpoint_target(core::hint::black_box(i));
+        i += 1;
+        if i.is_multiple_of(every) {
+            println!("cycle i={i}");
+        }
+    }
+    println!("cycle n={i} done");
+    port::exit(status::SUCCESS)
 }

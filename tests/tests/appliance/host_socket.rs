@@ -10,6 +10,7 @@ use hypercall::error::HcError;
 use hypercall::token::MapToken;
 use kvmi::images::Image;
 use kvmi_engine::{Introspector, IntrospectorConfig, temp_socket_path};
+use kvmi_tests::wait;
 use vmm::{RunLimits, SerialSink, SharedBuffer, Vm, VmConfig};
 
 const TARGET_BASE: u64 = 0x200_0000;
@@ -47,11 +48,11 @@ fn a_host_agent_maps_target_pages_over_the_socket() {
         agent.discovery.window_gpa,
         appliance_link::launch::MAP_WINDOW_GPA
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !intro.is_attached() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(intro.is_attached(), "the agent's rings are attached");
+    wait::until(
+        Duration::from_secs(5),
+        "the agent's rings to attach",
+        || intro.is_attached(),
+    );
     let token = intro.tokens().issue().unwrap();
     {
         let page = agent
@@ -87,13 +88,10 @@ fn a_host_agent_maps_target_pages_over_the_socket() {
         }
     }
     drop(agent);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while intro.is_attached() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(
-        !intro.is_attached(),
-        "closing the socket detaches the agent"
+    wait::until(
+        Duration::from_secs(5),
+        "closing the socket to detach the agent",
+        || !intro.is_attached(),
     );
     assert!(!running.handle().has_ended(), "the target runs on");
     server.stop();

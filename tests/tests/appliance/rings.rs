@@ -3,7 +3,7 @@
 //! appliance side is this test, on the same shared memory (`Region::open`).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use appliance_link::hook::SERVED_FEATURES;
 use appliance_link::rings::{RingMemory, RingService, create_region};
@@ -11,6 +11,7 @@ use hypercall::discovery::RingKind;
 use hypercall::ring::{Consumer, LayoutParams, Region, RingSizes};
 use kvmi::images::Image;
 use kvmi_engine::{Introspector, IntrospectorConfig};
+use kvmi_tests::wait;
 use protocol::V4;
 use protocol::command::{Command, CommandKind};
 use protocol::event::EventKind;
@@ -21,15 +22,11 @@ use vmm::{GuestRam, RunLimits, RunningVm, SerialSink, SharedBuffer, Vm, VmConfig
 /// Pops one record within 10 s.
 fn pop(c: &mut Consumer<RingMemory>) -> Vec<u8> {
     let mut buf = vec![0u8; c.max_payload()];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(n) = c.try_pop(&mut buf).expect("ring intact") {
-            let _ = c.release().unwrap();
-            return buf[..n].to_vec();
-        }
-        assert!(Instant::now() < deadline, "no record within 10 s");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let n = wait::until_some(Duration::from_secs(10), "a record", || {
+        c.try_pop(&mut buf).expect("ring intact")
+    });
+    let _ = c.release().unwrap();
+    buf[..n].to_vec()
 }
 
 /// A running test-guest target (`cmdline`) with an introspector (`intro_config`) serving a
@@ -157,10 +154,9 @@ fn events_commands_and_log_lines_travel_over_the_rings() {
         report.outcome,
         serial.text()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lines.lock().unwrap().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait::until(Duration::from_secs(5), "the log line", || {
+        !lines.lock().unwrap().is_empty()
+    });
     assert_eq!(
         *lines.lock().unwrap(),
         vec![b"{\"finding\":\"hello\"}\n".to_vec()]

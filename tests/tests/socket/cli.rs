@@ -2,10 +2,11 @@
 //! `resume`, `protect`, `break`), checking their output against the guest.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvmi::images::Image;
 use kvmi_tests::socket_target::Target;
+use kvmi_tests::wait;
 use serde_json::Value;
 
 fn kvmi(args: &[&str]) -> (i32, String, String) {
@@ -162,15 +163,12 @@ fn pause_holds_the_demo_until_resume() {
         .spawn()
         .unwrap();
     let marker = format!("{sock}.paused");
-    let start = Instant::now();
-    while !std::path::Path::new(&marker).exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "kvmi pause never paused"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until(Duration::from_secs(20), "kvmi pause to pause", || {
+        std::path::Path::new(&marker).exists()
+    });
     let frozen = t.serial().len();
+    // Time passes while paused: the guest must not print (shown positively below: it prints
+    // again after the resume).
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(t.serial().len(), frozen, "the guest printed while paused");
     let (code, _, err) = kvmi(&["resume", "--socket", &sock]);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use kvmi::images::Image;
 use kvmi_tests::socket_target::{Target, read_u64};
+use kvmi_tests::wait;
 use protocol::masks::AllowedMasks;
 use protocol::types::{Access, PageAccessEntry};
 use protocol::{CommandKind, ErrorCode, EventKind};
@@ -167,13 +168,30 @@ fn write_physical_is_what_the_guest_reads_and_read_physical_sees_guest_writes() 
         t.serial()
     );
 
-    let t2 = Target::start(Image::TestGuest, "mode=mem-write n=2", &[]);
+    // `hold=1`: after its writes the guest prints `holding` and spins, so the VM is still
+    // there to be read.
+    let mut t2 = Target::start(Image::TestGuest, "mode=mem-write n=2 hold=1", &[]);
     let c2 = t2.attach();
-    assert!(t2.wait_serial("mem-write n=2", Duration::from_secs(20)));
-    // The VM may be gone already; read only while it lives.
-    if let Ok(word) = c2.read_physical(t2.sym("scratch_page"), 8) {
-        assert_eq!(word, 0x5ca1_0000u64.to_le_bytes());
-    }
+    assert!(
+        t2.wait_serial("holding", Duration::from_secs(20)),
+        "{}",
+        t2.serial()
+    );
+    assert!(
+        t2.serial().contains("mem-write n=2 last=0x5ca10001"),
+        "{}",
+        t2.serial()
+    );
+    // Words 0 and 1 as the guest wrote them; word 2 untouched.
+    let expected: Vec<u8> = [0x5ca1_0000u64, 0x5ca1_0001, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    assert_eq!(
+        c2.read_physical(t2.sym("scratch_page"), 24).unwrap(),
+        expected
+    );
+    assert!(t2.running(), "the held guest is still running");
 }
 
 #[test]
@@ -251,11 +269,14 @@ fn pause_vcpu_freezes_the_guest_until_the_event_is_answered() {
         .expect("PAUSE_VCPU event");
     assert_eq!(ev.event.common.vcpu, 0);
     let frozen = read_u64(&c, counter);
+    // Time passes while the event is unanswered: the counter must not move (shown positively
+    // below: it moves once the event is answered).
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(read_u64(&c, counter), frozen);
     c.reply_continue(&ev).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(read_u64(&c, counter) > frozen);
+    wait::until(EXIT_WAIT, "the counter to move after the reply", || {
+        read_u64(&c, counter) > frozen
+    });
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Runs the built `kvmi` binary: exit statuses, serial file, Ctrl-C, profiles and `caps`.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use kvmi_tests::wait;
 
 fn kvmi(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(kvmi_tests::kvmi_bin())
@@ -86,14 +88,11 @@ fn serial_goes_to_a_file_and_ctrl_c_stops_cleanly() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !std::fs::read_to_string(&serial)
-        .unwrap_or_default()
-        .contains("spinning")
-    {
-        assert!(t.elapsed() < Duration::from_secs(20), "guest never printed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until(Duration::from_secs(20), "the guest to print", || {
+        std::fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .contains("spinning")
+    });
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let status = child.wait().unwrap();

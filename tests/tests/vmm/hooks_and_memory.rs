@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kvmi::images::Image;
+use kvmi_tests::wait;
 use vmm::{
     ExitContext, ExitHook, HookResult, PioAccess, RunLimits, RunOutcome, SerialSink, SharedBuffer,
     Vm, VmConfig,
@@ -101,16 +102,9 @@ fn paused_vcpu_makes_no_progress_until_resumed() {
     let running = vm.start().unwrap();
     let handle = running.handle();
     let read = || ram.read_u64(counter).unwrap();
-    let wait_until = |cond: &dyn Fn() -> bool| {
-        for _ in 0..500 {
-            if cond() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    };
-    assert!(wait_until(&|| read() > 100), "guest counter never moved");
+    wait::until(Duration::from_secs(5), "the guest counter to move", || {
+        read() > 100
+    });
     let vcpu = handle.vcpu(0).unwrap();
     vcpu.pause();
     assert!(
@@ -118,13 +112,14 @@ fn paused_vcpu_makes_no_progress_until_resumed() {
         "vCPU did not pause"
     );
     let frozen = read();
+    // Time passes while paused: the counter must not move (shown positively below: it moves
+    // after the resume).
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(read(), frozen, "counter moved while paused");
     vcpu.resume();
-    assert!(
-        wait_until(&|| read() > frozen + 100),
-        "no progress after resume"
-    );
+    wait::until(Duration::from_secs(5), "progress after the resume", || {
+        read() > frozen + 100
+    });
     handle.stop();
     let report = running.wait(RunLimits::default());
     assert_eq!(report.outcome, RunOutcome::Interrupted);
@@ -329,11 +324,11 @@ fn a_nudge_always_reaches_the_hook_even_before_the_vcpu_runs_or_between_exits() 
     for n in 1..=201 {
         let before = count();
         control.nudge();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while count() == before && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        assert!(count() > before, "nudge {n} reached the hook");
+        wait::until(
+            Duration::from_secs(5),
+            &format!("nudge {n} to reach the hook"),
+            || count() > before,
+        );
     }
     running.handle().stop();
     let _ = running.wait(RunLimits {
