@@ -13,6 +13,7 @@ use appliance_link::{ApplianceConfig, start_with_appliance};
 use hypercall::ring::RingSizes;
 use kvmi::images::Image;
 use kvmi_engine::IntrospectorConfig;
+use kvmi_tests::wait;
 use serde_json::Value;
 use vmm::{RunLimits, SerialSink, SharedBuffer, UnknownIoPolicy, Vm, VmConfig};
 
@@ -71,6 +72,27 @@ fn of<'a>(findings: &'a [Value], kind: &str) -> Vec<&'a Value> {
     findings.iter().filter(|f| f["finding"] == kind).collect()
 }
 
+/// The log lines that parse as JSON (the wait loop's view: a line that does not parse fails
+/// the test later, in [`findings`]).
+fn parsed(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The traced task creations that name the task.
+fn named_creations(findings: &[Value]) -> usize {
+    of(findings, "task_create")
+        .iter()
+        .filter(|f| f["name"].as_str().is_some_and(|n| !n.is_empty()))
+        .count()
+}
+
+/// Task creations the test waits to see traced (the demo target creates a worker every
+/// three rounds, a round taking about 14 ms).
+const CREATIONS: usize = 3;
+
 #[test]
 fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
     if !kvmi_tests::require_kvm(
@@ -82,27 +104,42 @@ fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
         println!("SKIPPED: the appliance image is not embedded in this build");
         return;
     };
-    let (target, target_serial) = target("main-job-target", Image::DemoTarget, "");
+    // The main job as `kvmi run` (no flags) sets it up: the demo target with the embedded
+    // appliance, configured by the same code from the command line's defaults.
+    let (kvmi_flags, appliance_flags) =
+        kvmi::args::appliance::parse_flags(["--appliance"]).expect("kvmi run's flags");
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-    let appliance = appliance_config(appliance_elf, "", &lines, 0);
-    let run = start_with_appliance(target, IntrospectorConfig::default(), appliance).unwrap();
+    let sink = lines.clone();
+    let (intro, appliance) = appliance_flags
+        .setup(
+            &kvmi_flags,
+            appliance_elf.to_vec(),
+            SerialSink::Buffer(SharedBuffer::new()),
+            Box::new(move |r: &[u8]| {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(r).trim_end().to_string())
+            }),
+        )
+        .expect("the main job's configuration");
+    assert!(
+        intro.wait_for_tool,
+        "kvmi run gates the target's start on the agent"
+    );
+    let (target, target_serial) = target("kvmi-demo-target", Image::DemoTarget, "");
+    let run = start_with_appliance(target, intro, appliance).unwrap();
     // Run until every kind of finding has shown up (at most 60 s on a loaded host), then
     // stop the target.
-    let wanted = [
-        "\"finding\":\"guard\"",
-        "\"finding\":\"write_denied\"",
-        "\"finding\":\"task_create\"",
-        "\"finding\":\"summary\"",
-        "\"name\":\"rootkit\"",
-    ];
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        let seen = lines.lock().unwrap().join("\n");
-        if wanted.iter().all(|w| seen.contains(w)) && seen.matches("task_create").count() >= 2 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let complete = |f: &[Value]| {
+        !of(f, "guard").is_empty()
+            && !of(f, "write_denied").is_empty()
+            && !of(f, "summary").is_empty()
+            && of(f, "task").iter().any(|t| t["name"] == "rootkit")
+            && named_creations(f) >= CREATIONS
+    };
+    let seen_all = wait::within(Duration::from_secs(60), || {
+        complete(&parsed(&lines.lock().unwrap()))
+    });
     run.target.handle().stop();
     let report = run.wait(RunLimits {
         timeout: Some(Duration::from_secs(10)),
@@ -110,8 +147,21 @@ fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
     });
     let lines = lines.lock().unwrap().clone();
     let all = lines.join("\n");
+    assert!(seen_all, "not every kind of finding within 60 s:\n{all}");
     let findings = findings(&lines);
     let of = |kind: &str| of(&findings, kind);
+    assert_eq!(findings[0]["finding"], "start", "{all}");
+    // The guard is in place before the target runs: the agent's first listing (before its
+    // guard) finds no task, and nothing the target does precedes the guard line.
+    let first = |kind: &str| findings.iter().position(|f| f["finding"] == kind);
+    let guard_at = first("guard").unwrap_or_else(|| panic!("a guard line:\n{all}"));
+    for kind in ["task", "task_create", "write_denied"] {
+        let at = first(kind).unwrap_or_else(|| panic!("a {kind} line:\n{all}"));
+        assert!(
+            guard_at < at,
+            "the guard (line {guard_at}) comes before any {kind} (line {at}):\n{all}"
+        );
+    }
     let names: Vec<&str> = of("task")
         .iter()
         .filter_map(|t| t["name"].as_str())
@@ -126,8 +176,8 @@ fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
     assert!(!denied.is_empty(), "rootkit writes denied:\n{all}");
     assert!(denied.iter().all(|d| d["range"] == "task_table"), "{all}");
     assert!(
-        of("task_create").len() >= 2,
-        "task creations traced:\n{all}"
+        named_creations(&findings) >= CREATIONS,
+        "at least {CREATIONS} named task creations traced:\n{all}"
     );
     let summary = of("summary");
     let last = summary
@@ -167,23 +217,20 @@ fn an_appliance_that_ends_is_replaced_while_restarts_remain() {
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let appliance = appliance_config(appliance_elf, "events=30", &lines, 2);
     let run = start_with_appliance(target, IntrospectorConfig::default(), appliance).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !run.appliance_gone() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        run.appliance_gone(),
-        "the third appliance ended within 60 s"
+    wait::until(
+        Duration::from_secs(60),
+        "the third appliance to end",
+        || run.appliance_gone(),
     );
     assert_eq!(run.restarts(), 2);
     // Unhooked now, the target keeps running: its heartbeat goes on.
     let beats = |text: &str| text.matches("heartbeat").count();
     let before = beats(&target_serial.text());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while beats(&target_serial.text()) <= before && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(beats(&target_serial.text()) > before, "the target runs on");
+    wait::until(
+        Duration::from_secs(30),
+        "the target's next heartbeat",
+        || beats(&target_serial.text()) > before,
+    );
     run.target.handle().stop();
     let report = run.wait(RunLimits {
         timeout: Some(Duration::from_secs(10)),
@@ -243,21 +290,17 @@ fn a_hung_appliance_is_detached_stopped_and_replaced() {
         ..IntrospectorConfig::default()
     };
     let run = start_with_appliance(target, intro, appliance).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while run.restarts() == 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until(
+        Duration::from_secs(20),
+        "the hung appliance's replacement",
+        || run.restarts() != 0,
+    );
     assert_eq!(run.restarts(), 1, "the hung appliance was replaced");
     // Unhooked by the timeout, the target got past its start and spins.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !target_serial.text().contains("spinning") && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        target_serial.text().contains("spinning"),
-        "{}",
-        target_serial.text()
-    );
+    let spinning = wait::within(Duration::from_secs(10), || {
+        target_serial.text().contains("spinning")
+    });
+    assert!(spinning, "{}", target_serial.text());
     assert!(
         !run.appliance_gone(),
         "the replacement is attached and running"

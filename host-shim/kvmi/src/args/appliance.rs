@@ -10,10 +10,32 @@ use crate::args::introspection::KvmiRunArgs;
 use appliance_link::launch::{
     ApplianceConfig, ApplianceReport, DEFAULT_WINDOW_SIZE, start_with_appliance,
 };
-use appliance_link::rings::{DEFAULT_FULL_TIMEOUT, stdout_sink};
+use appliance_link::rings::{DEFAULT_FULL_TIMEOUT, LogSink, stdout_sink};
 use kvmi_engine::{IntrospectError, IntrospectorConfig, masks};
 use vmm::devices::{SerialSink, UnknownIoPolicy};
 use vmm::vm::{RunLimits, Vm, VmConfig};
+
+/// The introspection and appliance flag groups of `kvmi run`, parsed from `flags` (the words
+/// after `kvmi run`, e.g. `["--appliance"]`) with the command line's defaults. For callers
+/// that set up a run the way `kvmi run` does (the end-to-end tests of the main job).
+pub fn parse_flags<I, T>(flags: I) -> Result<(KvmiRunArgs, ApplianceRunArgs), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    #[derive(clap::Parser)]
+    #[command(name = "kvmi run")]
+    struct Flags {
+        #[command(flatten)]
+        kvmi: KvmiRunArgs,
+        #[command(flatten)]
+        appliance: ApplianceRunArgs,
+    }
+    let words = std::iter::once(std::ffi::OsString::from("kvmi run"))
+        .chain(flags.into_iter().map(Into::into));
+    let parsed = <Flags as clap::Parser>::try_parse_from(words)?;
+    Ok((parsed.kvmi, parsed.appliance))
+}
 
 /// A serial sink writing to the process's standard error (a duplicate of fd 2).
 pub fn stderr_sink() -> std::io::Result<SerialSink> {
@@ -172,15 +194,17 @@ impl ApplianceRunArgs {
         })
     }
 
-    /// Runs `target` with the appliance `image` (already loaded from `--appliance`) until the
-    /// target ends within `limits`; prints a summary on stderr.
-    pub fn run(
+    /// The configuration [`ApplianceRunArgs::run`] starts the target and the appliance VM
+    /// with: the target's introspector (its vCPUs wait for the agent) and the appliance VM
+    /// booting `image`, its serial output going to `serial` and its log-ring lines to `log`
+    /// (`kvmi run`: stderr and stdout). The end-to-end tests run the main job from it too.
+    pub fn setup(
         &self,
         kvmi: &KvmiRunArgs,
-        target: Vm,
         image: Vec<u8>,
-        limits: RunLimits,
-    ) -> Result<ApplianceReport, ApplianceArgsError> {
+        serial: SerialSink,
+        log: LogSink,
+    ) -> Result<(IntrospectorConfig, ApplianceConfig), ApplianceArgsError> {
         // The target's vCPUs start once the agent has answered their CREATE_VCPU event, which
         // it does after its guard is in place: nothing the target does goes unwatched.
         let intro_config = IntrospectorConfig {
@@ -206,16 +230,30 @@ impl ApplianceRunArgs {
                 unknown_io: UnknownIoPolicy::Ignore,
             },
             image,
-            serial: stderr_sink().map_err(|source| IntrospectError::Io {
-                what: "duplicating stderr".into(),
-                source,
-            })?,
-            log: stdout_sink(),
+            serial,
+            log,
             window_size,
             sizes: RingSizes::default(),
             full_timeout: DEFAULT_FULL_TIMEOUT,
             restarts: self.appliance_restarts,
         };
+        Ok((intro_config, config))
+    }
+
+    /// Runs `target` with the appliance `image` (already loaded from `--appliance`) until the
+    /// target ends within `limits`; prints a summary on stderr.
+    pub fn run(
+        &self,
+        kvmi: &KvmiRunArgs,
+        target: Vm,
+        image: Vec<u8>,
+        limits: RunLimits,
+    ) -> Result<ApplianceReport, ApplianceArgsError> {
+        let serial = stderr_sink().map_err(|source| IntrospectError::Io {
+            what: "duplicating stderr".into(),
+            source,
+        })?;
+        let (intro_config, config) = self.setup(kvmi, image, serial, stdout_sink())?;
         let run = start_with_appliance(target, intro_config, config)?;
         let report = run.wait(limits);
         eprintln!(
@@ -235,5 +273,55 @@ impl ApplianceRunArgs {
             report.revoked_at_end,
         );
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_main_job_gates_the_target_with_the_command_line_defaults() {
+        let (kvmi, appliance) = parse_flags(["--appliance"]).unwrap();
+        assert_eq!(appliance.appliance.as_deref(), Some("appliance"));
+        let (intro, config) = appliance
+            .setup(&kvmi, vec![0x7f], SerialSink::Null, Box::new(|_: &[u8]| {}))
+            .unwrap();
+        assert!(intro.wait_for_tool, "the target waits for the agent");
+        assert_eq!(intro.reply_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(intro.allowed, AllowedMasks::all());
+        assert_eq!(config.vm.memory_bytes, 64 << 20);
+        assert_eq!(config.vm.vcpus, 1);
+        assert_eq!(config.window_size, DEFAULT_WINDOW_SIZE);
+        assert_eq!(config.restarts, 0);
+        assert_eq!(config.image, vec![0x7f]);
+    }
+
+    #[test]
+    fn the_main_job_setup_applies_the_flags() {
+        let (kvmi, appliance) = parse_flags([
+            "--appliance",
+            "--appliance-cmdline",
+            "events=5",
+            "--appliance-restarts",
+            "2",
+            "--kvmi-timeout",
+            "0",
+        ])
+        .unwrap();
+        let (intro, config) = appliance
+            .setup(&kvmi, Vec::new(), SerialSink::Null, Box::new(|_: &[u8]| {}))
+            .unwrap();
+        assert!(intro.wait_for_tool);
+        assert_eq!(intro.reply_timeout, None);
+        assert_eq!(config.vm.cmdline, "events=5");
+        assert_eq!(config.restarts, 2);
+        let (kvmi, appliance) =
+            parse_flags(["--appliance", "--kvmi-socket", "/tmp/kvmi.sock"]).unwrap();
+        assert!(matches!(
+            appliance.setup(&kvmi, Vec::new(), SerialSink::Null, Box::new(|_: &[u8]| {})),
+            Err(ApplianceArgsError::TwoTools)
+        ));
+        assert!(parse_flags(["--no-such-flag"]).is_err());
     }
 }
