@@ -3,7 +3,7 @@
 //! vCPU-scope commands to their vCPU thread, and hand event replies to the waiting vCPU.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
@@ -19,12 +19,14 @@ use protocol::wire::{ToolMessage, WireProfile};
 use super::IntrospectorConfig;
 use super::access::AccessTable;
 use super::alias::RamAlias;
+use super::lock_order;
 use super::msr::MsrFilter;
 use super::slot::{OwnedReply, QueuedCommand, VcpuCommand, VcpuSlot};
 use super::tokens::{DEFAULT_TTL, TokenStore};
 use super::transport::{Channel, ChannelError, Route};
 use vmm::memory::GuestRam;
 use vmm::running::VmHandle;
+use vmm::sync::RankedMutex;
 
 /// The KVMI version GET_VERSION reports.
 pub const KVMI_VERSION: u32 = 1;
@@ -61,12 +63,12 @@ pub struct Introspector {
     pub(crate) alias: RamAlias,
     pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) handle: OnceLock<VmHandle>,
-    pub(crate) link: Mutex<Link>,
+    pub(crate) link: RankedMutex<Link>,
     pub(crate) link_changed: Condvar,
     pub(crate) generation: AtomicU64,
     pub(crate) slots: Vec<VcpuSlot>,
-    pub(crate) access: Mutex<AccessTable>,
-    pub(crate) breakpoints: Mutex<Breakpoints>,
+    pub(crate) access: RankedMutex<AccessTable>,
+    pub(crate) breakpoints: RankedMutex<Breakpoints>,
     pub(crate) msr_filter: MsrFilter,
     pub(crate) tokens: TokenStore,
     pub(crate) event_seq: AtomicU32,
@@ -85,10 +87,6 @@ impl std::fmt::Debug for Introspector {
             .field("attached", &self.is_attached())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn encode_result(kind: CommandKind, seq: u32, result: &CommandResult<'_>) -> Vec<u8> {
@@ -133,12 +131,12 @@ impl Introspector {
             ram,
             vm_fd,
             handle: OnceLock::new(),
-            link: Mutex::new(Link::default()),
+            link: RankedMutex::new(lock_order::LINK, Link::default()),
             link_changed: Condvar::new(),
             generation: AtomicU64::new(0),
             slots: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
-            access: Mutex::new(AccessTable::default()),
-            breakpoints: Mutex::new(Breakpoints::default()),
+            access: RankedMutex::new(lock_order::ACCESS, AccessTable::default()),
+            breakpoints: RankedMutex::new(lock_order::BREAKPOINTS, Breakpoints::default()),
             msr_filter,
             tokens: TokenStore::new(target, DEFAULT_TTL),
             event_seq: AtomicU32::new(1),
@@ -173,7 +171,7 @@ impl Introspector {
 
     /// True while a tool is attached.
     pub fn is_attached(&self) -> bool {
-        lock(&self.link).channel.is_some()
+        self.link.lock().channel.is_some()
     }
 
     /// Current attach generation (changes on every attach and detach).
@@ -191,7 +189,7 @@ impl Introspector {
     /// [`Introspector::handle_message`] and [`Introspector::detach`]. Fails if a tool is
     /// already attached.
     pub fn attach(&self, channel: Arc<dyn Channel>) -> Result<u64, ChannelError> {
-        let mut link = lock(&self.link);
+        let mut link = self.link.lock();
         if link.channel.is_some() {
             return Err(ChannelError::Protocol("a tool is already attached".into()));
         }
@@ -213,7 +211,7 @@ impl Introspector {
     /// tokens. vCPUs waiting for a reply continue as if answered CONTINUE.
     pub fn detach(&self, generation: u64, reason: &str) {
         let channel = {
-            let mut link = lock(&self.link);
+            let mut link = self.link.lock();
             if link.generation != generation || link.channel.is_none() {
                 return;
             }
@@ -230,7 +228,7 @@ impl Introspector {
     }
 
     fn unhook(&self) {
-        let pages = lock(&self.access).clear();
+        let pages = self.access.lock().clear();
         for page in &pages {
             if let Err(e) = self
                 .ram
@@ -240,7 +238,7 @@ impl Introspector {
             }
         }
         {
-            let mut bps = lock(&self.breakpoints);
+            let mut bps = self.breakpoints.lock();
             bps.gvas = [None; HW_BREAKPOINTS];
             bps.generation += 1;
         }
@@ -260,7 +258,7 @@ impl Introspector {
 
     /// The attached tool's channel, if `generation` is still the attached one.
     pub(crate) fn channel_of(&self, generation: u64) -> Option<Arc<dyn Channel>> {
-        let link = lock(&self.link);
+        let link = self.link.lock();
         if link.generation != generation {
             return None;
         }
@@ -271,7 +269,7 @@ impl Introspector {
     /// tool (of `generation`) is attached or the send failed.
     pub(crate) fn send(&self, generation: u64, message: &[u8], route: Route) -> bool {
         let channel = {
-            let link = lock(&self.link);
+            let link = self.link.lock();
             if link.generation != generation {
                 return false;
             }
@@ -291,22 +289,21 @@ impl Introspector {
 
     /// Waits until a tool has attached once (for `--kvmi-wait`), or the VM ended.
     pub(crate) fn wait_first_attach(&self) {
-        let mut link = lock(&self.link);
+        let mut link = self.link.lock();
         while !link.ever_attached {
             if self.handle.get().is_some_and(|h| h.has_ended()) {
                 return;
             }
-            link = self
-                .link_changed
-                .wait_timeout(link, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
+            link = link
+                .wait_timeout(&self.link_changed, Duration::from_millis(100))
                 .0;
         }
     }
 
     /// Seconds since the tool last sent something (for the reply timeout).
     pub(crate) fn heard_recently(&self, within: Duration) -> bool {
-        lock(&self.link)
+        self.link
+            .lock()
             .last_heard
             .is_some_and(|t| t.elapsed() < within)
     }
@@ -318,7 +315,7 @@ impl Introspector {
         if self.current_generation() != generation {
             return Err(ChannelError::Detached);
         }
-        lock(&self.link).last_heard = Some(Instant::now());
+        self.link.lock().last_heard = Some(Instant::now());
         let frame = V4::parse_frame(message).map_err(|e| ChannelError::Protocol(e.to_string()))?;
         let (id, seq) = (frame.header.id, frame.header.seq);
         let reply = match V4::decode_tool_message(frame) {
@@ -417,7 +414,7 @@ impl Introspector {
                 } else if gpas.iter().any(|g| !self.alias.contains(g, 1)) {
                     Err(ErrorCode::Inval)
                 } else {
-                    let table = lock(&self.access);
+                    let table = self.access.lock();
                     let out: Vec<Access> = gpas.iter().map(|g| table.get(g)).collect();
                     drop(table);
                     return encode_result(
@@ -464,7 +461,7 @@ impl Introspector {
         entries: impl Iterator<Item = (u64, Access)>,
     ) -> CommandResult<'static> {
         let mut failed = None;
-        let mut table = lock(&self.access);
+        let mut table = self.access.lock();
         for (gpa, access) in entries {
             if !self.alias.contains(gpa, 1) {
                 failed = Some(ErrorCode::Inval);
@@ -491,7 +488,7 @@ impl Introspector {
         {
             return Err(ErrorCode::Inval);
         }
-        let mut bps = lock(&self.breakpoints);
+        let mut bps = self.breakpoints.lock();
         let existing = bps.gvas.iter().position(|g| *g == Some(gva));
         if enable {
             if existing.is_none() {

@@ -58,12 +58,7 @@ impl Introspector {
 
     /// Re-protects the page of a completed step-through with its current restriction.
     fn end_step_through(&self, page: u64) {
-        let prot = prot_for(
-            self.access
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(page),
-        );
+        let prot = prot_for(self.access.lock().get(page));
         if let Err(e) = self.ram.protect(page, PAGE, prot) {
             tracing::error!("step-through re-protect {page:#x}: {e}");
         }
@@ -90,7 +85,7 @@ impl Introspector {
     /// (Un)protects every tracked page: `true` restores each page's protection, `false`
     /// makes them all read-write.
     fn protect_all_tracked(&self, restore: bool) {
-        let table = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.access.lock();
         for (page, access) in table.pages() {
             let prot = if restore {
                 prot_for(access)
@@ -109,11 +104,7 @@ impl Introspector {
     /// (no event: the address is unknown); a second failure is the guest's own.
     fn emulation_fallback(&self, ctx: &mut ExitContext<'_>, insn: &[u8]) -> HookResult {
         let i = ctx.vcpu_index() as usize;
-        let tracked = !self
-            .access
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty();
+        let tracked = !self.access.lock().is_empty();
         if !tracked || self.slots[i].lock().step_all {
             return HookResult::Unhandled;
         }
@@ -125,7 +116,7 @@ impl Introspector {
             };
             let gva = op.ea.wrapping_add(base);
             let kind = self.gva_to_gpa(ctx, gva).and_then(|gpa| {
-                let t = self.access.lock().unwrap_or_else(|p| p.into_inner());
+                let t = self.access.lock();
                 if t.restricts(gpa, AccessKind::Write) {
                     Some((gpa, AccessKind::Write))
                 } else if t.restricts(gpa, AccessKind::Read) {
@@ -196,12 +187,7 @@ impl Introspector {
             return self.crash(ctx, "BREAKPOINT");
         }
         let now = ctx.regs().rip;
-        let armed = self
-            .breakpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .gvas
-            .contains(&Some(now));
+        let armed = self.breakpoints.lock().gvas.contains(&Some(now));
         if action == Action::Continue && armed {
             let mut s = self.slots[ctx.vcpu_index() as usize].lock();
             s.stepping_over = true;
@@ -315,11 +301,7 @@ impl ExitHook for Introspector {
         } else {
             AccessKind::Read
         };
-        let restricted = self
-            .access
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .restricts(io.addr, kind);
+        let restricted = self.access.lock().restricts(io.addr, kind);
         let outcome = if restricted {
             let payload = EventPayload::PageFault {
                 gva: NO_GVA,
@@ -446,11 +428,7 @@ impl ExitHook for Introspector {
             return HookResult::Unhandled;
         }
         let page = gpa & !(PAGE - 1);
-        let allowed = self
-            .access
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(page);
+        let allowed = self.access.lock().get(page);
         let rip = ctx.regs().rip;
         let rip_page = self.gva_to_gpa(ctx, rip).map(|g| g & !(PAGE - 1));
         let Some(kind) = upstream_access(allowed, rip_page == Some(page)) else {
@@ -495,11 +473,7 @@ impl ExitHook for Introspector {
             return self.emulation_fallback(ctx, insn);
         };
         let page = gpa & !(PAGE - 1);
-        let allowed = self
-            .access
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(page);
+        let allowed = self.access.lock().get(page);
         if prot_for(allowed) != libc::PROT_NONE {
             return self.emulation_fallback(ctx, insn);
         }

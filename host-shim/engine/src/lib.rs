@@ -48,6 +48,7 @@ pub mod decode;
 mod engine;
 pub mod fault;
 mod hooks;
+pub mod lock_order;
 pub mod masks;
 pub mod msr;
 pub mod slot;

@@ -3,7 +3,7 @@
 //! KVM_GET_MSRS). Writes to filtered MSRs exit to userspace, which completes them with
 //! KVM_SET_MSRS (or not, if the tool says so).
 
-use std::sync::Mutex;
+use vmm::sync::RankedMutex;
 
 use kvm_bindings::{KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER, kvm_enable_cap};
 use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
@@ -79,7 +79,7 @@ pub fn ranges_for(msrs: &[u32]) -> Vec<Range> {
 #[derive(Debug)]
 pub struct MsrFilter {
     enabled: bool,
-    current: Mutex<Vec<u32>>,
+    current: RankedMutex<Vec<u32>>,
 }
 
 impl MsrFilter {
@@ -99,7 +99,7 @@ impl MsrFilter {
         };
         MsrFilter {
             enabled,
-            current: Mutex::new(Vec::new()),
+            current: RankedMutex::new(crate::lock_order::MSR_FILTER, Vec::new()),
         }
     }
 
@@ -111,7 +111,7 @@ impl MsrFilter {
         let mut all: Vec<u32> = tool_msrs.iter().chain(SHADOWED.iter()).copied().collect();
         all.sort_unstable();
         all.dedup();
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.lock();
         if *current == all {
             return Ok(());
         }
@@ -135,7 +135,7 @@ impl MsrFilter {
         if !self.enabled {
             return Ok(());
         }
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.lock();
         vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[])?;
         current.clear();
         Ok(())

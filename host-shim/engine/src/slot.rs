@@ -1,7 +1,11 @@
 //! Per-vCPU introspection state, shared by the vCPU thread and the channel's reader thread.
 
 use std::collections::BTreeSet;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::Condvar;
+
+use vmm::sync::{RankedGuard, RankedMutex};
+
+use crate::lock_order;
 
 use protocol::command::{Command, CommandKind};
 use protocol::event::{EventKind, EventMsrs, EventSet};
@@ -158,29 +162,34 @@ pub(crate) struct Slot {
 }
 
 /// A slot with the condition variable both threads wait on.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct VcpuSlot {
-    state: Mutex<Slot>,
+    state: RankedMutex<Slot>,
     pub(crate) changed: Condvar,
 }
 
+impl Default for VcpuSlot {
+    fn default() -> Self {
+        VcpuSlot {
+            state: RankedMutex::new(lock_order::SLOT, Slot::default()),
+            changed: Condvar::new(),
+        }
+    }
+}
+
 impl VcpuSlot {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Slot> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn lock(&self) -> RankedGuard<'_, Slot> {
+        self.state.lock()
     }
 
     /// Waits on the slot's condition for at most `timeout`; returns the guard and whether
     /// it timed out.
     pub(crate) fn wait<'a>(
         &self,
-        guard: MutexGuard<'a, Slot>,
+        guard: RankedGuard<'a, Slot>,
         timeout: std::time::Duration,
-    ) -> (MutexGuard<'a, Slot>, bool) {
-        let (g, t) = self
-            .changed
-            .wait_timeout(guard, timeout)
-            .unwrap_or_else(|p| p.into_inner());
-        (g, t.timed_out())
+    ) -> (RankedGuard<'a, Slot>, bool) {
+        guard.wait_timeout(&self.changed, timeout)
     }
 }
 

@@ -9,16 +9,18 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use protocol::V4;
 use protocol::wire::WireProfile;
 
+use super::lock_order;
 use super::transport::{Channel, ChannelError, Route};
 use super::{IntrospectError, Introspector};
 use vmm::running::VmHandle;
+use vmm::sync::RankedMutex;
 
 /// Where the KVMI socket is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,17 +42,17 @@ impl Endpoint {
 
 /// A connected tool's socket as a [`Channel`].
 struct SocketChannel {
-    writer: Mutex<UnixStream>,
+    writer: RankedMutex<UnixStream>,
 }
 
 impl Channel for SocketChannel {
     fn send(&self, message: &[u8], _route: Route) -> std::io::Result<()> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer.lock();
         w.write_all(message)
     }
 
     fn close(&self) {
-        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let w = self.writer.lock();
         let _ = w.shutdown(Shutdown::Both);
     }
 }
@@ -64,8 +66,8 @@ pub struct SocketServer {
     listening: bool,
     stop: Arc<AtomicBool>,
     vm: Arc<OnceLock<VmHandle>>,
-    current: Arc<Mutex<Option<UnixStream>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    current: Arc<RankedMutex<Option<UnixStream>>>,
+    thread: RankedMutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for SocketServer {
@@ -110,7 +112,8 @@ impl SocketServer {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let vm: Arc<OnceLock<VmHandle>> = Arc::new(OnceLock::new());
-        let current: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+        let current: Arc<RankedMutex<Option<UnixStream>>> =
+            Arc::new(RankedMutex::new(lock_order::SOCKET_CURRENT, None));
         let (s, v, c, p) = (stop.clone(), vm.clone(), current.clone(), path.clone());
         let thread = std::thread::Builder::new()
             .name("kvmi-socket".into())
@@ -125,7 +128,7 @@ impl SocketServer {
             stop,
             vm,
             current,
-            thread: Mutex::new(Some(thread)),
+            thread: RankedMutex::new(lock_order::SOCKET_THREAD, Some(thread)),
         })
     }
 
@@ -142,15 +145,10 @@ impl SocketServer {
     /// Closes the current connection, stops the thread and removes a listening socket file.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(s) = self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(s) = self.current.lock().as_ref() {
             let _ = s.shutdown(Shutdown::Both);
         }
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
         if self.listening {
@@ -175,7 +173,7 @@ fn serve_loop(
     path: &Path,
     stop: &AtomicBool,
     vm: &OnceLock<VmHandle>,
-    current: &Mutex<Option<UnixStream>>,
+    current: &RankedMutex<Option<UnixStream>>,
 ) {
     let mut connect_warned = false;
     while !stop.load(Ordering::SeqCst) && !vm.get().is_some_and(VmHandle::has_ended) {
@@ -213,13 +211,17 @@ fn serve_loop(
     }
 }
 
-fn serve_one(introspector: &Introspector, stream: UnixStream, current: &Mutex<Option<UnixStream>>) {
+fn serve_one(
+    introspector: &Introspector,
+    stream: UnixStream,
+    current: &RankedMutex<Option<UnixStream>>,
+) {
     let (Ok(writer), Ok(control)) = (stream.try_clone(), stream.try_clone()) else {
         tracing::warn!("KVMI socket: cannot clone the stream");
         return;
     };
     let channel = Arc::new(SocketChannel {
-        writer: Mutex::new(writer),
+        writer: RankedMutex::new(lock_order::SOCKET_WRITER, writer),
     });
     let generation = match introspector.attach(channel) {
         Ok(g) => g,
@@ -228,10 +230,10 @@ fn serve_one(introspector: &Introspector, stream: UnixStream, current: &Mutex<Op
             return;
         }
     };
-    *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(control);
+    *current.lock() = Some(control);
     let reason = read_messages(introspector, generation, stream);
     introspector.detach(generation, &reason);
-    *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    *current.lock() = None;
 }
 
 /// Reads and handles messages until the channel closes; returns why it closed.

@@ -4,8 +4,12 @@
 //! the system's monotonic clock ([`SystemClock`]) unless a test injects its own.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::Mutex;
+
 use std::time::{Duration, Instant};
+use vmm::sync::{RankedGuard, RankedMutex};
 
 use hypercall::token::MapToken;
 
@@ -75,7 +79,7 @@ pub struct TokenStore {
     target: u64,
     ttl: Duration,
     clock: Box<dyn Clock>,
-    entries: Mutex<Vec<Entry>>,
+    entries: RankedMutex<Vec<Entry>>,
 }
 
 fn random_token() -> Result<MapToken, TokenError> {
@@ -109,12 +113,12 @@ impl TokenStore {
             target,
             ttl,
             clock: Box::new(clock),
-            entries: Mutex::new(Vec::new()),
+            entries: RankedMutex::new(crate::lock_order::TOKENS, Vec::new()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> RankedGuard<'_, Vec<Entry>> {
+        self.entries.lock()
     }
 
     /// Issues a fresh token (expired ones are dropped first).

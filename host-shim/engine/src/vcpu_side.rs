@@ -478,7 +478,7 @@ impl Introspector {
             && self.masks.allows_event(EventKind::Breakpoint)
             && !s.stepping_over;
         if bps_on {
-            let bps = self.breakpoints.lock().unwrap_or_else(|p| p.into_inner());
+            let bps = self.breakpoints.lock();
             let mut dr7 = 0u64;
             for (n, gva) in bps.gvas.iter().enumerate().take(HW_BREAKPOINTS) {
                 if let Some(gva) = gva {

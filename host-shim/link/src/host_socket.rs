@@ -15,8 +15,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,8 +32,10 @@ use super::hook::{ApplianceHook, SERVED_FEATURES};
 use super::launch::{MAP_WINDOW_GPA, RING_REGION_GPA};
 use super::pager::Pager;
 use super::rings::{DEFAULT_FULL_TIMEOUT, RingService, create_region, stdout_sink};
+use kvmi_engine::lock_order;
 use kvmi_engine::{IntrospectError, Introspector};
 use vmm::memory::GuestRam;
+use vmm::sync::RankedMutex;
 
 /// Poll period of the accept loop and of reads (to notice a stop).
 const POLL: Duration = Duration::from_millis(50);
@@ -42,7 +44,7 @@ const POLL: Duration = Duration::from_millis(50);
 pub struct HostSocketServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: RankedMutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for HostSocketServer {
@@ -107,7 +109,7 @@ impl HostSocketServer {
         Ok(HostSocketServer {
             path: path.to_path_buf(),
             stop,
-            thread: Mutex::new(Some(thread)),
+            thread: RankedMutex::new(lock_order::HOST_AGENT_THREAD, Some(thread)),
         })
     }
 
@@ -119,7 +121,7 @@ impl HostSocketServer {
     /// Stops serving (an agent connected now is detached) and removes the socket file.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);

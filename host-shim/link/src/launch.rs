@@ -10,8 +10,8 @@
 //! unhooked the target at the detach, so the new agent sets up its own events). With no
 //! restart left the target runs on, unhooked.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,9 +21,11 @@ use hypercall::ring::{LayoutParams, RingSizes};
 use super::hook::{ApplianceHook, SERVED_FEATURES};
 use super::pager::{Pager, PagerStats};
 use super::rings::{LogSink, RingService, ServiceEnd, create_region};
+use kvmi_engine::lock_order;
 use kvmi_engine::{IntrospectError, Introspector, IntrospectorConfig};
 use vmm::devices::SerialSink;
 use vmm::running::RunningVm;
+use vmm::sync::RankedMutex;
 use vmm::vm::{RunLimits, RunReport, Vm, VmConfig};
 use vmm::{GuestRam, VmError, window::RemapWindow};
 
@@ -97,18 +99,14 @@ struct Supervisor {
     vm: VmConfig,
     image: Vec<u8>,
     serial: SerialSink,
-    log: Arc<Mutex<LogSink>>,
+    log: Arc<RankedMutex<LogSink>>,
     window_size: u64,
     sizes: RingSizes,
     full_timeout: Duration,
     restarts_left: AtomicU32,
     restarts: AtomicU32,
-    current: Mutex<Option<Attached>>,
-    ended: Mutex<Ended>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    current: RankedMutex<Option<Attached>>,
+    ended: RankedMutex<Ended>,
 }
 
 impl Supervisor {
@@ -132,7 +130,7 @@ impl Supervisor {
         let (ring_ram, window) = add_appliance_regions(&mut vm, ring_size, self.window_size)?;
         let region = create_region(ring_ram, &params).map_err(vm_err)?;
         let log = self.log.clone();
-        let sink: LogSink = Box::new(move |record: &[u8]| (lock(&log))(record));
+        let sink: LogSink = Box::new(move |record: &[u8]| (log.lock())(record));
         let service = Arc::new(
             RingService::start(self.introspector.clone(), &region, sink, self.full_timeout)
                 .map_err(vm_err)?,
@@ -171,7 +169,7 @@ impl Supervisor {
             timeout: Some(APPLIANCE_GRACE),
             interrupt: None,
         });
-        let mut ended = lock(&self.ended);
+        let mut ended = self.ended.lock();
         ended.pages = ended.pages.plus(att.pager.stats());
         ended.last = Some((report, service));
         revoked
@@ -180,7 +178,7 @@ impl Supervisor {
     /// One look at the current appliance: when it ended or was detached, retire it and boot
     /// the next one if restarts remain.
     fn check(&self) {
-        let mut current = lock(&self.current);
+        let mut current = self.current.lock();
         let mut vm_ended = false;
         let Some(att) = current.take_if(|att| {
             vm_ended = att.appliance.handle().has_ended();
@@ -194,7 +192,9 @@ impl Supervisor {
             "the appliance was detached"
         };
         self.retire(att, why);
-        let outcome = lock(&self.ended)
+        let outcome = self
+            .ended
+            .lock()
             .last
             .as_ref()
             .map(|(r, s)| format!("{}; rings {s:?}", r.outcome))
@@ -279,14 +279,14 @@ pub fn start_installed(
         vm: config.vm,
         image: config.image,
         serial: config.serial,
-        log: Arc::new(Mutex::new(config.log)),
+        log: Arc::new(RankedMutex::new(lock_order::APPLIANCE_LOG, config.log)),
         window_size: config.window_size,
         sizes: config.sizes,
         full_timeout: config.full_timeout,
         restarts_left: AtomicU32::new(config.restarts),
         restarts: AtomicU32::new(0),
-        current: Mutex::new(None),
-        ended: Mutex::new(Ended::default()),
+        current: RankedMutex::new(lock_order::APPLIANCE_CURRENT, None),
+        ended: RankedMutex::new(lock_order::APPLIANCE_ENDED, Ended::default()),
     });
     // The appliance attaches first (its rings are ready before the target's first event).
     let first = supervisor.boot()?;
@@ -298,7 +298,7 @@ pub fn start_installed(
         }
     };
     introspector.set_handle(target.handle());
-    *lock(&supervisor.current) = Some(first);
+    *supervisor.current.lock() = Some(first);
     // Watch the appliance: when it ends or is detached first, revoke its grants and boot the
     // next one while restarts remain; else the target runs on, unhooked.
     let watch_stop = Arc::new(AtomicBool::new(false));
@@ -334,7 +334,7 @@ impl ApplianceRun {
     /// restart is left).
     pub fn appliance_gone(&self) -> bool {
         self.supervisor.check();
-        lock(&self.supervisor.current).is_none()
+        self.supervisor.current.lock().is_none()
     }
 
     /// Waits for the target's end within `limits`, then revokes every mapping, detaches and
@@ -345,11 +345,11 @@ impl ApplianceRun {
         if let Some(w) = self.watcher.take() {
             let _ = w.join();
         }
-        let current = lock(&self.supervisor.current).take();
+        let current = self.supervisor.current.lock().take();
         let revoked_at_end = current
             .map(|att| self.supervisor.retire(att, "the target ended"))
             .unwrap_or(0);
-        let ended = std::mem::take(&mut *lock(&self.supervisor.ended));
+        let ended = std::mem::take(&mut *self.supervisor.ended.lock());
         // An appliance was booted before the target started, and every one is retired by
         // now, so `last` is always there.
         let (appliance, service) = ended

@@ -20,7 +20,7 @@
 //! target's page.
 
 use std::sync::Arc;
-use std::sync::Mutex;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hypercall::call::{PAGE_SIZE, Request, check_window};
@@ -28,8 +28,10 @@ use hypercall::error::HcError;
 use hypercall::token::{MapToken, TOKEN_SIZE};
 
 use kvmi_engine::Introspector;
+use kvmi_engine::lock_order;
 use kvmi_engine::tokens::TokenError;
 use vmm::memory::GuestRam;
+use vmm::sync::{RankedGuard, RankedMutex};
 use vmm::window::RemapWindow;
 
 /// Counters of one pager.
@@ -116,7 +118,7 @@ pub struct Pager {
     others: Vec<Arc<Introspector>>,
     window: Backing,
     window_gpa: u64,
-    mapped: Mutex<Vec<bool>>,
+    mapped: RankedMutex<Vec<bool>>,
     retired: AtomicBool,
     pages_mapped: AtomicU64,
     map_calls: AtomicU64,
@@ -191,7 +193,7 @@ impl Pager {
             others,
             window,
             window_gpa,
-            mapped: Mutex::new(vec![false; pages]),
+            mapped: RankedMutex::new(lock_order::PAGER_MAPPED, vec![false; pages]),
             retired: AtomicBool::new(false),
             pages_mapped: AtomicU64::new(0),
             map_calls: AtomicU64::new(0),
@@ -228,8 +230,8 @@ impl Pager {
         self.lock().iter().filter(|m| **m).count()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
-        self.mapped.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> RankedGuard<'_, Vec<bool>> {
+        self.mapped.lock()
     }
 
     /// Serves one decoded map request; `caller_ram` is the appliance's RAM (where the token

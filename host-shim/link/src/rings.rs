@@ -27,7 +27,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -38,8 +38,10 @@ use hypercall::ring::{
 };
 use protocol::frame::HEADER_SIZE;
 
+use kvmi_engine::lock_order;
 use kvmi_engine::{Channel, ChannelError, Introspector, ReplyWait, Route};
 use vmm::memory::GuestRam;
+use vmm::sync::RankedMutex;
 
 /// The ring region's memory as the shim sees it: the appliance's ring-region RAM.
 pub type RingMemory = Arc<SharedRegion<Arc<GuestRam>>>;
@@ -62,16 +64,16 @@ pub const DEFAULT_FULL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The shim's producing end: per-vCPU event rings and the command-reply ring.
 pub struct RingChannel {
-    events: Vec<Mutex<Producer<RingMemory>>>,
+    events: Vec<RankedMutex<Producer<RingMemory>>>,
     /// The per-vCPU reply rings, consumed by whichever of the waiting vCPU thread and the
     /// service thread holds the lock (one consumer at a time, as the ring requires).
-    replies: Vec<Mutex<ReplyConsumer>>,
+    replies: Vec<RankedMutex<ReplyConsumer>>,
     /// Per vCPU: its thread is polling its reply ring right now ([`ReplyWait::Polling`]), so
     /// the service thread leaves that ring alone.
     polled: Vec<AtomicBool>,
     /// The service thread, woken when a vCPU stops polling (it then delivers the reply).
     service: OnceLock<Thread>,
-    command_replies: Mutex<Producer<RingMemory>>,
+    command_replies: RankedMutex<Producer<RingMemory>>,
     closed: AtomicBool,
     full_timeout: Duration,
     waits: AtomicU64,
@@ -112,14 +114,24 @@ impl RingChannel {
     ) -> Result<RingChannel, RingError> {
         let vcpus = region.params().vcpu_count;
         let events = (0..vcpus)
-            .map(|v| region.producer_for(RingKind::Event, v).map(Mutex::new))
+            .map(|v| {
+                region
+                    .producer_for(RingKind::Event, v)
+                    .map(|p| RankedMutex::new(lock_order::EVENT_RING, p))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let command_replies = Mutex::new(region.producer_for(RingKind::CommandReply, 0)?);
+        let command_replies = RankedMutex::new(
+            lock_order::COMMAND_REPLY_RING,
+            region.producer_for(RingKind::CommandReply, 0)?,
+        );
         let replies = (0..vcpus)
             .map(|v| {
                 let ring = region.consumer_for(RingKind::EventReply, v)?;
                 let scratch = vec![0u8; ring.max_payload()];
-                Ok(Mutex::new(ReplyConsumer { ring, scratch }))
+                Ok(RankedMutex::new(
+                    lock_order::REPLY_RING,
+                    ReplyConsumer { ring, scratch },
+                ))
             })
             .collect::<Result<Vec<_>, RingError>>()?;
         Ok(RingChannel {
@@ -145,7 +157,7 @@ impl RingChannel {
     }
 
     /// The ring a message goes to: an event's vCPU ring, else the command-reply ring.
-    fn ring_for(&self, route: Route) -> std::io::Result<&Mutex<Producer<RingMemory>>> {
+    fn ring_for(&self, route: Route) -> std::io::Result<&RankedMutex<Producer<RingMemory>>> {
         match route {
             Route::CommandReply => Ok(&self.command_replies),
             Route::Event { vcpu } => self
@@ -155,8 +167,12 @@ impl RingChannel {
         }
     }
 
-    fn push(&self, ring: &Mutex<Producer<RingMemory>>, message: &[u8]) -> std::io::Result<()> {
-        let mut p = ring.lock().unwrap_or_else(|e| e.into_inner());
+    fn push(
+        &self,
+        ring: &RankedMutex<Producer<RingMemory>>,
+        message: &[u8],
+    ) -> std::io::Result<()> {
+        let mut p = ring.lock();
         let mut started: Option<Instant> = None;
         let mut round = 0u32;
         loop {
@@ -213,7 +229,7 @@ impl Channel for RingChannel {
             return Ok(0);
         };
         // The service thread holds it: it delivers this reply itself.
-        let Ok(mut consumer) = ring.try_lock() else {
+        let Some(mut consumer) = ring.try_lock() else {
             return Ok(0);
         };
         consumer.drain(f).map_err(io_err)
@@ -226,7 +242,7 @@ impl Channel for RingChannel {
         polled.store(state == ReplyWait::Polling, Ordering::SeqCst);
         if state == ReplyWait::Polling
             && let Some(ring) = self.replies.get(vcpu as usize)
-            && let Ok(mut consumer) = ring.try_lock()
+            && let Some(mut consumer) = ring.try_lock()
         {
             // Armed by a sleeping service thread: the agent would NOTIFY (exit) for a reply
             // this thread is about to collect itself. A failure shows up in the next drain.
@@ -279,7 +295,7 @@ pub enum ServiceEnd {
 /// The shim's service thread for one appliance's rings.
 pub struct RingService {
     stop: Arc<AtomicBool>,
-    thread: Mutex<Option<JoinHandle<ServiceEnd>>>,
+    thread: RankedMutex<Option<JoinHandle<ServiceEnd>>>,
     /// The command ring's desk and the ring's index (for NOTIFY).
     desk: (Arc<CommandDesk>, u64),
     waker: Thread,
@@ -344,7 +360,7 @@ impl Waker {
 pub struct CommandDesk {
     intro: Arc<Introspector>,
     generation: u64,
-    inbox: Mutex<(Consumer<RingMemory>, Vec<u8>)>,
+    inbox: RankedMutex<(Consumer<RingMemory>, Vec<u8>)>,
     stats: Arc<ServiceStats>,
 }
 
@@ -356,7 +372,7 @@ impl CommandDesk {
             // Detached: nothing to serve (and no warning per NOTIFY of a hostile appliance).
             return Some(0);
         }
-        let mut inbox = self.inbox.try_lock().ok()?;
+        let mut inbox = self.inbox.try_lock()?;
         match self.drain(&mut inbox) {
             Ok(n) => Some(n),
             Err(reason) => {
@@ -426,7 +442,7 @@ impl RingService {
         let desk = Arc::new(CommandDesk {
             intro: introspector.clone(),
             generation,
-            inbox: Mutex::new((commands, vec![0u8; 1 << 20])),
+            inbox: RankedMutex::new(lock_order::COMMAND_INBOX, (commands, vec![0u8; 1 << 20])),
             stats: stats.clone(),
         });
         let inbound = Inbound {
@@ -457,7 +473,7 @@ impl RingService {
         let _ = channel.service.set(waker.clone());
         Ok(RingService {
             stop,
-            thread: Mutex::new(Some(thread)),
+            thread: RankedMutex::new(lock_order::RING_SERVICE_THREAD, Some(thread)),
             desk: (desk, u64::from(command_ring)),
             waker,
             stats,
@@ -493,7 +509,6 @@ impl RingService {
     pub fn has_ended(&self) -> bool {
         self.thread
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .is_none_or(JoinHandle::is_finished)
     }
@@ -503,7 +518,7 @@ impl RingService {
     pub fn stop(&self) -> ServiceEnd {
         self.stop.store(true, Ordering::SeqCst);
         self.waker.unpark();
-        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let t = self.thread.lock().take();
         match t.map(JoinHandle::join) {
             Some(Ok(end)) => end,
             Some(Err(_)) => ServiceEnd::Detached("the ring service panicked".into()),
@@ -565,7 +580,7 @@ fn serve(
                 if inbound.channel.is_polled(v) {
                     continue;
                 }
-                let Ok(mut consumer) = ring.try_lock() else {
+                let Some(mut consumer) = ring.try_lock() else {
                     continue;
                 };
                 let mut failure = None;
@@ -582,7 +597,7 @@ fn serve(
                     return Err(e);
                 }
             }
-            if let Ok(mut inbox) = inbound.desk.inbox.try_lock() {
+            if let Some(mut inbox) = inbound.desk.inbox.try_lock() {
                 work += inbound.desk.drain(&mut inbox)?;
             }
             work += drain(&mut inbound.log, &mut scratch, "log", |r| {
@@ -617,10 +632,6 @@ fn serve(
     }
 }
 
-fn lock_reply(m: &Mutex<ReplyConsumer>) -> std::sync::MutexGuard<'_, ReplyConsumer> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Arms every inbound ring's wake word; sleeps (until NOTIFY or [`SLEEP`]) only if all are
 /// still empty; disarms again.
 fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingError> {
@@ -629,22 +640,22 @@ fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingEr
         // A ring its vCPU polls needs no NOTIFY (the appliance would exit for nothing); the
         // vCPU wakes this thread when it stops polling.
         if !inbound.channel.is_polled(v) {
-            all_empty &= lock_reply(reply).ring.arm_wake()?;
+            all_empty &= reply.lock().ring.arm_wake()?;
         }
     }
     all_empty &= inbound.log.arm_wake()?;
     // A NOTIFY serving the command ring right now holds it (possibly waiting on a full
     // reply ring): do not wait for it; it drains what is there and re-arms the ring.
     all_empty &= match inbound.desk.inbox.try_lock() {
-        Ok(mut inbox) => inbox.0.available()? == 0,
-        Err(_) => true,
+        Some(mut inbox) => inbox.0.available()? == 0,
+        None => true,
     };
     if all_empty {
         stats.sleeps.fetch_add(1, Ordering::Relaxed);
         std::thread::park_timeout(SLEEP);
     }
     for reply in &inbound.channel.replies {
-        lock_reply(reply).ring.disarm_wake()?;
+        reply.lock().ring.disarm_wake()?;
     }
     inbound.log.disarm_wake()?;
     Ok(())

@@ -3,7 +3,9 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::{RankedMutex, vmm_ranks};
 
 use hypercall::ports::{DEBUG_EXIT, SERIAL_COM1, SERIAL_COM1_LEN};
 use vm_superio::{Serial, Trigger};
@@ -34,8 +36,17 @@ impl SerialSink {
 }
 
 /// A cloneable in-memory byte sink.
-#[derive(Clone, Debug, Default)]
-pub struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+#[derive(Clone, Debug)]
+pub struct SharedBuffer(Arc<RankedMutex<Vec<u8>>>);
+
+impl Default for SharedBuffer {
+    fn default() -> Self {
+        SharedBuffer(Arc::new(RankedMutex::new(
+            vmm_ranks::SERIAL_BUFFER,
+            Vec::new(),
+        )))
+    }
+}
 
 impl SharedBuffer {
     /// An empty buffer.
@@ -45,7 +56,7 @@ impl SharedBuffer {
 
     /// A copy of everything written so far.
     pub fn contents(&self) -> Vec<u8> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.lock().clone()
     }
 
     /// Everything written so far, as (lossy) UTF-8.
@@ -60,9 +71,7 @@ impl Write for SerialSink {
             SerialSink::Stdout => io::stdout().lock().write(buf),
             SerialSink::File(f) => f.write(buf),
             SerialSink::Buffer(b) => {
-                b.0.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(buf);
+                b.0.lock().extend_from_slice(buf);
                 Ok(buf.len())
             }
             SerialSink::Null => Ok(buf.len()),
@@ -112,14 +121,14 @@ pub(crate) enum PortResult {
 
 /// The built-in devices of one VM, shared by its vCPU threads.
 pub(crate) struct Devices {
-    serial: Mutex<Serial<NoIrq, vm_superio::serial::NoEvents, SerialSink>>,
+    serial: RankedMutex<Serial<NoIrq, vm_superio::serial::NoEvents, SerialSink>>,
     serial_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Devices {
     pub(crate) fn new(sink: SerialSink) -> Self {
         Devices {
-            serial: Mutex::new(Serial::new(NoIrq, sink)),
+            serial: RankedMutex::new(vmm_ranks::SERIAL, Serial::new(NoIrq, sink)),
             serial_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -128,7 +137,7 @@ impl Devices {
     pub(crate) fn pio(&self, port: u16, write: bool, size: u8, data: &mut [u8]) -> PortResult {
         if (SERIAL_COM1..SERIAL_COM1 + SERIAL_COM1_LEN).contains(&port) {
             let offset = (port - SERIAL_COM1) as u8;
-            let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            let mut serial = self.serial.lock();
             let step = usize::from(size.max(1));
             for chunk in data.chunks_mut(step) {
                 if write {

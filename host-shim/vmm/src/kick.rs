@@ -6,7 +6,9 @@
 //! thread clears `immediate_exit` *before* reading the request, so no kick is ever lost.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
-use std::sync::{Condvar, Mutex, Once};
+use std::sync::{Condvar, Once};
+
+use crate::sync::{RankedGuard, RankedMutex, vmm_ranks};
 
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
@@ -58,13 +60,12 @@ struct Target {
 unsafe impl Send for Target {}
 
 /// Shared control block of one vCPU: requests, kick target and pause state.
-#[derive(Default)]
 pub struct VcpuControl {
     request: AtomicU32,
     /// Set by [`VcpuControl::nudge`]: run the exit hook's `kicked` before the next entry.
     attention: AtomicBool,
-    target: Mutex<Option<Target>>,
-    paused: Mutex<bool>,
+    target: RankedMutex<Option<Target>>,
+    paused: RankedMutex<bool>,
     pause_changed: Condvar,
 }
 
@@ -73,6 +74,18 @@ impl std::fmt::Debug for VcpuControl {
         f.debug_struct("VcpuControl")
             .field("request", &self.request())
             .finish()
+    }
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            request: AtomicU32::new(REQ_NONE),
+            attention: AtomicBool::new(false),
+            target: RankedMutex::new(vmm_ranks::KICK_TARGET, None),
+            paused: RankedMutex::new(vmm_ranks::PAUSE, false),
+            pause_changed: Condvar::new(),
+        }
     }
 }
 
@@ -102,8 +115,8 @@ impl VcpuControl {
         *self.lock_target() = None;
     }
 
-    fn lock_target(&self) -> std::sync::MutexGuard<'_, Option<Target>> {
-        self.target.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_target(&self) -> RankedGuard<'_, Option<Target>> {
+        self.target.lock()
     }
 
     /// The pending request.
@@ -149,30 +162,24 @@ impl VcpuControl {
         let _ =
             self.request
                 .compare_exchange(REQ_PAUSE, REQ_NONE, Ordering::SeqCst, Ordering::SeqCst);
-        let _guard = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.paused.lock();
         self.pause_changed.notify_all();
     }
 
     /// Waits until the vCPU thread reports it is paused (or `timeout` passes); true if paused.
     pub fn wait_paused(&self, timeout: std::time::Duration) -> bool {
-        let guard = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = self
-            .pause_changed
-            .wait_timeout_while(guard, timeout, |paused| !*paused)
-            .unwrap_or_else(|p| p.into_inner());
+        let guard = self.paused.lock();
+        let (guard, _) = guard.wait_timeout_while(&self.pause_changed, timeout, |paused| !*paused);
         *guard
     }
 
     /// Called by the vCPU thread on a pause request: blocks until resumed or stopped.
     pub fn park(&self) {
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut paused = self.paused.lock();
         *paused = true;
         self.pause_changed.notify_all();
         while self.request() == Request::Pause {
-            paused = self
-                .pause_changed
-                .wait(paused)
-                .unwrap_or_else(|p| p.into_inner());
+            paused = paused.wait(&self.pause_changed);
         }
         *paused = false;
         self.pause_changed.notify_all();
@@ -195,7 +202,7 @@ impl VcpuControl {
         }
         // Also wake a parked vCPU so it sees a stop request.
         if self.request() == Request::Stop {
-            let _guard = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self.paused.lock();
             self.pause_changed.notify_all();
         }
     }

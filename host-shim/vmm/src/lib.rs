@@ -23,6 +23,7 @@ pub mod outcome;
 pub mod probe;
 pub mod run_area;
 pub mod running;
+pub mod sync;
 pub mod vcpu;
 pub mod vm;
 pub mod window;

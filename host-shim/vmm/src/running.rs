@@ -2,7 +2,9 @@
 //! run's end with its limits (timeout, interrupt flag, grace period for stuck vCPUs).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar};
+
+use crate::sync::RankedMutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,7 @@ const WAIT_SLICE: Duration = Duration::from_millis(20);
 
 /// State shared by the vCPU threads and the waiter.
 pub(crate) struct RunShared {
-    pub(crate) outcome: Mutex<Option<RunOutcome>>,
+    pub(crate) outcome: RankedMutex<Option<RunOutcome>>,
     pub(crate) changed: Condvar,
     pub(crate) live: AtomicU32,
     pub(crate) controls: Vec<Arc<VcpuControl>>,
@@ -31,7 +33,7 @@ impl RunShared {
     /// Records the run's ending (the first one wins) and stops every vCPU.
     pub(crate) fn finish(&self, outcome: RunOutcome) {
         {
-            let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = self.outcome.lock();
             if slot.is_none() {
                 tracing::debug!("run ends: {outcome}");
                 *slot = Some(outcome);
@@ -45,15 +47,12 @@ impl RunShared {
 
     pub(crate) fn vcpu_done(&self) {
         self.live.fetch_sub(1, Ordering::SeqCst);
-        let _guard = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.outcome.lock();
         self.changed.notify_all();
     }
 
     fn has_outcome(&self) -> bool {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.outcome.lock().is_some()
     }
 }
 
@@ -176,20 +175,11 @@ impl RunningVm {
             if let Some(d) = deadline {
                 slice = slice.min(d.saturating_duration_since(now));
             }
-            let guard = self
-                .shared
-                .outcome
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let guard = self.shared.outcome.lock();
             if self.shared.live.load(Ordering::SeqCst) == 0 {
                 break;
             }
-            drop(
-                self.shared
-                    .changed
-                    .wait_timeout(guard, slice.max(Duration::from_millis(1)))
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
+            drop(guard.wait_timeout(&self.shared.changed, slice.max(Duration::from_millis(1))));
         }
         let elapsed = self.started.elapsed();
         let stuck = self.shared.live.load(Ordering::SeqCst);
@@ -202,7 +192,6 @@ impl RunningVm {
             .shared
             .outcome
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or(RunOutcome::AllHalted);
         RunReport {

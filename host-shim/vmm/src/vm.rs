@@ -1,7 +1,7 @@
 //! A VM: guest RAM, the loaded image, boot state, vCPU threads, and the run with its limits.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar};
 use std::time::{Duration, Instant};
 
 use hypercall::boot::{BOOT_INFO_ADDR, BootInfo, IDENTITY_MAP_BYTES};
@@ -262,7 +262,7 @@ impl Vm {
         install_kick_handler();
         let n = self.vcpus.len();
         let shared = Arc::new(RunShared {
-            outcome: Mutex::new(None),
+            outcome: crate::sync::RankedMutex::new(crate::sync::vmm_ranks::OUTCOME, None),
             changed: Condvar::new(),
             live: AtomicU32::new(0),
             controls: (0..n).map(|_| Arc::new(VcpuControl::new())).collect(),

@@ -1,7 +1,7 @@
 //! Tiny probe VMs (64 KiB of memfd RAM, one vCPU, a code snippet) and the watchdog that
 //! kicks a probe vCPU that does not exit in time.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use crate::kick::{Request, VcpuControl, install_kick_handler};
 use crate::layout::write_boot_tables;
 use crate::memory::GuestRam;
 use crate::run_area::{Exit, run_once};
+use crate::sync::{RankedMutex, vmm_ranks};
 use crate::vcpu::{PreparedVcpu, create_vcpu};
 
 use super::snippets::CODE_GPA;
@@ -106,20 +107,23 @@ struct WdState {
 
 /// One thread that stops the armed probe vCPU when its deadline passes.
 pub struct Watchdog {
-    state: Arc<(Mutex<WdState>, Condvar)>,
+    state: Arc<(RankedMutex<WdState>, Condvar)>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Watchdog {
     /// Starts the watchdog thread.
     pub fn start() -> Result<Watchdog, VmError> {
-        let state: Arc<(Mutex<WdState>, Condvar)> = Arc::default();
+        let state: Arc<(RankedMutex<WdState>, Condvar)> = Arc::new((
+            RankedMutex::new(vmm_ranks::PROBE_WATCHDOG, WdState::default()),
+            Condvar::new(),
+        ));
         let s = state.clone();
         let thread = std::thread::Builder::new()
             .name("probe-watchdog".into())
             .spawn(move || {
                 let (lock, cv) = &*s;
-                let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+                let mut st = lock.lock();
                 while !st.quit {
                     match &st.armed {
                         Some((deadline, control)) => {
@@ -129,13 +133,10 @@ impl Watchdog {
                                 st.armed = None;
                             } else {
                                 let wait = *deadline - now;
-                                st = cv
-                                    .wait_timeout(st, wait)
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .0;
+                                st = st.wait_timeout(cv, wait).0;
                             }
                         }
-                        None => st = cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+                        None => st = st.wait(cv),
                     }
                 }
             })
@@ -148,14 +149,13 @@ impl Watchdog {
 
     fn arm(&self, control: Arc<VcpuControl>, limit: Duration) {
         let (lock, cv) = &*self.state;
-        lock.lock().unwrap_or_else(|p| p.into_inner()).armed =
-            Some((Instant::now() + limit, control));
+        lock.lock().armed = Some((Instant::now() + limit, control));
         cv.notify_all();
     }
 
     fn disarm(&self) {
         let (lock, cv) = &*self.state;
-        lock.lock().unwrap_or_else(|p| p.into_inner()).armed = None;
+        lock.lock().armed = None;
         cv.notify_all();
     }
 }
@@ -163,7 +163,7 @@ impl Watchdog {
 impl Drop for Watchdog {
     fn drop(&mut self) {
         let (lock, cv) = &*self.state;
-        lock.lock().unwrap_or_else(|p| p.into_inner()).quit = true;
+        lock.lock().quit = true;
         cv.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
