@@ -88,8 +88,9 @@ pub(crate) fn run_vcpu(
     exits: &AtomicU64,
 ) -> Option<RunOutcome> {
     // SAFETY: the immediate_exit byte lives in `vcpu.fd`'s mapping, which outlives this
-    // function; we unregister before returning.
+    // function; `_registered` unregisters when the function returns or unwinds.
     unsafe { control.register(vcpu.area.immediate_exit_ptr()) };
+    let _registered = Unregister(control);
     let started = match dispatcher.start(vcpu.index, &vcpu.fd, &mut vcpu.area) {
         Flow::End(outcome) => Some(outcome),
         _ => None,
@@ -133,8 +134,26 @@ pub(crate) fn run_vcpu(
         }
     };
     dispatcher.hook.vcpu_exit(vcpu.index);
-    control.unregister();
     ending
+}
+
+/// Unregisters a vCPU thread from its control block when dropped, so that no kick writes to
+/// its `kvm_run` mapping after the thread left [`run_vcpu`], even by a panic.
+struct Unregister<'a>(&'a VcpuControl);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.0.unregister();
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Spawns the thread of one vCPU; `done` is called with its ending when the loop returns.
@@ -150,7 +169,19 @@ pub(crate) fn spawn_vcpu_thread(
         .spawn(move || {
             let i = vcpu.index as usize;
             let counter = &exits[i.min(exits.len().saturating_sub(1))];
-            let ending = run_vcpu(&mut vcpu, &control, &dispatcher, counter);
+            // A panic is a bug in the VMM or a hook; it ends the run with a VMM error naming
+            // it instead of leaving the other vCPUs waiting for this one.
+            let ending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_vcpu(&mut vcpu, &control, &dispatcher, counter)
+            }))
+            .unwrap_or_else(|payload| {
+                let error = format!("vCPU thread panicked: {}", panic_message(&*payload));
+                tracing::error!(vcpu = vcpu.index, "{error}");
+                Some(RunOutcome::VcpuError {
+                    vcpu: vcpu.index,
+                    error,
+                })
+            });
             drop(vcpu);
             done(ending);
         })

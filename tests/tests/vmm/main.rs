@@ -6,5 +6,6 @@ mod cli;
 mod debug_and_msr_hooks;
 mod demo_target;
 mod hooks_and_memory;
+mod panicking_hook;
 mod probe_watchdog;
 mod test_guest;
