@@ -16,6 +16,7 @@ pub mod wait;
 
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 // Every end-to-end test needs the guest images: a build without them (KVMI_SKIP_IMAGES)
 // must not compile the tests rather than let them pass vacuously.
@@ -42,21 +43,44 @@ pub fn require_kvm(test: &str) -> bool {
     false
 }
 
-/// The `kvmi` command under test: this package's example `kvmi` (`examples/kvmi.rs`), which
-/// `cargo test` builds next to the test binaries. Panics with the fix if it is missing.
+/// The `kvmi` command under test: this package's example `kvmi` (`examples/kvmi.rs`).
+///
+/// `cargo test` builds it with the tests, but `cargo test --test NAME` does not, so the first
+/// call in a test process brings it up to date with `cargo build --example kvmi` (cargo
+/// releases its build lock while tests run) into the same target directory and profile.
+/// Without cargo (a test binary run by hand) the example must already be built. Panics with
+/// the fix when it cannot be had.
 pub fn kvmi_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/examples/kvmi
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("examples").join("kvmi"))
-        .expect("test executable lives in target/<profile>/deps");
-    assert!(
-        bin.exists(),
-        "{} is missing: run the end-to-end tests with `cargo test -p kvmi-tests` (which \
-         builds the example) or build it with `cargo build -p kvmi-tests --example kvmi`",
-        bin.display()
-    );
-    bin
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("test executable lives in target/<profile>/deps");
+        let bin = profile_dir.join("examples").join("kvmi");
+        if let (Some(cargo), Some(target_dir)) = (std::env::var_os("CARGO"), profile_dir.parent()) {
+            let mut build = std::process::Command::new(cargo);
+            build
+                .args(["build", "--quiet", "-p", "kvmi-tests", "--example", "kvmi"])
+                .arg("--target-dir")
+                .arg(target_dir);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo to build the kvmi example");
+            assert!(
+                status.success(),
+                "building the kvmi example failed ({status})"
+            );
+        }
+        assert!(
+            bin.exists(),
+            "{} is missing: build it with `cargo build -p kvmi-tests --example kvmi`",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
 }

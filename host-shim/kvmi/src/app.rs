@@ -45,7 +45,8 @@ EXAMPLES:
 Images and their command lines are described in images/README.md.
 ";
 
-/// Run freestanding guest images on KVM and introspect them.
+/// Run freestanding guest images on KVM and introspect them. With no subcommand: `kvmi run`,
+/// the main job (the demo target watched by the appliance VM).
 #[derive(Parser, Debug)]
 #[command(name = "kvmi", version, after_help = EXIT_STATUS_HELP)]
 struct Cli {
@@ -53,7 +54,7 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -315,7 +316,20 @@ fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let result = match cli.command {
+    // No subcommand: the main job, exactly as `kvmi run` with its defaults.
+    let command = match cli.command {
+        Some(command) => command,
+        None => match Cli::try_parse_from(["kvmi", "run"]) {
+            Ok(Cli {
+                command: Some(run), ..
+            }) => run,
+            _ => {
+                eprintln!("kvmi: error: the default `run` arguments do not parse");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+        },
+    };
+    let result = match command {
         Command::Run(args) => run(args),
         Command::Caps { json } => caps(json),
         Command::Profile { image } => profile(&image),

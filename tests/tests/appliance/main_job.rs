@@ -100,10 +100,7 @@ fn the_appliance_lists_tasks_denies_rootkit_writes_and_traces_task_creation() {
     ) {
         return;
     }
-    let Some(appliance_elf) = Image::from_name("appliance").and_then(|i| i.elf()) else {
-        println!("SKIPPED: the appliance image is not embedded in this build");
-        return;
-    };
+    let appliance_elf = kvmi_tests::common::elf(Image::Appliance);
     // The main job as `kvmi run` (no flags) sets it up: the demo target with the embedded
     // appliance, configured by the same code from the command line's defaults.
     let (kvmi_flags, appliance_flags) =
@@ -202,10 +199,7 @@ fn an_appliance_that_ends_is_replaced_while_restarts_remain() {
     if !kvmi_tests::require_kvm("an_appliance_that_ends_is_replaced_while_restarts_remain") {
         return;
     }
-    let Some(appliance_elf) = Image::from_name("appliance").and_then(|i| i.elf()) else {
-        println!("SKIPPED: the appliance image is not embedded in this build");
-        return;
-    };
+    let appliance_elf = kvmi_tests::common::elf(Image::Appliance);
     let mut target = Vm::new(
         config("restart-target", ""),
         kvmi_tests::common::elf(Image::DemoTarget),
