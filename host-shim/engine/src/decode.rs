@@ -127,7 +127,7 @@ pub fn mem_operand(insn: &[u8], regs: &kvm_regs) -> Option<MemOperand> {
         imm_one_byte(op2, reg, opsize16)?
     };
     let len = i + imm;
-    if len > insn.len() {
+    if len > insn.len().min(15) {
         return None;
     }
     if rip_relative {
