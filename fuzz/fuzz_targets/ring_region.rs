@@ -8,8 +8,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use hypercall::discovery::Features;
-use hypercall::ring::{LayoutParams, Region, RingSizes};
+use hypercall::ring::Region;
+use kvmi_fuzz::ring_fuzz_params;
 use libfuzzer_sys::fuzz_target;
 
 /// Largest region a raw input builds (words).
@@ -60,19 +60,7 @@ fuzz_target!(|data: &[u8]| {
         }
         return;
     }
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes {
-            event: 1024,
-            event_reply: 512,
-            command: 1024,
-            command_reply: 1024,
-            log: 512,
-        },
-        features: Features(0),
-        map_window_gpa: 0,
-        map_window_size: 0,
-    };
+    let params = ring_fuzz_params();
     let words: Vec<AtomicU64> = (0..params.region_size() / 8)
         .map(|_| AtomicU64::new(0))
         .collect();
