@@ -21,7 +21,7 @@ use super::access::AccessTable;
 use super::alias::RamAlias;
 use super::lock_order;
 use super::msr::MsrFilter;
-use super::slot::{OwnedReply, QueuedCommand, VcpuCommand, VcpuSlot};
+use super::slot::{Exchange, Life, Mailbox, OwnedReply, QueuedCommand, VcpuCommand, VcpuSlot};
 use super::tokens::{DEFAULT_TTL, TokenStore};
 use super::transport::{Channel, ChannelError, Route};
 use vmm::memory::GuestRam;
@@ -163,7 +163,7 @@ impl Introspector {
         // before the start): their kicks found no handle, so kick those vCPUs now. A command
         // queued after this scan sees the handle (the slot lock orders the two).
         for i in 0..self.slots.len() {
-            if self.slots[i].lock().command.is_some() {
+            if self.slots[i].lock().mailbox.has_queued() {
                 self.kick(i);
             }
         }
@@ -341,12 +341,10 @@ impl Introspector {
     fn event_reply(&self, seq: u32, payload: &[u8]) -> Result<(), ChannelError> {
         for (i, slot) in self.slots.iter().enumerate() {
             let mut s = slot.lock();
-            let Some((sent, kind)) = s.outstanding else {
-                continue;
+            let kind = match s.exchange {
+                Exchange::Sent { seq: sent, kind } if sent == seq => kind,
+                _ => continue,
             };
-            if sent != seq {
-                continue;
-            }
             let reply = V4::decode_event_reply(kind, payload).map_err(|e| {
                 ChannelError::Protocol(format!("bad reply to {kind:?} event {seq}: {e}"))
             })?;
@@ -357,8 +355,7 @@ impl Introspector {
                 EventReplyData::PageFault(pf) => (None, pf.ctx_data.to_vec()),
                 EventReplyData::None => (None, Vec::new()),
             };
-            s.outstanding = None;
-            s.reply = Some(OwnedReply {
+            s.exchange = Exchange::Answered(OwnedReply {
                 action: reply.action,
                 new_val,
                 ctx_data,
@@ -516,7 +513,7 @@ impl Introspector {
             let waiting = {
                 let mut s = slot.lock();
                 s.debug_dirty = true;
-                s.waiting
+                s.exchange.in_event()
             };
             if !waiting {
                 self.kick(i);
@@ -549,14 +546,14 @@ impl Introspector {
         let i = usize::from(vcpu);
         let waiting = {
             let mut s = self.slots[i].lock();
-            if s.dead {
+            if s.life == Life::Ended {
                 return Err(ErrorCode::Again);
             }
             if s.pause_pending {
                 return Err(ErrorCode::Busy);
             }
             s.pause_pending = true;
-            s.waiting
+            s.exchange.in_event()
         };
         self.slots[i].changed.notify_all();
         if !waiting {
@@ -571,18 +568,18 @@ impl Introspector {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let waiting = {
             let mut s = slot.lock();
-            if s.dead {
+            if s.life == Life::Ended {
                 return error_message(id, seq, ErrorCode::Again);
             }
-            if s.command.is_some() {
+            if !s.mailbox.accepts() {
                 return error_message(id, seq, ErrorCode::Busy);
             }
-            s.command = Some(QueuedCommand {
+            s.mailbox = Mailbox::Queued(QueuedCommand {
                 ticket,
                 seq,
                 command,
             });
-            s.waiting
+            s.exchange.in_event()
         };
         slot.changed.notify_all();
         if !waiting {
@@ -591,16 +588,12 @@ impl Introspector {
         let deadline = Instant::now() + VCPU_COMMAND_TIMEOUT;
         let mut s = slot.lock();
         loop {
-            if let Some((t, _)) = &s.result
-                && *t == ticket
-            {
-                return s.result.take().map(|(_, m)| m).unwrap_or_default();
+            if let Some(reply) = s.mailbox.take_reply(ticket) {
+                return reply;
             }
             let now = Instant::now();
-            if now >= deadline || s.dead {
-                if s.command.as_ref().is_some_and(|c| c.ticket == ticket) {
-                    s.command = None;
-                }
+            if now >= deadline || s.life == Life::Ended {
+                s.mailbox.abandon(ticket);
                 return error_message(id, seq, ErrorCode::Again);
             }
             s = slot.wait(s, deadline - now).0;

@@ -13,6 +13,7 @@ use super::fault::{
     DataOutcome, StepOutcome, data_outcome, step_outcome, step_prot, upstream_access,
 };
 use super::msr::SHADOWED;
+use super::slot::{Life, OneStep};
 use super::vcpu_side::{Answer, DR6_BS, read_msr, update_shadow, write_msr};
 use vmm::hook::{DebugEvent, ExitContext, ExitHook, HookResult, MmioAccess, MsrAccess};
 
@@ -52,7 +53,7 @@ impl Introspector {
             tracing::error!("step-through unprotect {page:#x}: {e}");
         }
         let mut s = self.slots[ctx.vcpu_index() as usize].lock();
-        s.exec_step_page = Some(page);
+        s.step.through_page = Some(page);
         s.debug_dirty = true;
     }
 
@@ -105,7 +106,7 @@ impl Introspector {
     fn emulation_fallback(&self, ctx: &mut ExitContext<'_>, insn: &[u8]) -> HookResult {
         let i = ctx.vcpu_index() as usize;
         let tracked = !self.access.lock().is_empty();
-        if !tracked || self.slots[i].lock().step_all {
+        if !tracked || self.slots[i].lock().step.all_pages {
             return HookResult::Unhandled;
         }
         if let Some(op) = mem_operand(insn, ctx.regs()) {
@@ -144,7 +145,7 @@ impl Introspector {
         }
         {
             let mut s = self.slots[i].lock();
-            s.step_all = true;
+            s.step.all_pages = true;
             s.debug_dirty = true;
         }
         tracing::debug!(
@@ -190,7 +191,7 @@ impl Introspector {
         let armed = self.breakpoints.lock().gvas.contains(&Some(now));
         if action == Action::Continue && armed {
             let mut s = self.slots[ctx.vcpu_index() as usize].lock();
-            s.stepping_over = true;
+            s.step.over_breakpoint = true;
             s.debug_dirty = true;
         }
         self.finish(ctx)
@@ -250,21 +251,23 @@ impl ExitHook for Introspector {
 
     fn halted(&self, ctx: &mut ExitContext<'_>) -> HookResult {
         let i = ctx.vcpu_index() as usize;
-        self.slots[i].lock().halted = true;
+        {
+            let mut s = self.slots[i].lock();
+            if s.life == Life::Live {
+                s.life = Life::Halted;
+            }
+        }
         loop {
             if let Err(reason) = self.service(ctx) {
                 return HookResult::Stop(reason);
             }
             let ended = self.handle.get().is_none_or(|h| h.has_ended());
-            let all_halted = self.slots.iter().all(|s| {
-                let s = s.lock();
-                s.dead || s.halted
-            });
+            let all_halted = self.slots.iter().all(|s| s.lock().life != Life::Live);
             if ended || all_halted {
                 return HookResult::Unhandled;
             }
             let s = self.slots[i].lock();
-            if s.command.is_none() && !s.pause_pending {
+            if !s.mailbox.has_queued() && !s.pause_pending {
                 drop(self.slots[i].wait(s, std::time::Duration::from_millis(50)));
             }
         }
@@ -272,7 +275,7 @@ impl ExitHook for Introspector {
 
     fn vcpu_exit(&self, index: u32) {
         if let Some(slot) = self.slots.get(index as usize) {
-            slot.lock().dead = true;
+            slot.lock().life = Life::Ended;
             slot.changed.notify_all();
         }
     }
@@ -332,28 +335,21 @@ impl ExitHook for Introspector {
         if ev.exception != 1 {
             return HookResult::Unhandled;
         }
-        let (was_stepping_over, step_page, step_all, stepping_enabled) = {
+        let (step, stepping_enabled) = {
             let s = self.slots[i].lock();
-            (
-                s.stepping_over,
-                s.exec_step_page,
-                s.step_all,
-                s.events.contains(protocol::EventKind::Singlestep),
-            )
+            (s.step, s.events.contains(protocol::EventKind::Singlestep))
         };
         let stepped = ev.dr6 & DR6_BS != 0;
-        if stepped && (was_stepping_over || step_page.is_some() || step_all) {
+        if stepped && step.active() {
             {
                 let mut s = self.slots[i].lock();
-                s.stepping_over = false;
-                s.exec_step_page = None;
-                s.step_all = false;
+                s.step = OneStep::default();
                 s.debug_dirty = true;
             }
-            if let Some(page) = step_page {
+            if let Some(page) = step.through_page {
                 self.end_step_through(page);
             }
-            if step_all {
+            if step.all_pages {
                 self.protect_all_tracked(true);
             }
             if stepping_enabled {

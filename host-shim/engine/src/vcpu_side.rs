@@ -21,7 +21,7 @@ use zerocopy::IntoBytes;
 use super::convert::{cpu_mode, regs_from_wire, regs_to_wire, sregs_to_wire};
 use super::engine::{HW_BREAKPOINTS, Introspector, error_message};
 use super::msr::SHADOWED;
-use super::slot::{AppliedDebug, OwnedReply, PendingTrap, Slot, VcpuCommand};
+use super::slot::{AppliedDebug, Exchange, OwnedReply, PendingTrap, Slot, VcpuCommand};
 use super::transport::{Channel, ReplyWait, Route};
 use vmm::hook::ExitContext;
 
@@ -185,20 +185,15 @@ impl Introspector {
         };
         let i = Self::slot_index(ctx);
         {
-            let mut s = self.slots[i].lock();
-            s.outstanding = Some((seq, kind));
-            s.reply = None;
-            s.in_event = true;
+            self.slots[i].lock().exchange = Exchange::Sent { seq, kind };
         }
         if !self.send(generation, &buf[..n], Route::Event { vcpu: i as u32 }) {
-            let mut s = self.slots[i].lock();
-            s.outstanding = None;
-            s.in_event = false;
+            self.slots[i].lock().exchange = Exchange::Idle;
             return Answer::NotSent;
         }
         let exempt = kind == EventKind::PauseVcpu;
         let answer = self.wait_reply(ctx, generation, exempt);
-        self.slots[i].lock().in_event = false;
+        self.slots[i].lock().exchange = Exchange::Idle;
         answer
     }
 
@@ -218,19 +213,20 @@ impl Introspector {
         });
         let poll_until = Instant::now() + REPLY_POLL;
         let mut s = slot.lock();
-        s.waiting = true;
         let answer = loop {
-            if let Some(r) = s.reply.take() {
+            if matches!(s.exchange, Exchange::Answered(_))
+                && let Exchange::Answered(r) = std::mem::take(&mut s.exchange)
+            {
                 break Answer::Reply(r);
             }
             if self.current_generation() != generation {
                 break Answer::NotSent;
             }
-            if let Some(cmd) = s.command.take() {
+            if let Some(cmd) = s.mailbox.start() {
                 drop(s);
                 let msg = self.run_vcpu_command(ctx, cmd.seq, &cmd.command);
                 s = slot.lock();
-                s.result = Some((cmd.ticket, msg));
+                s.mailbox.finish(cmd.ticket, msg);
                 slot.changed.notify_all();
                 continue;
             }
@@ -246,7 +242,6 @@ impl Introspector {
                     deadline = now + t;
                     continue;
                 }
-                s.waiting = false;
                 drop(s);
                 tracing::warn!(
                     vcpu = i,
@@ -271,7 +266,7 @@ impl Introspector {
             let wait = (deadline - now).min(Duration::from_millis(200));
             s = slot.wait(s, wait).0;
         };
-        s.waiting = false;
+        drop(s);
         answer
     }
 
@@ -307,16 +302,14 @@ impl Introspector {
             let (cmd, pause, trap) = {
                 let mut s = self.slots[i].lock();
                 let pause = std::mem::take(&mut s.pause_pending);
-                (s.command.take(), pause, s.pending_trap.take())
+                (s.mailbox.start(), pause, s.pending_trap.take())
             };
             if cmd.is_none() && !pause && trap.is_none() {
                 break;
             }
             if let Some(cmd) = cmd {
                 let msg = self.run_vcpu_command(ctx, cmd.seq, &cmd.command);
-                let mut s = self.slots[i].lock();
-                s.result = Some((cmd.ticket, msg));
-                drop(s);
+                self.slots[i].lock().mailbox.finish(cmd.ticket, msg);
                 self.slots[i].changed.notify_all();
             }
             if let Some(t) = trap {
@@ -389,7 +382,7 @@ impl Introspector {
                 })))
             }
             VcpuCommand::SetRegisters { regs } => {
-                let in_event = self.slots[Self::slot_index(ctx)].lock().in_event;
+                let in_event = self.slots[Self::slot_index(ctx)].lock().exchange.in_event();
                 if !in_event {
                     return encode(&Err(ErrorCode::Again));
                 }
@@ -476,7 +469,7 @@ impl Introspector {
         let mut d = AppliedDebug::default();
         let bps_on = s.events.contains(EventKind::Breakpoint)
             && self.masks.allows_event(EventKind::Breakpoint)
-            && !s.stepping_over;
+            && !s.step.over_breakpoint;
         if bps_on {
             let bps = self.breakpoints.lock();
             let mut dr7 = 0u64;
@@ -499,9 +492,7 @@ impl Introspector {
         }
         let stepping = (s.events.contains(EventKind::Singlestep)
             && self.masks.allows_event(EventKind::Singlestep))
-            || s.stepping_over
-            || s.exec_step_page.is_some()
-            || s.step_all;
+            || s.step.active();
         if stepping {
             d.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
