@@ -7,15 +7,23 @@
 //! Take events with [`KvmiClient::next_event`], answer them with [`KvmiClient::reply`].
 //!
 //! ```no_run
-//! use kvmi_client::KvmiClient;
-//! use protocol::{Action, EventKind, event_reply::EventReplyData};
+//! use kvmi_client::{KvmiClient, neutral_data};
+//! use protocol::{Action, EventKind, EventPayload, event_reply::EventReplyData};
 //! use std::time::Duration;
 //!
 //! let client = KvmiClient::connect("/tmp/vm.kvmi")?;
 //! let info = client.get_guest_info()?;
 //! client.control_events(0, [EventKind::Msr].into_iter().collect())?;
+//! client.control_msr(0, 0x174, true)?; // writes to IA32_SYSENTER_CS raise MSR events
 //! if let Some(ev) = client.next_event(Duration::from_secs(5))? {
-//!     client.reply(&ev, Action::Continue, EventReplyData::None)?;
+//!     // An MSR reply must carry the value to write (`new_val`); the guest's own value lets
+//!     // its write go ahead unchanged. `neutral_data(&ev)` is that data for any event, and
+//!     // `reply_continue(&ev)` answers CONTINUE with it in one call.
+//!     let data = match ev.event.payload {
+//!         EventPayload::Msr { new_value, .. } => EventReplyData::Msr { new_val: new_value },
+//!         _ => neutral_data(&ev),
+//!     };
+//!     client.reply(&ev, Action::Continue, data)?;
 //! }
 //! # let _ = info;
 //! # Ok::<(), kvmi_client::ClientError>(())

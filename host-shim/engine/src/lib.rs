@@ -2,8 +2,9 @@
 //!
 //! One [`Introspector`] per VM, installed as the VM's [`vmm::ExitHook`]: with no tool
 //! attached it is a pass-through; a tool attached through a [`Channel`] (the unix socket of
-//! [`socket`] here; the appliance's shared-memory rings later) pauses vCPUs, reads and writes
-//! registers and memory, sets page access, and receives events it answers with actions.
+//! [`socket`] here, or the appliance's shared-memory rings, `RingChannel` in `appliance-link`)
+//! pauses vCPUs, reads and writes registers and memory, sets page access, and receives events
+//! it answers with actions.
 //!
 //! # Threads
 //! VM-scope commands (GET_VERSION, GET_GUEST_INFO, READ/WRITE_PHYSICAL, GET/SET_PAGE_ACCESS,

@@ -1,7 +1,7 @@
 //! The transport-neutral link between the introspector and one tool: the engine sends whole
-//! encoded messages through a [`Channel`]; a transport (the unix socket here, the appliance's
-//! shared-memory rings later) feeds every whole message it receives to
-//! [`crate::Introspector::handle_message`].
+//! encoded messages through a [`Channel`]; a transport (the unix socket here, or the
+//! appliance's shared-memory rings, `RingChannel` in the `appliance-link` crate) feeds every
+//! whole message it receives to [`crate::Introspector::handle_message`].
 
 use std::io;
 

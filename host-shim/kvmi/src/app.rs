@@ -91,9 +91,9 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// An ELF file, or the name of an embedded image (demo-target, test-guest) [default: the
-    /// demo target, watched by the embedded appliance VM unless --no-appliance or a KVMI
-    /// socket is given].
+    /// An ELF file, or the name of an embedded image (demo-target, test-guest, appliance)
+    /// [default: the demo target, watched by the embedded appliance VM unless --no-appliance
+    /// or a KVMI socket is given].
     #[arg(long)]
     image: Option<String>,
     /// With no --image: run the demo target alone, without the appliance VM.

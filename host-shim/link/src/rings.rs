@@ -46,7 +46,9 @@ use vmm::sync::RankedMutex;
 /// The ring region's memory as the shim sees it: the appliance's ring-region RAM.
 pub type RingMemory = Arc<SharedRegion<Arc<GuestRam>>>;
 
-/// Lays out the ring region in `ram` (the memory `Vm::add_ring_region` returned).
+/// Lays out the ring region in `ram` (the region's memory, which
+/// [`add_appliance_regions`](crate::launch::add_appliance_regions) adds to the appliance VM
+/// through `Vm::add_shared_region`).
 pub fn create_region(
     ram: Arc<GuestRam>,
     params: &LayoutParams,

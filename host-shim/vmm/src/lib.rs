@@ -1,14 +1,22 @@
-//! The host shim: a VMM on stock KVM (rust-vmm crates) that boots the project's freestanding
-//! guest images, plus the capability probe and image profiles the introspector builds on.
+//! The VMM core: a userspace VMM on stock KVM (rust-vmm crates) that boots the project's
+//! freestanding guest images and hands every vCPU exit to one dispatcher.
 //!
+//! What it owns:
 //! - [`Vm`] builds a VM (memfd-backed [`GuestRam`], ELF image, boot state of
 //!   `hypercall::boot`, vCPUs) and runs it on one thread per vCPU ([`RunningVm`],
-//!   [`VmHandle`]), ending with a [`RunOutcome`].
-//! - Every exit goes through one dispatcher; an [`ExitHook`] sees PIO, MMIO, debug, MSR,
-//!   memory-fault and emulation-failure exits first (the introspector's entry point).
+//!   [`VmHandle`]: stop, kick, pause, resume), ending with a [`RunOutcome`].
+//! - Every exit goes through one dispatcher: an [`ExitHook`] sees PIO, hypercall-doorbell,
+//!   MMIO, debug, MSR, memory-fault and emulation-failure exits first, then come the built-in
+//!   [`devices`] (COM1 serial, debug exit) and the unknown-I/O policy.
+//! - Extra memory: [`Vm::add_shared_region`] and [`Vm::add_remap_window`]
+//!   ([`window::RemapWindow`]: another VM's memfd pages mapped in zero-copy and revoked),
+//!   announced to the guest with [`Vm::update_boot_info`].
 //! - [`probe::probe_capabilities`] runs tiny probe VMs to learn what this host's KVM delivers.
-//! - [`profile`] turns an image's `kvmi_profile.*` ELF symbols into its JSON profile;
-//!   [`images`] holds the embedded demo and test images.
+//!
+//! What it never does: anything of introspection, tools, rings or appliance VMs. Those layers
+//! (`kvmi-engine`, `appliance-link`) build on the generic hook and region API above; image
+//! profiles and the embedded images belong to the `kvmi` crate. Guest behaviour never panics
+//! or hangs the VMM: anything unexpected ends the run with a descriptive [`RunOutcome`].
 #![deny(missing_docs)]
 
 pub mod devices;

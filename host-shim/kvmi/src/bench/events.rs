@@ -1,5 +1,5 @@
 //! Event round trips through the rings against the socket and the raw exit floor, in one
-//! run. All three run the same test-guest loop, `mode=mem-write n=N gate=1`
+//! run. All four paths run the same test-guest loop, `mode=mem-write n=N gate=1`
 //! (N word writes to a write-protected scratch page), and each sample is the time between
 //! two consecutive exits (so it includes the guest's loop body and every cost of one round
 //! trip):
