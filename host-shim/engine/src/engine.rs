@@ -89,7 +89,9 @@ impl std::fmt::Debug for Introspector {
     }
 }
 
-fn encode_result(kind: CommandKind, seq: u32, result: &CommandResult<'_>) -> Vec<u8> {
+/// The reply message of `kind` under `seq` (a `-KVM_ENOMEM` error reply if it cannot be
+/// encoded).
+pub(crate) fn encode_result(kind: CommandKind, seq: u32, result: &CommandResult<'_>) -> Vec<u8> {
     let len = V4::reply_len(kind, result).unwrap_or(16);
     let mut buf = vec![0u8; len];
     match V4::encode_reply(kind, seq, result, &mut buf) {

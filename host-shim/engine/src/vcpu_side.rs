@@ -19,7 +19,7 @@ use protocol::wire::WireProfile;
 use zerocopy::IntoBytes;
 
 use super::convert::{cpu_mode, regs_from_wire, regs_to_wire, sregs_to_wire};
-use super::engine::{HW_BREAKPOINTS, Introspector, error_message};
+use super::engine::{HW_BREAKPOINTS, Introspector, encode_result};
 use super::msr::SHADOWED;
 use super::slot::{AppliedDebug, Exchange, OwnedReply, PendingTrap, Slot, VcpuCommand};
 use super::transport::{Channel, ReplyWait, Route};
@@ -347,18 +347,7 @@ impl Introspector {
         command: &VcpuCommand,
     ) -> Vec<u8> {
         let kind = command.kind();
-        let id = V4::command_id(kind);
-        let encode = |result: &CommandResult<'_>| {
-            let len = V4::reply_len(kind, result).unwrap_or(16);
-            let mut buf = vec![0u8; len];
-            match V4::encode_reply(kind, seq, result, &mut buf) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    buf
-                }
-                Err(_) => error_message(id, seq, ErrorCode::NoMem),
-            }
-        };
+        let encode = |result: &CommandResult<'_>| encode_result(kind, seq, result);
         match command {
             VcpuCommand::GetRegisters { msrs: indices } => {
                 let values = if indices.is_empty() {
