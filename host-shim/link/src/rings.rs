@@ -613,11 +613,13 @@ fn serve(
             tracing::warn!("appliance rings: {reason}; detaching the appliance");
             return ServiceEnd::Detached(reason);
         }
-        if stop.load(Ordering::SeqCst) {
-            return ServiceEnd::Stopped;
-        }
+        // A detach that came before the stop request is what ended the appliance: report it
+        // as such, whichever of the two this thread notices first.
         if intro.current_generation() != generation {
             return ServiceEnd::Detached("the introspector detached the appliance".into());
+        }
+        if stop.load(Ordering::SeqCst) {
+            return ServiceEnd::Stopped;
         }
         if work > 0 {
             last_work = Instant::now();
