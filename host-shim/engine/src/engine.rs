@@ -17,7 +17,7 @@ use protocol::types::{Access, MapToken, VcpuSelector};
 use protocol::wire::{ToolMessage, WireProfile};
 
 use super::IntrospectorConfig;
-use super::access::AccessTable;
+use super::access::{AccessTable, PAGE};
 use super::alias::RamAlias;
 use super::lock_order;
 use super::msr::MsrFilter;
@@ -230,15 +230,30 @@ impl Introspector {
     }
 
     fn unhook(&self) {
-        let pages = self.access.lock().clear();
-        for page in &pages {
-            if let Err(e) = self
-                .ram
-                .protect(*page, 4096, libc::PROT_READ | libc::PROT_WRITE)
-            {
-                tracing::error!("unhook: restoring page {page:#x}: {e}");
+        // Held while the pages are restored, so a restriction set by the next tool is never
+        // undone here. Each run lies between read-write pages: restoring it only merges
+        // mappings, it never needs a new one.
+        let pages = {
+            let mut table = self.access.lock();
+            let pages = table.len();
+            let runs = table.clear();
+            let mut failures = 0usize;
+            for &(start, len) in &runs {
+                if let Err(e) = self
+                    .ram
+                    .protect(start, len, libc::PROT_READ | libc::PROT_WRITE)
+                {
+                    if failures == 0 {
+                        tracing::error!("unhook: restoring {start:#x}+{len:#x}: {e}");
+                    }
+                    failures += 1;
+                }
             }
-        }
+            if failures > 1 {
+                tracing::error!("unhook: {failures} page ranges could not be restored");
+            }
+            pages
+        };
         {
             let mut bps = self.breakpoints.lock();
             bps.gvas = [None; HW_BREAKPOINTS];
@@ -255,7 +270,7 @@ impl Introspector {
         for i in 0..self.slots.len() {
             self.kick(i);
         }
-        tracing::info!(pages = pages.len(), "unhooked: the VM runs untouched");
+        tracing::info!(pages, "unhooked: the VM runs untouched");
     }
 
     /// The attached tool's channel, if `generation` is still the attached one.
@@ -459,6 +474,9 @@ impl Introspector {
         &self,
         entries: impl Iterator<Item = (u64, Access)>,
     ) -> CommandResult<'static> {
+        // Entries apply in order and never stop the command; each one either applies fully
+        // (host protection in place, then recorded) or leaves no trace. The table logs
+        // refusals once per burst.
         let mut failed = None;
         let mut table = self.access.lock();
         for (gpa, access) in entries {
@@ -466,10 +484,10 @@ impl Introspector {
                 failed = Some(ErrorCode::Inval);
                 continue;
             }
-            if let Some(change) = table.set(gpa, access)
-                && let Err(e) = self.ram.protect(change.page, 4096, change.prot)
-            {
-                tracing::error!("mprotect {:#x}: {e}", change.page);
+            let applied = table.set_with(gpa, access, |change| {
+                self.ram.protect(change.page, PAGE, change.prot)
+            });
+            if applied.is_err() {
                 failed = Some(ErrorCode::NoMem);
             }
         }

@@ -8,3 +8,4 @@ mod demo;
 mod engine_smoke;
 mod events;
 mod hostile;
+mod page_access_limit;
