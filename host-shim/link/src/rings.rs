@@ -22,8 +22,10 @@
 //!   wake words are what lets the appliance skip NOTIFY while the thread is awake.
 //! - The appliance polls the rings the shim produces, so the shim never notifies it.
 //!
-//! A corrupt ring (indices or lengths scribbled by the appliance; see `hypercall::ring`) or a
-//! protocol error detaches the appliance; the target runs on, unhooked.
+//! A corrupt ring (indices or lengths scribbled by the appliance; see `hypercall::ring`), a
+//! protocol error, or anything but an event reply on a reply ring (a command there would be
+//! queued for the very vCPU polling that ring) detaches the appliance with the reason; the
+//! target runs on, unhooked.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,7 +38,9 @@ use hypercall::discovery::RingKind;
 use hypercall::ring::{
     Consumer, LayoutParams, NoNotify, Producer, Region, RingError, SharedRegion,
 };
+use protocol::V4;
 use protocol::frame::HEADER_SIZE;
+use protocol::wire::WireProfile;
 
 use kvmi_engine::lock_order;
 use kvmi_engine::{Channel, ChannelError, Introspector, ReplyWait, Route};
@@ -79,6 +83,9 @@ pub struct RingChannel {
     closed: AtomicBool,
     full_timeout: Duration,
     waits: AtomicU64,
+    /// Why a reply ring was found bad by whichever thread read it (the vCPU that polled it
+    /// detaches the appliance itself; the service thread reports this reason).
+    reply_fault: OnceLock<String>,
 }
 
 impl std::fmt::Debug for RingChannel {
@@ -97,11 +104,39 @@ struct ReplyConsumer {
 }
 
 impl ReplyConsumer {
-    /// Feeds every published record to `f`; returns how many.
-    fn drain(&mut self, f: &mut dyn FnMut(&[u8])) -> Result<usize, RingError> {
-        self.ring
-            .drain(&mut self.scratch, &NoNotify, |record| f(record))
+    /// Feeds the published records of the reply ring to `f`; returns how many were
+    /// consumed. Only event replies belong on a reply ring: anything else (a command, which
+    /// the engine would queue for the very vCPU polling this ring, stalling it), a corrupt
+    /// ring or a record `f` refuses ends the feeding, and the error says why.
+    fn drain(&mut self, f: &mut dyn FnMut(&[u8]) -> Result<(), String>) -> Result<usize, String> {
+        let mut failure = None;
+        let n = self
+            .ring
+            .drain(&mut self.scratch, &NoNotify, |record| {
+                if failure.is_none()
+                    && let Err(e) = check_event_reply(record).and_then(|()| f(record))
+                {
+                    failure = Some(e);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        failure.map_or(Ok(n), Err)
     }
+}
+
+/// `Ok` if `record` is an event reply, the only message a reply ring may carry; otherwise
+/// what it is, as the reason to detach the appliance.
+fn check_event_reply(record: &[u8]) -> Result<(), String> {
+    let what = match V4::parse_frame(record) {
+        Ok(frame) if frame.header.id == V4::EVENT_REPLY_ID => return Ok(()),
+        Ok(frame) if frame.header.id == V4::EVENT_ID => format!("an event (id {})", V4::EVENT_ID),
+        Ok(frame) => match V4::command_kind(frame.header.id) {
+            Some(kind) => format!("a {kind:?} command (id {})", frame.header.id),
+            None => format!("a message of unknown id {}", frame.header.id),
+        },
+        Err(e) => format!("a malformed message ({e})"),
+    };
+    Err(format!("{what} where only event replies belong"))
 }
 
 fn io_err(e: RingError) -> std::io::Error {
@@ -145,7 +180,13 @@ impl RingChannel {
             closed: AtomicBool::new(false),
             full_timeout,
             waits: AtomicU64::new(0),
+            reply_fault: OnceLock::new(),
         })
+    }
+
+    /// Why a reply ring was found bad, if one was (the appliance is then detached).
+    pub fn reply_fault(&self) -> Option<&str> {
+        self.reply_fault.get().map(String::as_str)
     }
 
     /// Whether vCPU `v`'s thread is polling its own reply ring.
@@ -234,7 +275,19 @@ impl Channel for RingChannel {
         let Some(mut consumer) = ring.try_lock() else {
             return Ok(0);
         };
-        consumer.drain(f).map_err(io_err)
+        // A bad record fails the poll: the polling vCPU detaches the appliance at once
+        // ("reply ring of vCPU N: <reason>"), and the service thread reports the same.
+        consumer
+            .drain(&mut |record| {
+                f(record);
+                Ok(())
+            })
+            .map_err(|reason| {
+                let _ = self
+                    .reply_fault
+                    .set(format!("reply ring of vCPU {vcpu}: {reason}"));
+                std::io::Error::new(std::io::ErrorKind::InvalidData, reason)
+            })
     }
 
     fn reply_wait(&self, vcpu: u32, state: ReplyWait) {
@@ -585,19 +638,9 @@ fn serve(
                 let Some(mut consumer) = ring.try_lock() else {
                     continue;
                 };
-                let mut failure = None;
                 work += consumer
-                    .drain(&mut |record| {
-                        if failure.is_none()
-                            && let Err(e) = handle(record)
-                        {
-                            failure = Some(e);
-                        }
-                    })
-                    .map_err(|e| format!("reply {v} ring: {e}"))?;
-                if let Some(e) = failure {
-                    return Err(e);
-                }
+                    .drain(&mut |record| handle(record))
+                    .map_err(|e| format!("reply ring of vCPU {v}: {e}"))?;
             }
             if let Some(mut inbox) = inbound.desk.inbox.try_lock() {
                 work += inbound.desk.drain(&mut inbox)?;
@@ -616,7 +659,12 @@ fn serve(
         // A detach that came before the stop request is what ended the appliance: report it
         // as such, whichever of the two this thread notices first.
         if intro.current_generation() != generation {
-            return ServiceEnd::Detached("the introspector detached the appliance".into());
+            // A vCPU that found its reply ring bad detached the appliance: say why.
+            let reason = inbound.channel.reply_fault().map_or_else(
+                || "the introspector detached the appliance".to_string(),
+                str::to_string,
+            );
+            return ServiceEnd::Detached(reason);
         }
         if stop.load(Ordering::SeqCst) {
             return ServiceEnd::Stopped;

@@ -293,3 +293,120 @@ fn a_notify_for_the_command_ring_serves_it_on_the_callers_thread() {
         interrupt: None,
     });
 }
+
+/// Publishes `message` on vCPU 0's reply ring, as a confused or hostile appliance would.
+fn scribble_reply_ring(region: &Region<RingMemory>, message: &[u8]) {
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut replies = app.producer_for(RingKind::EventReply, 0).unwrap();
+    replies.try_push(message).unwrap();
+    let _ = replies.publish().unwrap();
+}
+
+/// Waits (less than the 2 s a vCPU command waits for its vCPU: the stall this replaces) for
+/// the appliance to be detached, and returns the reason its service reports.
+fn detached_promptly(intro: &Introspector, service: &RingService, what: &str) -> String {
+    let start = std::time::Instant::now();
+    let detached = wait::within(kvmi_engine::VCPU_COMMAND_TIMEOUT, || !intro.is_attached());
+    assert!(
+        detached,
+        "{what}: still attached after {:?}",
+        start.elapsed()
+    );
+    match service.stop() {
+        appliance_link::rings::ServiceEnd::Detached(reason) => reason,
+        other => panic!("{what}: the service ended {other:?}"),
+    }
+}
+
+#[test]
+fn anything_but_an_event_reply_on_a_reply_ring_detaches_the_appliance_at_once() {
+    if !kvmi_tests::require_kvm(
+        "anything_but_an_event_reply_on_a_reply_ring_detaches_the_appliance_at_once",
+    ) {
+        return;
+    }
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+
+    // No event outstanding: the service thread reads the ring and finds a command there.
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        serial,
+    } = ring_target(
+        "reply-ring-idle",
+        "mode=cycle every=100",
+        IntrospectorConfig::default(),
+        Box::new(|_| {}),
+    );
+    wait::until(Duration::from_secs(20), "the guest to run", || {
+        serial.text().contains("cycle i=")
+    });
+    let n = V4::encode_command(5, &Command::GetVersion, &mut buf).unwrap();
+    scribble_reply_ring(&region, &buf[..n]);
+    let reason = detached_promptly(&intro, &service, "a GET_VERSION on the reply ring");
+    assert_eq!(
+        reason,
+        "reply ring of vCPU 0: a GetVersion command (id 1) where only event replies belong"
+    );
+    // The target runs on, unhooked: its serial output keeps growing.
+    let len = serial.text().len();
+    wait::until(Duration::from_secs(20), "the serial output to grow", || {
+        serial.text().len() > len
+    });
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+
+    // A vCPU waiting for its event reply (it polls its own reply ring): a vCPU command for
+    // that very vCPU there used to be queued by that vCPU for itself, stalling it 2 s.
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        serial,
+    } = ring_target(
+        "reply-ring-waiting",
+        "mode=hello",
+        IntrospectorConfig {
+            wait_for_tool: true,
+            ..IntrospectorConfig::default()
+        },
+        Box::new(|_| {}),
+    );
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut events = app.consumer_for(RingKind::Event, 0).unwrap();
+    let record = pop(&mut events);
+    assert_eq!(V4::parse_frame(&record).unwrap().header.id, V4::EVENT_ID);
+    let command = Command::GetRegisters {
+        vcpu: 0,
+        msrs: protocol::list::List::from_slice(&[]),
+    };
+    let n = V4::encode_command(6, &command, &mut buf).unwrap();
+    scribble_reply_ring(&region, &buf[..n]);
+    let reason = detached_promptly(&intro, &service, "a GET_REGISTERS on the reply ring");
+    assert_eq!(
+        reason,
+        "reply ring of vCPU 0: a GetRegisters command (id 6) where only event replies belong"
+    );
+    // The vCPU's wait ended with the detach: the guest runs to its end.
+    let report = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(20)),
+        interrupt: None,
+    });
+    assert!(
+        report.outcome.is_success(),
+        "{:?}: {}",
+        report.outcome,
+        serial.text()
+    );
+    assert!(
+        serial.text().contains("hello from vcpu 0"),
+        "{}",
+        serial.text()
+    );
+}
