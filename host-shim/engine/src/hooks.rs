@@ -20,6 +20,12 @@ use vmm::hook::{DebugEvent, ExitContext, ExitHook, HookResult, MmioAccess, MsrAc
 /// An unknown guest-virtual address in a PF event.
 const NO_GVA: u64 = u64::MAX;
 
+/// The rip after an instruction of `len` bytes at `rip` (SKIP of a decoded instruction).
+/// rip is guest-controlled: like the CPU, this wraps at the top of the address space.
+fn next_rip(rip: u64, len: usize) -> u64 {
+    rip.wrapping_add(len as u64)
+}
+
 fn action_of(a: &Answer) -> Option<Action> {
     match a {
         Answer::Reply(r) => Some(r.action),
@@ -135,7 +141,8 @@ impl Introspector {
                 match action_of(&self.raise(ctx, payload, false)) {
                     Some(Action::Crash) => return self.crash(ctx, "PF"),
                     Some(Action::Skip) => {
-                        ctx.regs_mut().rip += op.len as u64;
+                        let regs = ctx.regs_mut();
+                        regs.rip = next_rip(regs.rip, op.len);
                         return self.finish(ctx);
                     }
                     Some(Action::Retry) => return self.finish(ctx),
@@ -452,7 +459,8 @@ impl ExitHook for Introspector {
         if action == Some(Action::Skip)
             && let Some(len) = skip_len
         {
-            ctx.regs_mut().rip += len as u64;
+            let regs = ctx.regs_mut();
+            regs.rip = next_rip(regs.rip, len);
             return self.finish(ctx);
         }
         match step_outcome(action) {
@@ -493,5 +501,18 @@ impl ExitHook for Introspector {
 
     fn kicked(&self, ctx: &mut ExitContext<'_>) -> HookResult {
         self.finish(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_rip;
+
+    #[test]
+    fn skipping_an_instruction_at_the_top_of_the_address_space_wraps() {
+        assert_eq!(next_rip(0x1000, 8), 0x1008);
+        assert_eq!(next_rip(u64::MAX - 1, 3), 1);
+        assert_eq!(next_rip(u64::MAX, 15), 14);
+        assert_eq!(next_rip(u64::MAX - 14, 15), 0);
     }
 }
