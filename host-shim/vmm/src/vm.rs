@@ -30,7 +30,8 @@ pub const MAX_VCPUS: u32 = 64;
 pub struct VmConfig {
     /// Name of the memfd (shows in /proc/PID/fd).
     pub name: String,
-    /// Guest RAM in bytes (multiple of 4 KiB, at least 2 MiB).
+    /// Guest RAM in bytes (multiple of 4 KiB, at least 2 MiB, at most the host's RAM + swap:
+    /// see [`host_memory_bytes`]).
     pub memory_bytes: u64,
     /// Number of vCPUs (1..=[`MAX_VCPUS`]).
     pub vcpus: u32,
@@ -116,6 +117,7 @@ impl Vm {
                 config.memory_bytes
             )));
         }
+        check_host_memory(config.memory_bytes)?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(VmError::kvm("create VM"))?;
         let ram = GuestRam::new(&config.name, config.memory_bytes)?;
@@ -320,6 +322,51 @@ impl Vm {
     }
 }
 
+/// The most guest RAM a VM may have on this host: its physical RAM plus swap (`sysinfo(2)`:
+/// `totalram + totalswap`, the `MemTotal` and `SwapTotal` of `/proc/meminfo`); `None` if the
+/// kernel does not say.
+///
+/// Guest RAM is a memfd that the host fills only as the guest touches it, so a larger guest
+/// would boot, but nothing could back it once the guest used its memory: [`Vm::new`] refuses
+/// it up front instead. (Several VMs may still add up to more than the host has; this bounds
+/// one VM, not the sum.)
+pub fn host_memory_bytes() -> Option<u64> {
+    // SAFETY: a zeroed `sysinfo` is valid; the kernel fills it in and keeps no pointer.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable `sysinfo`.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return None;
+    }
+    // `c_ulong` is u64 on the 64-bit hosts this VMM runs on; the generic keeps that implicit.
+    fn wide(v: impl Into<u64>) -> u64 {
+        v.into()
+    }
+    let unit = wide(info.mem_unit.max(1));
+    let ram = wide(info.totalram).saturating_mul(unit);
+    let swap = wide(info.totalswap).saturating_mul(unit);
+    Some(ram.saturating_add(swap))
+}
+
+/// Refuses guest RAM of `bytes` when it exceeds [`host_memory_bytes`].
+fn check_host_memory(bytes: u64) -> Result<(), VmError> {
+    check_memory_against(bytes, host_memory_bytes())
+}
+
+fn check_memory_against(bytes: u64, host: Option<u64>) -> Result<(), VmError> {
+    let Some(host) = host else {
+        tracing::warn!("sysinfo failed: guest RAM is not checked against the host's memory");
+        return Ok(());
+    };
+    if bytes > host {
+        return Err(VmError::Config(format!(
+            "guest RAM of {} MiB is more than this host's RAM + swap ({} MiB)",
+            bytes >> 20,
+            host >> 20
+        )));
+    }
+    Ok(())
+}
+
 /// Builds and runs a VM to its end: the one-call API for tools and tests.
 pub fn run_image(
     config: VmConfig,
@@ -330,4 +377,29 @@ pub fn run_image(
     let mut vm = Vm::new(config, image)?;
     vm.set_serial(serial);
     vm.run(limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ram_beyond_the_hosts_ram_and_swap_is_refused() {
+        let host = host_memory_bytes().expect("sysinfo works on Linux");
+        assert!(host >= 64 << 20, "{host} bytes of RAM + swap");
+        assert!(check_host_memory(64 << 20).is_ok());
+        assert!(check_host_memory(host).is_ok());
+        let err = check_host_memory(host + (1 << 20)).unwrap_err().to_string();
+        assert!(err.contains("is more than this host's RAM + swap"), "{err}");
+        // 4000000 MiB on a 23 GiB host: the message names both sizes.
+        let err = check_memory_against(4_000_000 << 20, Some(23 << 30))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: guest RAM of 4000000 MiB is more than this host's RAM + \
+             swap (23552 MiB)"
+        );
+        assert!(check_memory_against(u64::MAX, None).is_ok());
+    }
 }

@@ -192,3 +192,45 @@ fn help_documents_the_exit_statuses() {
         assert!(out.contains(s), "help lacks {s}: {out}");
     }
 }
+
+#[test]
+fn run_refuses_more_memory_than_the_host_has_and_keeps_small_values_working() {
+    if !kvmi_tests::require_kvm(
+        "run_refuses_more_memory_than_the_host_has_and_keeps_small_values_working",
+    ) {
+        return;
+    }
+    // 4000000 MiB (3.8 TiB), or more on a host with more RAM + swap than that.
+    let host_mib = vmm::vm::host_memory_bytes().expect("sysinfo") >> 20;
+    let mib = (host_mib + 1).max(4_000_000).to_string();
+    let (code, out, err) = kvmi(&[
+        "run",
+        "--image",
+        "test-guest",
+        "--cmdline",
+        "mode=hello",
+        "--memory",
+        &mib,
+    ]);
+    assert_eq!(code, 125, "{err}");
+    assert_eq!(out, "", "the guest ran");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("kvmi: error: ")
+            && err.contains(&format!(
+                "guest RAM of {mib} MiB is more than this host's RAM + swap ({host_mib} MiB)"
+            )),
+        "{err}"
+    );
+    // The default and small values still boot.
+    for memory in [None, Some("4"), Some("256")] {
+        let mut args = vec!["run", "--image", "test-guest", "--cmdline", "mode=hello"];
+        args.extend(memory.iter().flat_map(|m| ["--memory", m]));
+        let (code, out, err) = kvmi(&args);
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "hello from vcpu 0\n"),
+            "{memory:?}: {err}"
+        );
+    }
+}
