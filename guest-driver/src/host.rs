@@ -30,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use hypercall::boot::BootInfo;
 use hypercall::ring::{Region, SharedRegion};
 use hypercall::token::MapToken;
+use memmap2::{MmapOptions, MmapRaw};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::{Discovery, DriverError, Hypercalls, MapWindow};
@@ -72,18 +74,11 @@ impl HostRequest {
     }
 }
 
-/// A `MAP_SHARED` mapping of a file descriptor, unmapped on drop.
+/// A `MAP_SHARED` read-write mapping of a file descriptor, unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
-    ptr: *mut u8,
-    len: usize,
+    map: MmapRaw,
 }
-
-// SAFETY: the mapping is a plain address range owned by this value; it is only accessed
-// through `SharedRegion` (atomic word accesses) and unmapped once, in `drop`.
-unsafe impl Send for Mapping {}
-// SAFETY: see `Send`: `&Mapping` exposes only the address and length.
-unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `len` bytes of `fd` read-write and shared.
@@ -91,57 +86,34 @@ impl Mapping {
         if len == 0 {
             return Err(DriverError::Handshake("zero-length mapping"));
         }
-        // SAFETY: a fresh mapping chosen by the kernel (no address hint, no MAP_FIXED) cannot
-        // alias existing memory; failure is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(Mapping {
-            ptr: ptr.cast(),
-            len,
-        })
+        // `map_raw` is `mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)`: a fresh
+        // mapping at an address of the kernel's choice; `MmapRaw` hands out only raw pointers.
+        let map = MmapOptions::new().len(len).map_raw(fd)?;
+        Ok(Mapping { map })
     }
 
     /// The base address of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr
+        self.map.as_mut_ptr()
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     /// Always false: mappings are never empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len() == 0
     }
 
     /// Wraps the mapping as shared atomic words.
     pub fn into_region(self) -> Result<Arc<SharedRegion<Mapping>>, DriverError> {
-        let (ptr, len) = (self.ptr, self.len);
+        let (ptr, len) = (self.as_ptr(), self.len());
         // SAFETY: `ptr..ptr+len` is our read-write mapping, kept alive by the owner moved into
         // the region; this process touches it only through the region's atomics.
         let region = unsafe { SharedRegion::new(self, ptr, len) }?;
         Ok(Arc::new(region))
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr..ptr+len` is the mapping this value created and owns; nothing else
-        // refers to it once the owner is dropped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -262,6 +234,11 @@ fn check_fd_len(fd: &OwnedFd, want: u64) -> Result<(), DriverError> {
 const MAX_FDS: usize = 4;
 
 /// Receives bytes into `buf` and any `SCM_RIGHTS` descriptors with them.
+///
+/// Hand-written rather than vmm-sys-util's `ScmSocket::recv_with_fds`, which calls `recvmsg`
+/// with no flags: the memfds would arrive without close-on-exec and stay inheritable until a
+/// later `fcntl`, a window in which another thread's fork+exec leaks them into the child.
+/// Here `MSG_CMSG_CLOEXEC` sets it atomically, and every descriptor comes back owned.
 pub fn recv_with_fds(
     stream: &UnixStream,
     buf: &mut [u8],
@@ -313,6 +290,9 @@ pub fn recv_with_fds(
 }
 
 /// Sends `bytes` with `fds` attached (`SCM_RIGHTS`): the shim's half of the handshake.
+///
+/// One `sendmsg(MSG_NOSIGNAL)` with the descriptors in one `SCM_RIGHTS` header (vmm-sys-util's
+/// [`ScmSocket::send_with_fds`]); at most 4 descriptors, as many as [`recv_with_fds`] takes.
 pub fn send_with_fds(
     stream: &UnixStream,
     bytes: &[u8],
@@ -321,38 +301,7 @@ pub fn send_with_fds(
     if fds.len() > MAX_FDS {
         return Err(DriverError::Handshake("too many file descriptors"));
     }
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr().cast_mut().cast(),
-        iov_len: bytes.len(),
-    };
-    let mut control = [0u64; 16];
-    // SAFETY: an all-zero msghdr is a valid empty header; the fields are set below.
-    let mut msg: libc::msghdr = unsafe { core::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let payload = size_of_val(fds);
-        msg.msg_control = control.as_mut_ptr().cast();
-        // SAFETY: CMSG_SPACE only computes a size (at most 40 bytes for MAX_FDS descriptors).
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload as u32) } as _;
-        // SAFETY: the control buffer is large and aligned enough for one header with
-        // `payload` bytes of data; the macros stay within `msg_controllen`.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-            core::ptr::copy_nonoverlapping(
-                fds.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(cmsg),
-                payload,
-            );
-        }
-    }
-    // SAFETY: `msg` points at live buffers (`bytes` is only read by the kernel).
-    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(n as usize)
+    Ok(stream
+        .send_with_fds(&[bytes], fds)
+        .map_err(std::io::Error::from)?)
 }

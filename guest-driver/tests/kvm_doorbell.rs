@@ -6,6 +6,7 @@ use guest_driver::port::doorbell_code;
 use hypercall::ports::HYPERCALL_DOORBELL;
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit};
+use memmap2::{MmapMut, MmapOptions};
 
 const MEM: usize = 4 << 20;
 const PML4: u64 = 0x1000;
@@ -15,44 +16,26 @@ const HALT_AT: u64 = 0x1_0000;
 const CODE_AT: u64 = 0x2_0000;
 const ARGS_AT: u64 = 0x3_0000;
 
+/// The test VM's RAM: `MEM` bytes of anonymous private memory (`map_anon` is
+/// `mmap(NULL, MEM, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)`).
 struct GuestRam {
-    ptr: *mut u8,
+    map: MmapMut,
 }
 
 impl GuestRam {
     fn new() -> Self {
-        // SAFETY: a fresh anonymous private mapping; failure is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        GuestRam { ptr: ptr.cast() }
+        GuestRam {
+            map: MmapOptions::new().len(MEM).map_anon().unwrap(),
+        }
     }
 
     fn write(&mut self, gpa: u64, bytes: &[u8]) {
-        assert!(gpa as usize + bytes.len() <= MEM);
-        // SAFETY: in bounds of our mapping (checked above); the vCPU is not running.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
-        };
+        let at = gpa as usize;
+        self.map[at..at + bytes.len()].copy_from_slice(bytes);
     }
 
     fn write_u64(&mut self, gpa: u64, value: u64) {
         self.write(gpa, &value.to_le_bytes());
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: our mapping, unmapped once, after the VM using it was dropped.
-        unsafe { libc::munmap(self.ptr.cast(), MEM) };
     }
 }
 
@@ -111,7 +94,7 @@ fn doorbell_bytes_make_the_documented_hypercall_in_a_real_vm() {
         slot: 0,
         guest_phys_addr: 0,
         memory_size: MEM as u64,
-        userspace_addr: ram.ptr as u64,
+        userspace_addr: ram.map.as_ptr() as u64,
         flags: 0,
     };
     // SAFETY: the region is our live mapping of MEM bytes, which outlives the VM (`ram` is

@@ -6,14 +6,14 @@
 //! access, page-table walks) through this alias, which is never protected.
 
 use std::io;
-use std::os::fd::AsRawFd;
 
+use memmap2::{MmapOptions, MmapRaw};
 use vmm::memory::GuestRam;
 
-/// A second `MAP_SHARED` read-write mapping of a guest's RAM memfd.
+/// A second `MAP_SHARED` read-write mapping of a guest's RAM memfd, unmapped on drop.
 #[derive(Debug)]
 pub struct RamAlias {
-    base: usize,
+    map: MmapRaw,
     size: u64,
 }
 
@@ -21,23 +21,11 @@ impl RamAlias {
     /// Maps the whole of `ram`'s memfd read-write.
     pub fn new(ram: &GuestRam) -> io::Result<RamAlias> {
         let len = usize::try_from(ram.size()).map_err(|_| io::Error::other("RAM too large"))?;
-        // SAFETY: a fresh mapping (no MAP_FIXED) of a memfd we hold open; the kernel picks the
-        // address, so no existing mapping is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                ram.memfd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        // `map_raw` is `mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)`: a fresh
+        // mapping at an address of the kernel's choice; `MmapRaw` hands out only raw pointers.
+        let map = MmapOptions::new().len(len).map_raw(&ram.memfd())?;
         Ok(RamAlias {
-            base: p as usize,
+            map,
             size: ram.size(),
         })
     }
@@ -54,7 +42,7 @@ impl RamAlias {
 
     fn ptr(&self, gpa: u64, len: usize) -> Option<*mut u8> {
         if self.contains(gpa, len as u64) {
-            Some((self.base + gpa as usize) as *mut u8)
+            Some(self.map.as_mut_ptr().wrapping_add(gpa as usize))
         } else {
             None
         }
@@ -86,14 +74,6 @@ impl RamAlias {
     pub fn read_u64(&self, gpa: u64) -> Option<u64> {
         let mut b = [0u8; 8];
         self.read(gpa, &mut b).then(|| u64::from_le_bytes(b))
-    }
-}
-
-impl Drop for RamAlias {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping created in `new`; no pointer into it outlives
-        // `self` (every access copies).
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.size as usize) };
     }
 }
 

@@ -9,14 +9,17 @@
 //! the new RAX. The one difference: the shim cannot remap pages inside another process, so
 //! granted pages are copied into the window memfd at map time ([`Pager::new_copying`]).
 //! Closing the socket detaches the agent and revokes (zeroes) everything it was granted.
+//!
+//! The serving thread sleeps in `epoll_wait` on the socket it serves (the listener, then the
+//! agent's stream) and the server's stop eventfd, so a connection, a request and a stop are
+//! each handled as soon as they arrive.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -36,14 +39,18 @@ use kvmi_engine::lock_order;
 use kvmi_engine::{IntrospectError, Introspector};
 use vmm::memory::GuestRam;
 use vmm::sync::RankedMutex;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
-/// Poll period of the accept loop and of reads (to notice a stop).
-const POLL: Duration = Duration::from_millis(50);
+/// Pause after a failed `accept` (e.g. out of descriptors) before trying again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// The thread serving host agents on a unix socket.
 pub struct HostSocketServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
+    /// Written once by [`HostSocketServer::stop`] and never read: it stays readable, and every
+    /// wait of the serving thread returns.
+    stop: EventFd,
     thread: RankedMutex<Option<JoinHandle<()>>>,
 }
 
@@ -93,14 +100,15 @@ impl HostSocketServer {
         listener
             .set_nonblocking(true)
             .map_err(io_err("non-blocking listener".into()))?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(io_err("stop eventfd".into()))?;
+        let s = stop.try_clone().map_err(io_err("stop eventfd".into()))?;
         let target = Target {
             intro,
             ram,
             vcpus,
             window_size,
         };
-        let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("kvmi-host-agent".into())
             .spawn(move || accept_loop(&listener, &target, &s))
@@ -120,9 +128,14 @@ impl HostSocketServer {
 
     /// Stops serving (an agent connected now is detached) and removes the socket file.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
+        match self.stop.write(1) {
+            Ok(()) => {
+                if let Some(t) = self.thread.lock().take() {
+                    let _ = t.join();
+                }
+            }
+            // Cannot happen for an eventfd written a few times; joining would then hang.
+            Err(e) => tracing::error!("waking the host-agent thread to stop: {e}"),
         }
         let _ = std::fs::remove_file(&self.path);
     }
@@ -134,42 +147,87 @@ impl Drop for HostSocketServer {
     }
 }
 
-fn accept_loop(listener: &UnixListener, target: &Target, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => match serve_agent(target, stream, stop) {
-                Ok(reason) => tracing::info!("host agent detached: {reason}"),
-                Err(e) => tracing::warn!("host agent: {e}"),
-            },
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
-            Err(e) => {
-                tracing::warn!("host-agent accept: {e}");
-                std::thread::sleep(POLL);
+/// An epoll set of one socket and the server's stop eventfd (vmm-sys-util's [`Epoll`]).
+struct StopOr {
+    epoll: Epoll,
+}
+
+impl StopOr {
+    const STOP: u64 = 0;
+    const SOCKET: u64 = 1;
+
+    fn new(stop: &EventFd, socket: RawFd) -> std::io::Result<StopOr> {
+        let epoll = Epoll::new()?;
+        for (fd, token) in [(stop.as_raw_fd(), Self::STOP), (socket, Self::SOCKET)] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        Ok(StopOr { epoll })
+    }
+
+    /// Blocks until the socket is readable (or hung up): `Ok(true)`, or the server is
+    /// stopped: `Ok(false)` (a stop wins over a readable socket).
+    fn wait(&self) -> std::io::Result<bool> {
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            match self.epoll.wait(-1, &mut events) {
+                Ok(n) if events[..n].iter().any(|e| e.data() == Self::STOP) => return Ok(false),
+                Ok(0) => {}
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
 }
 
-/// Reads exactly `buf.len()` bytes, checking `stop` between timeouts. `Ok(false)`: the peer
-/// closed (or we were stopped).
-fn read_request(
-    stream: &mut UnixStream,
-    buf: &mut [u8],
-    stop: &AtomicBool,
-) -> std::io::Result<bool> {
+fn accept_loop(listener: &UnixListener, target: &Target, stop: &EventFd) {
+    let waiter = match StopOr::new(stop, listener.as_raw_fd()) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!("host-agent socket: cannot wait for connections: {e}");
+            return;
+        }
+    };
+    loop {
+        match waiter.wait() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!("host-agent socket: waiting for connections: {e}");
+                return;
+            }
+        }
+        match listener.accept() {
+            Ok((stream, _)) => match serve_agent(target, stream, stop) {
+                Ok(reason) => tracing::info!("host agent detached: {reason}"),
+                Err(e) => tracing::warn!("host agent: {e}"),
+            },
+            // The connection went away between the wakeup and the accept.
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::warn!("host-agent accept: {e}");
+                std::thread::sleep(ACCEPT_RETRY);
+            }
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, each read after `waiter` saw the stream readable.
+/// `Ok(false)`: the peer closed (or we were stopped).
+fn read_request(stream: &mut UnixStream, buf: &mut [u8], waiter: &StopOr) -> std::io::Result<bool> {
     let mut got = 0;
     while got < buf.len() {
-        if stop.load(Ordering::SeqCst) {
+        if !waiter.wait()? {
             return Ok(false);
         }
         match stream.read(&mut buf[got..]) {
             Ok(0) => return Ok(false),
             Ok(n) => got += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
             Err(e) => return Err(e),
         }
     }
@@ -189,12 +247,9 @@ fn handshake_boot_info(ring_size: u64, window_size: u64) -> BootInfo {
 }
 
 /// Serves one agent until it closes; returns why it ended.
-fn serve_agent(
-    target: &Target,
-    mut stream: UnixStream,
-    stop: &AtomicBool,
-) -> Result<String, String> {
+fn serve_agent(target: &Target, mut stream: UnixStream, stop: &EventFd) -> Result<String, String> {
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let waiter = StopOr::new(stop, stream.as_raw_fd()).map_err(|e| e.to_string())?;
     let params = LayoutParams {
         vcpu_count: target.vcpus,
         sizes: RingSizes::default(),
@@ -233,12 +288,9 @@ fn serve_agent(
         MAP_WINDOW_GPA,
     ));
     let hook = ApplianceHook::new(pager.clone(), service.waker());
-    stream
-        .set_read_timeout(Some(POLL))
-        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; REQUEST_SIZE];
     let reason = loop {
-        match read_request(&mut stream, &mut buf, stop) {
+        match read_request(&mut stream, &mut buf, &waiter) {
             Ok(true) => {}
             Ok(false) => break "the agent closed the socket".to_string(),
             Err(e) => break format!("socket read: {e}"),
@@ -266,4 +318,46 @@ fn serve_agent(
     let _ = service.stop();
     target.intro.detach(service.generation(), &reason);
     Ok(format!("{reason} ({revoked} pages revoked)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_end_on_data_and_on_a_stop_which_wins() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let waiter = StopOr::new(&stop, a.as_raw_fd()).unwrap();
+        b.write_all(&[1]).unwrap();
+        assert!(waiter.wait().unwrap());
+        // A thread waiting on an idle socket wakes on the stop.
+        let (idle, _peer) = UnixStream::pair().unwrap();
+        let s = stop.try_clone().unwrap();
+        let t = std::thread::spawn(move || StopOr::new(&s, idle.as_raw_fd()).unwrap().wait());
+        stop.write(1).unwrap();
+        assert!(!t.join().unwrap().unwrap());
+        assert!(!waiter.wait().unwrap(), "stopped, though a byte is waiting");
+    }
+
+    #[test]
+    fn a_request_is_read_across_writes_until_the_peer_closes() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let waiter = StopOr::new(&stop, a.as_raw_fd()).unwrap();
+        let writer = std::thread::spawn(move || {
+            b.write_all(&[7; 30]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            b.write_all(&[8; 50]).unwrap();
+            b.write_all(&[9; 10]).unwrap();
+        });
+        let mut buf = [0u8; REQUEST_SIZE];
+        assert!(read_request(&mut a, &mut buf, &waiter).unwrap());
+        assert_eq!((buf[29], buf[30], buf[79]), (7, 8, 8));
+        writer.join().unwrap();
+        assert!(
+            !read_request(&mut a, &mut buf, &waiter).unwrap(),
+            "closed mid-request"
+        );
+    }
 }

@@ -160,6 +160,8 @@ impl GuestRam {
             )));
         }
         let addr = self.host_range(gpa, len)?;
+        // Raw mprotect: a sub-range of vm-memory's mapping of RAM (memmap2 only changes the
+        // protection of a whole mapping it owns, and only to read-only/executable/writable).
         // SAFETY: the range lies inside our own mapping (checked above) and is page-aligned;
         // changing its protection cannot invalidate Rust references (all guest RAM accesses
         // go through volatile copies that check bounds, never long-lived references).
@@ -218,6 +220,8 @@ impl GuestRam {
             )));
         }
         let at = self.host_range(gpa, len)?;
+        // Raw mmap: MAP_FIXED over part of the existing RAM mapping (memmap2 cannot map at a
+        // fixed address).
         // SAFETY: MAP_FIXED replaces only pages inside our own RAM mapping (bounds checked);
         // guest RAM is only accessed through bounds-checked copies, never long-lived
         // references, so no Rust reference is invalidated.

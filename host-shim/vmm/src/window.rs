@@ -9,6 +9,11 @@
 //! 2 MiB entry: the appliance's first touch costs one fault per 2 MiB instead of one per
 //! page. A PMD only ever covers a whole 2 MiB inside one grant, so nothing outside a grant
 //! becomes visible; smaller or unaligned grants use 4 KiB pages as before.
+//!
+//! Raw `mmap`/`munmap` rather than memmap2: the window is an address range that this type
+//! edits page by page (trimmed to a 2 MiB boundary, pages replaced with `MAP_FIXED` and put
+//! back), which memmap2's mappings, always whole and at an address of the kernel's choosing,
+//! cannot express.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -37,6 +42,8 @@ impl RemapWindow {
         }
         let len = len as usize;
         let reserve = len + HUGE_PAGE;
+        // Raw mmap: memmap2's `map_anon().no_reserve_swap()` would make the same mapping, but
+        // it unmaps all of it on drop, and the head and tail are given back just below.
         // SAFETY: a fresh anonymous mapping at an address of the kernel's choice; no existing
         // memory is affected.
         let p = unsafe {
@@ -140,6 +147,7 @@ impl RemapWindow {
     ) -> Result<(), VmError> {
         use std::os::fd::AsRawFd;
         let at = self.check(offset, len)?;
+        // Raw mmap: MAP_FIXED over part of an existing mapping (memmap2 has no fixed address).
         // SAFETY: MAP_FIXED replaces only pages inside our own window (checked above), which
         // no Rust reference points into.
         let p = unsafe {
@@ -164,6 +172,7 @@ impl RemapWindow {
     /// Puts the zeroed placeholder back over `offset..offset+len` (revokes a share).
     pub fn revoke(&self, offset: u64, len: u64) -> Result<(), VmError> {
         let at = self.check(offset, len)?;
+        // Raw mmap: MAP_FIXED over part of an existing mapping, as in `map_fixed`.
         // SAFETY: as in `map_fixed`: only pages of our own window are replaced.
         let p = unsafe {
             libc::mmap(
@@ -210,6 +219,8 @@ pub(crate) fn advise_huge(at: *mut libc::c_void, len: u64) {
     if !usable || len < HUGE_PAGE as u64 {
         return;
     }
+    // Raw madvise: `at` is a sub-range of a window or of vm-memory's RAM mapping, which no
+    // memmap2 value owns.
     // SAFETY: `at..at+len` is a mapping this process owns; MADV_HUGEPAGE only sets a flag on
     // it and never changes its contents.
     if unsafe { libc::madvise(at, len as usize, libc::MADV_HUGEPAGE) } != 0 {
@@ -222,6 +233,7 @@ pub(crate) fn advise_huge(at: *mut libc::c_void, len: u64) {
 
 impl Drop for RemapWindow {
     fn drop(&mut self) {
+        // Raw munmap of the kept window (its pages may by now be other files' mappings).
         // SAFETY: we own this mapping; nothing references it after drop (memslots using it
         // belong to VMs that the owner drops first).
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };

@@ -50,6 +50,10 @@ pub fn memfd(len: usize) -> OwnedFd {
 
 /// Maps `len` bytes of `fd` shared, with `guard` bytes of inaccessible memory on each side
 /// (so any access outside the region faults).
+///
+/// Raw `mmap` rather than memmap2: the guards are a `PROT_NONE` reservation with the memfd
+/// mapped `MAP_FIXED` into its middle, and memmap2 maps neither `PROT_NONE` nor at a fixed
+/// address.
 pub fn map(fd: &OwnedFd, len: usize, guard: usize) -> Mapping {
     let total = len + 2 * guard;
     // SAFETY: an anonymous PROT_NONE reservation; the result is checked.
@@ -125,6 +129,9 @@ impl Notify for EventFd {
 
 impl Waiter for EventFd {
     /// Waits up to 20 ms for the counter to become non-zero, then resets it.
+    ///
+    /// A plain `poll` of one descriptor: vmm-sys-util offers epoll sets, whose epoll fd
+    /// would be shared by the forked processes, and this crate does not otherwise need it.
     fn wait(&self) {
         let mut pfd = libc::pollfd {
             fd: self.0.as_raw_fd(),
