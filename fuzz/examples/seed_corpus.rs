@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hypercall::call::{AGENT_GUEST_REQUEST, Hypercall, OWN_RANGE_BASE};
 use hypercall::discovery::RingKind;
 use hypercall::ring::Region;
+use kvmi_fuzz::pager::{Addr, Count, Input, Op, ServeKind};
 use kvmi_fuzz::{PAGE, Scribbles, TableBuilder, demo_task_layout, pte, put_u64s, ring_fuzz_params};
 use protocol::command::Command;
 use protocol::event::{EventKind, EventSet};
@@ -436,6 +437,159 @@ fn task_table() -> Seeds {
     seeds
 }
 
+fn pager_calls() -> Seeds {
+    let issue = |slot| Op::Issue { other: false, slot };
+    let map = |slot, target, window| Op::MemMap {
+        token: Addr::at(slot),
+        target: Addr::at(target),
+        window: Addr::at(window),
+    };
+    let range = |slot, target, window, pages| Op::MapRange {
+        token: Addr::at(slot),
+        target: Addr::at(target),
+        window: Addr::at(window),
+        pages: Count::pages(pages),
+    };
+    let unmap = |window| Op::MemUnmap {
+        window: Addr::at(window),
+    };
+    let remapped = |ops: Vec<Op>| Input { config: 0, ops }.encode();
+    let copying = |ops: Vec<Op>| Input { config: 1, ops }.encode();
+    vec![
+        (
+            "map-unmap",
+            remapped(vec![issue(0), map(0, 5, 3), unmap(3), unmap(3)]),
+        ),
+        (
+            "range-revoke",
+            remapped(vec![issue(1), range(1, 8, 0, 8), Op::RevokeAll]),
+        ),
+        (
+            "replay",
+            remapped(vec![
+                issue(0),
+                map(0, 1, 1),
+                Op::Replay { slot: 2, which: 0 },
+                map(2, 2, 2),
+                map(0, 2, 2),
+            ]),
+        ),
+        (
+            "expiry",
+            remapped(vec![
+                issue(0),
+                Op::Advance { ms: 999 },
+                issue(1),
+                Op::Advance { ms: 1 },
+                map(0, 4, 4),
+                map(1, 4, 4),
+            ]),
+        ),
+        (
+            "wrong-target",
+            remapped(vec![
+                Op::Issue {
+                    other: true,
+                    slot: 0,
+                },
+                map(0, 0, 0),
+                map(0, 0, 0),
+            ]),
+        ),
+        (
+            "window-bounds-busy",
+            remapped(vec![
+                issue(0),
+                issue(1),
+                range(0, 0, 30, 4),
+                range(0, 0, 28, 4),
+                map(1, 9, 29),
+                map(1, 64, 27),
+                map(1, 63, 27),
+            ]),
+        ),
+        (
+            "copying-target-write",
+            copying(vec![
+                issue(0),
+                map(0, 7, 7),
+                Op::TargetWrite { page: 7 },
+                unmap(7),
+            ]),
+        ),
+        (
+            "remapped-target-write",
+            remapped(vec![
+                issue(0),
+                map(0, 7, 7),
+                Op::TargetWrite { page: 7 },
+                unmap(7),
+            ]),
+        ),
+        (
+            "decoder-and-serve",
+            Input {
+                config: 2,
+                ops: vec![
+                    Op::Raw {
+                        rax: 3,
+                        args: [0; 5],
+                    },
+                    Op::Raw {
+                        rax: 4,
+                        args: [0; 5],
+                    },
+                    Op::Raw {
+                        rax: 7,
+                        args: [u64::MAX, 0, 0, 0, 0],
+                    },
+                    Op::Raw {
+                        rax: 256,
+                        args: [0; 5],
+                    },
+                    issue(0),
+                    Op::Serve {
+                        kind: ServeKind::MemMap,
+                        token: Addr::at(0),
+                        target: Addr::at(1),
+                        window: Addr::at(1),
+                        pages: Count::pages(1),
+                    },
+                    Op::Serve {
+                        kind: ServeKind::MemUnmap,
+                        token: Addr::at(0),
+                        target: Addr::at(0),
+                        window: Addr { kind: 1, value: 1 },
+                        pages: Count::pages(1),
+                    },
+                ],
+            }
+            .encode(),
+        ),
+        (
+            "retire",
+            remapped(vec![
+                issue(0),
+                issue(1),
+                map(0, 3, 3),
+                Op::Retire,
+                map(1, 3, 3),
+            ]),
+        ),
+        ("nine-outstanding", remapped((0..9).map(issue).collect())),
+        (
+            "corrupt-and-fix",
+            remapped(vec![
+                issue(0),
+                Op::Corrupt { slot: 0, bit: 77 },
+                map(0, 2, 2),
+                Op::Corrupt { slot: 0, bit: 77 },
+                map(0, 2, 2),
+            ]),
+        ),
+    ]
+}
+
 fn write(root: &Path, target: &str, seeds: Seeds) {
     let dir = root.join(target);
     fs::create_dir_all(&dir).expect("corpus dir");
@@ -463,4 +617,5 @@ fn main() {
     write(&root, "insn_decode", insn_decode());
     write(&root, "page_walk", page_walk());
     write(&root, "task_table", task_table());
+    write(&root, "pager_calls", pager_calls());
 }

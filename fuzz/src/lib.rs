@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use appliance::memory::{MemError, PhysicalMemory};
 
+pub mod pager;
+
 /// Reads `N` little-endian `u64`s from the front of `data` (zero-padded), and the rest.
 pub fn take_u64s<const N: usize>(data: &[u8]) -> ([u64; N], &[u8]) {
     let mut out = [0u64; N];

@@ -3,14 +3,20 @@
 //! appliance's map window (zero-copy: later writes by the target are visible at once).
 //!
 //! # Checks, in order (each failure is an [`HcError`] in RAX; nothing is mapped)
-//! 1. The target is still there (after [`Pager::retire`]: `NotPermitted`).
-//! 2. The window pages lie inside the window (`OutsideWindow`) and are all unmapped (`Busy`).
-//! 3. The target pages lie inside the target's RAM (`OutOfRange`).
-//! 4. The 32-byte token is read from the caller's RAM at the given address, bounds-checked
+//! 1. The arguments obey the decoder's rules (`Unaligned`, `TooManyPages`): always true of a
+//!    request from [`Request::decode`], checked again for one built otherwise.
+//! 2. The target is still there (after [`Pager::retire`]: `NotPermitted`).
+//! 3. The window pages lie inside the window (`OutsideWindow`) and are all unmapped (`Busy`).
+//! 4. The target pages lie inside the target's RAM (`OutOfRange`).
+//! 5. The 32-byte token is read from the caller's RAM at the given address, bounds-checked
 //!    (`Fault`), and consumed from the target's token store: unknown or already used
 //!    (`BadToken`), expired (`TokenExpired`), issued by another target of this shim
 //!    (`WrongTarget`; the token is burnt). A token is consumed only once the addresses passed,
 //!    so a typo does not cost the agent its token.
+//!
+//! # Who judges tokens
+//! A [`TokenAuthority`]: in the shim the target's [`Introspector`] (its [`TokenStore`]); a bare
+//! [`TokenStore`] serves where there is no VM (the `pager_calls` fuzz target in `fuzz/`).
 //!
 //! # Read-only mappings
 //! KVMI's GET_MAP_TOKEN carries no access mode, so every mapping is read-only
@@ -23,16 +29,36 @@ use std::sync::Arc;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use hypercall::call::{PAGE_SIZE, Request, check_window};
+use hypercall::call::{MAX_RANGE_PAGES, PAGE_SIZE, Request, check_window};
 use hypercall::error::HcError;
 use hypercall::token::{MapToken, TOKEN_SIZE};
 
 use kvmi_engine::Introspector;
 use kvmi_engine::lock_order;
-use kvmi_engine::tokens::TokenError;
+use kvmi_engine::tokens::{Grant, TokenError, TokenStore};
 use vmm::memory::GuestRam;
 use vmm::sync::{RankedGuard, RankedMutex};
 use vmm::window::RemapWindow;
+
+/// Where a [`Pager`] takes a presented map token to be judged: the token store of a target.
+pub trait TokenAuthority: Send + Sync {
+    /// Consumes `token` (single use: gone whatever the outcome, as
+    /// [`TokenStore::consume`]): the grant, whose `target` names the target VM the token is
+    /// bound to, or why there is none.
+    fn consume_token(&self, token: &MapToken) -> Result<Grant, TokenError>;
+}
+
+impl TokenAuthority for TokenStore {
+    fn consume_token(&self, token: &MapToken) -> Result<Grant, TokenError> {
+        self.consume(token)
+    }
+}
+
+impl TokenAuthority for Introspector {
+    fn consume_token(&self, token: &MapToken) -> Result<Grant, TokenError> {
+        self.tokens().consume(token)
+    }
+}
 
 /// Counters of one pager.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -111,11 +137,50 @@ impl Backing {
     }
 }
 
+/// The argument rules of [`Request::decode`] that the pager relies on, checked again because
+/// [`Pager::serve`] takes any [`Request`] (its fields are public): page-aligned target and
+/// window addresses (`Unaligned`), an 8-aligned token address (`Unaligned`), 1..=
+/// [`MAX_RANGE_PAGES`] pages (`TooManyPages`). Without them a copying window would copy a
+/// grant across two window pages and zero an unmapped page's neighbour on unmap (leaving
+/// target bytes in a page the pager counts as unmapped), and a remapped window would burn
+/// the token before `mmap` refused the offset. Wrapping ranges are refused by the checked
+/// arithmetic of the calls themselves.
+fn check_arguments(request: &Request) -> Result<(), HcError> {
+    let aligned = |gpa: u64, to: u64| {
+        if gpa.is_multiple_of(to) {
+            Ok(())
+        } else {
+            Err(HcError::Unaligned)
+        }
+    };
+    let (token_gpa, target_gpa, window_gpa, pages) = match *request {
+        Request::MemMap {
+            token_gpa,
+            target_gpa,
+            window_gpa,
+        } => (token_gpa, target_gpa, window_gpa, 1),
+        Request::MapRange {
+            token_gpa,
+            target_gpa,
+            window_gpa,
+            pages,
+        } => (token_gpa, target_gpa, window_gpa, pages),
+        Request::MemUnmap { window_gpa } => return aligned(window_gpa, PAGE_SIZE),
+        _ => return Ok(()),
+    };
+    if pages == 0 || pages > MAX_RANGE_PAGES {
+        return Err(HcError::TooManyPages);
+    }
+    aligned(target_gpa, PAGE_SIZE)?;
+    aligned(window_gpa, PAGE_SIZE)?;
+    aligned(token_gpa, 8)
+}
+
 /// Serves the page-sharing hypercalls of one appliance for one target.
 pub struct Pager {
-    target: Arc<Introspector>,
+    target: Arc<dyn TokenAuthority>,
     target_ram: Arc<GuestRam>,
-    others: Vec<Arc<Introspector>>,
+    others: Vec<Arc<dyn TokenAuthority>>,
     window: Backing,
     window_gpa: u64,
     mapped: RankedMutex<Vec<bool>>,
@@ -144,18 +209,23 @@ fn target_id(ram: &GuestRam) -> u64 {
 impl Pager {
     /// A pager mapping pages of `target` (whose RAM is `target_ram`) into `window`, which the
     /// appliance sees at guest-physical `window_gpa`. `others` are the other targets of this
-    /// shim: their tokens are recognised (and refused with `WrongTarget`).
-    pub fn new(
-        target: Arc<Introspector>,
+    /// shim: their tokens are recognised (and refused with `WrongTarget`). The targets are
+    /// [`Introspector`]s in the shim, or bare [`TokenStore`]s (bound to
+    /// `target_ram.host_base()`, as an introspector binds its own).
+    pub fn new<A: TokenAuthority + 'static>(
+        target: Arc<A>,
         target_ram: Arc<GuestRam>,
-        others: Vec<Arc<Introspector>>,
+        others: Vec<Arc<A>>,
         window: Arc<RemapWindow>,
         window_gpa: u64,
     ) -> Pager {
         Self::with_backing(
             target,
             target_ram,
-            others,
+            others
+                .into_iter()
+                .map(|o| o as Arc<dyn TokenAuthority>)
+                .collect(),
             Backing::Remap(window),
             window_gpa,
         )
@@ -165,7 +235,7 @@ impl Pager {
     /// `window` at guest-physical `window_gpa`: granted pages are copied in at map time (a
     /// snapshot; the one difference from the zero-copy VM path) and zeroed on unmap.
     pub fn new_copying(
-        target: Arc<Introspector>,
+        target: Arc<impl TokenAuthority + 'static>,
         target_ram: Arc<GuestRam>,
         window: Arc<GuestRam>,
         window_gpa: u64,
@@ -180,9 +250,9 @@ impl Pager {
     }
 
     fn with_backing(
-        target: Arc<Introspector>,
+        target: Arc<dyn TokenAuthority>,
         target_ram: Arc<GuestRam>,
-        others: Vec<Arc<Introspector>>,
+        others: Vec<Arc<dyn TokenAuthority>>,
         window: Backing,
         window_gpa: u64,
     ) -> Pager {
@@ -235,9 +305,20 @@ impl Pager {
     }
 
     /// Serves one decoded map request; `caller_ram` is the appliance's RAM (where the token
-    /// is). Requests other than the four page calls are `InvalidArgument`.
+    /// is). Requests other than the four page calls are `InvalidArgument`. A request built
+    /// without [`Request::decode`] gets the decoder's argument checks first (see
+    /// `check_arguments`).
     pub fn serve(&self, request: &Request, caller_ram: &GuestRam) -> Result<u64, HcError> {
-        let result = match *request {
+        let result = check_arguments(request).and_then(|()| self.dispatch(request, caller_ram));
+        if let Err(e) = result {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(?request, "appliance page call refused: {e}");
+        }
+        result
+    }
+
+    fn dispatch(&self, request: &Request, caller_ram: &GuestRam) -> Result<u64, HcError> {
+        match *request {
             Request::MemMap {
                 token_gpa,
                 target_gpa,
@@ -254,12 +335,7 @@ impl Pager {
             Request::MemUnmap { window_gpa } => self.unmap(window_gpa).map(|_| 0),
             Request::RevokeAll => Ok(self.revoke_all() as u64),
             _ => Err(HcError::InvalidArgument),
-        };
-        if let Err(e) = result {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(?request, "appliance page call refused: {e}");
         }
-        result
     }
 
     fn read_token(caller_ram: &GuestRam, gpa: u64) -> Result<MapToken, HcError> {
@@ -271,16 +347,12 @@ impl Pager {
     }
 
     fn consume(&self, token: &MapToken) -> Result<(), HcError> {
-        match self.target.tokens().consume(token) {
+        match self.target.consume_token(token) {
             Ok(grant) if grant.target == target_id(&self.target_ram) => Ok(()),
             Ok(_) => Err(HcError::WrongTarget),
             Err(TokenError::Expired) => Err(HcError::TokenExpired),
             Err(_) => {
-                if self
-                    .others
-                    .iter()
-                    .any(|o| o.tokens().consume(token).is_ok())
-                {
+                if self.others.iter().any(|o| o.consume_token(token).is_ok()) {
                     Err(HcError::WrongTarget)
                 } else {
                     Err(HcError::BadToken)
@@ -390,5 +462,95 @@ impl Pager {
             tracing::info!(pages = n, "revoked every page the target granted");
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A copying pager over a bare token store (no VM): 4 target pages, 4 window pages at
+    /// `WINDOW`, the token at 0 of the caller's RAM.
+    fn rig() -> (Pager, Arc<TokenStore>, Arc<GuestRam>, Arc<GuestRam>) {
+        let target = Arc::new(GuestRam::new("pager-target", 4 * PAGE_SIZE).unwrap());
+        target
+            .write(PAGE_SIZE, &[0xaa; PAGE_SIZE as usize])
+            .unwrap();
+        let store = Arc::new(TokenStore::new(
+            target.host_base() as u64,
+            Duration::from_secs(60),
+        ));
+        let window = Arc::new(GuestRam::new("pager-window", 4 * PAGE_SIZE).unwrap());
+        let caller = Arc::new(GuestRam::new("pager-caller", PAGE_SIZE).unwrap());
+        let pager = Pager::new_copying(store.clone(), target, window.clone(), WINDOW);
+        (pager, store, window, caller)
+    }
+
+    const WINDOW: u64 = 0x8000_0000;
+
+    #[test]
+    fn requests_the_decoder_would_refuse_are_refused_before_the_token() {
+        let (pager, store, window, caller) = rig();
+        caller.write(0, &store.issue().unwrap().to_bytes()).unwrap();
+        let refused = [
+            (
+                Request::MemMap {
+                    token_gpa: 0,
+                    target_gpa: PAGE_SIZE + 1,
+                    window_gpa: WINDOW,
+                },
+                HcError::Unaligned,
+            ),
+            (
+                Request::MemMap {
+                    token_gpa: 0,
+                    target_gpa: PAGE_SIZE,
+                    window_gpa: WINDOW + 1,
+                },
+                HcError::Unaligned,
+            ),
+            (
+                Request::MapRange {
+                    token_gpa: 0,
+                    target_gpa: PAGE_SIZE,
+                    window_gpa: WINDOW,
+                    pages: 0,
+                },
+                HcError::TooManyPages,
+            ),
+            (
+                Request::MemMap {
+                    token_gpa: 4,
+                    target_gpa: PAGE_SIZE,
+                    window_gpa: WINDOW,
+                },
+                HcError::Unaligned,
+            ),
+        ];
+        for (request, error) in refused {
+            assert_eq!(pager.serve(&request, &caller), Err(error), "{request:?}");
+            assert_eq!(store.outstanding(), 1, "{request:?} burnt the token");
+        }
+        let map = Request::MemMap {
+            token_gpa: 0,
+            target_gpa: PAGE_SIZE,
+            window_gpa: WINDOW + PAGE_SIZE,
+        };
+        assert_eq!(pager.serve(&map, &caller), Ok(0));
+        // An unaligned unmap would zero half of the granted page and half of its neighbour.
+        let unmap = Request::MemUnmap {
+            window_gpa: WINDOW + PAGE_SIZE + 0x800,
+        };
+        assert_eq!(pager.serve(&unmap, &caller), Err(HcError::Unaligned));
+        assert_eq!(pager.revoke_all(), 1);
+        let mut bytes = vec![0xffu8; 4 * PAGE_SIZE as usize];
+        window.read(0, &mut bytes).unwrap();
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "target bytes left in the window"
+        );
+        assert_eq!(pager.stats().refused, 5);
     }
 }
