@@ -41,6 +41,10 @@
 //! - PAUSE_VCPU, CREATE_VCPU, TRAP: CONTINUE (or RETRY) resumes; CRASH stops.
 //! - No answer within the reply timeout: the tool is detached and everything unhooked
 //!   (PAUSE_VCPU events are exempt: a paused vCPU waits for its tool).
+//!
+//! A tool that does not take a message within the reply timeout (it stopped reading, or is
+//! stopped) is detached as well: the socket transport writes each message whole within that
+//! deadline or not at all, never holding a lock while it waits ([`socket`]).
 
 pub mod access;
 pub mod alias;

@@ -18,7 +18,9 @@
 //! - everything else is taken alone: the engine copies what it needs and releases a lock
 //!   before sending to a tool, kicking a vCPU or calling into a transport.
 //!
-//! Never held across a blocking send to a tool: the link, the slots, the access table.
+//! Never held across a blocking send to a tool: the link, the slots, the access table. (No
+//! lock is: the socket transport waits for room in the socket holding nothing, and its
+//! close, every detach, takes no lock.)
 
 use vmm::sync::Rank;
 
@@ -51,7 +53,8 @@ pub const TOKENS: Rank = Rank::new(70, "engine.tokens");
 pub const SOCKET_CURRENT: Rank = Rank::new(100, "engine.socket_current");
 /// The socket server's thread handle.
 pub const SOCKET_THREAD: Rank = Rank::new(101, "engine.socket_thread");
-/// The socket channel's writer.
+/// The socket channel's outbox (the bytes of messages not yet taken by the tool): held only
+/// across non-blocking writes, never while waiting for the tool to read.
 pub const SOCKET_WRITER: Rank = Rank::new(102, "engine.socket_writer");
 /// The ring service's thread handle.
 pub const RING_SERVICE_THREAD: Rank = Rank::new(110, "link.ring_service_thread");

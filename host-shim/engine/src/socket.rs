@@ -1,21 +1,52 @@
 //! The KVMI unix-socket transport: the shim listens on a path (`--kvmi-socket`), or connects
 //! to a tool listening on a path (`--kvmi-connect`, as QEMU does, reconnecting after a
-//! detach). One tool at a time; a reader thread feeds whole messages to the introspector;
-//! every message is written with one write under a writer lock.
+//! detach). One reader thread feeds the attached tool's whole messages to the introspector.
+//!
+//! # One tool at a time
+//! While a tool is attached on a listening socket, another one that connects is refused: its
+//! connection is accepted, its first message (sent within [`REFUSAL_WAIT`] of connecting) is
+//! answered with an error reply `-KVM_EBUSY` under that message's id and seq, and the socket
+//! is closed; one that sends nothing within that time is closed with nothing sent. The VMM
+//! logs a warning (`a tool is already attached; refusing another one`) for the first tool
+//! refused during an attachment (at debug level for the next ones). A tool that gets
+//! `-KVM_EBUSY` from its first command should retry later. A tool that has closed its
+//! socket no longer counts: its successor waits (a second at most) for the engine to finish
+//! unhooking, then is served.
+//!
+//! # No tool can freeze the guest
+//! Every message is written whole or the tool is detached: writes to the tool never block
+//! while holding a lock (they are non-blocking; a writer that finds the socket full waits for
+//! room with `poll`, holding nothing), and each message has a deadline, the reply timeout
+//! (`--kvmi-timeout`): a tool that has not taken a message within it (stopped, or no longer
+//! reading) is detached with a warning saying so, and no byte is written after the part of a
+//! message already sent. Closing the channel (every detach) shuts the socket down at once
+//! without waiting for a blocked writer, whose wait then ends. With no reply timeout (`0`,
+//! wait forever) writes wait forever too, as events do.
+//!
+//! # Reconnecting (`--kvmi-connect`)
+//! A failed connection is retried after 50 ms, doubling up to [`BACKOFF_MAX`] (2 s); the
+//! first failure of a series is logged at info level, every failure at debug level. A session
+//! that stays attached at least [`BACKOFF_MAX`] resets the back-off, so a detached tool's
+//! successor is reached at once, while a tool that accepts and drops the VM at once is
+//! retried with the growing back-off.
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use protocol::V4;
+use protocol::error::ErrorCode;
 use protocol::wire::WireProfile;
 
+use super::engine::error_message;
 use super::lock_order;
 use super::transport::{Channel, ChannelError, Route};
 use super::{IntrospectError, Introspector};
@@ -25,7 +56,8 @@ use vmm::sync::RankedMutex;
 /// Where the KVMI socket is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
-    /// The shim listens on this path and accepts one tool at a time.
+    /// The shim listens on this path and serves one tool at a time (refusing others with
+    /// `-KVM_EBUSY`, see the module docs).
     Listen(PathBuf),
     /// The shim connects to a tool listening on this path (and reconnects after a detach).
     Connect(PathBuf),
@@ -40,25 +72,279 @@ impl Endpoint {
     }
 }
 
-/// A connected tool's socket as a [`Channel`].
+/// Poll interval of the accept loop.
+const POLL: Duration = Duration::from_millis(20);
+/// The first delay before reconnecting to a tool (`--kvmi-connect`).
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// The longest delay before reconnecting to a tool.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a refused second tool has to send its first message (answered `-KVM_EBUSY`).
+pub const REFUSAL_WAIT: Duration = Duration::from_secs(2);
+/// Refused tools waited for at once; more are closed without an answer.
+const MAX_REFUSING: usize = 16;
+/// How long a blocked writer sleeps before it looks again whether another writer sent its
+/// message for it.
+const WRITE_RECHECK: Duration = Duration::from_millis(20);
+/// How long the accept loop waits for a session whose tool hung up to end.
+const HANGUP_GRACE: Duration = Duration::from_secs(1);
+
+/// Why a write to the tool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The tool took nothing of a message within the deadline.
+    #[error(
+        "the tool stopped reading: a {len}-byte message was not taken within {deadline:?} \
+         ({sent} bytes of it sent)"
+    )]
+    Stalled {
+        /// The message's length.
+        len: usize,
+        /// Bytes of it that went out.
+        sent: usize,
+        /// The write deadline (the reply timeout).
+        deadline: Duration,
+    },
+    /// The channel was closed (detached), or an earlier write failed.
+    #[error("the channel is closed")]
+    Closed,
+    /// The socket failed.
+    #[error("socket write: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<WriteError> for std::io::Error {
+    fn from(e: WriteError) -> std::io::Error {
+        match e {
+            WriteError::Io(e) => e,
+            e @ WriteError::Stalled { .. } => std::io::Error::new(ErrorKind::TimedOut, e),
+            e @ WriteError::Closed => std::io::Error::new(ErrorKind::BrokenPipe, e),
+        }
+    }
+}
+
+/// The bytes accepted for the tool and not yet written, oldest first.
+#[derive(Debug, Default)]
+struct Outbox {
+    pending: VecDeque<u8>,
+    /// Bytes accepted since the connection opened (the end of the last message queued).
+    accepted: u64,
+    /// Bytes written since the connection opened.
+    written: u64,
+}
+
+/// A connected tool's socket as a [`Channel`]: messages go out in the order they were
+/// handed over, each whole or not at all (after a failure nothing more is written).
+/// The outbox lock is held only across non-blocking writes.
 struct SocketChannel {
-    writer: RankedMutex<UnixStream>,
+    stream: UnixStream,
+    outbox: RankedMutex<Outbox>,
+    /// Closed by a detach, or broken by a failed write: nothing is written any more.
+    closed: AtomicBool,
+    /// The deadline of each message (None: wait forever).
+    deadline: Option<Duration>,
+}
+
+impl SocketChannel {
+    fn new(stream: UnixStream, deadline: Option<Duration>) -> SocketChannel {
+        SocketChannel {
+            stream,
+            outbox: RankedMutex::new(lock_order::SOCKET_WRITER, Outbox::default()),
+            closed: AtomicBool::new(false),
+            deadline,
+        }
+    }
+
+    /// Writes `message` whole within the deadline, or fails and closes the channel.
+    fn write_message(&self, message: &[u8]) -> Result<(), WriteError> {
+        let started = Instant::now();
+        let end = {
+            let mut o = self.outbox.lock();
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(WriteError::Closed);
+            }
+            o.accepted += message.len() as u64;
+            let end = o.accepted;
+            let result = if o.pending.is_empty() {
+                // The common case: straight from the caller's buffer.
+                self.try_send(message).map(|n| {
+                    o.written += n as u64;
+                    o.pending.extend(&message[n..]);
+                })
+            } else {
+                o.pending.extend(message);
+                self.flush(&mut o)
+            };
+            if let Err(e) = result {
+                return Err(self.broken(e));
+            }
+            if o.written >= end {
+                return Ok(());
+            }
+            end
+        };
+        // The socket is full: wait for room holding nothing, so that other writers, the
+        // vCPUs and a detach never wait for this one.
+        loop {
+            let wait = match self.deadline {
+                Some(d) => d.saturating_sub(started.elapsed()).min(WRITE_RECHECK),
+                None => WRITE_RECHECK,
+            };
+            if !wait.is_zero() {
+                poll_writable(&self.stream, wait);
+            }
+            let mut o = self.outbox.lock();
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(WriteError::Closed);
+            }
+            if let Err(e) = self.flush(&mut o) {
+                return Err(self.broken(e));
+            }
+            if o.written >= end {
+                return Ok(());
+            }
+            if let Some(deadline) = self.deadline
+                && started.elapsed() >= deadline
+            {
+                let start = end - message.len() as u64;
+                let sent = o.written.saturating_sub(start) as usize;
+                self.closed.store(true, Ordering::SeqCst);
+                o.pending.clear();
+                drop(o);
+                let _ = self.stream.shutdown(Shutdown::Both);
+                let e = WriteError::Stalled {
+                    len: message.len(),
+                    sent,
+                    deadline,
+                };
+                tracing::warn!("KVMI: {e}; detaching it");
+                return Err(e);
+            }
+        }
+    }
+
+    /// Writes as much of the outbox as the socket takes now.
+    fn flush(&self, o: &mut Outbox) -> std::io::Result<()> {
+        while !o.pending.is_empty() {
+            let n = self.try_send(o.pending.as_slices().0)?;
+            if n == 0 {
+                break;
+            }
+            o.pending.drain(..n);
+            o.written += n as u64;
+        }
+        Ok(())
+    }
+
+    /// One non-blocking write: bytes taken, 0 if the socket is full.
+    fn try_send(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        if bytes.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            // SAFETY: `bytes` is valid for reads of its length for the whole call; the fd is
+            // this channel's open socket (owned by `self.stream`). MSG_DONTWAIT makes this
+            // one call non-blocking without changing the file's flags (shared with the
+            // reader's blocking clone); MSG_NOSIGNAL turns a closed peer into EPIPE.
+            let n = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if let Ok(n) = usize::try_from(n) {
+                return Ok(n);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                ErrorKind::WouldBlock => return Ok(0),
+                ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// Marks the channel broken after a failed write and shuts the socket down.
+    fn broken(&self, e: std::io::Error) -> WriteError {
+        let detached = self.closed.swap(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if detached {
+            WriteError::Closed
+        } else {
+            WriteError::Io(e)
+        }
+    }
 }
 
 impl Channel for SocketChannel {
     fn send(&self, message: &[u8], _route: Route) -> std::io::Result<()> {
-        let mut w = self.writer.lock();
-        w.write_all(message)
+        self.write_message(message).map_err(Into::into)
     }
 
+    /// Shuts the socket down without taking the outbox lock: a writer waiting for room
+    /// wakes up and fails at once.
     fn close(&self) {
-        let w = self.writer.lock();
-        let _ = w.shutdown(Shutdown::Both);
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
     }
 }
 
-/// Poll interval of the accept/connect loop.
-const POLL: Duration = Duration::from_millis(20);
+/// Waits until `stream` can take bytes, it was shut down, or `wait` passed.
+fn poll_writable(stream: &UnixStream, wait: Duration) {
+    poll(stream, libc::POLLOUT, wait);
+}
+
+/// poll(2) on one socket: the events among `events` (and errors) that are ready.
+fn poll(stream: &UnixStream, events: libc::c_short, wait: Duration) -> libc::c_short {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is one valid pollfd for the duration of the call, on an open socket.
+    let n = unsafe { libc::poll(&mut fd, 1, ms) };
+    if n > 0 { fd.revents } else { 0 }
+}
+
+/// Whether the peer of `stream` has closed it (or shut down its sending side).
+fn peer_hung_up(stream: &UnixStream) -> bool {
+    let ready = poll(stream, libc::POLLRDHUP, Duration::ZERO);
+    ready & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// The delays between attempts to connect to a tool: [`BACKOFF_MIN`] doubling up to
+/// [`BACKOFF_MAX`].
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    attempts: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: BACKOFF_MIN,
+            attempts: 0,
+        }
+    }
+}
+
+impl Backoff {
+    /// Counts a failed attempt; returns its number (from 1) and the delay before the next.
+    pub(crate) fn failed(&mut self) -> (u32, Duration) {
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.attempts += 1;
+        (self.attempts, delay)
+    }
+
+    /// Starts over (after a successful session).
+    pub(crate) fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+}
 
 /// The thread serving one VM's KVMI socket.
 pub struct SocketServer {
@@ -81,6 +367,38 @@ impl std::fmt::Debug for SocketServer {
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> IntrospectError {
     move |source| IntrospectError::Io { what, source }
+}
+
+/// What the serving threads share.
+struct Shared {
+    introspector: Arc<Introspector>,
+    stop: Arc<AtomicBool>,
+    vm: Arc<OnceLock<VmHandle>>,
+    /// The attached tool's socket (to shut it down on stop, and see whether it hung up).
+    current: Arc<RankedMutex<Option<UnixStream>>>,
+    /// A connection was handed to the tool thread and its session has not ended.
+    serving: AtomicBool,
+}
+
+impl Shared {
+    fn running(&self) -> bool {
+        !self.stop.load(Ordering::SeqCst) && !self.vm.get().is_some_and(VmHandle::has_ended)
+    }
+
+    /// Sleeps `delay` in short steps; false if the server stopped meanwhile.
+    fn sleep(&self, delay: Duration) -> bool {
+        let until = Instant::now() + delay;
+        loop {
+            if !self.running() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            std::thread::sleep((until - now).min(POLL));
+        }
+    }
 }
 
 impl SocketServer {
@@ -114,12 +432,22 @@ impl SocketServer {
         let vm: Arc<OnceLock<VmHandle>> = Arc::new(OnceLock::new());
         let current: Arc<RankedMutex<Option<UnixStream>>> =
             Arc::new(RankedMutex::new(lock_order::SOCKET_CURRENT, None));
-        let (s, v, c, p) = (stop.clone(), vm.clone(), current.clone(), path.clone());
+        let shared = Arc::new(Shared {
+            introspector,
+            stop: stop.clone(),
+            vm: vm.clone(),
+            current: current.clone(),
+            serving: AtomicBool::new(false),
+        });
+        let p = path.clone();
         let thread = std::thread::Builder::new()
             .name("kvmi-socket".into())
-            .spawn(move || serve_loop(&introspector, listener, &p, &s, &v, &c))
+            .spawn(move || match listener {
+                Some(l) => listen_loop(&shared, &l),
+                None => connect_loop(&shared, &p),
+            })
             .map_err(io_err("spawning the KVMI socket thread".into()))?;
-        if listener_path_is_listen(&endpoint) {
+        if matches!(endpoint, Endpoint::Listen(_)) {
             tracing::info!(path = %path.display(), "KVMI socket listening");
         }
         Ok(SocketServer {
@@ -142,7 +470,7 @@ impl SocketServer {
         let _ = self.vm.set(handle);
     }
 
-    /// Closes the current connection, stops the thread and removes a listening socket file.
+    /// Closes the current connection, stops the threads and removes a listening socket file.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(s) = self.current.lock().as_ref() {
@@ -163,77 +491,235 @@ impl Drop for SocketServer {
     }
 }
 
-fn listener_path_is_listen(e: &Endpoint) -> bool {
-    matches!(e, Endpoint::Listen(_))
-}
-
-fn serve_loop(
-    introspector: &Introspector,
-    listener: Option<UnixListener>,
-    path: &Path,
-    stop: &AtomicBool,
-    vm: &OnceLock<VmHandle>,
-    current: &RankedMutex<Option<UnixStream>>,
-) {
-    let mut connect_warned = false;
-    while !stop.load(Ordering::SeqCst) && !vm.get().is_some_and(VmHandle::has_ended) {
-        let stream = match &listener {
-            Some(l) => match l.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    std::thread::sleep(POLL);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!("KVMI accept: {e}");
-                    std::thread::sleep(POLL);
-                    continue;
-                }
-            },
-            None => match UnixStream::connect(path) {
-                Ok(s) => s,
-                Err(e) => {
-                    if !connect_warned {
-                        tracing::info!("waiting for a tool at {}: {e}", path.display());
-                        connect_warned = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            },
+/// `--kvmi-socket`: accepts tools. The attached one is served by one long-lived thread
+/// (`kvmi-tool`, no thread per connection); others that connect meanwhile are refused by this
+/// loop, without blocking and without a thread each.
+fn listen_loop(shared: &Arc<Shared>, listener: &UnixListener) {
+    let (to_worker, from_acceptor) = std::sync::mpsc::channel::<UnixStream>();
+    let s = shared.clone();
+    let worker = std::thread::Builder::new()
+        .name("kvmi-tool".into())
+        .spawn(move || {
+            while let Ok(stream) = from_acceptor.recv() {
+                serve_one(&s, stream);
+                s.serving.store(false, Ordering::SeqCst);
+            }
+        });
+    let worker = match worker {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!("KVMI socket: spawning the tool's reader thread: {e}");
+            return;
+        }
+    };
+    let mut refusals: Vec<Refusal> = Vec::new();
+    let mut refused = 0u64;
+    while shared.running() {
+        refusals.retain_mut(Refusal::progress);
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("KVMI accept: {e}");
+                std::thread::sleep(POLL);
+                continue;
+            }
         };
-        connect_warned = false;
+        if session_busy(shared) {
+            refused += 1;
+            if refused == 1 {
+                tracing::warn!(
+                    "KVMI: a tool is already attached; refusing another one (its first command \
+                     is answered -KVM_EBUSY)"
+                );
+            } else {
+                tracing::debug!(
+                    "KVMI: a tool is already attached; refusing another one ({refused})"
+                );
+            }
+            match Refusal::new(stream) {
+                Some(r) if refusals.len() < MAX_REFUSING => refusals.push(r),
+                Some(r) => r.close(),
+                None => {}
+            }
+            continue;
+        }
+        refused = 0;
         if let Err(e) = stream.set_nonblocking(false) {
             tracing::warn!("KVMI socket: {e}");
             continue;
         }
-        serve_one(introspector, stream, current);
+        shared.serving.store(true, Ordering::SeqCst);
+        if to_worker.send(stream).is_err() {
+            tracing::error!("KVMI socket: the tool's reader thread is gone");
+            break;
+        }
+    }
+    for r in refusals {
+        r.close();
+    }
+    drop(to_worker);
+    let _ = worker.join();
+}
+
+/// Whether a tool is being served and still there. A session that is starting or ending (no
+/// socket yet or any more, or its tool hung up) is given [`HANGUP_GRACE`] to settle: a tool
+/// that just closed its socket does not get its successor refused.
+fn session_busy(shared: &Shared) -> bool {
+    let until = Instant::now() + HANGUP_GRACE;
+    loop {
+        if !shared.serving.load(Ordering::SeqCst) {
+            return false;
+        }
+        let attached = shared
+            .current
+            .lock()
+            .as_ref()
+            .is_some_and(|s| !peer_hung_up(s));
+        if attached || Instant::now() >= until {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
-fn serve_one(
-    introspector: &Introspector,
+/// A tool refused because another is attached: its first message is answered `-KVM_EBUSY`
+/// (read without blocking, within [`REFUSAL_WAIT`]), then it is closed.
+struct Refusal {
     stream: UnixStream,
-    current: &RankedMutex<Option<UnixStream>>,
-) {
+    received: Vec<u8>,
+    deadline: Instant,
+}
+
+impl Refusal {
+    fn new(stream: UnixStream) -> Option<Refusal> {
+        if stream.set_nonblocking(true).is_err() {
+            let _ = stream.shutdown(Shutdown::Both);
+            return None;
+        }
+        Some(Refusal {
+            stream,
+            received: Vec::new(),
+            deadline: Instant::now() + REFUSAL_WAIT,
+        })
+    }
+
+    /// Reads what arrived; answers a whole header. False once the refusal is over (closed).
+    fn progress(&mut self) -> bool {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    self.discard();
+                    return false;
+                }
+                Ok(n) => {
+                    self.received.extend_from_slice(&chunk[..n]);
+                    if let Ok(header) = protocol::frame::Header::parse(&self.received) {
+                        let reply = error_message(header.id, header.seq, ErrorCode::Busy);
+                        // A fresh socket has room for 16 bytes: this never blocks.
+                        let _ = (&self.stream).write_all(&reply);
+                        self.discard();
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.discard();
+                    return false;
+                }
+            }
+        }
+        if Instant::now() >= self.deadline {
+            self.discard();
+            return false;
+        }
+        true
+    }
+
+    /// Drops whatever else the tool sent (so that it reads the answer, then end of file),
+    /// and shuts the socket down.
+    fn discard(&mut self) {
+        let mut chunk = [0u8; 4096];
+        while matches!(self.stream.read(&mut chunk), Ok(n) if n > 0) {}
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn close(mut self) {
+        self.discard();
+    }
+}
+
+/// `--kvmi-connect`: connects to the tool, serves it until it detaches, reconnects (with
+/// back-off while it cannot).
+fn connect_loop(shared: &Shared, path: &Path) {
+    let mut backoff = Backoff::default();
+    while shared.running() {
+        match UnixStream::connect(path) {
+            Ok(stream) => {
+                let started = Instant::now();
+                let attached = serve_one(shared, stream);
+                if attached && started.elapsed() >= BACKOFF_MAX {
+                    backoff.reset();
+                } else {
+                    let (n, delay) = backoff.failed();
+                    tracing::debug!(
+                        "KVMI session {n} with {} ended at once; next attempt in {} ms",
+                        path.display(),
+                        delay.as_millis()
+                    );
+                    shared.sleep(delay);
+                }
+            }
+            Err(e) => {
+                let (n, delay) = backoff.failed();
+                if n == 1 {
+                    tracing::info!(
+                        "waiting for a tool at {}: {e} (retrying, up to every {} s)",
+                        path.display(),
+                        BACKOFF_MAX.as_secs()
+                    );
+                }
+                tracing::debug!(
+                    "KVMI connect attempt {n} to {} failed ({e}); next attempt in {} ms",
+                    path.display(),
+                    delay.as_millis()
+                );
+                shared.sleep(delay);
+            }
+        }
+    }
+}
+
+/// Serves one connected tool until it detaches; whether it attached.
+fn serve_one(shared: &Shared, stream: UnixStream) -> bool {
+    let introspector = &shared.introspector;
     let (Ok(writer), Ok(control)) = (stream.try_clone(), stream.try_clone()) else {
         tracing::warn!("KVMI socket: cannot clone the stream");
-        return;
+        return false;
     };
-    let channel = Arc::new(SocketChannel {
-        writer: RankedMutex::new(lock_order::SOCKET_WRITER, writer),
-    });
+    let deadline = introspector.config.reply_timeout;
+    let channel = Arc::new(SocketChannel::new(writer, deadline));
     let generation = match introspector.attach(channel) {
         Ok(g) => g,
         Err(e) => {
             tracing::warn!("KVMI attach refused: {e}");
-            return;
+            return false;
         }
     };
-    *current.lock() = Some(control);
+    *shared.current.lock() = Some(control);
+    // A stop that came before `current` was set shut nothing down: do it here.
+    if !shared.running() {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
     let reason = read_messages(introspector, generation, stream);
     introspector.detach(generation, &reason);
-    *current.lock() = None;
+    *shared.current.lock() = None;
+    true
 }
 
 /// Reads and handles messages until the channel closes; returns why it closed.
@@ -267,5 +753,211 @@ fn read_messages(introspector: &Introspector, generation: u64, mut stream: UnixS
             }
         }
         buf.drain(..consumed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(id: u16, seq: u32, len: usize) -> Vec<u8> {
+        let mut m = Vec::with_capacity(8 + len);
+        m.extend_from_slice(&id.to_le_bytes());
+        m.extend_from_slice(&(len as u16).to_le_bytes());
+        m.extend_from_slice(&seq.to_le_bytes());
+        m.extend((0..len).map(|i| (i as u32 ^ seq) as u8));
+        m
+    }
+
+    /// Reads until end of file; the bytes.
+    fn read_all(mut s: UnixStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        all
+    }
+
+    #[test]
+    fn messages_are_written_whole_and_in_order() {
+        let (host, tool) = UnixStream::pair().unwrap();
+        let channel = SocketChannel::new(host, Some(Duration::from_secs(5)));
+        let reader = std::thread::spawn(move || read_all(tool));
+        let mut expected = Vec::new();
+        for seq in 0..200 {
+            let m = frame(13, seq, 4096);
+            channel.send(&m, Route::CommandReply).unwrap();
+            expected.extend_from_slice(&m);
+        }
+        channel.close();
+        assert_eq!(reader.join().unwrap(), expected);
+    }
+
+    #[test]
+    fn concurrent_writers_never_interleave_messages() {
+        let (host, tool) = UnixStream::pair().unwrap();
+        let channel = Arc::new(SocketChannel::new(host, Some(Duration::from_secs(10))));
+        let reader = std::thread::spawn(move || read_all(tool));
+        let writers: Vec<_> = (0..4u16)
+            .map(|w| {
+                let c = channel.clone();
+                std::thread::spawn(move || {
+                    for seq in 0..100 {
+                        c.send(
+                            &frame(w, seq, 3000 + usize::from(w) * 7),
+                            Route::CommandReply,
+                        )
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        channel.close();
+        let bytes = reader.join().unwrap();
+        let mut rest = &bytes[..];
+        let mut next = [0u32; 4];
+        while let Ok(Some((f, tail))) = V4::split_frame(rest) {
+            let w = usize::from(f.header.id);
+            let whole = frame(f.header.id, f.header.seq, usize::from(f.header.size));
+            assert_eq!(&rest[..rest.len() - tail.len()], &whole[..]);
+            assert_eq!(f.header.seq, next[w], "writer {w}'s messages in order");
+            next[w] += 1;
+            rest = tail;
+        }
+        assert!(rest.is_empty());
+        assert_eq!(next, [100; 4]);
+    }
+
+    #[test]
+    fn a_tool_that_stops_reading_fails_the_write_at_the_deadline_and_nothing_follows() {
+        let (host, tool) = UnixStream::pair().unwrap();
+        let deadline = Duration::from_millis(300);
+        let channel = SocketChannel::new(host, Some(deadline));
+        let started = Instant::now();
+        let mut sent = Vec::new();
+        let err = loop {
+            let m = frame(13, sent.len() as u32, 4096);
+            match channel.write_message(&m) {
+                Ok(()) => sent.push(m),
+                Err(e) => break e,
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never timed out"
+            );
+        };
+        assert!(matches!(err, WriteError::Stalled { .. }), "{err}");
+        let stalled = started.elapsed();
+        assert!(stalled >= deadline, "{stalled:?}");
+        // Closed for good: the next write fails at once.
+        let again = Instant::now();
+        assert!(matches!(
+            channel.write_message(&frame(13, 9999, 8)),
+            Err(WriteError::Closed)
+        ));
+        assert!(again.elapsed() < Duration::from_millis(100));
+        // The tool gets the whole messages, then at most part of the stalled one, then EOF.
+        let got = read_all(tool);
+        let whole: Vec<u8> = sent.concat();
+        assert!(got.len() >= whole.len());
+        assert_eq!(&got[..whole.len()], &whole[..]);
+        assert!(
+            got.len() - whole.len() < 8 + 4096,
+            "more than one cut message"
+        );
+    }
+
+    #[test]
+    fn close_wakes_a_blocked_writer_without_its_lock() {
+        let (host, _tool) = UnixStream::pair().unwrap();
+        let channel = Arc::new(SocketChannel::new(host, Some(Duration::from_secs(60))));
+        let c = channel.clone();
+        let writer = std::thread::spawn(move || {
+            loop {
+                if let Err(e) = c.write_message(&frame(13, 0, 4096)) {
+                    return e;
+                }
+            }
+        });
+        // Wait until the writer is blocked (the socket is full), then close.
+        let full = Instant::now();
+        while channel.outbox.lock().pending.is_empty() {
+            assert!(full.elapsed() < Duration::from_secs(10), "never filled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let closing = Instant::now();
+        channel.close();
+        let e = writer.join().unwrap();
+        assert!(
+            closing.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            closing.elapsed()
+        );
+        assert!(matches!(e, WriteError::Closed | WriteError::Io(_)), "{e}");
+    }
+
+    #[test]
+    fn no_deadline_waits_for_a_slow_reader() {
+        let (host, mut tool) = UnixStream::pair().unwrap();
+        let channel = Arc::new(SocketChannel::new(host, None));
+        let c = channel.clone();
+        let writer = std::thread::spawn(move || {
+            for seq in 0..100 {
+                c.write_message(&frame(13, seq, 4096)).unwrap();
+            }
+        });
+        let mut got = 0;
+        let mut buf = vec![0u8; 1000];
+        while got < 100 * (8 + 4096) {
+            std::thread::sleep(Duration::from_micros(200));
+            got += tool.read(&mut buf).unwrap();
+        }
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff::default();
+        let delays: Vec<u64> = (0..8).map(|_| b.failed().1.as_millis() as u64).collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(b.failed().0, 9);
+        b.reset();
+        assert_eq!(b.failed(), (1, BACKOFF_MIN));
+    }
+
+    #[test]
+    fn a_refused_tool_gets_ebusy_for_its_first_command_then_end_of_file() {
+        let (host, mut tool) = UnixStream::pair().unwrap();
+        let mut refusal = Refusal::new(host).unwrap();
+        assert!(refusal.progress(), "nothing sent yet: still waiting");
+        // GET_VERSION (id 1), seq 7, sent in two pieces, plus a second message.
+        tool.write_all(&[1, 0, 0]).unwrap();
+        assert!(refusal.progress());
+        tool.write_all(&[0, 7, 0, 0, 0]).unwrap();
+        tool.write_all(&frame(3, 8, 0)).unwrap();
+        assert!(!refusal.progress(), "answered and closed");
+        let got = read_all(tool);
+        assert_eq!(got, error_message(1, 7, ErrorCode::Busy));
+        let frame = V4::parse_frame(&got).unwrap();
+        assert_eq!((frame.header.id, frame.header.seq), (1, 7));
+    }
+
+    #[test]
+    fn a_refused_tool_that_sends_nothing_is_closed_at_the_deadline() {
+        let (host, tool) = UnixStream::pair().unwrap();
+        let mut refusal = Refusal::new(host).unwrap();
+        assert!(refusal.progress());
+        refusal.deadline = Instant::now();
+        assert!(!refusal.progress());
+        assert!(read_all(tool).is_empty());
+    }
+
+    #[test]
+    fn peer_hang_up_is_seen() {
+        let (a, b) = UnixStream::pair().unwrap();
+        assert!(!peer_hung_up(&a));
+        drop(b);
+        assert!(peer_hung_up(&a));
     }
 }
