@@ -9,8 +9,11 @@
 //!   the `kvmi` command with a KVMI socket and attaches a client.
 //! - [`kvmi_bin`] is the `kvmi` command under test (this package builds it as its example
 //!   `kvmi`, from the same `kvmi::app::main`).
+//! - [`hostile`] is a misbehaving tool in a child process (the example `hostile_tool`) that a
+//!   test can make stop reading, fill the socket, stop (SIGSTOP), resume and kill.
 
 pub mod common;
+pub mod hostile;
 pub mod socket_target;
 pub mod wait;
 
@@ -52,35 +55,46 @@ pub fn require_kvm(test: &str) -> bool {
 /// the fix when it cannot be had.
 pub fn kvmi_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("test executable lives in target/<profile>/deps");
-        let bin = profile_dir.join("examples").join("kvmi");
-        if let (Some(cargo), Some(target_dir)) = (std::env::var_os("CARGO"), profile_dir.parent()) {
-            let mut build = std::process::Command::new(cargo);
-            build
-                .args(["build", "--quiet", "-p", "kvmi-tests", "--example", "kvmi"])
-                .arg("--target-dir")
-                .arg(target_dir);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                build.arg("--release");
-            }
-            let status = build.status().expect("run cargo to build the kvmi example");
-            assert!(
-                status.success(),
-                "building the kvmi example failed ({status})"
-            );
+    BIN.get_or_init(|| example_bin("kvmi")).clone()
+}
+
+/// The hostile tool's program: this package's example `hostile_tool`
+/// (`examples/hostile_tool.rs`, see [`hostile`]), built on demand as [`kvmi_bin`] is.
+pub fn hostile_tool_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| example_bin("hostile_tool")).clone()
+}
+
+/// This package's example `name`, brought up to date with cargo when cargo runs the tests.
+fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("examples").join(name);
+    if let (Some(cargo), Some(target_dir)) = (std::env::var_os("CARGO"), profile_dir.parent()) {
+        let mut build = std::process::Command::new(cargo);
+        build
+            .args(["build", "--quiet", "-p", "kvmi-tests", "--example", name])
+            .arg("--target-dir")
+            .arg(target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
         }
+        let status = build
+            .status()
+            .unwrap_or_else(|e| panic!("run cargo to build the {name} example: {e}"));
         assert!(
-            bin.exists(),
-            "{} is missing: build it with `cargo build -p kvmi-tests --example kvmi`",
-            bin.display()
+            status.success(),
+            "building the {name} example failed ({status})"
         );
-        bin
-    })
-    .clone()
+    }
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p kvmi-tests --example {name}`",
+        bin.display()
+    );
+    bin
 }

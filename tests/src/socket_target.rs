@@ -34,6 +34,29 @@ pub struct Target {
 impl Target {
     /// Starts `image` with `cmdline` and extra `kvmi run` arguments.
     pub fn start(image: Image, cmdline: &str, extra: &[&str]) -> Target {
+        Self::spawn(image, cmdline, None, extra, None)
+    }
+
+    /// Starts `image` with `kvmi run --kvmi-connect tool_socket`: the VM connects to a tool
+    /// listening there (and reconnects after a detach); `socket` is `tool_socket`.
+    /// `log` is the `RUST_LOG` filter of the VM process, if given.
+    pub fn start_connecting(
+        image: Image,
+        cmdline: &str,
+        tool_socket: &Path,
+        extra: &[&str],
+        log: Option<&str>,
+    ) -> Target {
+        Self::spawn(image, cmdline, Some(tool_socket), extra, log)
+    }
+
+    fn spawn(
+        image: Image,
+        cmdline: &str,
+        connect: Option<&Path>,
+        extra: &[&str],
+        log: Option<&str>,
+    ) -> Target {
         let dir = std::env::temp_dir().join(format!(
             "kvmi-e2e-{}-{}",
             std::process::id(),
@@ -41,22 +64,29 @@ impl Target {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let socket = dir.join("kvmi.sock");
+        let socket = connect.map_or_else(|| dir.join("kvmi.sock"), Path::to_path_buf);
         let stderr = File::create(dir.join("stderr.txt")).expect("stderr file");
-        let child = Command::new(crate::kvmi_bin())
+        let mut command = Command::new(crate::kvmi_bin());
+        command
             .args(["run", "--image", image.name(), "--timeout", "120"])
             .arg("--cmdline")
             .arg(cmdline)
-            .arg("--kvmi-socket")
+            .arg(if connect.is_some() {
+                "--kvmi-connect"
+            } else {
+                "--kvmi-socket"
+            })
             .arg(&socket)
             .arg("--serial")
             .arg(dir.join("serial.txt"))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start kvmi run");
+            .stderr(stderr);
+        if let Some(filter) = log {
+            command.env("RUST_LOG", filter);
+        }
+        let child = command.spawn().expect("start kvmi run");
         Target {
             child: Some(child),
             dir,

@@ -9,3 +9,4 @@ mod engine_smoke;
 mod events;
 mod hostile;
 mod page_access_limit;
+mod stuck_tool;
