@@ -23,7 +23,8 @@
 //! already in the lock.
 
 use iced_x86::{
-    Decoder, DecoderOptions, InstructionInfoFactory, InstructionInfoOptions, OpAccess, Register,
+    Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, InstructionInfoOptions, Mnemonic,
+    OpAccess, OpKind, Register,
 };
 use kvm_bindings::kvm_regs;
 
@@ -104,9 +105,195 @@ pub fn mem_operand(insn: &[u8], regs: &kvm_regs) -> Option<MemOperand> {
     })
 }
 
+/// A memory location an instruction accesses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemAccess {
+    /// Effective address (before segment base; FS/GS bases are added by the caller).
+    pub ea: u64,
+    /// Segment override: 4 = FS, 5 = GS, 0 = none.
+    pub segment: u8,
+    /// Bytes accessed (16 where iced-x86 gives no size).
+    pub size: usize,
+    /// Written (or read and written).
+    pub write: bool,
+}
+
+/// An instruction that behaves the same at CPL0 as at CPL3 when it may touch only the memory
+/// CPL3 may: its length and every memory location it accesses (stack slots included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NeutralStep {
+    /// Whole instruction length.
+    pub len: usize,
+    /// The memory it accesses.
+    pub accesses: Vec<MemAccess>,
+}
+
+/// Decodes the instruction at the start of `insn` and returns it if running it at CPL0
+/// instead of CPL3 changes nothing but which memory it may touch (the caller checks that
+/// every location in [`NeutralStep::accesses`] is user-accessible): not privileged or
+/// IOPL-sensitive, not a far transfer, interrupt, `iret` or system call, no segment-register
+/// load, no flag image (`pushf`/`popf`), nothing that faults by itself (`div`, `ud2`) or
+/// depends on CR4 controls meant for CPL3 (`rdtsc`, UMIP's `sgdt` and kin), no `rep`
+/// (later iterations reach memory the check did not see). `None` otherwise, for an invalid
+/// or truncated instruction, and for a location whose address is unknown (gathers).
+pub fn cpl_neutral(insn: &[u8], regs: &kvm_regs) -> Option<NeutralStep> {
+    let mut decoder = Decoder::with_ip(64, insn, regs.rip, DecoderOptions::NONE);
+    let i = decoder.decode();
+    if i.is_invalid()
+        || i.is_privileged()
+        || i.has_rep_prefix()
+        || i.has_repne_prefix()
+        || i.is_call_far()
+        || i.is_call_far_indirect()
+        || i.is_jmp_far()
+        || i.is_jmp_far_indirect()
+    {
+        return None;
+    }
+    let flow = matches!(
+        i.flow_control(),
+        FlowControl::Next
+            | FlowControl::UnconditionalBranch
+            | FlowControl::IndirectBranch
+            | FlowControl::ConditionalBranch
+            | FlowControl::Return
+            | FlowControl::Call
+            | FlowControl::IndirectCall
+    );
+    let denied = matches!(
+        i.mnemonic(),
+        Mnemonic::Retf
+            | Mnemonic::Iret
+            | Mnemonic::Iretd
+            | Mnemonic::Iretq
+            | Mnemonic::Syscall
+            | Mnemonic::Sysret
+            | Mnemonic::Sysretq
+            | Mnemonic::Sysenter
+            | Mnemonic::Sysexit
+            | Mnemonic::Sysexitq
+            | Mnemonic::Div
+            | Mnemonic::Idiv
+            | Mnemonic::Popf
+            | Mnemonic::Popfd
+            | Mnemonic::Popfq
+            | Mnemonic::Pushf
+            | Mnemonic::Pushfd
+            | Mnemonic::Pushfq
+            | Mnemonic::Rdtsc
+            | Mnemonic::Rdtscp
+            | Mnemonic::Rdpmc
+            | Mnemonic::Smsw
+            | Mnemonic::Sgdt
+            | Mnemonic::Sidt
+            | Mnemonic::Sldt
+            | Mnemonic::Str
+            | Mnemonic::Lar
+            | Mnemonic::Lsl
+            | Mnemonic::Verr
+            | Mnemonic::Verw
+            | Mnemonic::Cpuid
+            | Mnemonic::Lss
+            | Mnemonic::Lfs
+            | Mnemonic::Lgs
+    );
+    let loads_segment = matches!(i.mnemonic(), Mnemonic::Mov | Mnemonic::Pop)
+        && i.op_count() > 0
+        && i.op0_kind() == OpKind::Register
+        && i.op0_register().is_segment_register();
+    if !flow || denied || loads_segment {
+        return None;
+    }
+    let mut factory = InstructionInfoFactory::new();
+    let used = factory
+        .info_options(&i, InstructionInfoOptions::NO_REGISTER_USAGE)
+        .used_memory();
+    let accesses = used
+        .iter()
+        .map(|m| {
+            Some(MemAccess {
+                ea: m.virtual_address(0, |reg, _, _| register(regs, reg))?,
+                segment: match m.segment() {
+                    Register::FS => 4,
+                    Register::GS => 5,
+                    _ => 0,
+                },
+                size: match m.memory_size().size() {
+                    0 => 16,
+                    n => n,
+                },
+                write: writes(m.access()),
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(NeutralStep {
+        len: i.len(),
+        accesses,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpl_neutral_steps_exclude_privileged_far_segment_flag_and_faulting_forms() {
+        let regs = kvm_regs {
+            rip: 0x40_1000,
+            rbx: 0x5000,
+            rsp: 0x7ff0,
+            ..Default::default()
+        };
+        let neutral = |insn: &[u8]| cpl_neutral(insn, &regs);
+        // lock xadd [rbx], rax: one read-written location.
+        let s = neutral(&[0xf0, 0x48, 0x0f, 0xc1, 0x03]).unwrap();
+        assert_eq!(s.len, 5);
+        assert_eq!(
+            s.accesses,
+            [MemAccess {
+                ea: 0x5000,
+                segment: 0,
+                size: 8,
+                write: true
+            }]
+        );
+        // call [rbx]: the read of the target and the stack write.
+        let s = neutral(&[0xff, 0x13]).unwrap();
+        assert!(s.accesses.contains(&MemAccess {
+            ea: 0x7fe8,
+            segment: 0,
+            size: 8,
+            write: true
+        }));
+        assert!(neutral(&[0x48, 0x89, 0xd8]).unwrap().accesses.is_empty()); // mov rax, rbx
+        assert!(neutral(&[0xeb, 0xfe]).is_some()); // jmp $
+        for (what, insn) in [
+            ("call far [rbx]", &[0xff, 0x1b][..]),
+            ("jmp far [rbx]", &[0xff, 0x2b]),
+            ("retf", &[0xcb]),
+            ("iretq", &[0x48, 0xcf]),
+            ("int3", &[0xcc]),
+            ("int 0x80", &[0xcd, 0x80]),
+            ("syscall", &[0x0f, 0x05]),
+            ("mov ss, [rbx]", &[0x8e, 0x13]),
+            ("pop fs", &[0x0f, 0xa1]),
+            ("popfq", &[0x9d]),
+            ("pushfq", &[0x9c]),
+            ("div dword [rbx]", &[0xf7, 0x33]),
+            ("cli", &[0xfa]),
+            ("hlt", &[0xf4]),
+            ("in al, dx", &[0xec]),
+            ("mov cr3, rax", &[0x0f, 0x22, 0xd8]),
+            ("wrmsr", &[0x0f, 0x30]),
+            ("rdtsc", &[0x0f, 0x31]),
+            ("sgdt [rbx]", &[0x0f, 0x01, 0x03]),
+            ("ud2", &[0x0f, 0x0b]),
+            ("rep stosb", &[0xf3, 0xaa]),
+            ("truncated", &[0xf0, 0x48, 0xff]),
+        ] {
+            assert_eq!(neutral(insn), None, "{what}");
+        }
+    }
 
     #[test]
     fn decodes_lock_inc_rip_relative_and_register_forms() {

@@ -17,13 +17,16 @@ use protocol::types::{Access, MapToken, VcpuSelector};
 use protocol::wire::{ToolMessage, WireProfile};
 
 use super::IntrospectorConfig;
-use super::access::{AccessTable, PAGE};
+use super::access::{AccessTable, PAGE, prot_for};
 use super::alias::RamAlias;
 use super::lock_order;
 use super::msr::MsrFilter;
-use super::slot::{Exchange, Life, Mailbox, OwnedReply, QueuedCommand, VcpuCommand, VcpuSlot};
+use super::slot::{
+    Exchange, Life, Mailbox, OwnedReply, QueuedCommand, VcpuCommand, VcpuSlot, VcpuView,
+};
 use super::tokens::{DEFAULT_TTL, TokenStore};
 use super::transport::{Channel, ChannelError, Route};
+use super::walked::HostWalked;
 use vmm::memory::GuestRam;
 use vmm::running::VmHandle;
 use vmm::sync::RankedMutex;
@@ -34,6 +37,9 @@ pub const KVMI_VERSION: u32 = 1;
 pub const VCPU_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Hardware breakpoint slots (DR0–DR3).
 pub const HW_BREAKPOINTS: usize = 4;
+/// How long SET_PAGE_ACCESS waits for a running vCPU to record its current state after a
+/// kick (see [`Introspector::host_walked`]); past it the state last recorded is used.
+pub const VIEW_REFRESH_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// The attached tool, if any.
 #[derive(Default)]
@@ -77,6 +83,13 @@ pub struct Introspector {
     pub(crate) sw_breakpoints: bool,
     /// The guest TSC frequency in kHz (read by the first vCPU at start; 0 = unknown).
     pub(crate) tsc_khz: AtomicU64,
+    /// The host walks guest page tables and delivers events through the RAM mapping, and
+    /// single-steps only the CPL0 code it emulates (PVM): restrictions on what it walks are
+    /// refused (`walked`), and CPL3 instructions are stepped at CPL0 (`hooks`).
+    pub(crate) software_mmu: bool,
+    /// Bumped (under the access lock) whenever the host protection of a guest page changes:
+    /// an exit caused by a protection that is gone by the time it is handled is retried.
+    pub(crate) prot_epoch: AtomicU64,
 }
 
 impl std::fmt::Debug for Introspector {
@@ -122,6 +135,7 @@ impl Introspector {
         vm_fd: Arc<VmFd>,
         vcpus: u32,
         sw_breakpoints: bool,
+        software_mmu: bool,
     ) -> std::io::Result<Introspector> {
         let alias = RamAlias::new(&ram)?;
         let target = ram.host_base() as u64;
@@ -145,6 +159,8 @@ impl Introspector {
             tickets: AtomicU64::new(1),
             tsc_khz: AtomicU64::new(0),
             sw_breakpoints,
+            software_mmu,
+            prot_epoch: AtomicU64::new(0),
         })
     }
 
@@ -252,6 +268,9 @@ impl Introspector {
             if failures > 1 {
                 tracing::error!("unhook: {failures} page ranges could not be restored");
             }
+            // A step-through that ends after this re-protects its pages under the same lock:
+            // it finds no restriction and leaves them read-write.
+            self.prot_epoch.fetch_add(1, Ordering::SeqCst);
             pages
         };
         {
@@ -477,10 +496,34 @@ impl Introspector {
         // Entries apply in order and never stop the command; each one either applies fully
         // (host protection in place, then recorded) or leaves no trace. The table logs
         // refusals once per burst.
+        let entries: Vec<(u64, Access)> = entries.collect();
+        let restricting = entries
+            .iter()
+            .any(|&(_, a)| prot_for(a) != libc::PROT_READ | libc::PROT_WRITE);
+        // Before the table lock: refreshing the vCPUs' state takes their slots.
+        let walked = (self.software_mmu && restricting).then(|| self.host_walked());
+        let mut refused = 0usize;
         let mut failed = None;
         let mut table = self.access.lock();
         for (gpa, access) in entries {
             if !self.alias.contains(gpa, 1) {
+                failed = Some(ErrorCode::Inval);
+                continue;
+            }
+            if let Some(used) = walked
+                .as_ref()
+                .and_then(|w| w.refusal(gpa, prot_for(access)))
+            {
+                if refused == 0 {
+                    tracing::warn!(
+                        "SET_PAGE_ACCESS refused: page {:#x} is {}; restricting it as {access:?} \
+                         would make the guest fault or triple-fault instead of trapping \
+                         (-KVM_EINVAL)",
+                        gpa & !(PAGE - 1),
+                        used.describe()
+                    );
+                }
+                refused += 1;
                 failed = Some(ErrorCode::Inval);
                 continue;
             }
@@ -491,7 +534,66 @@ impl Introspector {
                 failed = Some(ErrorCode::NoMem);
             }
         }
+        self.prot_epoch.fetch_add(1, Ordering::SeqCst);
+        drop(table);
+        if refused > 1 {
+            tracing::warn!("SET_PAGE_ACCESS: {refused} entries of that command were refused");
+        }
         failed.map_or(Ok(Reply::Empty), Err)
+    }
+
+    /// The guest pages the host walks on the guest's behalf (page tables, descriptor tables,
+    /// trap frames; see [`crate::walked`]) for every vCPU's current state: running vCPUs are
+    /// kicked to record it (at most [`VIEW_REFRESH_TIMEOUT`]); a vCPU in an event, halted or
+    /// paused by the VMM is taken as last recorded.
+    pub(crate) fn host_walked(&self) -> HostWalked {
+        let mut pending = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            let mut s = slot.lock();
+            if s.life == Life::Live && !s.exchange.in_event() {
+                s.view_wanted = true;
+                pending.push((i, s.view_seq));
+            }
+        }
+        for &(i, _) in &pending {
+            self.kick(i);
+        }
+        let deadline = Instant::now() + VIEW_REFRESH_TIMEOUT;
+        for (i, seq) in pending {
+            let slot = &self.slots[i];
+            let mut s = slot.lock();
+            while s.view_seq == seq && s.life == Life::Live && !s.exchange.in_event() {
+                let now = Instant::now();
+                if now >= deadline {
+                    tracing::debug!(vcpu = i, "no fresh state within {VIEW_REFRESH_TIMEOUT:?}");
+                    break;
+                }
+                s = slot.wait(s, deadline - now).0;
+            }
+            s.view_wanted = false;
+        }
+        let states: Vec<(usize, VcpuView, Vec<u64>)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| {
+                let s = slot.lock();
+                s.view.map(|v| (i, v, s.roots.clone()))
+            })
+            .collect();
+        let borrowed: Vec<_> = states
+            .iter()
+            .map(|(i, v, roots)| (*i, *v, roots.as_slice()))
+            .collect();
+        let read = |gpa: u64, buf: &mut [u8]| self.alias.read(gpa, buf);
+        let walked = HostWalked::collect(&borrowed, &read);
+        if walked.truncated {
+            tracing::warn!(
+                tables = walked.tables,
+                "the guest's page tables were checked only in part (too many to walk)"
+            );
+        }
+        walked
     }
 
     fn control_breakpoint(

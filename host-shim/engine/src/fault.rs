@@ -4,11 +4,64 @@
 //! - **PVM** (`mprotect` traps, measured): a write to a `PROT_READ` page arrives as an MMIO
 //!   write exit with the data already decoded and rip already past the instruction; a read of
 //!   a `PROT_NONE` page as an MMIO read exit (we supply the value); an instruction fetch from
-//!   a `PROT_NONE` page as an emulation failure with rip in the page.
+//!   a `PROT_NONE` page as an emulation failure with rip in the page. That is for CPL0 code,
+//!   which PVM emulates. Native CPL3 code that touches a protected page (data or fetch) makes
+//!   `KVM_RUN` fail with `EFAULT` and no exit information: the engine looks for a blocked
+//!   fetch at rip first, then decodes the instruction at rip for its data address.
 //! - **Upstream KVM**: `KVM_RUN` fails with `EFAULT` and `KVM_EXIT_MEMORY_FAULT` (gpa, size;
 //!   no access type, nothing emulated). The access is inferred from the page's restriction
 //!   and rip, and ALLOW is carried out by unprotecting the page, single-stepping the
 //!   instruction and protecting it again.
+//!
+//! # Stepping an instruction through a protection (CONTINUE of what KVM did not emulate)
+//! The page is lifted for one single-stepped instruction (never below what its restriction
+//! allows at that moment) and re-protected, with the restriction then in force, at the
+//! single-step exit. Both happen under the access table's lock, so a detach or a
+//! SET_PAGE_ACCESS in between is never undone. Cases, all measured on PVM:
+//! - **An instruction that straddles two pages** (e.g. a 7-byte `mov` at 0xfff of a page):
+//!   the fetch of its second part fails with the first page lifted (an emulation failure at
+//!   the same rip, the bytes fetched reaching the page end). The second page then gets its
+//!   own exec event (gva = its first byte) and the step runs with both pages lifted. Before,
+//!   only rip's page was ever lifted: the vCPU retried forever and made no progress.
+//! - **Locked and other read-modify-write instructions.** At CPL0 PVM emulates a plain write
+//!   to a `PROT_READ` page as MMIO, but not `xchg` or a `lock`ed operation: that is an
+//!   emulation failure outside a no-exec page, which steps the instruction with every tracked
+//!   page lifted (no event for a page the decoder cannot name, one for a decoded address).
+//!   At CPL3 a locked write (`lock xadd` on the demo target's stats page) is an `EFAULT`
+//!   like any other write and is decoded, reported, and on CONTINUE stepped.
+//! - **CPL3 instructions: PVM does not single-step native code.** With
+//!   `KVM_GUESTDBG_SINGLESTEP` the trap after a CPL3 instruction is delivered to the guest
+//!   as #DB (the demo target killed the task); hardware breakpoints on CPL3 code do not fire
+//!   at all. So on PVM a CPL3 instruction is stepped **at CPL0**: CS and SS get DPL 0 (RPL
+//!   cleared, same descriptors; RFLAGS.AC set under SMAP), KVM emulates the one instruction
+//!   and the single-step exit puts the CPL3 state back. That is done only where it changes
+//!   nothing but privilege ([`crate::decode::cpl_neutral`]: not privileged or
+//!   IOPL-sensitive, no far transfer, interrupt, `iret`, segment load, flags image, `div`,
+//!   `rep`), with no SMEP, and when the instruction's bytes and every location it accesses
+//!   (stack slots included) lie in pages the guest's tables give CPL3 (writable where it
+//!   writes) — otherwise CPL0 would reach memory CPL3 cannot. If the instruction faults
+//!   anyway, the exception is the guest kernel's and the CPL3 state is not put back (the
+//!   new CS shows it). Any other CPL3 instruction, or one KVM cannot emulate at CPL0 (SSE,
+//!   `cmpxchg16b`), is stepped natively, and **the guest then sees a #DB after it**: a known
+//!   limitation on PVM (upstream single-steps CPL3 itself).
+//! - **An exit caused by a protection that is gone** (the tool detached, or another vCPU's
+//!   step lifted the page between the access and its handling) finds no restriction to
+//!   explain it. Every change of a host protection bumps an epoch; such an exit is retried
+//!   once per epoch, and only the same exit again in the same epoch is the guest's own
+//!   (before, a detach during an exec restriction ended the run with exit 126). A step in
+//!   flight at detach still ends normally: its pages become read-write, its CPL3 state comes
+//!   back.
+//!
+//! # What the host walks cannot be restricted (PVM)
+//! The host reads page tables and descriptor tables and writes exception frames through the
+//! same mapping, with no exit; SET_PAGE_ACCESS refuses restrictions that would break those
+//! (`-KVM_EINVAL`, see [`crate::walked`]). Found with the demo target: `r-x` on the page of
+//! its task-table lock triple-faulted it not because of the lock (taken with `xchg` at CPL0,
+//! stepped as above) but because the saved user contexts on that page are where `TSS.RSP0`
+//! points while a task runs: the first `int3` system call from CPL3 pushed its frame onto
+//! the write-protected page and the delivery failed. `---` on the CR3 root, the kernel's
+//! PDPT or the IDT page triple-faulted within microseconds; `---` on a task's user PDPT gave
+//! that task spurious page faults (`err=0x6`). None of that reaches the engine as an exit.
 
 use protocol::Action;
 use protocol::types::Access;

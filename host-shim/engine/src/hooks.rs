@@ -8,17 +8,69 @@ use protocol::event::EventPayload;
 use super::Introspector;
 use super::access::{AccessKind, PAGE, prot_for};
 use super::alias::translate;
-use super::decode::mem_operand;
+use super::decode::{MemOperand, cpl_neutral, mem_operand};
 use super::fault::{
     DataOutcome, StepOutcome, data_outcome, step_outcome, step_prot, upstream_access,
 };
 use super::msr::SHADOWED;
-use super::slot::{Life, OneStep};
+use super::slot::{Life, OneStep, UserMode};
 use super::vcpu_side::{Answer, DR6_BS, read_msr, update_shadow, write_msr};
+use super::walked;
 use vmm::hook::{DebugEvent, ExitContext, ExitHook, HookResult, MmioAccess, MsrAccess};
 
 /// An unknown guest-virtual address in a PF event.
 const NO_GVA: u64 = u64::MAX;
+/// The longest x86 instruction.
+const MAX_INSN: u64 = 15;
+/// RFLAGS.AC (lets CPL0 access user pages under SMAP).
+const RFLAGS_AC: u64 = 1 << 18;
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
+const READ_WRITE: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
+/// The base of segment override `segment` of a decoded operand (4 = FS, 5 = GS).
+fn segment_base(ctx: &ExitContext<'_>, segment: u8) -> u64 {
+    match segment {
+        4 => ctx.sregs().fs.base,
+        5 => ctx.sregs().gs.base,
+        _ => 0,
+    }
+}
+
+/// Puts a CPL3 vCPU at CPL0 for one emulated, single-stepped instruction (CS and SS with
+/// DPL 0 and RPL 0, same descriptors otherwise; RFLAGS.AC set under SMAP so the user page
+/// stays accessible). Returns what to put back.
+fn enter_privileged_step(ctx: &mut ExitContext<'_>) -> UserMode {
+    let rip = ctx.regs().rip;
+    let s = ctx.sregs_mut();
+    let saved = (s.cs, s.ss);
+    s.cs.dpl = 0;
+    s.cs.selector &= !3;
+    s.ss.dpl = 0;
+    s.ss.selector &= !3;
+    let smap = s.cr4 & CR4_SMAP != 0;
+    let regs = ctx.regs_mut();
+    let set_ac = smap && regs.rflags & RFLAGS_AC == 0;
+    if set_ac {
+        regs.rflags |= RFLAGS_AC;
+    }
+    UserMode {
+        cs: saved.0,
+        ss: saved.1,
+        set_ac,
+        rip,
+    }
+}
+
+/// Gives a vCPU back the CPL3 state of [`enter_privileged_step`].
+fn leave_privileged_step(ctx: &mut ExitContext<'_>, user: &UserMode) {
+    let s = ctx.sregs_mut();
+    s.cs = user.cs;
+    s.ss = user.ss;
+    if user.set_ac {
+        ctx.regs_mut().rflags &= !RFLAGS_AC;
+    }
+}
 
 /// The rip after an instruction of `len` bytes at `rip` (SKIP of a decoded instruction).
 /// rip is guest-controlled: like the CPU, this wraps at the top of the address space.
@@ -53,22 +105,216 @@ impl Introspector {
         translate(&self.alias, s.cr0, s.cr3, gva)
     }
 
-    /// Lifts the protection of `page` for one single-stepped instruction.
-    fn step_through(&self, ctx: &mut ExitContext<'_>, page: u64, kind: AccessKind) {
-        if let Err(e) = self.ram.protect(page, PAGE, step_prot(kind)) {
-            tracing::error!("step-through unprotect {page:#x}: {e}");
+    /// Lifts the protection of `pages` for one single-stepped instruction (never below what
+    /// their restriction allows now). `privileged` (the instruction's length, from
+    /// [`Introspector::privileged_step`]): the vCPU is at CPL3 on a host that single-steps
+    /// only CPL0 code, and the instruction is stepped at CPL0.
+    fn step_through(
+        &self,
+        ctx: &mut ExitContext<'_>,
+        pages: &[u64],
+        kind: AccessKind,
+        privileged: Option<usize>,
+    ) {
+        let i = ctx.vcpu_index() as usize;
+        let mut lifted = Vec::with_capacity(pages.len());
+        {
+            // Under the table lock: a detach or SET_PAGE_ACCESS in between is not undone.
+            let table = self.access.lock();
+            for &page in pages {
+                let prot = step_prot(kind) | prot_for(table.get(page));
+                match self.ram.protect(page, PAGE, prot) {
+                    Ok(()) => lifted.push(page),
+                    Err(e) => tracing::error!("step-through unprotect {page:#x}: {e}"),
+                }
+            }
+            self.prot_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        let mut s = self.slots[ctx.vcpu_index() as usize].lock();
-        s.step.through_page = Some(page);
-        s.debug_dirty = true;
+        let user_mode = privileged.map(|_| enter_privileged_step(ctx));
+        let mut overflow = Vec::new();
+        {
+            let mut s = self.slots[i].lock();
+            for page in lifted {
+                if !s.step.lift(page) {
+                    overflow.push(page);
+                }
+            }
+            if user_mode.is_some() {
+                s.step.user_mode = user_mode;
+            }
+            s.debug_dirty = true;
+        }
+        if !overflow.is_empty() {
+            tracing::error!(vcpu = i, "more than two pages lifted for one step");
+            self.end_step_through(overflow.into_iter());
+        }
     }
 
-    /// Re-protects the page of a completed step-through with its current restriction.
-    fn end_step_through(&self, page: u64) {
-        let prot = prot_for(self.access.lock().get(page));
-        if let Err(e) = self.ram.protect(page, PAGE, prot) {
-            tracing::error!("step-through re-protect {page:#x}: {e}");
+    /// Re-protects the pages of a completed step-through with their current restriction
+    /// (under the table lock, so a restriction cleared meanwhile stays cleared).
+    fn end_step_through(&self, pages: impl Iterator<Item = u64>) {
+        let table = self.access.lock();
+        for page in pages {
+            let prot = prot_for(table.get(page));
+            if let Err(e) = self.ram.protect(page, PAGE, prot) {
+                tracing::error!("step-through re-protect {page:#x}: {e}");
+            }
         }
+        self.prot_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The instruction's length if the CPL3 instruction at rip can be stepped at CPL0
+    /// instead (PVM runs CPL3 code natively and does not single-step it: the trap of a step
+    /// goes to the guest as #DB). Only where it behaves the same: a
+    /// [`cpl_neutral`](super::decode::cpl_neutral) instruction, no SMEP (its fetch is from a
+    /// user page), its bytes and every location it accesses in pages the guest gives CPL3
+    /// (writable where it writes): a supervisor page would be open to it at CPL0.
+    fn privileged_step(&self, ctx: &ExitContext<'_>) -> Option<usize> {
+        let s = ctx.sregs();
+        if !self.software_mmu || s.cs.dpl != 3 || s.cr4 & CR4_SMEP != 0 {
+            return None;
+        }
+        let insn = self.insn_at_rip(ctx)?;
+        let step = cpl_neutral(&insn, ctx.regs())?;
+        let view = super::slot::VcpuView::of(s);
+        let read = |gpa: u64, buf: &mut [u8]| self.alias.read(gpa, buf);
+        let user = |la: u64, len: usize, write: bool| {
+            [la, la.wrapping_add(len.max(1) as u64 - 1)]
+                .iter()
+                .all(|&a| {
+                    walked::translate(&read, &view, a)
+                        .is_some_and(|t| t.user && (!write || t.writable))
+                })
+        };
+        let rip = ctx.regs().rip;
+        let ok = user(rip, step.len, false)
+            && step.accesses.iter().all(|a| {
+                user(
+                    a.ea.wrapping_add(segment_base(ctx, a.segment)),
+                    a.size,
+                    a.write,
+                )
+            });
+        ok.then_some(step.len)
+    }
+
+    /// (Un)protects every tracked page: `true` restores each page's protection, `false`
+    /// makes them all read-write.
+    fn protect_all_tracked(&self, restore: bool) {
+        let table = self.access.lock();
+        for (page, access) in table.pages() {
+            let prot = if restore {
+                prot_for(access)
+            } else {
+                READ_WRITE
+            };
+            if let Err(e) = self.ram.protect(page, PAGE, prot) {
+                tracing::error!("protect {page:#x}: {e}");
+            }
+        }
+        self.prot_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// An exit no restriction explains (an emulation failure or fault on a page that is not
+    /// restricted, or an undecodable one): it may come from a protection lifted or cleared
+    /// (detach) between the access and its handling, so it is retried once per protection
+    /// epoch; the same exit again in the same epoch is the guest's own. Without any
+    /// protection ever set, nothing is retried.
+    fn unexplained(&self, ctx: &mut ExitContext<'_>) -> HookResult {
+        let epoch = self.prot_epoch.load(std::sync::atomic::Ordering::SeqCst);
+        if epoch == 0 {
+            return HookResult::Unhandled;
+        }
+        let rip = ctx.regs().rip;
+        {
+            let mut s = self.slots[ctx.vcpu_index() as usize].lock();
+            if s.unexplained == Some((rip, epoch)) {
+                return HookResult::Unhandled;
+            }
+            s.unexplained = Some((rip, epoch));
+        }
+        tracing::debug!(
+            vcpu = ctx.vcpu_index(),
+            rip,
+            "retrying an unexplained exit once"
+        );
+        self.finish(ctx)
+    }
+
+    /// Whether an instruction fetch from `page` traps (R or X removed: `PROT_NONE`).
+    fn fetch_blocked(&self, page: u64) -> bool {
+        prot_for(self.access.lock().get(page)) == libc::PROT_NONE
+    }
+
+    /// A fetch from a no-exec page (`gva` in page `gpa`): a PF exec event (unless X is
+    /// allowed and only R removed), then CONTINUE steps the instruction with `lift` lifted
+    /// (a CPL3 one at CPL0 where [`Introspector::privileged_step`] allows it).
+    fn exec_fault(
+        &self,
+        ctx: &mut ExitContext<'_>,
+        gva: u64,
+        gpa: u64,
+        lift: &[u64],
+    ) -> HookResult {
+        let allowed = self.access.lock().get(gpa);
+        let action = if allowed.contains(protocol::types::Access::X) {
+            None
+        } else {
+            let payload = EventPayload::PageFault {
+                gva,
+                gpa,
+                mode: u32::from(AccessKind::Exec.bit().bits()),
+            };
+            action_of(&self.raise(ctx, payload, false))
+        };
+        match step_outcome(action) {
+            StepOutcome::Crash => return self.crash(ctx, "PF"),
+            StepOutcome::StepThrough => {
+                // Decided on the state the tool left (it may have changed registers).
+                let privileged = self.privileged_step(ctx);
+                self.step_through(ctx, lift, AccessKind::Exec, privileged);
+            }
+            StepOutcome::Reenter => {}
+        }
+        self.finish(ctx)
+    }
+
+    /// A fetch at rip that failed in a restricted page: rip's own page, or the next one when
+    /// the instruction runs into it (`crosses`; None: unknown, it may if it starts within 15
+    /// bytes of the page end) and rip's page is not what blocks it. `step`: the step in
+    /// flight. Returns the fetch's (gva, gpa, pages to lift), or None when no fetch is
+    /// blocked.
+    fn blocked_fetch(
+        &self,
+        ctx: &ExitContext<'_>,
+        step: &OneStep,
+        crosses: Option<bool>,
+    ) -> Option<(u64, u64, Vec<u64>)> {
+        let rip = ctx.regs().rip;
+        let gpa = self.gva_to_gpa(ctx, rip)?;
+        let page = gpa & !(PAGE - 1);
+        let rip_blocked = self.fetch_blocked(page);
+        if rip_blocked && !step.lifts(page) {
+            return Some((rip, gpa, vec![page]));
+        }
+        let left = PAGE - (rip & (PAGE - 1));
+        if left >= MAX_INSN || crosses == Some(false) {
+            return None;
+        }
+        let next_gva = rip.wrapping_add(left);
+        let next = self.gva_to_gpa(ctx, next_gva)?;
+        let next_page = next & !(PAGE - 1);
+        if !self.fetch_blocked(next_page) || step.lifts(next_page) {
+            return None;
+        }
+        let mut lift = vec![next_page];
+        if rip_blocked {
+            lift.insert(0, page);
+        }
+        Some((next_gva, next, lift))
     }
 
     fn complete_data(&self, io: &mut MmioAccess<'_>, outcome: &DataOutcome) {
@@ -89,22 +335,6 @@ impl Introspector {
         }
     }
 
-    /// (Un)protects every tracked page: `true` restores each page's protection, `false`
-    /// makes them all read-write.
-    fn protect_all_tracked(&self, restore: bool) {
-        let table = self.access.lock();
-        for (page, access) in table.pages() {
-            let prot = if restore {
-                prot_for(access)
-            } else {
-                libc::PROT_READ | libc::PROT_WRITE
-            };
-            if let Err(e) = self.ram.protect(page, PAGE, prot) {
-                tracing::error!("protect {page:#x}: {e}");
-            }
-        }
-    }
-
     /// An instruction KVM could not emulate outside any no-exec page: if pages are tracked,
     /// it may be a data access the emulator cannot complete on a protected page (PVM cannot
     /// emulate e.g. `lock inc` as MMIO). Step it once with every tracked page unprotected
@@ -113,15 +343,10 @@ impl Introspector {
         let i = ctx.vcpu_index() as usize;
         let tracked = !self.access.lock().is_empty();
         if !tracked || self.slots[i].lock().step.all_pages {
-            return HookResult::Unhandled;
+            return self.unexplained(ctx);
         }
         if let Some(op) = mem_operand(insn, ctx.regs()) {
-            let base = match op.segment {
-                4 => ctx.sregs().fs.base,
-                5 => ctx.sregs().gs.base,
-                _ => 0,
-            };
-            let gva = op.ea.wrapping_add(base);
+            let gva = op.ea.wrapping_add(segment_base(ctx, op.segment));
             let kind = self.gva_to_gpa(ctx, gva).and_then(|gpa| {
                 let t = self.access.lock();
                 if t.restricts(gpa, AccessKind::Write) {
@@ -165,26 +390,107 @@ impl Introspector {
     }
 
     /// The data address of the instruction at rip (read through the alias and decoded), for
-    /// a fault reported without a gpa.
-    fn fault_gpa_from_instruction(&self, ctx: &ExitContext<'_>) -> Option<(u64, usize)> {
+    /// a fault reported without a gpa, with the decoded instruction.
+    fn fault_gpa_from_instruction(&self, ctx: &ExitContext<'_>) -> Option<(u64, MemOperand)> {
+        let insn = self.insn_at_rip(ctx)?;
+        let op = mem_operand(&insn, ctx.regs())?;
+        self.gva_to_gpa(ctx, op.ea.wrapping_add(segment_base(ctx, op.segment)))
+            .map(|g| (g, op))
+    }
+
+    /// A native (CPL3) access that failed on a protected page: on PVM `KVM_RUN` fails with
+    /// EFAULT and no exit information. A fetch from a no-exec page (rip's, or the next one
+    /// for an instruction running into it) is an exec fault; otherwise the instruction at
+    /// rip is decoded for its data address. CONTINUE steps the instruction at CPL0 where it
+    /// behaves the same ([`Introspector::privileged_step`]), natively otherwise.
+    fn native_fault(&self, ctx: &mut ExitContext<'_>) -> HookResult {
+        let i = ctx.vcpu_index() as usize;
+        let step = self.slots[i].lock().step;
+        let decoded = self.fault_gpa_from_instruction(ctx);
+        let op = decoded.as_ref().map(|(_, op)| op);
         let rip = ctx.regs().rip;
-        let mut insn = [0u8; 15];
-        for (k, b) in insn.iter_mut().enumerate() {
-            let g = self.gva_to_gpa(ctx, rip.wrapping_add(k as u64))?;
+        let crosses = op.map(|o| o.len as u64 > PAGE - (rip & (PAGE - 1)));
+        if let Some((gva, gpa, lift)) = self.blocked_fetch(ctx, &step, crosses) {
+            return self.exec_fault(ctx, gva, gpa, &lift);
+        }
+        let Some((gpa, op)) = decoded.filter(|(gpa, _)| self.alias.contains(*gpa, 1)) else {
+            return self.native_fallback(ctx);
+        };
+        let page = gpa & !(PAGE - 1);
+        let allowed = self.access.lock().get(page);
+        let Some(kind) = upstream_access(allowed, false) else {
+            if allowed == protocol::types::Access::RWX {
+                // Not this page (an instruction with another operand on a restricted page)
+                // or no restriction any more (a detach since): lift every tracked page.
+                return self.native_fallback(ctx);
+            }
+            // Not restricted for this access (e.g. a write to an rw- page): step it through.
+            let p = self.privileged_step(ctx);
+            self.step_through(ctx, &[page], AccessKind::Write, p);
+            return self.finish(ctx);
+        };
+        let payload = EventPayload::PageFault {
+            gva: NO_GVA,
+            gpa,
+            mode: u32::from(kind.bit().bits()),
+        };
+        let action = action_of(&self.raise(ctx, payload, false));
+        if action == Some(Action::Skip) {
+            let regs = ctx.regs_mut();
+            regs.rip = next_rip(regs.rip, op.len);
+            return self.finish(ctx);
+        }
+        match step_outcome(action) {
+            StepOutcome::Crash => return self.crash(ctx, "PF"),
+            StepOutcome::StepThrough => {
+                let privileged = self.privileged_step(ctx);
+                self.step_through(ctx, &[page], kind, privileged);
+            }
+            StepOutcome::Reenter => {}
+        }
+        self.finish(ctx)
+    }
+
+    /// A native fault the decoded address does not explain (undecodable, or a page with no
+    /// restriction): every tracked page is lifted for one native step (no event: the address
+    /// is unknown), like [`Self::emulation_fallback`]; with nothing tracked, or that step
+    /// already done, it is [`Self::unexplained`].
+    fn native_fallback(&self, ctx: &mut ExitContext<'_>) -> HookResult {
+        let i = ctx.vcpu_index() as usize;
+        let tracked = !self.access.lock().is_empty();
+        if !tracked || self.slots[i].lock().step.all_pages {
+            return self.unexplained(ctx);
+        }
+        {
+            let mut s = self.slots[i].lock();
+            s.step.all_pages = true;
+            s.debug_dirty = true;
+        }
+        tracing::debug!(
+            vcpu = i,
+            rip = ctx.regs().rip,
+            "stepping an undecoded native access"
+        );
+        self.protect_all_tracked(false);
+        self.finish(ctx)
+    }
+
+    /// The (up to 15) instruction bytes at rip, read through the alias; fewer where the
+    /// next page is not mapped.
+    fn insn_at_rip(&self, ctx: &ExitContext<'_>) -> Option<Vec<u8>> {
+        let rip = ctx.regs().rip;
+        let mut insn = Vec::with_capacity(MAX_INSN as usize);
+        for k in 0..MAX_INSN {
+            let Some(g) = self.gva_to_gpa(ctx, rip.wrapping_add(k)) else {
+                break;
+            };
             let mut one = [0u8; 1];
             if !self.alias.read(g, &mut one) {
-                return None;
+                break;
             }
-            *b = one[0];
+            insn.push(one[0]);
         }
-        let op = mem_operand(&insn, ctx.regs())?;
-        let base = match op.segment {
-            4 => ctx.sregs().fs.base,
-            5 => ctx.sregs().gs.base,
-            _ => 0,
-        };
-        self.gva_to_gpa(ctx, op.ea.wrapping_add(base))
-            .map(|g| (g, op.len))
+        (!insn.is_empty()).then_some(insn)
     }
 
     fn breakpoint_hit(&self, ctx: &mut ExitContext<'_>, rip: u64) -> HookResult {
@@ -353,9 +659,24 @@ impl ExitHook for Introspector {
                 s.step = OneStep::default();
                 s.debug_dirty = true;
             }
-            if let Some(page) = step.through_page {
-                self.end_step_through(page);
+            if let Some(user) = &step.user_mode {
+                // Still on the CS the step got (a branch may have moved rip anywhere): put
+                // CPL3 back. A new CS means the instruction took an exception and the guest's
+                // kernel runs its handler, which must stay at CPL0.
+                let s = ctx.sregs();
+                if s.cs.selector == user.cs.selector & !3 && s.cs.dpl == 0 {
+                    leave_privileged_step(ctx, user);
+                } else {
+                    tracing::warn!(
+                        vcpu = i,
+                        at = user.rip,
+                        rip = ctx.regs().rip,
+                        "a CPL3 instruction stepped at CPL0 took an exception; the guest \
+                         kernel handles it"
+                    );
+                }
             }
+            self.end_step_through(step.pages());
             if step.all_pages {
                 self.protect_all_tracked(true);
             }
@@ -415,18 +736,10 @@ impl ExitHook for Introspector {
     }
 
     fn memory_fault(&self, ctx: &mut ExitContext<'_>, gpa: u64, _size: u64) -> HookResult {
-        let mut skip_len = None;
-        let gpa = if gpa == u64::MAX {
-            match self.fault_gpa_from_instruction(ctx) {
-                Some((g, len)) => {
-                    skip_len = Some(len);
-                    g
-                }
-                None => return HookResult::Unhandled,
-            }
-        } else {
-            gpa
-        };
+        if gpa == u64::MAX {
+            return self.native_fault(ctx);
+        }
+        // Upstream (KVM_EXIT_MEMORY_FAULT names the gpa; hardware single-steps CPL3 too).
         if !self.alias.contains(gpa, 1) {
             return HookResult::Unhandled;
         }
@@ -435,13 +748,17 @@ impl ExitHook for Introspector {
         let rip = ctx.regs().rip;
         let rip_page = self.gva_to_gpa(ctx, rip).map(|g| g & !(PAGE - 1));
         let Some(kind) = upstream_access(allowed, rip_page == Some(page)) else {
-            // Not (or no longer) restricted for this access: step it through the protection.
+            if allowed == protocol::types::Access::RWX {
+                // No restriction (any more): the protection that trapped is gone.
+                return self.unexplained(ctx);
+            }
+            // Not restricted for this access: step it through the protection.
             let kind = if rip_page == Some(page) {
                 AccessKind::Exec
             } else {
                 AccessKind::Write
             };
-            self.step_through(ctx, page, kind);
+            self.step_through(ctx, &[page], kind, None);
             return self.finish(ctx);
         };
         let gva = if kind == AccessKind::Exec {
@@ -454,49 +771,40 @@ impl ExitHook for Introspector {
             gpa,
             mode: u32::from(kind.bit().bits()),
         };
-        let answer = self.raise(ctx, payload, false);
-        let action = action_of(&answer);
-        if action == Some(Action::Skip)
-            && let Some(len) = skip_len
-        {
-            let regs = ctx.regs_mut();
-            regs.rip = next_rip(regs.rip, len);
-            return self.finish(ctx);
-        }
+        let action = action_of(&self.raise(ctx, payload, false));
         match step_outcome(action) {
             StepOutcome::Crash => return self.crash(ctx, "PF"),
-            StepOutcome::StepThrough => self.step_through(ctx, page, kind),
+            StepOutcome::StepThrough => self.step_through(ctx, &[page], kind, None),
             StepOutcome::Reenter => {}
         }
         self.finish(ctx)
     }
 
     fn emulation_failure(&self, ctx: &mut ExitContext<'_>, insn: &[u8]) -> HookResult {
-        let rip = ctx.regs().rip;
-        let Some(gpa) = self.gva_to_gpa(ctx, rip) else {
-            return self.emulation_fallback(ctx, insn);
-        };
-        let page = gpa & !(PAGE - 1);
-        let allowed = self.access.lock().get(page);
-        if prot_for(allowed) != libc::PROT_NONE {
-            return self.emulation_fallback(ctx, insn);
+        let i = ctx.vcpu_index() as usize;
+        let step = self.slots[i].lock().step;
+        if let Some(user) = &step.user_mode {
+            // KVM cannot emulate this CPL3 instruction at CPL0: step it natively (on PVM its
+            // single-step trap then reaches the guest as #DB, see `fault`).
+            tracing::warn!(
+                vcpu = i,
+                rip = ctx.regs().rip,
+                "a CPL3 instruction could not be stepped at CPL0; stepping it natively"
+            );
+            leave_privileged_step(ctx, user);
+            self.slots[i].lock().step.user_mode = None;
+            return self.finish(ctx);
         }
-        let action = if allowed.contains(protocol::types::Access::X) {
-            None
-        } else {
-            let payload = EventPayload::PageFault {
-                gva: rip,
-                gpa,
-                mode: u32::from(AccessKind::Exec.bit().bits()),
-            };
-            action_of(&self.raise(ctx, payload, false))
-        };
-        match step_outcome(action) {
-            StepOutcome::Crash => return self.crash(ctx, "PF"),
-            StepOutcome::StepThrough => self.step_through(ctx, page, AccessKind::Exec),
-            StepOutcome::Reenter => {}
+        // The emulator fetched `insn` before it failed: up to the page end means the fetch
+        // failed in the next page.
+        let crosses = (!insn.is_empty()).then(|| {
+            let left = PAGE - (ctx.regs().rip & (PAGE - 1));
+            insn.len() as u64 >= left
+        });
+        if let Some((gva, gpa, lift)) = self.blocked_fetch(ctx, &step, crosses) {
+            return self.exec_fault(ctx, gva, gpa, &lift);
         }
-        self.finish(ctx)
+        self.emulation_fallback(ctx, insn)
     }
 
     fn kicked(&self, ctx: &mut ExitContext<'_>) -> HookResult {

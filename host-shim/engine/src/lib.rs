@@ -20,9 +20,13 @@
 //!   instruction): CONTINUE writes the data, SKIP and RETRY drop it (the page is unchanged),
 //!   CRASH stops the VM. PF read of a read-protected page: CONTINUE returns memory, or the
 //!   reply's `ctx_data` (then memory) when `ctx_size > 0`; RETRY returns memory; SKIP returns
-//!   ctx_data or zeros. PF exec (PVM emulation failure in a no-exec page, gva = rip):
-//!   CONTINUE single-steps the instruction with the page unprotected, then re-protects;
-//!   RETRY/SKIP re-enter as is (the tool moved rip or changed access, else it traps again).
+//!   ctx_data or zeros. PF exec (PVM emulation failure in a no-exec page, gva = rip; for an
+//!   instruction that runs into a second no-exec page, a second event with gva = that page's
+//!   first byte): CONTINUE single-steps the instruction with the page(s) unprotected, then
+//!   re-protects; RETRY/SKIP re-enter as is (the tool moved rip or changed access, else it
+//!   traps again). PF of native CPL3 code (PVM `EFAULT`, decoded at rip): the same actions;
+//!   CONTINUE steps the instruction at CPL0 where that changes nothing else, natively
+//!   otherwise (then the guest sees a #DB after it; see [`fault`]).
 //!   Upstream (`KVM_EXIT_MEMORY_FAULT`, no access type, nothing emulated): the access is
 //!   inferred from the page's restriction and rip; CONTINUE steps it through like exec; SKIP
 //!   = RETRY; ctx_data is not supported. The event's `mode` holds the access bits (1 = R,
@@ -45,6 +49,14 @@
 //! A tool that does not take a message within the reply timeout (it stopped reading, or is
 //! stopped) is detached as well: the socket transport writes each message whole within that
 //! deadline or not at all, never holding a lock while it waits ([`socket`]).
+//!
+//! # Restrictions refused on PVM
+//! SET_PAGE_ACCESS refuses (`-KVM_EINVAL`, logged with the page's use) restrictions the host
+//! itself would trip over, since it reads and writes those pages through the protected
+//! mapping without an exit: R or X removal on the vCPUs' page tables (reachable from the
+//! current CR3 or a root loaded lately) and on their IDT, GDT and TSS pages, and any
+//! restriction on the exception-frame areas below TSS.RSP0 and IST1–7 ([`walked`]). The
+//! check is a snapshot of the vCPUs' state at the command.
 
 pub mod access;
 pub mod alias;
@@ -61,6 +73,7 @@ pub mod socket;
 pub mod tokens;
 pub mod transport;
 mod vcpu_side;
+pub mod walked;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -137,6 +150,7 @@ impl Introspector {
             vm.vm_fd().clone(),
             vcpus,
             caps.sw_breakpoints,
+            caps.pvm_module,
         )
         .map(|i| {
             // Known before any vCPU runs, so GET_GUEST_INFO never reports 0.

@@ -257,23 +257,104 @@ impl PartialEq for Mailbox {
 /// One-instruction steps in flight: each lifts something for one single-stepped instruction
 /// and is undone at the single-step exit that ends it. They can combine (an exec fault right
 /// after a breakpoint's step-over), so they are flags, all ended by the same exit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct OneStep {
     /// Stepping over a breakpoint: breakpoints disarmed for one instruction.
     pub(crate) over_breakpoint: bool,
-    /// Executing one instruction from a no-exec page (PF CONTINUE): re-protect it after.
-    pub(crate) through_page: Option<u64>,
+    /// Pages lifted for one instruction (PF CONTINUE): re-protected after it with their
+    /// restriction of that moment. Two at most: an instruction whose fetch (or data access)
+    /// crosses from one restricted page into the next needs both.
+    pub(crate) through_pages: [Option<u64>; 2],
     /// Executing one instruction the emulator could not complete on a protected page (e.g.
     /// a locked read-modify-write): every tracked page is unprotected for one step.
     pub(crate) all_pages: bool,
+    /// A CPL3 instruction stepped at CPL0 (PVM single-steps only the CPL0 code it emulates):
+    /// the user state to put back at the step's exit.
+    pub(crate) user_mode: Option<UserMode>,
+}
+
+/// The CPL3 state a privileged step (see [`OneStep::user_mode`]) replaced.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct UserMode {
+    pub(crate) cs: kvm_bindings::kvm_segment,
+    pub(crate) ss: kvm_bindings::kvm_segment,
+    /// RFLAGS.AC was set for the step (SMAP) and must be cleared again.
+    pub(crate) set_ac: bool,
+    /// The instruction's address (for the log).
+    pub(crate) rip: u64,
 }
 
 impl OneStep {
     /// Some step is in flight (the vCPU single-steps).
     pub(crate) fn active(&self) -> bool {
-        self.over_breakpoint || self.through_page.is_some() || self.all_pages
+        self.over_breakpoint
+            || self.through_pages.iter().any(Option::is_some)
+            || self.all_pages
+            || self.user_mode.is_some()
+    }
+
+    /// `page` is lifted for the step in flight.
+    pub(crate) fn lifts(&self, page: u64) -> bool {
+        self.through_pages.contains(&Some(page))
+    }
+
+    /// Records `page` as lifted; false when two other pages are lifted already.
+    pub(crate) fn lift(&mut self, page: u64) -> bool {
+        if self.lifts(page) {
+            return true;
+        }
+        match self.through_pages.iter_mut().find(|p| p.is_none()) {
+            Some(free) => {
+                *free = Some(page);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The lifted pages.
+    pub(crate) fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.through_pages.iter().flatten().copied()
     }
 }
+
+/// What the engine last saw of a vCPU's system state (at its last exit through the engine),
+/// for the reader thread, which has no access to a running vCPU's registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuView {
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER.
+    pub efer: u64,
+    /// IDTR (base, limit).
+    pub idt: (u64, u16),
+    /// GDTR (base, limit).
+    pub gdt: (u64, u16),
+    /// TR's base and limit.
+    pub tr: (u64, u32),
+}
+
+impl VcpuView {
+    /// The view of `s`.
+    pub fn of(s: &kvm_bindings::kvm_sregs) -> VcpuView {
+        VcpuView {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+            idt: (s.idt.base, s.idt.limit),
+            gdt: (s.gdt.base, s.gdt.limit),
+            tr: (s.tr.base, s.tr.limit),
+        }
+    }
+}
+
+/// Page-table roots a vCPU loaded lately (CR3 values seen at its exits), newest kept.
+pub(crate) const RECENT_ROOTS: usize = 32;
 
 /// One vCPU's introspection state: the three state machines above, the tool's settings, and
 /// requests for the vCPU's thread.
@@ -301,6 +382,33 @@ pub(crate) struct Slot {
     pub(crate) applied: AppliedDebug,
     /// Shadow of the event-header MSRs (read at the first event after attach).
     pub(crate) msr_shadow: Option<EventMsrs>,
+    /// The system state at the vCPU's last exit through the engine, and how often it was
+    /// recorded (the reader waits for a fresh one after a kick).
+    pub(crate) view: Option<VcpuView>,
+    pub(crate) view_seq: u64,
+    /// The reader waits for the next view (notify the slot when recording it).
+    pub(crate) view_wanted: bool,
+    /// Page-table roots seen lately (a ring of distinct CR3 page addresses).
+    pub(crate) roots: Vec<u64>,
+    /// The last emulation failure or fault nothing explained, with the protection epoch it
+    /// happened in: it is retried once (it may have come from a protection lifted since).
+    pub(crate) unexplained: Option<(u64, u64)>,
+}
+
+impl Slot {
+    /// Records the vCPU's system state at an exit.
+    pub(crate) fn note_view(&mut self, sregs: &kvm_bindings::kvm_sregs) {
+        self.view = Some(VcpuView::of(sregs));
+        self.view_seq = self.view_seq.wrapping_add(1);
+        let root = sregs.cr3 & 0x000f_ffff_ffff_f000;
+        if self.roots.last() != Some(&root) {
+            self.roots.retain(|r| *r != root);
+            if self.roots.len() >= RECENT_ROOTS {
+                self.roots.remove(0);
+            }
+            self.roots.push(root);
+        }
+    }
 }
 
 /// A slot with the condition variable both threads wait on.
@@ -336,17 +444,33 @@ impl VcpuSlot {
 }
 
 impl Slot {
-    /// Forgets everything a tool set up (unhook). The thread's life and the guest debug
-    /// state it loaded stay, and so does a step through a no-exec page (its page must still
-    /// be re-protected); an event in flight ends (its waiter sees the detach).
+    /// Forgets everything a tool set up (unhook). The thread's life, the guest debug state
+    /// it loaded and what the engine saw of the vCPU stay, and so does a step in flight that
+    /// must be undone at its exit: its lifted pages are re-protected (with no restriction
+    /// left, read-write) and a CPL3 instruction stepped at CPL0 gets its CPL3 state back.
+    /// An event in flight ends (its waiter sees the detach).
     pub(crate) fn reset(&mut self) {
         let life = self.life;
         let applied = self.applied;
-        let through_page = self.step.through_page;
+        let step = OneStep {
+            through_pages: self.step.through_pages,
+            user_mode: self.step.user_mode,
+            ..OneStep::default()
+        };
+        let (view, view_seq, roots, unexplained) = (
+            self.view,
+            self.view_seq,
+            std::mem::take(&mut self.roots),
+            self.unexplained,
+        );
         *self = Slot::default();
         self.life = life;
         self.applied = applied;
-        self.step.through_page = through_page;
+        self.step = step;
+        self.view = view;
+        self.view_seq = view_seq;
+        self.roots = roots;
+        self.unexplained = unexplained;
         self.debug_dirty = true;
     }
 }
@@ -400,6 +524,44 @@ mod tests {
     }
 
     #[test]
+    fn a_step_lifts_at_most_two_pages_once_each() {
+        let mut step = OneStep::default();
+        assert!(!step.active());
+        assert!(step.lift(0x1000) && step.lift(0x1000) && step.lift(0x2000));
+        assert!(!step.lift(0x3000), "a third page does not fit");
+        assert!(step.lifts(0x2000) && !step.lifts(0x3000));
+        assert_eq!(step.pages().collect::<Vec<_>>(), [0x1000, 0x2000]);
+        assert!(step.active());
+    }
+
+    #[test]
+    fn views_count_and_roots_are_a_bounded_ring_of_distinct_pages() {
+        let mut s = Slot::default();
+        let mut sregs = kvm_bindings::kvm_sregs {
+            cr3: 0x5000 | 0x18,
+            ..Default::default()
+        };
+        s.note_view(&sregs);
+        s.note_view(&sregs);
+        assert_eq!((s.view_seq, s.roots.clone()), (2, vec![0x5000]));
+        for k in 0..(RECENT_ROOTS as u64 + 3) {
+            sregs.cr3 = 0x10_0000 + k * 0x1000;
+            s.note_view(&sregs);
+        }
+        assert_eq!(s.roots.len(), RECENT_ROOTS);
+        assert!(!s.roots.contains(&0x5000), "the oldest root left the ring");
+        sregs.cr3 = 0x10_0000 + 10 * 0x1000;
+        s.note_view(&sregs);
+        assert_eq!(s.roots.len(), RECENT_ROOTS);
+        assert_eq!(
+            s.roots.last(),
+            Some(&0x10_a000),
+            "a root seen again is the newest"
+        );
+        assert_eq!(s.view.map(|v| v.cr3), Some(0x10_a000));
+    }
+
+    #[test]
     fn reset_ends_the_exchange_and_the_tool_settings_but_keeps_life_and_a_page_step() {
         let mut s = Slot {
             life: Life::Halted,
@@ -410,8 +572,17 @@ mod tests {
             mailbox: queued(1),
             step: OneStep {
                 over_breakpoint: true,
-                through_page: Some(0x5000),
+                through_pages: [Some(0x5000), Some(0x6000)],
                 all_pages: true,
+                user_mode: Some(UserMode {
+                    cs: kvm_bindings::kvm_segment {
+                        dpl: 3,
+                        ..Default::default()
+                    },
+                    ss: kvm_bindings::kvm_segment::default(),
+                    set_ac: false,
+                    rip: 0x40_0000,
+                }),
             },
             pause_pending: true,
             ..Slot::default()
@@ -423,13 +594,13 @@ mod tests {
         assert_eq!(s.exchange, Exchange::Idle);
         assert!(!s.exchange.in_event());
         assert_eq!(s.mailbox, Mailbox::Empty);
-        assert_eq!(
-            s.step,
-            OneStep {
-                through_page: Some(0x5000),
-                ..OneStep::default()
-            }
+        assert!(!s.step.over_breakpoint && !s.step.all_pages);
+        assert_eq!(s.step.pages().collect::<Vec<_>>(), [0x5000, 0x6000]);
+        assert!(
+            s.step.user_mode.is_some_and(|u| u.cs.dpl == 3),
+            "a CPL3 instruction stepped at CPL0 still gets its CPL3 state back"
         );
+        assert!(s.step.active(), "the step in flight still ends at its exit");
         assert!(s.events.bits() == 0 && s.msrs.is_empty() && !s.pause_pending);
         assert!(
             s.debug_dirty,

@@ -185,7 +185,13 @@ impl Introspector {
         };
         let i = Self::slot_index(ctx);
         {
-            self.slots[i].lock().exchange = Exchange::Sent { seq, kind };
+            let mut s = self.slots[i].lock();
+            s.exchange = Exchange::Sent { seq, kind };
+            // The state the event shows is the vCPU's current one while it waits.
+            s.note_view(ctx.sregs());
+            if std::mem::take(&mut s.view_wanted) {
+                self.slots[i].changed.notify_all();
+            }
         }
         if !self.send(generation, &buf[..n], Route::Event { vcpu: i as u32 }) {
             self.slots[i].lock().exchange = Exchange::Idle;
@@ -301,6 +307,10 @@ impl Introspector {
         loop {
             let (cmd, pause, trap) = {
                 let mut s = self.slots[i].lock();
+                s.note_view(ctx.sregs());
+                if std::mem::take(&mut s.view_wanted) {
+                    self.slots[i].changed.notify_all();
+                }
                 let pause = std::mem::take(&mut s.pause_pending);
                 (s.mailbox.start(), pause, s.pending_trap.take())
             };

@@ -10,3 +10,4 @@ mod events;
 mod hostile;
 mod page_access_limit;
 mod stuck_tool;
+mod survival;

@@ -134,6 +134,19 @@ impl Capabilities {
             ),
             ("guest CPL0 emulated", yn(self.cpl0_emulated).into(), "cpl0"),
             (
+                // PVM walks page tables and delivers events through the RAM mapping and does
+                // not single-step CPL3 code: the engine refuses restrictions on what it walks
+                // and steps CPL3 instructions at CPL0 (docs/platform.md).
+                "restrict page tables/trap stacks",
+                if self.pvm_module {
+                    "refused"
+                } else {
+                    "allowed"
+                }
+                .into(),
+                "-",
+            ),
+            (
                 "shmem huge pages (window)",
                 self.shmem_huge_pages
                     .as_deref()
