@@ -201,4 +201,11 @@ fn bench_measures_both_exits_against_their_floor() {
         assert!(v[kind]["ratio"]["p50"].as_f64().unwrap() > 0.0);
     }
     assert!(out.contains("ratio socket/floor"), "{out}");
+    // The execute restriction answered CONTINUE: every iteration stepped through, measured
+    // against the unrestricted loop.
+    let exec = &v["exec-step-through"];
+    assert!(exec["exec_events"].as_u64().unwrap() >= 50, "{out}");
+    assert!(exec["exec_events_per_sec"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(exec["ratio"]["slowdown"].as_f64().unwrap() > 1.0, "{out}");
+    assert!(out.contains("ratio no-exec/unrestricted"), "{out}");
 }

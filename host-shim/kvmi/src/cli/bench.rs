@@ -9,6 +9,14 @@
 //! tool, answering every event with CONTINUE. Each sample is the time between two consecutive
 //! exits (floor: seen by the hook; introspected: the event's arrival at the tool), so both
 //! include the guest's loop body and every cost of one round trip.
+//!
+//! A third figure is the cost of an execute restriction whose events the tool answers with
+//! CONTINUE (each instruction fetched from the page is stepped through it): test-guest
+//! `mode=step` calls `sym.step_target` (four `nop`s and `ret`) in a loop that lives on the
+//! same page. The same loop runs unrestricted (time per iteration from two runs of different
+//! length, so the fixed costs of a run cancel) and with that page `rw-` and PF events
+//! answered CONTINUE (time per iteration from the exec events' own timestamps), in one run,
+//! reported as a slowdown ratio with the exec events per second.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -276,6 +284,121 @@ fn introspected(kind: Kind, n: u64, target: u64, page: u64, gate: u64) -> Result
     Ok(times)
 }
 
+/// Starts `kvmi run --image test-guest --cmdline "mode=step n=N gate=1"` with a socket and
+/// attaches to it.
+fn step_vm(n: u64, tag: &str) -> Result<(ChildVm, KvmiClient, PathBuf)> {
+    let socket: PathBuf =
+        std::env::temp_dir().join(format!("kvmi-bench-{}-exec-{tag}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new(std::env::current_exe()?)
+        .args(["run", "--image", "test-guest", "--timeout", "300"])
+        .arg("--cmdline")
+        .arg(format!("mode=step n={n} gate=1"))
+        .arg("--kvmi-socket")
+        .arg(&socket)
+        .arg("--serial")
+        .arg("/dev/null")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the VM")?;
+    let mut child = ChildVm(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = loop {
+        if let Some(c) = child.0.as_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            bail!("the VM exited with {status} before a tool could attach");
+        }
+        match KvmiClient::connect(&socket) {
+            Ok(client) => break client,
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    Ok((child, client, socket))
+}
+
+/// Waits for the step VM to exit successfully.
+fn finish_step_vm(mut child: ChildVm, socket: &PathBuf) -> Result<()> {
+    let status = child.0.take().map(|mut c| c.wait()).transpose()?;
+    let _ = std::fs::remove_file(socket);
+    if let Some(s) = status
+        && !s.success()
+    {
+        bail!("the step VM exited with {s}");
+    }
+    Ok(())
+}
+
+/// Seconds from opening the gate to the exit of an unrestricted `mode=step n=N` VM.
+fn unrestricted_step_run(n: u64, gate: u64) -> Result<f64> {
+    let (child, client, socket) = step_vm(n, "free")?;
+    let start = Instant::now();
+    client.write_physical(gate, &1u64.to_le_bytes())?;
+    finish_step_vm(child, &socket)?;
+    let secs = start.elapsed().as_secs_f64();
+    client.close();
+    Ok(secs)
+}
+
+/// The exec step-through figures.
+#[derive(Clone, Copy, Debug)]
+struct ExecFigures {
+    unrestricted_us: f64,
+    restricted_us: f64,
+    events_per_sec: f64,
+    events_per_iteration: f64,
+    events: usize,
+}
+
+/// Measures the `mode=step` loop unrestricted and with its page not executable (PF events
+/// answered CONTINUE).
+fn exec_step_through(n: u64, step_target: u64, gate: u64) -> Result<ExecFigures> {
+    // Unrestricted: an iteration is a few µs, so run long loops; two lengths cancel the
+    // fixed costs (boot is before the gate, but printing and the exit are after it).
+    let (short, long) = (n * 10, n * 40);
+    let t_short = unrestricted_step_run(short, gate)?;
+    let t_long = unrestricted_step_run(long, gate)?;
+    let unrestricted_us = ((t_long - t_short) / (long - short) as f64 * 1e6).max(1e-3);
+    // Restricted: the page of step_target (and of the loop) loses X.
+    let (child, client, socket) = step_vm(n, "noexec")?;
+    client.control_events_all(EventSet::EMPTY.with(EventKind::PageFault))?;
+    client.set_page_access(
+        0,
+        &[PageAccessEntry {
+            gpa: step_target & !0xfff,
+            access: Access::R.union(Access::W),
+        }],
+    )?;
+    client.write_physical(gate, &1u64.to_le_bytes())?;
+    let mut times = Vec::new();
+    loop {
+        match client.next_event(Duration::from_secs(10)) {
+            Ok(Some(ev)) => {
+                if matches!(ev.event.payload, protocol::EventPayload::PageFault { mode, .. } if mode & 4 != 0)
+                {
+                    times.push(ev.received);
+                }
+                client.reply_continue(&ev)?;
+            }
+            Ok(None) => bail!("no event for 10 s after {} exec events", times.len()),
+            // The VM finished its loop and exited.
+            Err(_) => break,
+        }
+    }
+    client.close();
+    finish_step_vm(child, &socket)?;
+    let s = stats(&times)?;
+    let events_per_iteration = times.len() as f64 / n as f64;
+    Ok(ExecFigures {
+        unrestricted_us,
+        restricted_us: events_per_iteration / s.per_sec * 1e6,
+        events_per_sec: s.per_sec,
+        events_per_iteration,
+        events: times.len(),
+    })
+}
+
 fn show(name: &str, s: &Stats) -> String {
     format!(
         "  {name:<13} {:>9.0} round trips/s   p50 {:>8.1} µs   p99 {:>8.1} µs   ({} samples)",
@@ -321,6 +444,34 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
                 "floor": {"per_sec": f.per_sec, "p50_us": f.p50_us, "p99_us": f.p99_us, "samples": f.samples},
                 "socket": {"per_sec": t.per_sec, "p50_us": t.p50_us, "p99_us": t.p99_us, "samples": t.samples},
                 "ratio": {"p50": p50, "p99": p99, "rate": rate},
+            }),
+        );
+    }
+    if !args.floor_only {
+        let step_target = profile
+            .symbol("step_target")
+            .context("profile lacks sym.step_target")?;
+        let e = exec_step_through(n, step_target, gate)?;
+        let slowdown = e.restricted_us / e.unrestricted_us;
+        println!("exec step-through (n={n}, the loop's page not executable, CONTINUE):");
+        println!(
+            "  unrestricted loop  {:>9.2} µs per iteration",
+            e.unrestricted_us
+        );
+        println!(
+            "  no-exec page       {:>9.2} µs per iteration   {:>7.0} exec events/s   ({:.1} per iteration, {} events)",
+            e.restricted_us, e.events_per_sec, e.events_per_iteration, e.events
+        );
+        println!("  ratio no-exec/unrestricted: {slowdown:.1}x slower per iteration");
+        results.insert(
+            "exec-step-through".into(),
+            serde_json::json!({
+                "unrestricted_us_per_iteration": e.unrestricted_us,
+                "restricted_us_per_iteration": e.restricted_us,
+                "exec_events_per_sec": e.events_per_sec,
+                "exec_events_per_iteration": e.events_per_iteration,
+                "exec_events": e.events,
+                "ratio": {"slowdown": slowdown},
             }),
         );
     }
