@@ -2,6 +2,7 @@
 //! command with `--kvmi-socket`, driven by the client library, the tool subcommands and
 //! hostile raw clients; plus the engine installed in-process.
 
+mod campaign;
 mod cli;
 mod commands;
 mod demo;
