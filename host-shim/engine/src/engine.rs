@@ -336,12 +336,10 @@ impl Introspector {
         }
     }
 
-    /// Seconds since the tool last sent something (for the reply timeout).
-    pub(crate) fn heard_recently(&self, within: Duration) -> bool {
-        self.link
-            .lock()
-            .last_heard
-            .is_some_and(|t| t.elapsed() < within)
+    /// When the tool last sent anything (for the reply timeout: a tool that is busy
+    /// answering commands gets `reply_timeout` from its last message, not more).
+    pub(crate) fn last_heard(&self) -> Option<Instant> {
+        self.link.lock().last_heard
     }
 
     /// Handles one whole message from the tool of `generation`. Commands are answered

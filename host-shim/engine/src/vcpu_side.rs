@@ -242,10 +242,12 @@ impl Introspector {
                     deadline = now + Duration::from_secs(3600);
                     continue;
                 }
-                if let Some(t) = timeout
-                    && self.heard_recently(t)
+                // A tool still talking (answering commands) keeps its vCPUs waiting, but only
+                // for the reply timeout counted from its last message.
+                if let Some(heard) = timeout.zip(self.last_heard()).map(|(t, at)| at + t)
+                    && heard > now
                 {
-                    deadline = now + t;
+                    deadline = heard;
                     continue;
                 }
                 drop(s);

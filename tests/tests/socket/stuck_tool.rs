@@ -376,3 +376,60 @@ fn second_tool_is_refused_with_ebusy_and_the_first_keeps_working() {
     let next = t.attach();
     next.get_version().unwrap();
 }
+
+#[test]
+fn a_tool_that_talks_but_never_answers_is_detached_a_timeout_after_its_last_message() {
+    if !kvmi_tests::require_kvm(
+        "a_tool_that_talks_but_never_answers_is_detached_a_timeout_after_its_last_message",
+    ) {
+        return;
+    }
+    // The guest writes its scratch page on every iteration: with PF events on and the page
+    // write-protected, its vCPU waits on an event the tool never answers.
+    let t = Target::start(Image::TestGuest, "mode=cycle every=20", &KVMI_TIMEOUT_ARG);
+    assert!(t.wait_serial("cycle i=", SOON), "{}", t.serial());
+    let c = t.attach();
+    c.control_events(0, EventSet::EMPTY.with(EventKind::PageFault))
+        .unwrap();
+    let page = t.sym("scratch_page");
+    c.set_page_access(
+        0,
+        &[PageAccessEntry {
+            gpa: page,
+            access: Access::R.union(Access::X),
+        }],
+    )
+    .unwrap();
+    c.next_event_of(EventKind::PageFault, SOON)
+        .unwrap()
+        .expect("a PF event on the write-protected scratch page");
+    let raised = Instant::now();
+    // The tool keeps talking past the first reply deadline (3 s after the event), then goes
+    // silent: it must be detached a timeout after its last message, not a timeout after the
+    // deadline check that last saw it talking (which could be almost two timeouts).
+    let mut last = raised;
+    while raised.elapsed() < KVMI_TIMEOUT + Duration::from_millis(300) {
+        c.get_version()
+            .expect("commands are served while the event waits");
+        last = Instant::now();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let margin = Duration::from_secs(1);
+    let closed = c.wait_closed(KVMI_TIMEOUT + margin);
+    let detached_after = last.elapsed();
+    assert!(
+        closed,
+        "still attached {detached_after:?} after the tool's last message; stderr: {}",
+        t.stderr()
+    );
+    assert!(
+        detached_after <= KVMI_TIMEOUT + margin,
+        "{detached_after:?}"
+    );
+    // The guest runs on, unhooked, and a fresh tool is served.
+    let before = heartbeats(&t);
+    wait::until(SOON, "the guest to print on after the detach", || {
+        heartbeats(&t) > before
+    });
+    assert!(fresh_tool_served(&t));
+}
