@@ -44,7 +44,8 @@
 //! - HYPERCALL (agent call RAX=34, RDI=24 on the doorbell port): RAX = 0 after the reply.
 //! - PAUSE_VCPU, CREATE_VCPU, TRAP: CONTINUE (or RETRY) resumes; CRASH stops.
 //! - No answer within the reply timeout: the tool is detached and everything unhooked
-//!   (PAUSE_VCPU events are exempt: a paused vCPU waits for its tool).
+//!   (PAUSE_VCPU events are exempt: a paused vCPU waits for its tool). A tool still sending
+//!   commands keeps its vCPUs waiting, but only until a reply timeout after its last message.
 //!
 //! A tool that does not take a message within the reply timeout (it stopped reading, or is
 //! stopped) is detached as well: the socket transport writes each message whole within that
