@@ -100,6 +100,12 @@ pub fn prot_for(access: Access) -> libc::c_int {
     }
 }
 
+/// Whether SET_PAGE_ACCESS accepts `access`: write without read (`-w-`, `-wx`) is refused
+/// with `-KVM_EINVAL`, as KVMI specifies (EPT has no write-only pages).
+pub fn access_is_valid(access: Access) -> bool {
+    !access.contains(Access::W) || access.contains(Access::R)
+}
+
 /// The kind of a guest access to a tracked page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AccessKind {

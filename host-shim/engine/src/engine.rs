@@ -17,7 +17,7 @@ use protocol::types::{Access, MapToken, VcpuSelector};
 use protocol::wire::{ToolMessage, WireProfile};
 
 use super::IntrospectorConfig;
-use super::access::{AccessTable, PAGE, prot_for};
+use super::access::{AccessTable, PAGE, access_is_valid, prot_for};
 use super::alias::RamAlias;
 use super::lock_order;
 use super::msr::MsrFilter;
@@ -504,7 +504,9 @@ impl Introspector {
         let mut failed = None;
         let mut table = self.access.lock();
         for (gpa, access) in entries {
-            if !self.alias.contains(gpa, 1) {
+            // Write without read (`-w-`, `-wx`) is not a valid combination (EPT cannot
+            // express it): -KVM_EINVAL, and the entry leaves no trace.
+            if !self.alias.contains(gpa, 1) || !access_is_valid(access) {
                 failed = Some(ErrorCode::Inval);
                 continue;
             }

@@ -232,6 +232,34 @@ fn page_access_set_many_get_back_and_lift() {
 }
 
 #[test]
+fn page_access_write_without_read_is_refused_and_leaves_no_trace() {
+    if !kvmi_tests::require_kvm("page_access_write_without_read_is_refused_and_leaves_no_trace") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    let rodata = t
+        .profile
+        .range("kernel_rodata")
+        .expect("range.kernel_rodata");
+    let gpas = [rodata.start, rodata.start + 0x1000, t.sym("scratch_page")];
+    assert!(gpas[1] < rodata.end, "kernel rodata has two pages");
+    let entry = |gpa, access| PageAccessEntry { gpa, access };
+    // -w- and -wx are refused; the valid entries around them still apply, in order.
+    let entries = [
+        entry(gpas[0], Access::W),
+        entry(gpas[1], Access::R),
+        entry(gpas[2], Access::W.union(Access::X)),
+    ];
+    let err = c.set_page_access(0, &entries).unwrap_err();
+    assert_eq!(err.kvm_code(), Some(ErrorCode::Inval));
+    assert_eq!(
+        c.get_page_access(0, &gpas).unwrap(),
+        vec![Access::RWX, Access::R, Access::RWX]
+    );
+}
+
+#[test]
 fn map_tokens_are_random_distinct_and_limited() {
     if !kvmi_tests::require_kvm("map_tokens_are_random_distinct_and_limited") {
         return;
