@@ -34,11 +34,13 @@ pub fn host_masks(caps: &Capabilities) -> AllowedMasks {
     AllowedMasks::from_kinds(commands, events)
 }
 
-/// The intersection of two mask sets.
+/// The masks offered to a tool: the intersection of two mask sets (what the host delivers,
+/// what the operator allows), plus `GET_VERSION` and the `PAUSE_VCPU` event, which KVMI
+/// always allows (an operator list that omits them does not remove them).
 pub fn intersect(a: AllowedMasks, b: AllowedMasks) -> AllowedMasks {
     AllowedMasks {
-        commands: a.commands & b.commands,
-        events: a.events & b.events,
+        commands: (a.commands & b.commands) | AllowedMasks::command_bit(CommandKind::GetVersion),
+        events: (a.events & b.events) | AllowedMasks::from_kinds([], [EventKind::PauseVcpu]).events,
     }
 }
 
@@ -189,6 +191,35 @@ mod tests {
         assert!(!m.allows_event(EventKind::PageFault));
         assert!(!m.allows_command(CommandKind::GetPageAccess));
         assert!(m.allows_command(CommandKind::ReadPhysical));
+    }
+
+    #[test]
+    fn get_version_and_pause_vcpu_are_always_allowed() {
+        let op = AllowedMasks {
+            commands: parse_commands("read_physical").unwrap(),
+            events: parse_events("pf").unwrap(),
+        };
+        let m = intersect(host_masks(&caps(true)), op);
+        assert!(m.allows_command(CommandKind::GetVersion));
+        assert!(m.allows_event(EventKind::PauseVcpu));
+        assert!(m.allows_command(CommandKind::ReadPhysical));
+        assert!(!m.allows_command(CommandKind::PauseVcpu));
+        assert!(!m.allows_event(EventKind::Msr));
+        let none = intersect(
+            host_masks(&caps(false)),
+            AllowedMasks {
+                commands: 0,
+                events: 0,
+            },
+        );
+        assert_eq!(
+            none.commands,
+            AllowedMasks::command_bit(CommandKind::GetVersion)
+        );
+        assert_eq!(
+            none.events,
+            AllowedMasks::from_kinds([], [EventKind::PauseVcpu]).events
+        );
     }
 
     #[test]

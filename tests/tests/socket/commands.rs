@@ -80,6 +80,9 @@ fn operator_restrictions_narrow_the_masks_and_refuse_with_eperm() {
     assert!(!m.allows_command(CommandKind::WritePhysical));
     assert!(m.allows_event(EventKind::Msr));
     assert!(!m.allows_event(EventKind::PageFault));
+    // Always allowed, though the operator's lists omit them.
+    assert!(m.allows_command(CommandKind::GetVersion));
+    assert!(m.allows_event(EventKind::PauseVcpu));
     assert_eq!(
         c.write_physical(t.sym("scratch_page"), &[1])
             .unwrap_err()
