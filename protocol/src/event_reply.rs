@@ -195,7 +195,13 @@ mod tests {
         }
         assert!(check_action(EventKind::PauseVcpu, Retry).is_ok());
         assert!(check_action(EventKind::PauseVcpu, Skip).is_err());
-        assert!(check_action(EventKind::Trap, Retry).is_err());
+        // The v4 text: TRAP, CREATE_VCPU and HYPERCALL accept CONTINUE and CRASH only.
+        for e in [EventKind::Trap, EventKind::CreateVcpu, EventKind::Hypercall] {
+            assert!(check_action(e, Continue).is_ok(), "{e:?}");
+            assert!(check_action(e, Crash).is_ok(), "{e:?}");
+            assert!(check_action(e, Retry).is_err(), "{e:?}");
+            assert!(check_action(e, Skip).is_err(), "{e:?}");
+        }
         assert!(check_action(EventKind::Hypercall, Skip).is_err());
     }
 

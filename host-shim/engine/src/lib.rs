@@ -42,7 +42,10 @@
 //! - MSR (writes to MSRs enabled with CONTROL_MSR): CONTINUE writes the reply's `new_val`,
 //!   SKIP drops the write, CRASH stops.
 //! - HYPERCALL (agent call RAX=34, RDI=24 on the doorbell port): RAX = 0 after the reply.
-//! - PAUSE_VCPU, CREATE_VCPU, TRAP: CONTINUE (or RETRY) resumes; CRASH stops.
+//! - PAUSE_VCPU: CONTINUE (or RETRY) resumes; CRASH stops. CREATE_VCPU, TRAP: CONTINUE
+//!   resumes; CRASH stops (as the v4 text says, they do not accept RETRY).
+//! - A reply whose action the event does not accept (e.g. RETRY to CREATE_VCPU or TRAP) is a
+//!   protocol error: the tool is detached and everything unhooked.
 //! - No answer within the reply timeout: the tool is detached and everything unhooked
 //!   (PAUSE_VCPU events are exempt: a paused vCPU waits for its tool). A tool still sending
 //!   commands keeps its vCPUs waiting, but only until a reply timeout after its last message.
