@@ -644,6 +644,9 @@ impl Introspector {
     }
 
     fn control_msr(&self, vcpu: u16, enable: bool, msr: u32) -> CommandResult<'static> {
+        if !super::msr::filterable(msr) {
+            return Err(ErrorCode::Inval);
+        }
         {
             let mut s = self.slots[usize::from(vcpu)].lock();
             if enable {

@@ -34,6 +34,17 @@ pub const SHADOWED: [u32; 7] = [
     MSR_PAT,
 ];
 
+/// The x2APIC MSRs (0x800–0x8ff). KVM's MSR filter does not apply to them (KVM handles them
+/// in the local APIC, whatever the filter says), so no MSR event can come for one:
+/// CONTROL_MSR refuses them with `-KVM_EINVAL`.
+pub const X2APIC_MSRS: std::ops::RangeInclusive<u32> = 0x800..=0x8ff;
+
+/// Whether CONTROL_MSR can intercept writes to `msr` with the MSR filter (the v4 ranges
+/// themselves are checked when the command is decoded).
+pub fn filterable(msr: u32) -> bool {
+    !X2APIC_MSRS.contains(&msr)
+}
+
 /// One filter range: `base` and a deny bitmap (bit clear = write exits).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Range {
@@ -145,6 +156,16 @@ impl MsrFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn x2apic_msrs_are_not_filterable() {
+        for m in [0x800, 0x830, 0x8ff] {
+            assert!(!filterable(m), "{m:#x}");
+        }
+        for m in [0x7ff, 0x900, MSR_LSTAR, MSR_SYSENTER_CS] {
+            assert!(filterable(m), "{m:#x}");
+        }
+    }
 
     #[test]
     fn ranges_filter_exactly_the_listed_msrs() {

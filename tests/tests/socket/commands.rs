@@ -263,6 +263,34 @@ fn page_access_write_without_read_is_refused_and_leaves_no_trace() {
 }
 
 #[test]
+fn control_msr_refuses_x2apic_msrs() {
+    if !kvmi_tests::require_kvm("control_msr_refuses_x2apic_msrs") {
+        return;
+    }
+    let t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    if !c
+        .get_version()
+        .unwrap()
+        .allowed
+        .allows_command(CommandKind::ControlMsr)
+    {
+        eprintln!("skipped: no MSR filter on this host");
+        return;
+    }
+    // KVM's MSR filter does not apply to x2APIC MSRs: no event could ever come.
+    for msr in [0x800, 0x830, 0x8ff] {
+        assert_eq!(
+            c.control_msr(0, msr, true).unwrap_err().kvm_code(),
+            Some(ErrorCode::Inval),
+            "{msr:#x}"
+        );
+    }
+    c.control_msr(0, 0x7ff, true).unwrap();
+    c.control_msr(0, 0x900, true).unwrap();
+}
+
+#[test]
 fn map_tokens_are_random_distinct_and_limited() {
     if !kvmi_tests::require_kvm("map_tokens_are_random_distinct_and_limited") {
         return;
