@@ -594,17 +594,20 @@ impl ExitHook for Introspector {
     }
 
     fn hypercall(&self, ctx: &mut ExitContext<'_>) -> HookResult {
-        let r = ctx.regs();
-        if r.rax != hypercall::call::Hypercall::Agent as u64
-            || r.rdi != hypercall::call::AGENT_GUEST_REQUEST
-        {
+        let mode = super::convert::cpu_mode(ctx.sregs());
+        if !is_agent_call(ctx.regs(), mode) {
             return HookResult::Unhandled;
         }
         let answer = self.raise(ctx, EventPayload::Hypercall, false);
-        if action_of(&answer) == Some(Action::Crash) {
-            return self.crash(ctx, "HYPERCALL");
+        match answer {
+            Answer::NotSent => {}
+            Answer::Reply(ref r) if r.action == Action::Crash => {
+                return self.crash(ctx, "HYPERCALL");
+            }
+            // 0 once the event was delivered and answered; with no event sent (no tool, or
+            // the event not enabled) RAX is left as the guest set it.
+            Answer::Reply(_) => ctx.regs_mut().rax = 0,
         }
-        ctx.regs_mut().rax = 0;
         self.finish(ctx)
     }
 
@@ -812,9 +815,56 @@ impl ExitHook for Introspector {
     }
 }
 
+/// Whether the doorbell call in `r` is KVMI's agent call (`KVM_HC_XEN_HVM_OP` = 34 with Xen's
+/// guest-request sub-function), in the convention of the vCPU's `mode`: 64-bit RAX = 34,
+/// RDI = 24, RSI = 0; otherwise Xen's 32-bit registers, truncated to 32 bits: EAX = 34,
+/// EBX = 24, ECX = 0.
+fn is_agent_call(r: &kvm_bindings::kvm_regs, mode: protocol::types::CpuMode) -> bool {
+    use hypercall::call::{AGENT_GUEST_REQUEST, AGENT_GUEST_REQUEST_ARG, Hypercall};
+    let (nr, sub, arg) = match mode {
+        protocol::types::CpuMode::Bits64 => (r.rax, r.rdi, r.rsi),
+        _ => (
+            r.rax & 0xffff_ffff,
+            r.rbx & 0xffff_ffff,
+            r.rcx & 0xffff_ffff,
+        ),
+    };
+    nr == Hypercall::Agent as u64 && sub == AGENT_GUEST_REQUEST && arg == AGENT_GUEST_REQUEST_ARG
+}
+
 #[cfg(test)]
 mod tests {
-    use super::next_rip;
+    use super::{is_agent_call, next_rip};
+    use protocol::types::CpuMode;
+
+    #[test]
+    fn the_agent_call_follows_the_mode_s_convention() {
+        let regs = |rax, rbx, rcx, rsi, rdi| kvm_bindings::kvm_regs {
+            rax,
+            rbx,
+            rcx,
+            rsi,
+            rdi,
+            ..Default::default()
+        };
+        // 64-bit: RAX = 34, RDI = 24, RSI = 0.
+        assert!(is_agent_call(&regs(34, 0, 0, 0, 24), CpuMode::Bits64));
+        assert!(!is_agent_call(&regs(34, 0, 0, 1, 24), CpuMode::Bits64));
+        assert!(!is_agent_call(&regs(34, 24, 0, 0, 0), CpuMode::Bits64));
+        assert!(!is_agent_call(
+            &regs(34 | 1 << 32, 0, 0, 0, 24),
+            CpuMode::Bits64
+        ));
+        // 32-bit: EAX = 34, EBX = 24, ECX = 0; the upper halves do not count.
+        let high = 0xdead_beef_0000_0000;
+        assert!(is_agent_call(&regs(34, 24, 0, 0, 0), CpuMode::Bits32));
+        assert!(is_agent_call(
+            &regs(high | 34, high | 24, high, 5, 7),
+            CpuMode::Bits32
+        ));
+        assert!(!is_agent_call(&regs(34, 0, 0, 0, 24), CpuMode::Bits32));
+        assert!(!is_agent_call(&regs(34, 24, 1, 0, 0), CpuMode::Bits32));
+    }
 
     #[test]
     fn skipping_an_instruction_at_the_top_of_the_address_space_wraps() {

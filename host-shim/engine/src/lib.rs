@@ -41,7 +41,8 @@
 //!   CONTINUE/RETRY/SKIP step the next instruction.
 //! - MSR (writes to MSRs enabled with CONTROL_MSR): CONTINUE writes the reply's `new_val`,
 //!   SKIP drops the write, CRASH stops.
-//! - HYPERCALL (agent call RAX=34, RDI=24 on the doorbell port): RAX = 0 after the reply.
+//! - HYPERCALL (agent call on the doorbell port: 64-bit RAX=34, RDI=24, RSI=0; 32-bit
+//!   EAX=34, EBX=24, ECX=0): RAX = 0 after the reply; untouched when no event was delivered.
 //! - PAUSE_VCPU: CONTINUE (or RETRY) resumes; CRASH stops. CREATE_VCPU, TRAP: CONTINUE
 //!   resumes; CRASH stops (as the v4 text says, they do not accept RETRY).
 //! - A reply whose action the event does not accept (e.g. RETRY to CREATE_VCPU or TRAP) is a

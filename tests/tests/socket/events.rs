@@ -217,6 +217,35 @@ fn hypercall_event_carries_the_agent_call_registers_from_cpl0_and_cpl3() {
     }
     assert_eq!(cpls, vec![0, 3]);
     assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
+    // RAX = 0 once the event was answered.
+    let serial = t.serial();
+    assert!(
+        serial.contains("hypercall nr=34 cpl=0 rax=0x0\n"),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("hypercall nr=34 cpl=3 rax=0x0\n"),
+        "{serial}"
+    );
+}
+
+#[test]
+fn agent_call_without_an_event_leaves_rax_untouched() {
+    if !kvmi_tests::require_kvm("agent_call_without_an_event_leaves_rax_untouched") {
+        return;
+    }
+    // No tool attached: no HYPERCALL event is delivered, so RAX keeps the call number.
+    let mut t = Target::start(Image::TestGuest, "mode=hypercall nr=34", &[]);
+    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
+    let serial = t.serial();
+    assert!(
+        serial.contains("hypercall nr=34 cpl=0 rax=0x22\n"),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("hypercall nr=34 cpl=3 rax=0x22\n"),
+        "{serial}"
+    );
 }
 
 #[test]
