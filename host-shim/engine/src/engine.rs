@@ -386,6 +386,15 @@ impl Introspector {
                 EventReplyData::Msr { new_val } | EventReplyData::Cr { new_val } => {
                     (Some(new_val), Vec::new())
                 }
+                // trap_access (emulate a REP instruction only once) is not implemented: the
+                // upstream path emulates nothing, and the PVM path completes one trapped
+                // access at a time. Refused rather than silently ignored (docs/protocol.md).
+                EventReplyData::PageFault(pf) if pf.trap_access => {
+                    return Err(ChannelError::Protocol(format!(
+                        "reply to PAGE_FAULT event {seq} sets trap_access, which this host does \
+                         not support"
+                    )));
+                }
                 EventReplyData::PageFault(pf) => (None, pf.ctx_data.to_vec()),
                 EventReplyData::None => (None, Vec::new()),
             };

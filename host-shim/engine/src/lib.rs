@@ -31,6 +31,8 @@
 //!   inferred from the page's restriction and rip; CONTINUE steps it through like exec; SKIP
 //!   = RETRY; ctx_data is not supported. The event's `mode` holds the access bits (1 = R,
 //!   2 = W, 4 = X); gva is `u64::MAX` for data accesses (unknown on this path).
+//!   The reply's `trap_access` is not implemented (on either path): a reply that sets it is a
+//!   protocol error (the tool is detached), not silently ignored.
 //! - BREAKPOINT (hardware DR0–DR3 set with CONTROL_BREAKPOINT, limit 4; gpa translated from
 //!   rip with the guest's page tables): CONTINUE resumes, stepping over the breakpoint if rip
 //!   is still on one; RETRY and SKIP re-enter at rip as the tool left it (on an armed

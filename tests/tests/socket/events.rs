@@ -72,6 +72,31 @@ fn page_fault_event_reports_gpa_and_write_and_skip_drops_while_allow_completes()
 }
 
 #[test]
+fn page_fault_reply_with_trap_access_is_refused_and_detaches_the_tool() {
+    if !kvmi_tests::require_kvm(
+        "page_fault_reply_with_trap_access_is_refused_and_detaches_the_tool",
+    ) {
+        return;
+    }
+    let mut t = Target::start(Image::TestGuest, "mode=mem-write n=3 gate=1", &[]);
+    let c = t.attach();
+    let page = t.sym("scratch_page");
+    c.control_events(0, only(EventKind::PageFault)).unwrap();
+    set_access(&c, page, Access::R.union(Access::X));
+    t.open_gate(&c);
+    let ev = expect_event(&c, EventKind::PageFault, &t);
+    // trap_access is not supported on this host: the reply is a protocol error.
+    let data = EventReplyData::PageFault(PageFaultReply {
+        trap_access: true,
+        ctx_data: &[],
+    });
+    let _ = c.reply(&ev, Action::Continue, data);
+    assert!(c.get_version().is_err(), "the tool is still attached");
+    // Detached and unhooked: the guest finishes its writes without further events.
+    t.assert_clean_exit(EXIT_WAIT, "mem-write n=3 last=0x5ca10002");
+}
+
+#[test]
 fn msr_event_reports_index_and_values_and_the_reply_value_is_what_the_guest_gets() {
     if !kvmi_tests::require_kvm(
         "msr_event_reports_index_and_values_and_the_reply_value_is_what_the_guest_gets",
