@@ -6,6 +6,7 @@
 //! speaks, is another module implementing the same trait; the semantic types do not change.
 
 pub(crate) mod codec;
+pub mod libkvmi;
 pub mod v4;
 
 use crate::command::{Command, CommandKind};
