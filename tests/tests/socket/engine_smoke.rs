@@ -62,8 +62,9 @@ fn read_trap_returns_ctx_data_to_the_guest() {
         .unwrap();
     let (ivm, c, serial) = start("mode=mem-read n=4");
     let ev = created(&c);
-    // Writable, executable, not readable: every load of the page is an event.
-    let access = Access::W.union(Access::X);
+    // Executable, not readable (write without read, `-wx`, is refused): every load of the
+    // page is an event.
+    let access = Access::X;
     c.set_page_access(
         0,
         &[PageAccessEntry {
