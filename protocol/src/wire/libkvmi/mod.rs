@@ -14,6 +14,7 @@
 
 pub mod event_layout;
 pub mod frame;
+pub mod host;
 pub mod layout;
 
 #[cfg(test)]

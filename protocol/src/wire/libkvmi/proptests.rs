@@ -204,3 +204,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #[test]
+    fn events_round_trip(
+        common in prop::collection::vec(any::<u8>(), 544),
+        event in 0u8..14,
+        data in prop::collection::vec(any::<u8>(), 24),
+        seq in any::<u32>(),
+    ) {
+        use super::event_layout::EventCommon;
+        use super::host::{decode_event, encode_event};
+        let mut c = EventCommon::read_from_bytes(&common).unwrap();
+        c.event = event;
+        let d = &data[..events::data_size(event).unwrap()];
+        let mut buf = vec![0u8; 8 + 544 + 24];
+        let n = encode_event(seq, &c, d, &mut buf).unwrap();
+        let (f, rest) = crate::frame::split_frame(&buf[..n], super::MAX_MSG_SIZE).unwrap().unwrap();
+        prop_assert!(rest.is_empty());
+        prop_assert_eq!(f.header.seq, seq);
+        let (back, bd) = decode_event(f.payload).unwrap();
+        c.size = U16::new(544);
+        prop_assert_eq!(back, c);
+        prop_assert_eq!(bd, d);
+    }
+
+    #[test]
+    fn random_events_and_replies_never_panic(buf in prop::collection::vec(any::<u8>(), 0..700)) {
+        let _ = super::host::decode_event(&buf);
+        let _ = super::host::decode_reply(&buf);
+    }
+}

@@ -718,3 +718,70 @@ fn encode_matches_golden_bytes() {
     // Too small a buffer is an error, not a panic.
     assert!(encode_request(1, &Request::GetMaxGfn, &mut buf[..7]).is_err());
 }
+
+#[test]
+fn host_replies_golden() {
+    use super::host::*;
+    let mut buf = [0u8; 1024];
+    // -KVM_ENOSYS to unknown ID 12, seq 5: hdr {12, size 8, 5}, err -1000 @0, pad @4.
+    let n = encode_error_reply(12, 5, errors::ENOSYS, &mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        &[12, 0, 8, 0, 5, 0, 0, 0, 0x18, 0xfc, 0xff, 0xff, 0, 0, 0, 0]
+    );
+    // GET_VERSION reply, seq 1: hdr {2, size 24, 1}, err 0, version 1, pad, features 0.
+    let v = GetVersionReply::read_from_bytes(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    let n = encode_reply(ids::GET_VERSION, 1, v.as_bytes(), &mut buf).unwrap();
+    #[rustfmt::skip]
+    let want = [2, 0, 24, 0, 1, 0, 0, 0,  0, 0, 0, 0, 0, 0, 0, 0,
+                1, 0, 0, 0, 0, 0, 0, 0,  0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(&buf[..n], &want);
+    let r = decode_reply(&buf[8..n]).unwrap();
+    assert_eq!((r.err, r.data.len()), (0, 16));
+
+    // GET_REGISTERS reply with 7 MSRs: payload 8 + 472 + 112 = 592 = 0x250.
+    let mut fixed = GetRegistersReply::read_from_bytes(&[0u8; 472]).unwrap();
+    fixed.mode = U32::new(8);
+    let entries = [crate::kvm::KvmMsrEntry::read_from_bytes(&[0u8; 16]).unwrap(); 7];
+    let n = encode_get_registers_reply(3, &fixed, &entries, &mut buf).unwrap();
+    assert_eq!(n, 600);
+    assert_eq!(&buf[..4], &[13, 0, 0x50, 0x02]); // id 13, size 592
+    assert_eq!(buf[16], 8); // @0 of the data: mode
+    assert_eq!(buf[16 + 464], 7); // @464 nmsrs
+    assert_eq!(n - 16, get_registers_reply_size(7));
+    // Too small a buffer is an error.
+    assert!(encode_get_registers_reply(3, &fixed, &entries, &mut buf[..599]).is_err());
+}
+
+#[test]
+fn host_event_golden() {
+    use super::host::*;
+    let mut common = EventCommon::read_from_bytes(&[0u8; 544]).unwrap();
+    common.vcpu = zerocopy::little_endian::U16::new(1);
+    common.event = events::BREAKPOINT;
+    common.mode = 8;
+    #[rustfmt::skip]
+    let data = [0, 0x7c, 0, 0, 0, 0, 0, 0,  1, 0, 0, 0, 0, 0, 0, 0]; // gpa 0x7c00, insn_len 1
+    let mut buf = [0u8; 8 + 560];
+    let n = encode_event(9, &common, &data, &mut buf).unwrap();
+    assert_eq!(n, 568);
+    assert_eq!(&buf[..8], &[1, 0, 0x30, 0x02, 9, 0, 0, 0]); // id 1, size 560, seq 9
+    assert_eq!(&buf[8..14], &[0x20, 0x02, 1, 0, 4, 0]); // size 544, vcpu 1, event 4
+    assert_eq!(buf[16], 8); // @8 mode
+    assert_eq!(&buf[8 + 544..], &data); // data @544
+    let (c, d) = decode_event(&buf[8..n]).unwrap();
+    assert_eq!((c.vcpu.get(), c.event, d), (1, 4, &data[..]));
+    // Data of the wrong size for the event is refused.
+    assert!(encode_event(9, &common, &data[..8], &mut buf).is_err());
+
+    // A reader tolerates a smaller common part: size 16, data from offset 16.
+    #[rustfmt::skip]
+    let small = [16, 0, 0, 0, 10, 0, 0, 0,  8, 0, 0, 0, 0, 0, 0, 0];
+    let (c, d) = decode_event(&small).unwrap();
+    assert_eq!((c.event, c.mode, c.regs.rip.get(), d.len()), (10, 8, 0, 0));
+    // size < 8, size beyond the payload, unknown event ID: errors.
+    assert!(decode_event(&[7, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    assert!(decode_event(&[17, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    assert!(decode_event(&[8, 0, 0, 0, 14, 0, 0, 0]).is_err());
+}
