@@ -770,6 +770,15 @@ pub fn pf_reply(data: &[u8]) -> PfReply {
     PfReply::read_from_bytes(&buf).unwrap_or_else(|_| PfReply::new_zeroed())
 }
 
+/// The CR / MSR reply's `new_val`, zero-filled when the data is shorter than 8 bytes (as
+/// the VMM treats a short reply).
+pub fn new_val_reply(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
 /// Smallest legal payload for an event reply.
 pub const EVENT_REPLY_MIN_PAYLOAD: usize = EVENT_REPLY_MIN_SIZE;
 

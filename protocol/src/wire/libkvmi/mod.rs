@@ -9,8 +9,10 @@
 //! payload is [`MSG_SIZE`] = 8184 bytes.
 //!
 //! So far this module holds the numbering ([`ids`], [`events`], [`actions`], [`errors`]),
-//! the byte layouts ([`layout`], [`event_layout`]) and host-side frame validation
-//! ([`frame`]). It does not yet implement [`super::WireProfile`].
+//! the byte layouts ([`layout`], [`event_layout`]), host-side handshake and frame
+//! validation with a close-or-reply verdict for every error ([`frame`]), and host-side
+//! encoders for replies and events with libkvmi-style readers ([`host`]). It does not yet
+//! implement [`super::WireProfile`].
 
 pub mod event_layout;
 pub mod frame;

@@ -442,6 +442,8 @@ fn event_replies_golden() {
     let Request::EventReply { data, action, .. } = decode(&cr) else {
         panic!()
     };
+    assert_eq!(new_val_reply(data), 0x8000_0033);
+    assert_eq!(new_val_reply(&data[..2]), 0x33); // a short reply is zero-filled
     assert_eq!(
         NewValReply::read_from_bytes(data).unwrap().new_val.get(),
         0x8000_0033
