@@ -270,7 +270,10 @@ fn run(mut args: RunArgs) -> Result<u8> {
             report.elapsed.as_secs_f64()
         );
     } else {
-        eprintln!("kvmi: {} (exit status {code})", report.outcome);
+        vmm::devices::eprint_line(format_args!(
+            "kvmi: {} (exit status {code})",
+            report.outcome
+        ));
     }
     Ok(code)
 }
@@ -324,7 +327,9 @@ pub fn main() -> ExitCode {
                 command: Some(run), ..
             }) => run,
             _ => {
-                eprintln!("kvmi: error: the default `run` arguments do not parse");
+                vmm::devices::eprint_line(format_args!(
+                    "kvmi: error: the default `run` arguments do not parse"
+                ));
                 return ExitCode::from(EXIT_VMM_ERROR);
             }
         },
@@ -339,7 +344,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("kvmi: error: {e:#}");
+            vmm::devices::eprint_line(format_args!("kvmi: error: {e:#}"));
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }

@@ -201,19 +201,23 @@ impl Supervisor {
             .unwrap_or_default();
         let left = self.restarts_left.load(Ordering::SeqCst);
         if left == 0 {
-            eprintln!("kvmi: {why} ({outcome}); the target runs on, unhooked");
+            vmm::devices::eprint_line(format_args!(
+                "kvmi: {why} ({outcome}); the target runs on, unhooked"
+            ));
             return;
         }
         self.restarts_left.store(left - 1, Ordering::SeqCst);
         let n = self.restarts.fetch_add(1, Ordering::SeqCst) + 1;
         match self.boot() {
             Ok(next) => {
-                eprintln!("kvmi: {why} ({outcome}); started appliance #{n}");
+                vmm::devices::eprint_line(format_args!(
+                    "kvmi: {why} ({outcome}); started appliance #{n}"
+                ));
                 *current = Some(next);
             }
-            Err(e) => eprintln!(
+            Err(e) => vmm::devices::eprint_line(format_args!(
                 "kvmi: {why} ({outcome}); restarting it failed: {e}; the target runs on, unhooked"
-            ),
+            )),
         }
     }
 }

@@ -168,3 +168,12 @@ impl Devices {
         PortResult::Unknown
     }
 }
+
+/// Writes `line` and a newline to stderr with one `write` (a line under the pipe's atomic
+/// size is never split): guest serial output that goes to the same stream from other threads
+/// cannot land in the middle of it, as it can with `eprintln!`, whose pieces are separate
+/// writes on the unbuffered stderr.
+pub fn eprint_line(line: std::fmt::Arguments<'_>) {
+    let text = format!("{line}\n");
+    let _ = io::stderr().lock().write_all(text.as_bytes());
+}

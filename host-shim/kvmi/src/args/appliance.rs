@@ -256,7 +256,7 @@ impl ApplianceRunArgs {
         let (intro_config, config) = self.setup(kvmi, image, serial, stdout_sink())?;
         let run = start_with_appliance(target, intro_config, config)?;
         let report = run.wait(limits);
-        eprintln!(
+        vmm::devices::eprint_line(format_args!(
             "kvmi: appliance: target {}, appliance {}, rings {:?}, restarts {}; pages mapped {} \
              in {} calls, unmapped {}, refused calls {}, revoked at end {}",
             report.target.outcome,
@@ -271,7 +271,7 @@ impl ApplianceRunArgs {
             report.pages.pages_unmapped,
             report.pages.refused,
             report.revoked_at_end,
-        );
+        ));
         Ok(report)
     }
 }
