@@ -448,35 +448,11 @@ fn poll(stream: &UnixStream, events: libc::c_short, wait: Duration) -> libc::c_s
     if n > 0 { fd.revents } else { 0 }
 }
 
-/// One non-blocking send: bytes taken, 0 when the socket is full.
-fn send_now(stream: &UnixStream, bytes: &[u8]) -> std::io::Result<usize> {
-    loop {
-        // SAFETY: `bytes` is valid for its length; the fd is the open socket.
-        let n = unsafe {
-            libc::send(
-                stream.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if let Ok(n) = usize::try_from(n) {
-            return Ok(n);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::WouldBlock => return Ok(0),
-            std::io::ErrorKind::Interrupted => continue,
-            _ => return Err(e),
-        }
-    }
-}
-
 fn send_within(stream: &UnixStream, bytes: &[u8], wait: Duration) -> std::io::Result<usize> {
     let deadline = Instant::now() + wait;
     let mut sent = 0;
     while sent < bytes.len() {
-        let n = send_now(stream, &bytes[sent..])?;
+        let n = kvmi_engine::socket::send_nonblocking(stream, &bytes[sent..])?;
         sent += n;
         if n == 0 {
             let now = Instant::now();
@@ -501,7 +477,7 @@ fn fill(stream: &UnixStream, message: &[u8], quiet: Duration) -> Fill {
     let mut offset = 0;
     let mut last_progress = Instant::now();
     loop {
-        match send_now(stream, &message[offset..]) {
+        match kvmi_engine::socket::send_nonblocking(stream, &message[offset..]) {
             Ok(0) => {
                 let idle = last_progress.elapsed();
                 if idle >= quiet {

@@ -237,32 +237,7 @@ impl SocketChannel {
 
     /// One non-blocking write: bytes taken, 0 if the socket is full.
     fn try_send(&self, bytes: &[u8]) -> std::io::Result<usize> {
-        if bytes.is_empty() {
-            return Ok(0);
-        }
-        loop {
-            // SAFETY: `bytes` is valid for reads of its length for the whole call; the fd is
-            // this channel's open socket (owned by `self.stream`). MSG_DONTWAIT makes this
-            // one call non-blocking without changing the file's flags (shared with the
-            // reader's blocking clone); MSG_NOSIGNAL turns a closed peer into EPIPE.
-            let n = unsafe {
-                libc::send(
-                    self.stream.as_raw_fd(),
-                    bytes.as_ptr().cast(),
-                    bytes.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if let Ok(n) = usize::try_from(n) {
-                return Ok(n);
-            }
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                ErrorKind::WouldBlock => return Ok(0),
-                ErrorKind::Interrupted => continue,
-                _ => return Err(e),
-            }
-        }
+        send_nonblocking(&self.stream, bytes)
     }
 
     /// Marks the channel broken after a failed write and shuts the socket down.
@@ -753,6 +728,37 @@ fn read_messages(introspector: &Introspector, generation: u64, mut stream: UnixS
             }
         }
         buf.drain(..consumed);
+    }
+}
+
+/// One non-blocking send on `stream`: the bytes the kernel took, 0 when the socket is full (or
+/// `bytes` is empty). `MSG_DONTWAIT` makes this one call non-blocking without changing the
+/// file's flags (which a blocking reader's clone shares); `MSG_NOSIGNAL` turns a closed peer
+/// into `EPIPE` instead of a signal.
+pub fn send_nonblocking(stream: &UnixStream, bytes: &[u8]) -> std::io::Result<usize> {
+    if bytes.is_empty() {
+        return Ok(0);
+    }
+    loop {
+        // SAFETY: `bytes` is valid for reads of its length for the whole call, and the fd is
+        // `stream`'s open socket, borrowed for the call.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            ErrorKind::WouldBlock => return Ok(0),
+            ErrorKind::Interrupted => continue,
+            _ => return Err(e),
+        }
     }
 }
 

@@ -212,38 +212,8 @@ impl Drop for ChildVm {
 }
 
 fn introspected(kind: Kind, n: u64, target: u64, page: u64, gate: u64) -> Result<Vec<Instant>> {
-    let dir = std::env::temp_dir();
-    let socket: PathBuf = dir.join(format!(
-        "kvmi-bench-{}-{}.sock",
-        std::process::id(),
-        kind.name()
-    ));
-    let _ = std::fs::remove_file(&socket);
-    let child = Command::new(std::env::current_exe()?)
-        .args(["run", "--image", "test-guest", "--timeout", "300"])
-        .arg("--cmdline")
-        .arg(format!("{} gate=1", kind.cmdline(n)))
-        .arg("--kvmi-socket")
-        .arg(&socket)
-        .arg("--serial")
-        .arg("/dev/null")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the VM")?;
-    let mut child = ChildVm(Some(child));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let client = loop {
-        if let Some(c) = child.0.as_mut()
-            && let Some(status) = c.try_wait()?
-        {
-            bail!("the VM exited with {status} before a tool could attach");
-        }
-        match KvmiClient::connect(&socket) {
-            Ok(client) => break client,
-            Err(e) if Instant::now() >= deadline => return Err(e.into()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let (mut child, client, socket) =
+        attached_vm(&format!("{} gate=1", kind.cmdline(n)), kind.name())?;
     match kind {
         Kind::Breakpoint => {
             client.control_events_all(EventSet::EMPTY.with(EventKind::Breakpoint))?;
@@ -274,26 +244,20 @@ fn introspected(kind: Kind, n: u64, target: u64, page: u64, gate: u64) -> Result
         }
     }
     client.close();
-    let status = child.0.take().map(|mut c| c.wait()).transpose()?;
-    let _ = std::fs::remove_file(&socket);
-    if let Some(s) = status
-        && !s.success()
-    {
-        bail!("introspected VM for {} exited with {s}", kind.name());
-    }
+    finish_vm(&mut child, &socket, kind.name())?;
     Ok(times)
 }
 
-/// Starts `kvmi run --image test-guest --cmdline "mode=step n=N gate=1"` with a socket and
-/// attaches to it.
-fn step_vm(n: u64, tag: &str) -> Result<(ChildVm, KvmiClient, PathBuf)> {
+/// Starts `kvmi run --image test-guest --cmdline CMDLINE` with a KVMI socket named after
+/// `tag` and attaches to it (the VM is killed if anything fails before it is finished).
+fn attached_vm(cmdline: &str, tag: &str) -> Result<(ChildVm, KvmiClient, PathBuf)> {
     let socket: PathBuf =
-        std::env::temp_dir().join(format!("kvmi-bench-{}-exec-{tag}.sock", std::process::id()));
+        std::env::temp_dir().join(format!("kvmi-bench-{}-{tag}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
     let child = Command::new(std::env::current_exe()?)
         .args(["run", "--image", "test-guest", "--timeout", "300"])
         .arg("--cmdline")
-        .arg(format!("mode=step n={n} gate=1"))
+        .arg(cmdline)
         .arg("--kvmi-socket")
         .arg(&socket)
         .arg("--serial")
@@ -318,24 +282,29 @@ fn step_vm(n: u64, tag: &str) -> Result<(ChildVm, KvmiClient, PathBuf)> {
     Ok((child, client, socket))
 }
 
-/// Waits for the step VM to exit successfully.
-fn finish_step_vm(mut child: ChildVm, socket: &PathBuf) -> Result<()> {
+/// The step VMs of the exec step-through case (`mode=step n=N gate=1`).
+fn step_vm(n: u64, tag: &str) -> Result<(ChildVm, KvmiClient, PathBuf)> {
+    attached_vm(&format!("mode=step n={n} gate=1"), &format!("exec-{tag}"))
+}
+
+/// Waits for the VM `what` to exit and requires success; removes its socket.
+fn finish_vm(child: &mut ChildVm, socket: &PathBuf, what: &str) -> Result<()> {
     let status = child.0.take().map(|mut c| c.wait()).transpose()?;
     let _ = std::fs::remove_file(socket);
     if let Some(s) = status
         && !s.success()
     {
-        bail!("the step VM exited with {s}");
+        bail!("the {what} VM exited with {s}");
     }
     Ok(())
 }
 
 /// Seconds from opening the gate to the exit of an unrestricted `mode=step n=N` VM.
 fn unrestricted_step_run(n: u64, gate: u64) -> Result<f64> {
-    let (child, client, socket) = step_vm(n, "free")?;
+    let (mut child, client, socket) = step_vm(n, "free")?;
     let start = Instant::now();
     client.write_physical(gate, &1u64.to_le_bytes())?;
-    finish_step_vm(child, &socket)?;
+    finish_vm(&mut child, &socket, "step")?;
     let secs = start.elapsed().as_secs_f64();
     client.close();
     Ok(secs)
@@ -361,7 +330,7 @@ fn exec_step_through(n: u64, step_target: u64, gate: u64) -> Result<ExecFigures>
     let t_long = unrestricted_step_run(long, gate)?;
     let unrestricted_us = ((t_long - t_short) / (long - short) as f64 * 1e6).max(1e-3);
     // Restricted: the page of step_target (and of the loop) loses X.
-    let (child, client, socket) = step_vm(n, "noexec")?;
+    let (mut child, client, socket) = step_vm(n, "noexec")?;
     client.control_events_all(EventSet::EMPTY.with(EventKind::PageFault))?;
     client.set_page_access(
         0,
@@ -387,7 +356,7 @@ fn exec_step_through(n: u64, step_target: u64, gate: u64) -> Result<ExecFigures>
         }
     }
     client.close();
-    finish_step_vm(child, &socket)?;
+    finish_vm(&mut child, &socket, "step")?;
     let s = stats(&times)?;
     let events_per_iteration = times.len() as f64 / n as f64;
     Ok(ExecFigures {
