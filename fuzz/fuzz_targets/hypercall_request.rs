@@ -23,44 +23,6 @@ use hypercall::token::TOKEN_SIZE;
 use kvmi_fuzz::take_u64s;
 use libfuzzer_sys::fuzz_target;
 
-/// Registers that carry `request` (unused registers zero).
-fn encode(request: &Request) -> HypercallRegs {
-    let regs = |call: Hypercall, a: [u64; 4]| HypercallRegs {
-        rax: call.number(),
-        rbx: a[0],
-        rcx: a[1],
-        rdx: a[2],
-        rsi: a[3],
-        rdi: 0,
-    };
-    match *request {
-        Request::MemMap {
-            token_gpa,
-            target_gpa,
-            window_gpa,
-        } => regs(Hypercall::MemMap, [token_gpa, target_gpa, window_gpa, 0]),
-        Request::MemUnmap { window_gpa } => regs(Hypercall::MemUnmap, [window_gpa, 0, 0, 0]),
-        Request::Agent => HypercallRegs {
-            rdi: AGENT_GUEST_REQUEST,
-            rsi: AGENT_GUEST_REQUEST_ARG,
-            ..regs(Hypercall::Agent, [0; 4])
-        },
-        Request::Version => regs(Hypercall::Version, [0; 4]),
-        Request::Features => regs(Hypercall::Features, [0; 4]),
-        Request::MapRange {
-            token_gpa,
-            target_gpa,
-            window_gpa,
-            pages,
-        } => regs(
-            Hypercall::MapRange,
-            [token_gpa, target_gpa, window_gpa, pages],
-        ),
-        Request::RevokeAll => regs(Hypercall::RevokeAll, [0; 4]),
-        Request::Notify { ring } => regs(Hypercall::Notify, [ring, 0, 0, 0]),
-    }
-}
-
 fn token_ok(gpa: u64) {
     assert!(gpa.is_multiple_of(8), "token {gpa:#x}");
     assert!(
@@ -122,7 +84,7 @@ fn check_request(regs: &HypercallRegs, request: &Request) {
         Request::Notify { ring } => assert_eq!((call, ring), (Hypercall::Notify, a0)),
     }
     assert_eq!(
-        Request::decode(&encode(request)),
+        Request::decode(&request.encode()),
         Ok(*request),
         "re-encoded"
     );

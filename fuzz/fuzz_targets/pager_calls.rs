@@ -257,43 +257,6 @@ impl Model {
     }
 }
 
-/// Registers that carry `request` (what the appliance would load).
-fn regs_of(request: &Request) -> HypercallRegs {
-    let regs = |call: Hypercall, a: [u64; 4]| HypercallRegs {
-        rax: call.number(),
-        rbx: a[0],
-        rcx: a[1],
-        rdx: a[2],
-        rsi: a[3],
-        rdi: 0,
-    };
-    match *request {
-        Request::MemMap {
-            token_gpa,
-            target_gpa,
-            window_gpa,
-        } => regs(Hypercall::MemMap, [token_gpa, target_gpa, window_gpa, 0]),
-        Request::MapRange {
-            token_gpa,
-            target_gpa,
-            window_gpa,
-            pages,
-        } => regs(
-            Hypercall::MapRange,
-            [token_gpa, target_gpa, window_gpa, pages],
-        ),
-        Request::MemUnmap { window_gpa } => regs(Hypercall::MemUnmap, [window_gpa, 0, 0, 0]),
-        Request::RevokeAll => regs(Hypercall::RevokeAll, [0; 4]),
-        Request::Version => regs(Hypercall::Version, [0; 4]),
-        Request::Features => regs(Hypercall::Features, [0; 4]),
-        Request::Notify { ring } => regs(Hypercall::Notify, [ring, 0, 0, 0]),
-        Request::Agent => HypercallRegs {
-            rdi: hypercall::call::AGENT_GUEST_REQUEST,
-            ..regs(Hypercall::Agent, [0; 4])
-        },
-    }
-}
-
 struct Run<'a> {
     fx: &'a Fixture,
     copying: bool,
@@ -371,7 +334,7 @@ impl Run<'_> {
     /// A request straight to `Pager::serve`.
     fn serve(&mut self, request: Request) {
         let got = self.pager.serve(&request, &self.fx.caller);
-        if Request::decode(&regs_of(&request)) == Ok(request) {
+        if Request::decode(&request.encode()) == Ok(request) {
             let expected = self.model.serve(self.fx, self.base, &request);
             assert_eq!(got, expected, "{request:x?}");
             return;
