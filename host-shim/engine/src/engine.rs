@@ -10,7 +10,8 @@ use kvm_ioctls::VmFd;
 use protocol::V4;
 use protocol::command::{Command, CommandKind};
 use protocol::error::ErrorCode;
-use protocol::event_reply::EventReplyData;
+use protocol::event::EventKind;
+use protocol::event_reply::{EventReply, EventReplyData};
 use protocol::masks::AllowedMasks;
 use protocol::reply::{CommandResult, GuestInfo, Reply, VersionInfo};
 use protocol::types::{Access, MapToken, VcpuSelector};
@@ -373,15 +374,32 @@ impl Introspector {
     }
 
     fn event_reply(&self, seq: u32, payload: &[u8]) -> Result<(), ChannelError> {
+        self.deliver_event_reply(seq, |kind| {
+            V4::decode_event_reply(kind, payload)
+                .map_err(|e| format!("bad reply to {kind:?} event {seq}: {e}"))
+        })
+    }
+
+    /// Delivers the tool's reply to the outstanding event `seq`: `decode` gets the event's
+    /// kind and returns the reply, or why it is malformed (a protocol error).
+    fn deliver_event_reply<'p>(
+        &self,
+        seq: u32,
+        decode: impl FnOnce(EventKind) -> Result<EventReply<'p>, String>,
+    ) -> Result<(), ChannelError> {
         for (i, slot) in self.slots.iter().enumerate() {
             let mut s = slot.lock();
             let kind = match s.exchange {
                 Exchange::Sent { seq: sent, kind } if sent == seq => kind,
                 _ => continue,
             };
-            let reply = V4::decode_event_reply(kind, payload).map_err(|e| {
-                ChannelError::Protocol(format!("bad reply to {kind:?} event {seq}: {e}"))
-            })?;
+            let reply = decode(kind).map_err(ChannelError::Protocol)?;
+            if reply.event != kind {
+                return Err(ChannelError::Protocol(format!(
+                    "reply to {kind:?} event {seq} answers a {:?} event",
+                    reply.event
+                )));
+            }
             let (new_val, ctx_data) = match reply.data {
                 EventReplyData::Msr { new_val } | EventReplyData::Cr { new_val } => {
                     (Some(new_val), Vec::new())
@@ -411,6 +429,79 @@ impl Introspector {
         Err(ChannelError::Protocol(format!(
             "reply to event seq {seq}, which is not outstanding"
         )))
+    }
+
+    /// Runs one command for the tool of `generation` and returns the encoded v4 reply
+    /// (what [`Introspector::handle_message`] would send). For transports that speak another
+    /// dialect and translate the reply (the libkvmi dialect, [`crate::libkvmi`]).
+    pub fn run_command(
+        &self,
+        generation: u64,
+        seq: u32,
+        command: &Command<'_>,
+    ) -> Result<Vec<u8>, ChannelError> {
+        if self.current_generation() != generation {
+            return Err(ChannelError::Detached);
+        }
+        self.link.lock().last_heard = Some(Instant::now());
+        Ok(self.command(seq, command))
+    }
+
+    /// Delivers a reply to the outstanding event `seq` from the tool of `generation`, as
+    /// [`Introspector::handle_message`] does for a v4 event reply. `decode` gets the event's
+    /// kind; its error, or a reply to another kind, is a protocol error.
+    pub fn answer_event<'p>(
+        &self,
+        generation: u64,
+        seq: u32,
+        decode: impl FnOnce(EventKind) -> Result<EventReply<'p>, String>,
+    ) -> Result<(), ChannelError> {
+        if self.current_generation() != generation {
+            return Err(ChannelError::Detached);
+        }
+        self.link.lock().last_heard = Some(Instant::now());
+        self.deliver_event_reply(seq, decode)
+    }
+
+    /// Records that the tool of `generation` sent something (for the reply timeout).
+    pub fn heard_from(&self, generation: u64) {
+        let mut link = self.link.lock();
+        if link.generation == generation {
+            link.last_heard = Some(Instant::now());
+        }
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// What the operator allows (`--allow-commands`, `--allow-events`), before the
+    /// intersection with what this host delivers ([`Introspector::masks`]).
+    pub fn operator_masks(&self) -> AllowedMasks {
+        self.config.allowed
+    }
+
+    /// True when `gpa..gpa+len` lies inside guest RAM.
+    pub fn ram_contains(&self, gpa: u64, len: u64) -> bool {
+        self.alias.contains(gpa, len)
+    }
+
+    /// Size of guest RAM in bytes (RAM is one range from guest-physical 0).
+    pub fn ram_size(&self) -> u64 {
+        self.alias.size()
+    }
+
+    /// Translates `gva` with the guest page tables rooted at `cr3` (see
+    /// [`crate::alias::translate`]).
+    pub fn translate(&self, cr0: u64, cr3: u64, gva: u64) -> Option<u64> {
+        super::alias::translate(&self.alias, cr0, cr3, gva)
+    }
+
+    /// Takes the next event sequence number (for events a transport raises itself, e.g.
+    /// the libkvmi UNHOOK).
+    pub fn next_event_seq(&self) -> u32 {
+        self.event_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     fn command(&self, seq: u32, command: &Command<'_>) -> Vec<u8> {

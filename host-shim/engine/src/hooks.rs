@@ -510,14 +510,25 @@ impl Introspector {
         self.finish(ctx)
     }
 
-    /// A guest INT3 (upstream `USE_SW_BP`: rip at the int3). CONTINUE re-injects #BP for the
-    /// guest's own handler; RETRY/SKIP re-enter at rip as the tool left it.
-    fn software_breakpoint(&self, ctx: &mut ExitContext<'_>, rip: u64) -> HookResult {
+    /// A guest INT3 with rip at the int3: upstream `USE_SW_BP` (`emulated` false), or on PVM
+    /// an INT3 in CPL0 code, which the emulator cannot run (`emulated` true). CONTINUE
+    /// re-injects #BP for the guest's own handler (on PVM with rip moved past the int3 first,
+    /// as the CPU leaves it for a trap); RETRY/SKIP re-enter at rip as the tool left it.
+    fn software_breakpoint(
+        &self,
+        ctx: &mut ExitContext<'_>,
+        rip: u64,
+        emulated: bool,
+    ) -> HookResult {
         let gpa = self.gva_to_gpa(ctx, rip).unwrap_or(u64::MAX);
         let answer = self.raise(ctx, EventPayload::Breakpoint { gpa }, false);
         match action_of(&answer).unwrap_or(Action::Continue) {
             Action::Crash => return self.crash(ctx, "BREAKPOINT"),
             Action::Continue => {
+                if emulated && ctx.regs().rip == rip {
+                    let regs = ctx.regs_mut();
+                    regs.rip = next_rip(regs.rip, 1);
+                }
                 let fd = ctx.vcpu_fd();
                 if let Ok(mut ev) = fd.get_vcpu_events() {
                     ev.exception.injected = 1;
@@ -532,6 +543,17 @@ impl Introspector {
             Action::Retry | Action::Skip => {}
         }
         self.finish(ctx)
+    }
+
+    /// Whether the instruction at rip (as the failed emulation fetched it, else as read from
+    /// guest memory) is INT3.
+    fn int3_at_rip(&self, ctx: &ExitContext<'_>, insn: &[u8]) -> bool {
+        if let Some(&first) = insn.first() {
+            return first == 0xcc;
+        }
+        let mut b = [0u8; 1];
+        self.gva_to_gpa(ctx, ctx.regs().rip)
+            .is_some_and(|gpa| self.alias.read(gpa, &mut b) && b[0] == 0xcc)
     }
 
     fn singlestep(&self, ctx: &mut ExitContext<'_>) -> HookResult {
@@ -646,7 +668,7 @@ impl ExitHook for Introspector {
     fn debug(&self, ctx: &mut ExitContext<'_>, ev: &DebugEvent) -> HookResult {
         let i = ctx.vcpu_index() as usize;
         if ev.exception == 3 && self.sw_breakpoints {
-            return self.software_breakpoint(ctx, ev.pc);
+            return self.software_breakpoint(ctx, ev.pc, false);
         }
         if ev.exception != 1 {
             return HookResult::Unhandled;
@@ -797,6 +819,11 @@ impl ExitHook for Introspector {
             leave_privileged_step(ctx, user);
             self.slots[i].lock().step.user_mode = None;
             return self.finish(ctx);
+        }
+        // PVM cannot emulate INT: an INT3 in CPL0 code (e.g. one a tool wrote) ends here.
+        if self.int3_at_rip(ctx, insn) && self.enabled(ctx, protocol::EventKind::Breakpoint) {
+            let rip = ctx.regs().rip;
+            return self.software_breakpoint(ctx, rip, true);
         }
         // The emulator fetched `insn` before it failed: up to the page end means the fetch
         // failed in the next page.

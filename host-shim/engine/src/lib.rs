@@ -72,6 +72,7 @@ pub mod decode;
 mod engine;
 pub mod fault;
 mod hooks;
+pub mod libkvmi;
 pub mod lock_order;
 pub mod masks;
 pub mod msr;
@@ -90,7 +91,7 @@ use std::time::Duration;
 use protocol::masks::AllowedMasks;
 
 pub use engine::{HW_BREAKPOINTS, Introspector, KVMI_VERSION, VCPU_COMMAND_TIMEOUT};
-pub use socket::{Endpoint, SocketServer};
+pub use socket::{Dialect, Endpoint, SocketServer};
 pub use transport::{Channel, ChannelError, ReplyWait, Route};
 
 use vmm::error::VmError;
@@ -192,6 +193,10 @@ pub struct IntrospectedVm {
     pub introspector: Arc<Introspector>,
     /// The socket server (listening or connecting).
     pub server: SocketServer,
+    /// libkvmi dialect: how long a tool has to close after UNHOOK (None: v4, no UNHOOK).
+    unhook_timeout: Option<Duration>,
+    /// When the VM was started.
+    started: std::time::Instant,
 }
 
 impl std::fmt::Debug for IntrospectedVm {
@@ -209,8 +214,31 @@ impl IntrospectedVm {
     }
 
     /// Waits for the run's end (see [`RunningVm::wait`]), then stops the socket server.
+    ///
+    /// libkvmi dialect: when the run is to end by `limits` (timeout, interrupt), the attached
+    /// tool gets the UNHOOK event first, while the VM still runs, and time to clean up and
+    /// close ([`SocketServer::unhook`]); when the guest ends by itself, UNHOOK follows.
     pub fn wait(self, limits: RunLimits) -> RunReport {
+        let mut unhooked = false;
+        if let Some(unhook_timeout) = self.unhook_timeout {
+            let handle = self.running.handle();
+            while !handle.has_ended() {
+                let timed_out = limits.timeout.is_some_and(|t| self.started.elapsed() >= t);
+                let interrupted = limits.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
+                if timed_out || interrupted {
+                    self.server.unhook(unhook_timeout);
+                    unhooked = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let report = self.running.wait(limits);
+        if let Some(unhook_timeout) = self.unhook_timeout
+            && !unhooked
+        {
+            self.server.unhook(unhook_timeout);
+        }
         self.server.stop();
         report
     }
@@ -220,16 +248,30 @@ impl IntrospectedVm {
 /// starts the VM and serves KVMI on `endpoint`. With `config.wait_for_tool` the vCPUs start
 /// only once a tool attached.
 pub fn start_introspected(
+    vm: Vm,
+    config: IntrospectorConfig,
+    endpoint: Endpoint,
+) -> Result<IntrospectedVm, IntrospectError> {
+    start_introspected_dialect(vm, config, endpoint, Dialect::V4)
+}
+
+/// [`start_introspected`] with the socket speaking `dialect`.
+pub fn start_introspected_dialect(
     mut vm: Vm,
     config: IntrospectorConfig,
     endpoint: Endpoint,
+    dialect: Dialect,
 ) -> Result<IntrospectedVm, IntrospectError> {
     let caps = vmm::probe::cached_capabilities().map_err(|e| IntrospectError::Io {
         what: "capability probe".into(),
         source: std::io::Error::other(e),
     })?;
+    let unhook_timeout = match &dialect {
+        Dialect::Libkvmi(c) => Some(c.unhook_timeout),
+        Dialect::V4 => None,
+    };
     let introspector = Introspector::install(&mut vm, caps, config)?;
-    let server = SocketServer::start(introspector.clone(), endpoint)?;
+    let server = SocketServer::start_dialect(introspector.clone(), endpoint, dialect)?;
     let running = vm.start()?;
     introspector.set_handle(running.handle());
     server.set_vm(running.handle());
@@ -237,6 +279,8 @@ pub fn start_introspected(
         running,
         introspector,
         server,
+        unhook_timeout,
+        started: std::time::Instant::now(),
     })
 }
 

@@ -49,6 +49,11 @@ pub const MSR_FILTER: Rank = Rank::new(60, "engine.msr_filter");
 pub const PAGER_MAPPED: Rank = Rank::new(65, "link.pager_mapped");
 /// The map-token store.
 pub const TOKENS: Rank = Rank::new(70, "engine.tokens");
+/// A libkvmi session's state (its event enables, reply switch, outstanding events): taken
+/// alone, copied out before the engine or the socket is called.
+pub const LIBKVMI_SESSION: Rank = Rank::new(90, "engine.libkvmi_session");
+/// The socket server's current libkvmi session (for UNHOOK).
+pub const SOCKET_SESSION: Rank = Rank::new(99, "engine.socket_session");
 /// The socket server's current connection.
 pub const SOCKET_CURRENT: Rank = Rank::new(100, "engine.socket_current");
 /// The socket server's thread handle.

@@ -47,11 +47,24 @@ use protocol::error::ErrorCode;
 use protocol::wire::WireProfile;
 
 use super::engine::error_message;
+use super::libkvmi::session::{self as libkvmi_session, LibkvmiChannel};
+use super::libkvmi::{LibkvmiConfig, handshake};
 use super::lock_order;
 use super::transport::{Channel, ChannelError, Route};
 use super::{IntrospectError, Introspector};
 use vmm::running::VmHandle;
 use vmm::sync::RankedMutex;
+
+/// The wire dialect of a KVMI socket: chosen per server, so per connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// This project's v4 dialect (no handshake).
+    #[default]
+    V4,
+    /// libkvmi's kvmi-v7 dialect: the VMM handshake first, then kvmi-v7 messages; the
+    /// UNHOOK event before the shim stops or detaches ([`SocketServer::unhook`]).
+    Libkvmi(LibkvmiConfig),
+}
 
 /// Where the KVMI socket is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -327,6 +340,7 @@ pub struct SocketServer {
     listening: bool,
     stop: Arc<AtomicBool>,
     vm: Arc<OnceLock<VmHandle>>,
+    shared: Arc<Shared>,
     current: Arc<RankedMutex<Option<UnixStream>>>,
     thread: RankedMutex<Option<JoinHandle<()>>>,
 }
@@ -353,11 +367,19 @@ struct Shared {
     current: Arc<RankedMutex<Option<UnixStream>>>,
     /// A connection was handed to the tool thread and its session has not ended.
     serving: AtomicBool,
+    /// The dialect every connection speaks.
+    dialect: Dialect,
+    /// The attached libkvmi session (to send it UNHOOK).
+    session: RankedMutex<Option<Arc<LibkvmiChannel>>>,
+    /// Set by [`SocketServer::unhook`]: no new session starts (no reconnect, no accept).
+    unhooking: AtomicBool,
 }
 
 impl Shared {
     fn running(&self) -> bool {
-        !self.stop.load(Ordering::SeqCst) && !self.vm.get().is_some_and(VmHandle::has_ended)
+        !self.stop.load(Ordering::SeqCst)
+            && !self.unhooking.load(Ordering::SeqCst)
+            && !self.vm.get().is_some_and(VmHandle::has_ended)
     }
 
     /// Sleeps `delay` in short steps; false if the server stopped meanwhile.
@@ -382,6 +404,15 @@ impl SocketServer {
     pub fn start(
         introspector: Arc<Introspector>,
         endpoint: Endpoint,
+    ) -> Result<SocketServer, IntrospectError> {
+        Self::start_dialect(introspector, endpoint, Dialect::V4)
+    }
+
+    /// [`SocketServer::start`] speaking `dialect`.
+    pub fn start_dialect(
+        introspector: Arc<Introspector>,
+        endpoint: Endpoint,
+        dialect: Dialect,
     ) -> Result<SocketServer, IntrospectError> {
         let path = endpoint.path().to_path_buf();
         let listener = match &endpoint {
@@ -413,7 +444,11 @@ impl SocketServer {
             vm: vm.clone(),
             current: current.clone(),
             serving: AtomicBool::new(false),
+            dialect,
+            session: RankedMutex::new(lock_order::SOCKET_SESSION, None),
+            unhooking: AtomicBool::new(false),
         });
+        let shared_out = shared.clone();
         let p = path.clone();
         let thread = std::thread::Builder::new()
             .name("kvmi-socket".into())
@@ -430,6 +465,7 @@ impl SocketServer {
             listening: matches!(endpoint, Endpoint::Listen(_)),
             stop,
             vm,
+            shared: shared_out,
             current,
             thread: RankedMutex::new(lock_order::SOCKET_THREAD, Some(thread)),
         })
@@ -443,6 +479,37 @@ impl SocketServer {
     /// Lets the server stop accepting once the VM has ended.
     pub fn set_vm(&self, handle: VmHandle) {
         let _ = self.vm.set(handle);
+    }
+
+    /// Before the shim stops: no new session starts, and an attached libkvmi tool that
+    /// enabled the UNHOOK event gets it and `timeout` to close its socket. Then (or at once,
+    /// for any other tool) the session ends and the engine removes every hook; the VM runs
+    /// on untouched. Returns whether the tool closed by itself.
+    pub fn unhook(&self, timeout: Duration) -> bool {
+        self.shared.unhooking.store(true, Ordering::SeqCst);
+        let session = self.shared.session.lock().clone();
+        let Some(session) = session else {
+            return false;
+        };
+        if !session.wants_unhook() {
+            return false;
+        }
+        let seq = self.shared.introspector.next_event_seq();
+        if let Err(e) = session.send_unhook(seq) {
+            tracing::warn!("KVMI: sending UNHOOK: {e}");
+            return false;
+        }
+        tracing::info!("KVMI: UNHOOK sent; waiting up to {timeout:?} for the tool to close");
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self.shared.session.lock().is_none() {
+                tracing::info!("KVMI: the tool closed after UNHOOK");
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!("KVMI: the tool did not close within {timeout:?} of UNHOOK; unhooking");
+        false
     }
 
     /// Closes the current connection, stops the threads and removes a listening socket file.
@@ -514,6 +581,11 @@ fn listen_loop(shared: &Arc<Shared>, listener: &UnixListener) {
                 tracing::debug!(
                     "KVMI: a tool is already attached; refusing another one ({refused})"
                 );
+            }
+            if matches!(shared.dialect, Dialect::Libkvmi(_)) {
+                // A libkvmi tool waits for the VMM's handshake: closing tells it at once.
+                let _ = stream.shutdown(Shutdown::Both);
+                continue;
             }
             match Refusal::new(stream) {
                 Some(r) if refusals.len() < MAX_REFUSING => refusals.push(r),
@@ -672,6 +744,9 @@ fn connect_loop(shared: &Shared, path: &Path) {
 
 /// Serves one connected tool until it detaches; whether it attached.
 fn serve_one(shared: &Shared, stream: UnixStream) -> bool {
+    if let Dialect::Libkvmi(config) = &shared.dialect {
+        return serve_libkvmi(shared, stream, config);
+    }
     let introspector = &shared.introspector;
     let (Ok(writer), Ok(control)) = (stream.try_clone(), stream.try_clone()) else {
         tracing::warn!("KVMI socket: cannot clone the stream");
@@ -692,6 +767,50 @@ fn serve_one(shared: &Shared, stream: UnixStream) -> bool {
         let _ = stream.shutdown(Shutdown::Both);
     }
     let reason = read_messages(introspector, generation, stream);
+    introspector.detach(generation, &reason);
+    *shared.current.lock() = None;
+    true
+}
+
+/// Serves one libkvmi tool: the handshake, then its session until it detaches; whether it
+/// attached.
+fn serve_libkvmi(shared: &Shared, mut stream: UnixStream, config: &LibkvmiConfig) -> bool {
+    let introspector = &shared.introspector;
+    let pending = match handshake::run(&mut stream, config) {
+        Ok(pending) => pending,
+        Err(e) => {
+            tracing::warn!("KVMI libkvmi handshake failed: {e}");
+            let _ = stream.shutdown(Shutdown::Both);
+            return false;
+        }
+    };
+    let (Ok(writer), Ok(control)) = (stream.try_clone(), stream.try_clone()) else {
+        tracing::warn!("KVMI socket: cannot clone the stream");
+        return false;
+    };
+    let socket = Arc::new(SocketChannel::new(
+        writer,
+        introspector.config.reply_timeout,
+    ));
+    let channel = Arc::new(LibkvmiChannel::new(socket, introspector));
+    let generation = match introspector.attach(channel.clone()) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!("KVMI attach refused: {e}");
+            let _ = stream.shutdown(Shutdown::Both);
+            return false;
+        }
+    };
+    channel.set_generation(generation);
+    *shared.current.lock() = Some(control);
+    *shared.session.lock() = Some(channel.clone());
+    if !shared.running() && !shared.unhooking.load(Ordering::SeqCst) {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    tracing::info!("libkvmi tool attached (handshake done)");
+    let reason =
+        libkvmi_session::read_messages(introspector, &channel, generation, stream, pending);
+    *shared.session.lock() = None;
     introspector.detach(generation, &reason);
     *shared.current.lock() = None;
     true

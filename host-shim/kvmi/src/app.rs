@@ -61,7 +61,7 @@ struct Cli {
 enum Command {
     /// Boot a guest image and run it until it exits (serial output on stdout by default).
     #[command(after_help = format!("{RUN_HELP}\n{EXIT_STATUS_HELP}"))]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Probe what this host's KVM delivers (breakpoints, single step, MSR filter, traps...).
     Caps {
         /// Print JSON instead of a table.
@@ -245,6 +245,10 @@ fn run(mut args: RunArgs) -> Result<u8> {
         None if host_agent => None,
         None => args.kvmi.setup()?,
     };
+    let dialect = args.kvmi.dialect(&name)?;
+    if dialect != kvmi_engine::Dialect::V4 && introspection.is_none() {
+        bail!("--kvmi-dialect libkvmi needs --kvmi-connect or --kvmi-socket (and no appliance)");
+    }
     let mut vm = Vm::new(config, &image).with_context(|| format!("building the VM for {name}"))?;
     vm.set_serial(serial);
     install_sigint();
@@ -257,7 +261,7 @@ fn run(mut args: RunArgs) -> Result<u8> {
         (None, _) if host_agent => args.appliance.run_host_socket(&args.kvmi, vm, limits)?,
         (None, introspection) => match introspection {
             Some((config, endpoint)) => {
-                kvmi_engine::start_introspected(vm, config, endpoint)?.wait(limits)
+                kvmi_engine::start_introspected_dialect(vm, config, endpoint, dialect)?.wait(limits)
             }
             None => vm.run(limits)?,
         },
@@ -335,7 +339,7 @@ pub fn main() -> ExitCode {
         },
     };
     let result = match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Caps { json } => caps(json),
         Command::Profile { image } => profile(&image),
         Command::ApplianceBench { mib, events } => appliance_bench(mib, events),
