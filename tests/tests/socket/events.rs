@@ -317,6 +317,61 @@ fn injected_exception_reaches_the_guest_handler_and_raises_a_trap_event() {
 }
 
 #[test]
+fn retry_to_create_vcpu_or_trap_is_a_protocol_error_that_detaches_the_tool() {
+    if !kvmi_tests::require_kvm(
+        "retry_to_create_vcpu_or_trap_is_a_protocol_error_that_detaches_the_tool",
+    ) {
+        return;
+    }
+    // The v4 text: CREATE_VCPU and TRAP accept CONTINUE and CRASH only. The client refuses
+    // to encode RETRY for them, so the reply is written raw: header {id 24, size 8, seq},
+    // then {action RETRY = 1 << 1, pad}.
+    let retry = |seq: u32| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&24u16.to_le_bytes());
+        b.extend_from_slice(&8u16.to_le_bytes());
+        b.extend_from_slice(&seq.to_le_bytes());
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b
+    };
+    // CREATE_VCPU (--kvmi-wait holds the vCPU until its event is answered).
+    let mut t = Target::start(Image::TestGuest, "mode=hello", &["--kvmi-wait"]);
+    let c = t.attach();
+    let ev = expect_event(&c, EventKind::CreateVcpu, &t);
+    c.send_raw(&retry(ev.seq)).unwrap();
+    assert!(
+        c.wait_closed(Duration::from_secs(10)),
+        "RETRY to CREATE_VCPU was accepted"
+    );
+    // Detached and unhooked: the vCPU starts and runs.
+    t.assert_clean_exit(EXIT_WAIT, "hello from vcpu 0");
+    // TRAP (after INJECT_EXCEPTION).
+    let mut t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    assert!(
+        t.wait_serial("spinning", Duration::from_secs(20)),
+        "{}",
+        t.serial()
+    );
+    c.control_events(0, only(EventKind::Trap)).unwrap();
+    c.inject_exception(0, 14, Some(0x2), 0xdead_b000).unwrap();
+    let ev = expect_event(&c, EventKind::Trap, &t);
+    c.send_raw(&retry(ev.seq)).unwrap();
+    assert!(
+        c.wait_closed(Duration::from_secs(10)),
+        "RETRY to TRAP was accepted"
+    );
+    // The guest takes the exception: its handler reports it and exits (0x10e clamps to 255).
+    assert_eq!(t.wait_exit(EXIT_WAIT), Some(255), "stderr: {}", t.stderr());
+    assert!(
+        t.serial().contains("EXCEPTION vector=14 err=0x2"),
+        "{}",
+        t.serial()
+    );
+}
+
+#[test]
 fn crash_action_ends_the_vm_with_a_clear_status() {
     if !kvmi_tests::require_kvm("crash_action_ends_the_vm_with_a_clear_status") {
         return;
