@@ -259,18 +259,26 @@ fn agent_call_without_an_event_leaves_rax_untouched() {
     if !kvmi_tests::require_kvm("agent_call_without_an_event_leaves_rax_untouched") {
         return;
     }
-    // No tool attached: no HYPERCALL event is delivered, so RAX keeps the call number.
-    let mut t = Target::start(Image::TestGuest, "mode=hypercall nr=34", &[]);
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    let serial = t.serial();
-    assert!(
-        serial.contains("hypercall nr=34 cpl=0 rax=0x22\n"),
-        "{serial}"
-    );
-    assert!(
-        serial.contains("hypercall nr=34 cpl=3 rax=0x22\n"),
-        "{serial}"
-    );
+    // No tool attached (no gate), or a tool attached that has not enabled the HYPERCALL
+    // event: no event is delivered, so RAX keeps the call number.
+    for cmdline in ["mode=hypercall nr=34", "mode=hypercall nr=34 gate=1"] {
+        let mut t = Target::start(Image::TestGuest, cmdline, &[]);
+        let _tool = cmdline.contains("gate").then(|| {
+            let c = t.attach();
+            t.open_gate(&c);
+            c
+        });
+        assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
+        let serial = t.serial();
+        assert!(
+            serial.contains("hypercall nr=34 cpl=0 rax=0x22\n"),
+            "{cmdline}: {serial}"
+        );
+        assert!(
+            serial.contains("hypercall nr=34 cpl=3 rax=0x22\n"),
+            "{cmdline}: {serial}"
+        );
+    }
 }
 
 #[test]
