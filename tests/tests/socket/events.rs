@@ -650,6 +650,69 @@ fn read_restriction_raises_a_read_event_and_allow_returns_the_context_data() {
 }
 
 #[test]
+fn set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_destination() {
+    if !kvmi_tests::require_kvm(
+        "set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_destination",
+    ) {
+        return;
+    }
+    // Each read: R12 = 0, RAX = 0xa1, then `mov rax, [word i]` (the load does not write R12).
+    let mut t = Target::start(Image::TestGuest, "mode=mem-read-regs n=4 gate=1", &[]);
+    let c = t.attach();
+    let page = t.sym("scratch_page");
+    for (i, word) in [5u64, 7, 9, 11].into_iter().enumerate() {
+        c.write_physical(page + 8 * i as u64, &word.to_le_bytes())
+            .unwrap();
+    }
+    c.control_events(0, only(EventKind::PageFault)).unwrap();
+    set_access(&c, page, Access::NONE);
+    t.open_gate(&c);
+    // `set`: the registers SET_REGISTERS changes before the reply (None: no SET_REGISTERS).
+    let answer = |action, set: Option<(Option<u64>, u64)>, ctx: &[u8]| {
+        let ev = expect_event(&c, EventKind::PageFault, &t);
+        if let Some((rax, r12)) = set {
+            let mut regs = c.get_registers(0, &[]).unwrap().regs;
+            assert_eq!(regs.rax.get(), 0xa1, "RAX before the load");
+            assert_eq!(regs.r12.get(), 0, "R12 before the load");
+            if let Some(rax) = rax {
+                regs.rax = U64::new(rax);
+            }
+            regs.r12 = U64::new(r12);
+            c.set_registers(0, &regs).unwrap();
+        }
+        let reply = PageFaultReply {
+            trap_access: false,
+            ctx_data: ctx,
+        };
+        c.reply(&ev, action, EventReplyData::PageFault(reply))
+            .unwrap();
+    };
+    // CONTINUE after a SET_REGISTERS that changes only R12: R12 keeps the tool's value, and
+    // the load's destination keeps the registers' value (0xa1), not memory's 5.
+    answer(Action::Continue, Some((None, 0x1234)), &[]);
+    // SKIP after setting RAX: the tool's RAX stays; the zeros do not overwrite it.
+    answer(Action::Skip, Some((Some(0xbeef), 0x77)), &[]);
+    // CONTINUE with ctx_data after setting RAX: the tool's RAX stays, ctx_data goes nowhere.
+    answer(
+        Action::Continue,
+        Some((Some(0xc0de), 0x88)),
+        &0x42u64.to_le_bytes(),
+    );
+    // Without SET_REGISTERS the load completes as usual (memory's 11).
+    answer(Action::Continue, None, &[]);
+    t.assert_clean_exit(EXIT_WAIT, "mem-read-regs i=3 ");
+    let serial = t.serial();
+    for line in [
+        "mem-read-regs i=0 rax=0xa1 r12=0x1234\n",
+        "mem-read-regs i=1 rax=0xbeef r12=0x77\n",
+        "mem-read-regs i=2 rax=0xc0de r12=0x88\n",
+        "mem-read-regs i=3 rax=0xb r12=0x0\n",
+    ] {
+        assert!(serial.contains(line), "{line:?} not in {serial}");
+    }
+}
+
+#[test]
 fn exec_restriction_raises_a_fetch_event_at_the_function() {
     if !kvmi_tests::require_kvm("exec_restriction_raises_a_fetch_event_at_the_function") {
         return;
