@@ -18,7 +18,13 @@ use protocol::event_reply::{Action, EventReply, EventReplyData};
 use protocol::list::List;
 use protocol::types::{Access, PageAccessEntry, VcpuSelector};
 use protocol::wire::WireProfile;
+use protocol::wire::libkvmi::event_layout::EventCommon;
+use protocol::wire::libkvmi::frame::{Request, encode_request};
+use protocol::wire::libkvmi::layout::PageAccessEntry as KvmiPageAccessEntry;
+use protocol::wire::libkvmi::{MAX_MSG_SIZE, actions, events, host, ids};
 use protocol::wire::v4::V4;
+use zerocopy::FromZeros;
+use zerocopy::little_endian::{U16, U32, U64};
 
 type Seeds = Vec<(&'static str, Vec<u8>)>;
 
@@ -84,6 +90,120 @@ fn protocol_decode() -> Seeds {
     let mut buf = vec![0u8; V4::event_reply_len(&reply).expect("length")];
     V4::encode_event_reply(9, &reply, &mut buf).expect("encode");
     seeds.push(("event-reply-pf", buf));
+    seeds
+}
+
+/// `pending ‖ stream`: the tool's handshake answer, then its requests (seq 1, 2, …).
+fn libkvmi_decode() -> Seeds {
+    // libkvmi's answer: struct_size 24, then the cookie hash (SHA-1 of an empty secret).
+    let mut answer = 24u32.to_le_bytes().to_vec();
+    answer.extend_from_slice(&[
+        0xda, 0x39, 0xa3, 0xee, 0x5e, 0x6b, 0x4b, 0x0d, 0x32, 0x55, 0xbf, 0xef, 0x95, 0x60, 0x18,
+        0x90, 0xaf, 0xd8, 0x07, 0x09,
+    ]);
+    let msrs: Vec<U32> = [0x174u32, 0x175, 0x176]
+        .into_iter()
+        .chain(0xc000_0080..=0xc000_0083)
+        .map(U32::new)
+        .collect();
+    // PF reply: 8 bytes of emulation context at ctx_addr.
+    let mut pf = vec![0u8; 272];
+    pf[..8].copy_from_slice(&0xffff_8000_0010_2000u64.to_le_bytes());
+    pf[8..12].copy_from_slice(&8u32.to_le_bytes());
+    pf[16..24].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+    // The largest message: SET_PAGE_ACCESS with 511 entries is 8184 payload bytes (it also
+    // lifts libFuzzer's default input size limit above one message).
+    let entries: Vec<KvmiPageAccessEntry> = (0..511u64)
+        .map(|i| KvmiPageAccessEntry {
+            gpa: U64::new(0x10_0000 + i * 0x1000),
+            access: (i % 8) as u8,
+            padding1: 0,
+            padding2: U16::new(0),
+            padding3: U32::new(0),
+        })
+        .collect();
+    let cmd_response = |enable, now| Request::ControlCmdResponse {
+        enable,
+        now,
+        flags: 0,
+    };
+    let sessions: Vec<(&str, Vec<Request<'_>>)> = vec![
+        ("get-version", vec![Request::GetVersion]),
+        (
+            "pause-batch",
+            vec![
+                cmd_response(false, true),
+                Request::PauseVcpu {
+                    vcpu: 0,
+                    wait: false,
+                },
+                Request::PauseVcpu {
+                    vcpu: 1,
+                    wait: true,
+                },
+                cmd_response(true, true),
+            ],
+        ),
+        (
+            "get-registers",
+            vec![Request::GetRegisters {
+                vcpu: 0,
+                msrs: &msrs,
+            }],
+        ),
+        (
+            "read-physical",
+            vec![Request::ReadPhysical {
+                gpa: 0x12_3000,
+                size: 4096,
+            }],
+        ),
+        (
+            "event-reply-pf",
+            vec![Request::EventReply {
+                vcpu: 0,
+                action: actions::CONTINUE,
+                event: events::PF,
+                data: &pf,
+            }],
+        ),
+        (
+            "set-page-access-max",
+            vec![Request::SetPageAccess {
+                view: 0,
+                entries: &entries,
+            }],
+        ),
+    ];
+    let mut seeds = Seeds::new();
+    let mut all = vec![events::PF];
+    all.extend_from_slice(&answer);
+    for (name, requests) in sessions {
+        let mut seed = vec![events::PF];
+        seed.extend_from_slice(&answer);
+        for (seq, request) in (1u32..).zip(&requests) {
+            let mut buf = vec![0u8; MAX_MSG_SIZE];
+            let n = encode_request(seq, request, &mut buf).expect("encode");
+            seed.extend_from_slice(&buf[..n]);
+            all.extend_from_slice(&buf[..n]);
+        }
+        seeds.push((name, seed));
+    }
+    seeds.push(("session", all));
+    // The tool side: a PF event and a reply to GET_VERSION, as a VMM sends them.
+    let mut common = EventCommon::new_zeroed();
+    common.event = events::PF;
+    common.mode = 8;
+    let mut vmm = vec![events::PF];
+    let mut buf = vec![0u8; MAX_MSG_SIZE];
+    let n = host::encode_event(5, &common, &[0u8; 24], &mut buf).expect("encode event");
+    vmm.extend_from_slice(&buf[..n]);
+    // GET_VERSION's reply: version 1, padding, no features.
+    let mut version = [0u8; 16];
+    version[0] = 1;
+    let n = host::encode_reply(ids::GET_VERSION, 1, &version, &mut buf).expect("encode reply");
+    vmm.extend_from_slice(&buf[..n]);
+    seeds.push(("vmm-event-and-reply", vmm));
     seeds
 }
 
@@ -618,4 +738,5 @@ fn main() {
     write(&root, "page_walk", page_walk());
     write(&root, "task_table", task_table());
     write(&root, "pager_calls", pager_calls());
+    write(&root, "libkvmi_decode", libkvmi_decode());
 }

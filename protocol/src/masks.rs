@@ -32,6 +32,21 @@ impl AllowedMasks {
         }
     }
 
+    /// What is always allowed, whatever the host and the operator say: the `GET_VERSION`
+    /// command and the `PAUSE_VCPU` event. Masks offered to a tool carry these bits.
+    pub fn always() -> AllowedMasks {
+        Self::from_kinds([CommandKind::GetVersion], [EventKind::PauseVcpu])
+    }
+
+    /// These masks with the [`always`](Self::always) allowed bits added.
+    pub fn with_always_allowed(self) -> AllowedMasks {
+        let always = Self::always();
+        AllowedMasks {
+            commands: self.commands | always.commands,
+            events: self.events | always.events,
+        }
+    }
+
     /// Masks allowing exactly the given commands and events.
     pub fn from_kinds(
         commands: impl IntoIterator<Item = CommandKind>,
@@ -113,6 +128,22 @@ mod tests {
         let err = masks.check_command(CommandKind::ReadPhysical).unwrap_err();
         assert_eq!(err.code(), -1);
         assert_eq!(masks.check_event(EventKind::Cr).unwrap_err().code(), -1);
+    }
+
+    #[test]
+    fn always_allowed_bits_are_get_version_and_the_pause_event() {
+        let always = AllowedMasks::always();
+        assert_eq!(always.commands, 1 << 0, "GET_VERSION is command 1: bit 0");
+        assert_eq!(always.events, 1 << 10, "PAUSE_VCPU is event bit 1<<10");
+        assert_eq!(AllowedMasks::default().with_always_allowed(), always);
+        let some = AllowedMasks::from_kinds([CommandKind::ReadPhysical], [EventKind::Msr]);
+        let with = some.with_always_allowed();
+        assert_eq!(with.commands, some.commands | always.commands);
+        assert_eq!(with.events, some.events | always.events);
+        assert_eq!(
+            AllowedMasks::all().with_always_allowed(),
+            AllowedMasks::all()
+        );
     }
 
     #[test]

@@ -374,6 +374,15 @@ mod tests {
         Access::from_bits(bits).unwrap()
     }
 
+    #[test]
+    fn write_without_read_is_not_a_valid_access() {
+        for bits in 0..8 {
+            let valid = access_is_valid(a(bits));
+            // -w- (W) and -wx (W|X) are refused; every other combination is accepted.
+            assert_eq!(valid, bits != 2 && bits != 6, "access {bits:#05b}");
+        }
+    }
+
     fn ok(_: ProtChange) -> Result<(), String> {
         Ok(())
     }

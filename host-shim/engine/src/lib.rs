@@ -20,7 +20,14 @@
 //!   instruction): CONTINUE writes the data, SKIP and RETRY drop it (the page is unchanged),
 //!   CRASH stops the VM. PF read of a read-protected page: CONTINUE returns memory, or the
 //!   reply's `ctx_data` (then memory) when `ctx_size > 0`; RETRY returns memory; SKIP returns
-//!   ctx_data or zeros. PF exec (PVM emulation failure in a no-exec page, gva = rip; for an
+//!   ctx_data or zeros. KVM completes the read (the emulated instruction) on the next entry,
+//!   after the reply; a SET_REGISTERS sent while the read event waits changes that (PVM,
+//!   measured): the tool's registers all survive, and the read's data (memory, ctx_data or
+//!   zeros) does not reach the instruction's destination register, which keeps the value the
+//!   registers held (the tool's, or the one it left, as at the event); rip still moves past
+//!   the instruction. Without SET_REGISTERS the destination gets the data (test:
+//!   `set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_destination`).
+//!   PF exec (PVM emulation failure in a no-exec page, gva = rip; for an
 //!   instruction that runs into a second no-exec page, a second event with gva = that page's
 //!   first byte): CONTINUE single-steps the instruction with the page(s) unprotected, then
 //!   re-protects; RETRY/SKIP re-enter as is (the tool moved rip or changed access, else it

@@ -36,6 +36,7 @@ fn main(boot: Boot) -> ! {
         b"msr" => probes::msr(boot),
         b"mem-write" => probes::mem_write(boot),
         b"mem-read" => probes::mem_read(boot),
+        b"mem-read-regs" => probes::mem_read_regs(boot),
         b"breakpoint" => probes::breakpoint(boot),
         b"spin" => probes::spin(),
         b"cycle" => probes::cycle(boot),

@@ -88,6 +88,34 @@ pub fn mem_read(boot: Boot) -> ! {
     finish(&boot)
 }
 
+/// `mode=mem-read-regs n=<count>` (default 2): read `i` (from 0) sets R12 = 0 and
+/// RAX = 0xa1, then loads word `i % 512` of the scratch page with one `mov rax, [word]` (which
+/// does not touch R12); prints `mem-read-regs i=.. rax=0x.. r12=0x..` after each; exit 0. A
+/// tool that traps the load (page access) sees what the completed load leaves in RAX and R12.
+pub fn mem_read_regs(boot: Boot) -> ! {
+    let count = boot.arg_u64_or_exit("n").unwrap_or(2);
+    let page = (&raw const SCRATCH_PAGE).cast::<u64>();
+    for i in 0..count {
+        // SAFETY: as in `mem_write`: the index stays inside the page.
+        let word = unsafe { page.add((i % 512) as usize) };
+        let (rax, r12): (u64, u64);
+        // SAFETY: reads one word of the scratch page; RAX and R12 are declared outputs.
+        unsafe {
+            core::arch::asm!(
+                "xor r12d, r12d",
+                "mov eax, 0xa1",
+                "mov rax, [{word}]",
+                word = in(reg) word,
+                out("rax") rax,
+                out("r12") r12,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        println!("mem-read-regs i={i} rax={rax:#x} r12={r12:#x}");
+    }
+    finish(&boot)
+}
+
 /// `mode=breakpoint n=<count>` (default 3): calls `breakpoint_target` n times; prints
 /// `breakpoint calls=.. result=..`; exit 0.
 pub fn breakpoint(boot: Boot) -> ! {

@@ -259,18 +259,26 @@ fn agent_call_without_an_event_leaves_rax_untouched() {
     if !kvmi_tests::require_kvm("agent_call_without_an_event_leaves_rax_untouched") {
         return;
     }
-    // No tool attached: no HYPERCALL event is delivered, so RAX keeps the call number.
-    let mut t = Target::start(Image::TestGuest, "mode=hypercall nr=34", &[]);
-    assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
-    let serial = t.serial();
-    assert!(
-        serial.contains("hypercall nr=34 cpl=0 rax=0x22\n"),
-        "{serial}"
-    );
-    assert!(
-        serial.contains("hypercall nr=34 cpl=3 rax=0x22\n"),
-        "{serial}"
-    );
+    // No tool attached (no gate), or a tool attached that has not enabled the HYPERCALL
+    // event: no event is delivered, so RAX keeps the call number.
+    for cmdline in ["mode=hypercall nr=34", "mode=hypercall nr=34 gate=1"] {
+        let mut t = Target::start(Image::TestGuest, cmdline, &[]);
+        let _tool = cmdline.contains("gate").then(|| {
+            let c = t.attach();
+            t.open_gate(&c);
+            c
+        });
+        assert_eq!(t.wait_exit(EXIT_WAIT), Some(0), "stderr: {}", t.stderr());
+        let serial = t.serial();
+        assert!(
+            serial.contains("hypercall nr=34 cpl=0 rax=0x22\n"),
+            "{cmdline}: {serial}"
+        );
+        assert!(
+            serial.contains("hypercall nr=34 cpl=3 rax=0x22\n"),
+            "{cmdline}: {serial}"
+        );
+    }
 }
 
 #[test]
@@ -313,6 +321,61 @@ fn injected_exception_reaches_the_guest_handler_and_raises_a_trap_event() {
         Some(255),
         "0x10e clamps to 255; stderr: {}",
         t.stderr()
+    );
+}
+
+#[test]
+fn retry_to_create_vcpu_or_trap_is_a_protocol_error_that_detaches_the_tool() {
+    if !kvmi_tests::require_kvm(
+        "retry_to_create_vcpu_or_trap_is_a_protocol_error_that_detaches_the_tool",
+    ) {
+        return;
+    }
+    // The v4 text: CREATE_VCPU and TRAP accept CONTINUE and CRASH only. The client refuses
+    // to encode RETRY for them, so the reply is written raw: header {id 24, size 8, seq},
+    // then {action RETRY = 1 << 1, pad}.
+    let retry = |seq: u32| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&24u16.to_le_bytes());
+        b.extend_from_slice(&8u16.to_le_bytes());
+        b.extend_from_slice(&seq.to_le_bytes());
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b
+    };
+    // CREATE_VCPU (--kvmi-wait holds the vCPU until its event is answered).
+    let mut t = Target::start(Image::TestGuest, "mode=hello", &["--kvmi-wait"]);
+    let c = t.attach();
+    let ev = expect_event(&c, EventKind::CreateVcpu, &t);
+    c.send_raw(&retry(ev.seq)).unwrap();
+    assert!(
+        c.wait_closed(Duration::from_secs(10)),
+        "RETRY to CREATE_VCPU was accepted"
+    );
+    // Detached and unhooked: the vCPU starts and runs.
+    t.assert_clean_exit(EXIT_WAIT, "hello from vcpu 0");
+    // TRAP (after INJECT_EXCEPTION).
+    let mut t = Target::start(Image::TestGuest, "mode=spin", &[]);
+    let c = t.attach();
+    assert!(
+        t.wait_serial("spinning", Duration::from_secs(20)),
+        "{}",
+        t.serial()
+    );
+    c.control_events(0, only(EventKind::Trap)).unwrap();
+    c.inject_exception(0, 14, Some(0x2), 0xdead_b000).unwrap();
+    let ev = expect_event(&c, EventKind::Trap, &t);
+    c.send_raw(&retry(ev.seq)).unwrap();
+    assert!(
+        c.wait_closed(Duration::from_secs(10)),
+        "RETRY to TRAP was accepted"
+    );
+    // The guest takes the exception: its handler reports it and exits (0x10e clamps to 255).
+    assert_eq!(t.wait_exit(EXIT_WAIT), Some(255), "stderr: {}", t.stderr());
+    assert!(
+        t.serial().contains("EXCEPTION vector=14 err=0x2"),
+        "{}",
+        t.serial()
     );
 }
 
@@ -584,6 +647,69 @@ fn read_restriction_raises_a_read_event_and_allow_returns_the_context_data() {
     )
     .unwrap();
     t.assert_clean_exit(EXIT_WAIT, "mem-read n=2 sum=0x107");
+}
+
+#[test]
+fn set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_destination() {
+    if !kvmi_tests::require_kvm(
+        "set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_destination",
+    ) {
+        return;
+    }
+    // Each read: R12 = 0, RAX = 0xa1, then `mov rax, [word i]` (the load does not write R12).
+    let mut t = Target::start(Image::TestGuest, "mode=mem-read-regs n=4 gate=1", &[]);
+    let c = t.attach();
+    let page = t.sym("scratch_page");
+    for (i, word) in [5u64, 7, 9, 11].into_iter().enumerate() {
+        c.write_physical(page + 8 * i as u64, &word.to_le_bytes())
+            .unwrap();
+    }
+    c.control_events(0, only(EventKind::PageFault)).unwrap();
+    set_access(&c, page, Access::NONE);
+    t.open_gate(&c);
+    // `set`: the registers SET_REGISTERS changes before the reply (None: no SET_REGISTERS).
+    let answer = |action, set: Option<(Option<u64>, u64)>, ctx: &[u8]| {
+        let ev = expect_event(&c, EventKind::PageFault, &t);
+        if let Some((rax, r12)) = set {
+            let mut regs = c.get_registers(0, &[]).unwrap().regs;
+            assert_eq!(regs.rax.get(), 0xa1, "RAX before the load");
+            assert_eq!(regs.r12.get(), 0, "R12 before the load");
+            if let Some(rax) = rax {
+                regs.rax = U64::new(rax);
+            }
+            regs.r12 = U64::new(r12);
+            c.set_registers(0, &regs).unwrap();
+        }
+        let reply = PageFaultReply {
+            trap_access: false,
+            ctx_data: ctx,
+        };
+        c.reply(&ev, action, EventReplyData::PageFault(reply))
+            .unwrap();
+    };
+    // CONTINUE after a SET_REGISTERS that changes only R12: R12 keeps the tool's value, and
+    // the load's destination keeps the registers' value (0xa1), not memory's 5.
+    answer(Action::Continue, Some((None, 0x1234)), &[]);
+    // SKIP after setting RAX: the tool's RAX stays; the zeros do not overwrite it.
+    answer(Action::Skip, Some((Some(0xbeef), 0x77)), &[]);
+    // CONTINUE with ctx_data after setting RAX: the tool's RAX stays, ctx_data goes nowhere.
+    answer(
+        Action::Continue,
+        Some((Some(0xc0de), 0x88)),
+        &0x42u64.to_le_bytes(),
+    );
+    // Without SET_REGISTERS the load completes as usual (memory's 11).
+    answer(Action::Continue, None, &[]);
+    t.assert_clean_exit(EXIT_WAIT, "mem-read-regs i=3 ");
+    let serial = t.serial();
+    for line in [
+        "mem-read-regs i=0 rax=0xa1 r12=0x1234\n",
+        "mem-read-regs i=1 rax=0xbeef r12=0x77\n",
+        "mem-read-regs i=2 rax=0xc0de r12=0x88\n",
+        "mem-read-regs i=3 rax=0xb r12=0x0\n",
+    ] {
+        assert!(serial.contains(line), "{line:?} not in {serial}");
+    }
 }
 
 #[test]
