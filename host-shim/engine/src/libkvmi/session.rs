@@ -56,6 +56,9 @@ struct State {
     enabled: Vec<u16>,
     /// Per vCPU: VCPU_CONTROL_SINGLESTEP is on.
     stepping: Vec<bool>,
+    /// Per vCPU: the engine has this session's event set (else it raises nothing for it,
+    /// TRAP included).
+    synced: Vec<bool>,
     /// The VM events the tool enabled (bit = ID: UNHOOK, CREATE_VCPU).
     vm_events: u16,
     /// Per vCPU: the event it waits for an answer to.
@@ -89,6 +92,7 @@ impl LibkvmiChannel {
                 State {
                     enabled: vec![0; n],
                     stepping: vec![false; n],
+                    synced: vec![false; n],
                     vm_events: 0,
                     outstanding: vec![None; n],
                     replies_on: true,
@@ -134,14 +138,16 @@ impl LibkvmiChannel {
     }
 
     /// The v4 event set the engine should raise for `vcpu`: what the tool enabled that this
-    /// host can deliver, SINGLESTEP only while stepping is on.
+    /// host can deliver, SINGLESTEP only while stepping is on, and TRAP.
     fn engine_set(state: &State, vcpu: usize, masks: protocol::masks::AllowedMasks) -> EventSet {
         let mut set = EventSet::EMPTY;
         for kind in EventKind::ALL {
             let id = translate::event_id(kind);
             let on = match kind {
                 EventKind::Singlestep => state.enabled[vcpu] & bit(id) != 0 && state.stepping[vcpu],
-                EventKind::PauseVcpu | EventKind::Trap | EventKind::CreateVcpu => false,
+                // Always on in kvmi-v7: it answers the tool's own INJECT_EXCEPTION.
+                EventKind::Trap => true,
+                EventKind::PauseVcpu | EventKind::CreateVcpu => false,
                 _ => state.enabled[vcpu] & bit(id) != 0,
             };
             if on && masks.allows_event(kind) {
@@ -530,6 +536,12 @@ impl Session<'_> {
                 error_code,
                 address,
             } => {
+                // TRAP is always on: make sure the engine raises it for this vCPU.
+                if self.vcpu_ok(vcpu)
+                    && !self.channel.state.lock().synced[usize::from(vcpu)]
+                {
+                    self.update_events(id, seq, vcpu, |_| {})?;
+                }
                 let error_code = if has_error_code(nr) {
                     match u16::try_from(error_code) {
                         Ok(c) => Some(c),
@@ -624,8 +636,10 @@ impl Session<'_> {
         };
         let command = Command::ControlEvents { vcpu, events: set };
         let reply = self.engine(id, seq, &command)?;
-        if reply_error(&reply) != 0 {
-            let mut s = self.channel.state.lock();
+        let mut s = self.channel.state.lock();
+        if reply_error(&reply) == 0 {
+            s.synced[v] = true;
+        } else {
             (s.enabled[v], s.stepping[v]) = before;
         }
         Ok(reply)
