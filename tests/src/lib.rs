@@ -9,11 +9,14 @@
 //!   the `kvmi` command with a KVMI socket and attaches a client.
 //! - [`kvmi_bin`] is the `kvmi` command under test (this package builds it as its example
 //!   `kvmi`, from the same `kvmi::app::main`).
+//! - [`libkvmi_peer`] is a libkvmi stand-in: the tool side of the libkvmi (`kvmi-v7`) dialect,
+//!   byte for byte as libkvmi 1.1 behaves, for the shim's `--kvmi-dialect libkvmi`.
 //! - [`hostile`] is a misbehaving tool in a child process (the example `hostile_tool`) that a
 //!   test can make stop reading, fill the socket, stop (SIGSTOP), resume and kill.
 
 pub mod common;
 pub mod hostile;
+pub mod libkvmi_peer;
 pub mod socket_target;
 pub mod wait;
 

@@ -80,7 +80,8 @@ enum Command {
         /// MiB of target memory to read (1..=256).
         #[arg(long, default_value_t = 64)]
         mib: u64,
-        /// Events per path for the event round trip (rings, socket, raw floor; 0 = skip).
+        /// Events per path for the event round trip (rings, socket in the v4 and libkvmi
+        /// dialects, raw floor; 0 = skip).
         #[arg(long, default_value_t = 2000)]
         events: u64,
     },
@@ -314,6 +315,7 @@ fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
         let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
         let figures = crate::bench::events::run(&image, &appliance, events, page, gate)?;
         print!("{}", figures.table());
+        println!("{}", figures.json_line());
     }
     Ok(0)
 }

@@ -72,8 +72,11 @@ fn the_event_bench_measures_floor_appliance_rings_and_socket() {
         ("appliance_mean", f.appliance_mean),
         ("rings", f.rings),
         ("socket", f.socket),
+        ("libkvmi", f.libkvmi),
     ] {
         assert!(!d.is_zero(), "{name} measured: {f:?}");
     }
     assert!(f.table().contains("socket / rings (appliance VM)"));
+    assert!(f.table().contains("libkvmi / socket (v4)"));
+    assert!(f.json_line().contains("\"libkvmi_over_socket\""));
 }

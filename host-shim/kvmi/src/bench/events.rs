@@ -1,5 +1,5 @@
 //! Event round trips through the rings against the socket and the raw exit floor, in one
-//! run. All four paths run the same test-guest loop, `mode=mem-write n=N gate=1`
+//! run. All five paths run the same test-guest loop, `mode=mem-write n=N gate=1`
 //! (N word writes to a write-protected scratch page), and each sample is the time between
 //! two consecutive exits (so it includes the guest's loop body and every cost of one round
 //! trip):
@@ -9,11 +9,18 @@
 //!   polling its event ring) — the path `kvmi run --appliance` uses;
 //! - **rings**: the same transport answered by an agent thread of this process polling the
 //!   shared ring region (the transport's cost without the appliance VM);
-//! - **socket**: the same introspector over the KVMI unix socket, answered by [`KvmiClient`].
+//! - **socket**: the same introspector over the KVMI unix socket, answered by [`KvmiClient`];
+//! - **libkvmi**: the same introspector over the unix socket in the libkvmi (kvmi-v7)
+//!   dialect, the shim connecting to a listener of this process (`Endpoint::Connect`), answered
+//!   by a minimal libkvmi-style tool thread ([`LibkvmiTool`]): handshake, GET_VERSION,
+//!   CONTROL_EVENTS, SET_PAGE_ACCESS, WRITE_PHYSICAL of the gate, then each PF event answered
+//!   CONTINUE with its 272-byte reply. Its ratio to **socket** is the dialect's own cost.
 //!
 //! Every path must see exactly N exits (or events) per round, or the run fails naming the
 //! path and both counts: a ratio against a floor that saw nothing would mean nothing.
 
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,16 +30,29 @@ use protocol::V4;
 use protocol::command::Command;
 use protocol::event::{EventKind, EventSet};
 use protocol::event_reply::{Action, EventReply, EventReplyData};
+use protocol::frame::{HEADER_SIZE, Header};
 use protocol::list::List;
 use protocol::types::{Access, PageAccessEntry};
+use protocol::wire::libkvmi::frame::{Request, encode_request};
+use protocol::wire::libkvmi::layout::{
+    IntrospectorToQemu, PageAccessEntry as LibkvmiPageAccess, QemuToIntrospector,
+};
+use protocol::wire::libkvmi::{
+    MAX_MSG_SIZE, access, actions, errors, events, handshake, host, ids,
+};
 use protocol::wire::{HostMessage, WireProfile};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, IntoBytes};
 
 use super::vms::{self, EventsLine, TargetEnd, TimingHook};
 use appliance_link::hook::SERVED_FEATURES;
 use appliance_link::rings::{RingMemory, RingService, Waker, create_region};
 use kvmi_client::KvmiClient;
+use kvmi_engine::libkvmi::LibkvmiConfig;
+use kvmi_engine::socket::Dialect;
 use kvmi_engine::{
-    Endpoint, Introspector, IntrospectorConfig, start_introspected, temp_socket_path,
+    Endpoint, Introspector, IntrospectorConfig, start_introspected, start_introspected_dialect,
+    temp_socket_path,
 };
 use vmm::devices::{SerialSink, UnknownIoPolicy};
 use vmm::hook::{ExitContext, ExitHook, HookResult, MmioAccess};
@@ -55,8 +75,10 @@ pub struct EventFigures {
     pub appliance_sleeps: u64,
     /// Through the rings, answered by a host thread.
     pub rings: Duration,
-    /// Through the socket.
+    /// Through the socket (v4 dialect).
     pub socket: Duration,
+    /// Through the socket in the libkvmi (kvmi-v7) dialect.
+    pub libkvmi: Duration,
 }
 
 impl EventFigures {
@@ -70,7 +92,9 @@ impl EventFigures {
              \x20 rings, agent in the appliance VM   {:>8.1} us   {:.2}x the floor\n\
              \x20 rings, agent on a host thread      {:>8.1} us   {:.2}x the floor\n\
              \x20 socket, host tool                  {:>8.1} us   {:.2}x the floor\n\
+             \x20 socket, libkvmi dialect (kvmi-v7)  {:>8.1} us   {:.2}x the floor\n\
              \x20 socket / rings (appliance VM)      {:.2}x\n\
+             \x20 libkvmi / socket (v4)              {:.2}x\n\
              \x20 appliance agent: mean {:.1} us per event by its own clock, {} sleeps\n",
             self.samples,
             us(self.floor),
@@ -80,10 +104,37 @@ impl EventFigures {
             r(self.rings, self.floor),
             us(self.socket),
             r(self.socket, self.floor),
+            us(self.libkvmi),
+            r(self.libkvmi, self.floor),
             r(self.socket, self.appliance),
+            r(self.libkvmi, self.socket),
             us(self.appliance_mean),
             self.appliance_sleeps,
         )
+    }
+}
+
+impl EventFigures {
+    /// The same figures as one line of JSON (medians in microseconds, and the ratios the table
+    /// prints), for scripts: `kvmi appliance-bench` prints it after the table.
+    pub fn json_line(&self) -> String {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let r = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
+        serde_json::json!({
+            "event_round_trip": {
+                "samples": self.samples,
+                "floor_us": us(self.floor),
+                "appliance_us": us(self.appliance),
+                "rings_us": us(self.rings),
+                "socket_us": us(self.socket),
+                "libkvmi_us": us(self.libkvmi),
+                "appliance_mean_us": us(self.appliance_mean),
+                "appliance_sleeps": self.appliance_sleeps,
+                "socket_over_appliance": r(self.socket, self.appliance),
+                "libkvmi_over_socket": r(self.libkvmi, self.socket),
+            }
+        })
+        .to_string()
     }
 }
 
@@ -118,7 +169,7 @@ fn median(mut gaps: Vec<Duration>) -> Duration {
     gaps.get(gaps.len() / 2).copied().unwrap_or_default()
 }
 
-/// Rounds of the four paths, alternated so a slow spell of the machine hits them all.
+/// Rounds of the five paths, alternated so a slow spell of the machine hits them all.
 const ROUNDS: u32 = 3;
 
 fn target_vm(image: &[u8], n: u64) -> Result<Vm, EventBenchError> {
@@ -411,6 +462,269 @@ fn socket(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, Ev
     Ok(times)
 }
 
+/// Reply data of a PF event: `{u64 ctx_addr, u32 ctx_size, u8 singlestep, u8 rep_complete,
+/// u16 pad, [u8; 256] ctx_data}`, all zero for a plain CONTINUE.
+const PF_REPLY_SIZE: usize = match events::reply_data_size(events::PF) {
+    Some(n) => n,
+    None => 0,
+};
+const _: () = assert!(PF_REPLY_SIZE == 272);
+const PF_REPLY: [u8; PF_REPLY_SIZE] = [0; PF_REPLY_SIZE];
+
+/// How long the libkvmi tool waits for the shim (to connect, to answer, to send an event).
+const TOOL_WAIT: Duration = Duration::from_secs(10);
+
+/// A minimal libkvmi (kvmi-v7) tool: what libkvmi does on its socket, nothing more. It reads
+/// each message as libkvmi does, the 8-byte header and then its payload.
+struct LibkvmiTool {
+    stream: UnixStream,
+    seq: u32,
+    /// Encoded requests.
+    out: Vec<u8>,
+    /// The payload of the last message read.
+    msg: Vec<u8>,
+}
+
+impl LibkvmiTool {
+    /// Accepts the shim's connection on `listener` and does the handshake: reads the VMM's
+    /// 96-byte struct, answers the 24-byte one (no cookie: the shim has no secret).
+    fn accept(listener: &UnixListener) -> Result<Self, EventBenchError> {
+        let io = |what: &'static str| move |e: std::io::Error| fail(what)(e.to_string());
+        listener.set_nonblocking(true).map_err(io("listener"))?;
+        let deadline = Instant::now() + TOOL_WAIT;
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(fail("libkvmi accept")(e.to_string())),
+            }
+        };
+        stream
+            .set_nonblocking(false)
+            .map_err(io("libkvmi socket"))?;
+        stream
+            .set_read_timeout(Some(TOOL_WAIT))
+            .map_err(io("libkvmi socket"))?;
+        let mut hello = [0u8; handshake::VMM_SIZE];
+        stream
+            .read_exact(&mut hello)
+            .map_err(io("libkvmi handshake"))?;
+        let hello = QemuToIntrospector::read_from_bytes(&hello)
+            .map_err(|_| EventBenchError("libkvmi handshake: short".into()))?;
+        if hello.struct_size.get() as usize != handshake::VMM_SIZE {
+            return Err(EventBenchError(format!(
+                "libkvmi handshake: struct_size {}",
+                hello.struct_size.get()
+            )));
+        }
+        let answer = IntrospectorToQemu {
+            struct_size: U32::new(handshake::TOOL_SIZE as u32),
+            cookie_hash: [0; handshake::COOKIE_HASH_SIZE],
+        };
+        stream
+            .write_all(answer.as_bytes())
+            .map_err(io("libkvmi handshake"))?;
+        Ok(LibkvmiTool {
+            stream,
+            seq: 0,
+            out: vec![0u8; MAX_MSG_SIZE],
+            msg: vec![0u8; MAX_MSG_SIZE],
+        })
+    }
+
+    fn send(&mut self, seq: u32, request: &Request<'_>) -> Result<(), EventBenchError> {
+        let n = encode_request(seq, request, &mut self.out)
+            .map_err(|e| fail("libkvmi encode")(e.to_string()))?;
+        self.stream
+            .write_all(&self.out[..n])
+            .map_err(|e| fail("libkvmi send")(e.to_string()))
+    }
+
+    /// Reads one message: its header, then its payload into `msg`.
+    fn recv(&mut self) -> Result<Header, EventBenchError> {
+        let mut h = [0u8; HEADER_SIZE];
+        self.stream
+            .read_exact(&mut h)
+            .map_err(|e| fail("libkvmi read")(e.to_string()))?;
+        let header = Header::parse(&h).map_err(|e| fail("libkvmi header")(e.to_string()))?;
+        let payload = self
+            .msg
+            .get_mut(..header.size as usize)
+            .ok_or_else(|| EventBenchError(format!("libkvmi: message of {}", header.size)))?;
+        self.stream
+            .read_exact(payload)
+            .map_err(|e| fail("libkvmi read")(e.to_string()))?;
+        Ok(header)
+    }
+
+    /// Checks the reply to command `id` number `seq` (just read); returns its data.
+    fn reply(&self, header: Header, id: u16, seq: u32) -> Result<&[u8], EventBenchError> {
+        if header.id != id || header.seq != seq {
+            return Err(EventBenchError(format!(
+                "libkvmi: expected the reply to command {id} seq {seq}, got id {} seq {}",
+                header.id, header.seq
+            )));
+        }
+        let reply = host::decode_reply(&self.msg[..header.size as usize])
+            .map_err(|e| fail("libkvmi reply")(e.to_string()))?;
+        if reply.err != 0 {
+            return Err(EventBenchError(format!(
+                "libkvmi: command {id} refused: {}",
+                reply.err
+            )));
+        }
+        Ok(reply.data)
+    }
+
+    /// Sends a command and waits for its reply (no event can come before it: the guest waits
+    /// for its gate); retries a few times on `-KVM_EAGAIN` (a vCPU slow to take it).
+    fn command(&mut self, request: &Request<'_>) -> Result<Vec<u8>, EventBenchError> {
+        let mut tries = 0;
+        loop {
+            self.seq += 1;
+            let seq = self.seq;
+            self.send(seq, request)?;
+            let id = Header::parse(&self.out)
+                .map_err(|e| fail("libkvmi header")(e.to_string()))?
+                .id;
+            let header = self.recv()?;
+            match self.reply(header, id, seq) {
+                Ok(data) => return Ok(data.to_vec()),
+                Err(EventBenchError(e))
+                    if e.ends_with(&format!("refused: {}", -errors::EAGAIN)) && tries < 5 =>
+                {
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The libkvmi tool's whole session: GET_VERSION, CONTROL_EVENTS (PF on vCPU 0),
+    /// SET_PAGE_ACCESS (`page` R|X), WRITE_PHYSICAL of 1 to the `gate`, then `n` PF events
+    /// answered CONTINUE; returns when each event was read.
+    fn run(&mut self, n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+        let version = self.command(&Request::GetVersion)?;
+        let version = U32::read_from_prefix(&version)
+            .map(|(v, _)| v.get())
+            .unwrap_or(0);
+        if version < 1 {
+            return Err(EventBenchError(format!("libkvmi: version {version}")));
+        }
+        self.command(&Request::ControlEvents {
+            vcpu: 0,
+            event: events::PF,
+            enable: true,
+        })?;
+        let entries = [LibkvmiPageAccess {
+            gpa: U64::new(page),
+            access: access::R | access::X,
+            padding1: 0,
+            padding2: U16::new(0),
+            padding3: U32::new(0),
+        }];
+        self.command(&Request::SetPageAccess {
+            view: 0,
+            entries: &entries,
+        })?;
+        // The gate opens the guest's loop: its first event may come before the reply.
+        self.seq += 1;
+        let gate_seq = self.seq;
+        self.send(
+            gate_seq,
+            &Request::WritePhysical {
+                gpa: gate,
+                data: &1u64.to_le_bytes(),
+            },
+        )?;
+        let mut gate_open = false;
+        let mut times = Vec::with_capacity(n as usize);
+        while (times.len() as u64) < n || !gate_open {
+            let header = self.recv().map_err(|e| {
+                EventBenchError(format!(
+                    "libkvmi: after {} of {n} events: {}",
+                    times.len(),
+                    e.0
+                ))
+            })?;
+            if header.id == ids::EVENT {
+                let received = Instant::now();
+                let (common, _) = host::decode_event(&self.msg[..header.size as usize])
+                    .map_err(|e| fail("libkvmi event")(e.to_string()))?;
+                if common.event != events::PF {
+                    return Err(EventBenchError(format!(
+                        "libkvmi: event {} instead of PF",
+                        common.event
+                    )));
+                }
+                times.push(received);
+                self.send(
+                    header.seq,
+                    &Request::EventReply {
+                        vcpu: common.vcpu.get(),
+                        action: actions::CONTINUE,
+                        event: events::PF,
+                        data: &PF_REPLY,
+                    },
+                )?;
+            } else {
+                self.reply(header, ids::WRITE_PHYSICAL, gate_seq)?;
+                gate_open = true;
+            }
+        }
+        Ok(times)
+    }
+}
+
+/// The libkvmi path: the shim connects to a listener of this process and serves the tool
+/// thread in the libkvmi dialect.
+fn libkvmi(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+    let vm = target_vm(image, n)?;
+    let path = temp_socket_path("event-bench-libkvmi");
+    let listener = UnixListener::bind(&path).map_err(|e| fail("libkvmi listen")(e.to_string()))?;
+    let dialect = Dialect::Libkvmi(LibkvmiConfig {
+        name: "event-bench".into(),
+        unhook_timeout: Duration::from_secs(1),
+        ..LibkvmiConfig::default()
+    });
+    let run = match start_introspected_dialect(
+        vm,
+        IntrospectorConfig::default(),
+        Endpoint::Connect(path.clone()),
+        dialect,
+    ) {
+        Ok(run) => run,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(fail("libkvmi target")(e.to_string()));
+        }
+    };
+    let socket_file = path.clone();
+    let tool = std::thread::Builder::new()
+        .name("libkvmi-tool".into())
+        .spawn(move || {
+            let tool = LibkvmiTool::accept(&listener);
+            // One session: once the tool leaves, the shim's reconnection attempts are refused.
+            drop(listener);
+            let _ = std::fs::remove_file(&socket_file);
+            tool?.run(n, page, gate)
+        })
+        .map_err(|e| fail("libkvmi tool thread")(e.to_string()));
+    let times = tool.and_then(|t| {
+        t.join()
+            .unwrap_or_else(|_| Err(EventBenchError("libkvmi tool thread panicked".into())))
+    });
+    let _ = std::fs::remove_file(&path);
+    let times = times?;
+    let report = run.wait(LIMITS);
+    if !report.outcome.is_success() {
+        return Err(EventBenchError(format!("libkvmi run: {}", report.outcome)));
+    }
+    Ok(times)
+}
+
 /// The agent in the appliance VM (`appliance_image` in `bench=events` mode); the times are
 /// the target's write exits, taken before its introspector sees them.
 fn appliance(
@@ -446,7 +760,7 @@ fn appliance(
     Ok((times, mean, run.line.sleeps))
 }
 
-/// Runs the four paths with `n` events each, [`ROUNDS`] times alternated, on test-guest
+/// Runs the five paths with `n` events each, [`ROUNDS`] times alternated, on test-guest
 /// (`image`), whose profile gives
 /// the scratch `page` and the start `gate` addresses; `appliance_image` is the appliance VM.
 pub fn run(
@@ -462,7 +776,8 @@ pub fn run(
     let (mut floor_gaps, mut appliance_gaps, mut ring_gaps, mut socket_gaps) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut appliance_mean, mut appliance_sleeps) = (Duration::ZERO, 0);
-    for _ in 0..ROUNDS {
+    let mut libkvmi_gaps = Vec::new();
+    for round in 0..ROUNDS {
         let times = floor(image, n, page, gate)?;
         expect_count("floor", times.len(), n)?;
         floor_gaps.extend(gaps(&times));
@@ -474,9 +789,18 @@ pub fn run(
         let times = rings(image, n, page, gate)?;
         expect_count("rings", times.len(), n)?;
         ring_gaps.extend(gaps(&times));
-        let times = socket(image, n, page, gate)?;
-        expect_count("socket", times.len(), n)?;
-        socket_gaps.extend(gaps(&times));
+        // The two socket dialects side by side, the first one swapped every round.
+        for libkvmi_turn in [round % 2 == 1, round % 2 == 0] {
+            if libkvmi_turn {
+                let times = libkvmi(image, n, page, gate)?;
+                expect_count("libkvmi", times.len(), n)?;
+                libkvmi_gaps.extend(gaps(&times));
+            } else {
+                let times = socket(image, n, page, gate)?;
+                expect_count("socket", times.len(), n)?;
+                socket_gaps.extend(gaps(&times));
+            }
+        }
     }
     let (floor, appliance, rings, socket) = (
         median(floor_gaps),
@@ -484,6 +808,7 @@ pub fn run(
         median(ring_gaps),
         median(socket_gaps),
     );
+    let libkvmi = median(libkvmi_gaps);
     Ok(EventFigures {
         samples: n * u64::from(ROUNDS),
         floor,
@@ -492,5 +817,6 @@ pub fn run(
         appliance_sleeps,
         rings,
         socket,
+        libkvmi,
     })
 }
