@@ -73,10 +73,13 @@ fn the_event_bench_measures_floor_appliance_rings_and_socket() {
         ("rings", f.rings),
         ("socket", f.socket),
         ("libkvmi", f.libkvmi),
+        ("v4_tool", f.v4_tool),
     ] {
         assert!(!d.is_zero(), "{name} measured: {f:?}");
     }
     assert!(f.table().contains("socket / rings (appliance VM)"));
     assert!(f.table().contains("libkvmi / socket (v4)"));
+    assert!(f.table().contains("libkvmi / v4, same tool loop"));
     assert!(f.json_line().contains("\"libkvmi_over_socket\""));
+    assert!(f.json_line().contains("\"libkvmi_over_v4_tool\""));
 }

@@ -79,6 +79,8 @@ pub struct EventFigures {
     pub socket: Duration,
     /// Through the socket in the libkvmi (kvmi-v7) dialect.
     pub libkvmi: Duration,
+    /// Through the v4 socket, answered by a tool built like the libkvmi one (one thread).
+    pub v4_tool: Duration,
 }
 
 impl EventFigures {
@@ -93,8 +95,10 @@ impl EventFigures {
              \x20 rings, agent on a host thread      {:>8.1} us   {:.2}x the floor\n\
              \x20 socket, host tool                  {:>8.1} us   {:.2}x the floor\n\
              \x20 socket, libkvmi dialect (kvmi-v7)  {:>8.1} us   {:.2}x the floor\n\
+             \x20 socket, v4, same one-thread tool   {:>8.1} us   {:.2}x the floor\n\
              \x20 socket / rings (appliance VM)      {:.2}x\n\
              \x20 libkvmi / socket (v4)              {:.2}x\n\
+             \x20 libkvmi / v4, same tool loop       {:.2}x\n\
              \x20 appliance agent: mean {:.1} us per event by its own clock, {} sleeps\n",
             self.samples,
             us(self.floor),
@@ -106,8 +110,11 @@ impl EventFigures {
             r(self.socket, self.floor),
             us(self.libkvmi),
             r(self.libkvmi, self.floor),
+            us(self.v4_tool),
+            r(self.v4_tool, self.floor),
             r(self.socket, self.appliance),
             r(self.libkvmi, self.socket),
+            r(self.libkvmi, self.v4_tool),
             us(self.appliance_mean),
             self.appliance_sleeps,
         )
@@ -128,10 +135,12 @@ impl EventFigures {
                 "rings_us": us(self.rings),
                 "socket_us": us(self.socket),
                 "libkvmi_us": us(self.libkvmi),
+                "v4_tool_us": us(self.v4_tool),
                 "appliance_mean_us": us(self.appliance_mean),
                 "appliance_sleeps": self.appliance_sleeps,
                 "socket_over_appliance": r(self.socket, self.appliance),
                 "libkvmi_over_socket": r(self.libkvmi, self.socket),
+                "libkvmi_over_v4_tool": r(self.libkvmi, self.v4_tool),
             }
         })
         .to_string()
@@ -678,6 +687,141 @@ impl LibkvmiTool {
     }
 }
 
+/// A minimal v4 tool built like [`LibkvmiTool`]: one thread that reads each message (header,
+/// then payload) and answers each event at once, so that the v4 and libkvmi dialects are
+/// compared with the same tool loop (the `socket` path's [`KvmiClient`] hands each event
+/// from its reader thread to the caller, which costs a thread hand-off more).
+struct V4Tool {
+    stream: UnixStream,
+    seq: u32,
+    out: Vec<u8>,
+    msg: Vec<u8>,
+    times: Vec<Instant>,
+}
+
+impl V4Tool {
+    fn connect(path: &std::path::Path) -> Result<Self, EventBenchError> {
+        let stream =
+            UnixStream::connect(path).map_err(|e| fail("v4 tool connect")(e.to_string()))?;
+        stream
+            .set_read_timeout(Some(TOOL_WAIT))
+            .map_err(|e| fail("v4 tool socket")(e.to_string()))?;
+        Ok(V4Tool {
+            stream,
+            seq: 0,
+            out: vec![0u8; V4::MAX_MSG_SIZE],
+            msg: vec![0u8; V4::MAX_MSG_SIZE],
+            times: Vec::new(),
+        })
+    }
+
+    fn write(&mut self, n: usize) -> Result<(), EventBenchError> {
+        self.stream
+            .write_all(&self.out[..n])
+            .map_err(|e| fail("v4 tool send")(e.to_string()))
+    }
+
+    /// Reads one message into `msg`; an event is timestamped and answered CONTINUE here.
+    /// Returns the header of anything else (a reply).
+    fn recv(&mut self) -> Result<Option<Header>, EventBenchError> {
+        let mut h = [0u8; HEADER_SIZE];
+        self.stream
+            .read_exact(&mut h)
+            .map_err(|e| fail("v4 tool read")(e.to_string()))?;
+        let header = Header::parse(&h).map_err(|e| fail("v4 tool header")(e.to_string()))?;
+        let payload = self
+            .msg
+            .get_mut(..header.size as usize)
+            .ok_or_else(|| EventBenchError(format!("v4 tool: message of {}", header.size)))?;
+        self.stream
+            .read_exact(payload)
+            .map_err(|e| fail("v4 tool read")(e.to_string()))?;
+        if header.id != V4::EVENT_ID {
+            return Ok(Some(header));
+        }
+        let received = Instant::now();
+        let event = V4::decode_event(&self.msg[..header.size as usize])
+            .map_err(|e| fail("v4 tool event")(e.to_string()))?;
+        if event.kind() != EventKind::PageFault {
+            return Err(EventBenchError(format!(
+                "v4 tool: {:?} event instead of PF",
+                event.kind()
+            )));
+        }
+        self.times.push(received);
+        let reply = EventReply {
+            event: EventKind::PageFault,
+            action: Action::Continue,
+            data: EventReplyData::PageFault(Default::default()),
+        };
+        let n = V4::encode_event_reply(header.seq, &reply, &mut self.out)
+            .map_err(|e| fail("v4 tool encode")(e.to_string()))?;
+        self.write(n)?;
+        Ok(None)
+    }
+
+    /// Sends `command` and reads until its reply (answering any event that comes first).
+    fn command(&mut self, command: &Command<'_>) -> Result<(), EventBenchError> {
+        self.seq += 1;
+        let seq = self.seq;
+        let n = V4::encode_command(seq, command, &mut self.out)
+            .map_err(|e| fail("v4 tool encode")(e.to_string()))?;
+        self.write(n)?;
+        loop {
+            let Some(header) = self.recv()? else {
+                continue;
+            };
+            if header.seq != seq {
+                return Err(EventBenchError(format!(
+                    "v4 tool: reply seq {} to command seq {seq}",
+                    header.seq
+                )));
+            }
+            return match V4::decode_reply(command.kind(), &self.msg[..header.size as usize]) {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(code)) => Err(EventBenchError(format!(
+                    "v4 tool: {:?} refused: {code:?}",
+                    command.kind()
+                ))),
+                Err(e) => Err(fail("v4 tool reply")(e.to_string())),
+            };
+        }
+    }
+}
+
+/// The v4 socket answered by [`V4Tool`] (the like-for-like baseline of the libkvmi path).
+fn v4_tool(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
+    let vm = target_vm(image, n)?;
+    let path = temp_socket_path("event-bench-v4");
+    let run = start_introspected(vm, IntrospectorConfig::default(), Endpoint::Listen(path))
+        .map_err(|e| fail("v4 tool target")(e.to_string()))?;
+    let mut tool = V4Tool::connect(run.socket())?;
+    let entries = [PageAccessEntry {
+        gpa: page,
+        access: Access::R.union(Access::X),
+    }];
+    let one = 1u64.to_le_bytes();
+    for c in setup_commands(gate, &entries, &one) {
+        tool.command(&c)?;
+    }
+    while (tool.times.len() as u64) < n {
+        let count = tool.times.len();
+        if tool.recv()?.is_some() {
+            return Err(EventBenchError(format!(
+                "v4 tool: a reply where event {} of {n} was due",
+                count + 1
+            )));
+        }
+    }
+    let times = std::mem::take(&mut tool.times);
+    drop(tool);
+    let report = run.wait(LIMITS);
+    if !report.outcome.is_success() {
+        return Err(EventBenchError(format!("v4 tool run: {}", report.outcome)));
+    }
+    Ok(times)
+}
+
 /// The libkvmi path: the shim connects to a listener of this process and serves the tool
 /// thread in the libkvmi dialect.
 fn libkvmi(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
@@ -776,7 +920,7 @@ pub fn run(
     let (mut floor_gaps, mut appliance_gaps, mut ring_gaps, mut socket_gaps) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut appliance_mean, mut appliance_sleeps) = (Duration::ZERO, 0);
-    let mut libkvmi_gaps = Vec::new();
+    let (mut libkvmi_gaps, mut v4_tool_gaps) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let times = floor(image, n, page, gate)?;
         expect_count("floor", times.len(), n)?;
@@ -789,16 +933,20 @@ pub fn run(
         let times = rings(image, n, page, gate)?;
         expect_count("rings", times.len(), n)?;
         ring_gaps.extend(gaps(&times));
-        // The two socket dialects side by side, the first one swapped every round.
+        let times = socket(image, n, page, gate)?;
+        expect_count("socket", times.len(), n)?;
+        socket_gaps.extend(gaps(&times));
+        // The two dialects with the same one-thread tool, side by side, the first one
+        // swapped every round.
         for libkvmi_turn in [round % 2 == 1, round % 2 == 0] {
             if libkvmi_turn {
                 let times = libkvmi(image, n, page, gate)?;
                 expect_count("libkvmi", times.len(), n)?;
                 libkvmi_gaps.extend(gaps(&times));
             } else {
-                let times = socket(image, n, page, gate)?;
-                expect_count("socket", times.len(), n)?;
-                socket_gaps.extend(gaps(&times));
+                let times = v4_tool(image, n, page, gate)?;
+                expect_count("v4 tool", times.len(), n)?;
+                v4_tool_gaps.extend(gaps(&times));
             }
         }
     }
@@ -808,7 +956,7 @@ pub fn run(
         median(ring_gaps),
         median(socket_gaps),
     );
-    let libkvmi = median(libkvmi_gaps);
+    let (libkvmi, v4_tool) = (median(libkvmi_gaps), median(v4_tool_gaps));
     Ok(EventFigures {
         samples: n * u64::from(ROUNDS),
         floor,
@@ -818,5 +966,6 @@ pub fn run(
         rings,
         socket,
         libkvmi,
+        v4_tool,
     })
 }
