@@ -324,6 +324,28 @@ impl Introspector {
         }
     }
 
+    /// Sends event `seq` to the attached tool ([`Channel::send_event`]); on failure the tool
+    /// is detached. False if no tool (of `generation`) is attached or the send failed.
+    pub(crate) fn send_event(
+        &self,
+        generation: u64,
+        seq: u32,
+        event: &protocol::event::Event,
+        message: &[u8],
+        vcpu: u32,
+    ) -> bool {
+        let Some(channel) = self.channel_of(generation) else {
+            return false;
+        };
+        match channel.send_event(seq, event, message, vcpu) {
+            Ok(()) => true,
+            Err(e) => {
+                self.detach(generation, &format!("send failed: {e}"));
+                false
+            }
+        }
+    }
+
     /// Waits until a tool has attached once (for `--kvmi-wait`), or the VM ended.
     pub(crate) fn wait_first_attach(&self) {
         let mut link = self.link.lock();

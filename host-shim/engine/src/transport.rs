@@ -5,11 +5,20 @@
 
 use std::io;
 
+use protocol::event::Event;
+
 /// One tool's channel, as the engine sees it.
 pub trait Channel: Send + Sync {
     /// Sends one whole message (header and payload together, as one write). `route` says
     /// what it is, so a transport with one queue per vCPU never decodes it again.
     fn send(&self, message: &[u8], route: Route) -> io::Result<()>;
+    /// Sends event `seq` of `vcpu`: `message` is its v4 encoding, which a v4 transport sends
+    /// as is ([`Channel::send`], the default); a transport that speaks another dialect
+    /// encodes `event` itself.
+    fn send_event(&self, seq: u32, event: &Event, message: &[u8], vcpu: u32) -> io::Result<()> {
+        let _ = (seq, event);
+        self.send(message, Route::Event { vcpu })
+    }
     /// Closes the channel (the transport's reader then ends).
     fn close(&self);
     /// Whether a vCPU thread waiting for its event reply can collect it itself with

@@ -22,7 +22,7 @@ use super::convert::{cpu_mode, regs_from_wire, regs_to_wire, sregs_to_wire};
 use super::engine::{HW_BREAKPOINTS, Introspector, encode_result};
 use super::msr::SHADOWED;
 use super::slot::{AppliedDebug, Exchange, OwnedReply, PendingTrap, Slot, VcpuCommand};
-use super::transport::{Channel, ReplyWait, Route};
+use super::transport::{Channel, ReplyWait};
 use vmm::hook::ExitContext;
 
 /// How long a vCPU waiting for its event reply collects it itself from a polling transport
@@ -193,7 +193,7 @@ impl Introspector {
                 self.slots[i].changed.notify_all();
             }
         }
-        if !self.send(generation, &buf[..n], Route::Event { vcpu: i as u32 }) {
+        if !self.send_event(generation, seq, &event, &buf[..n], i as u32) {
             self.slots[i].lock().exchange = Exchange::Idle;
             return Answer::NotSent;
         }

@@ -4,7 +4,7 @@
 //!
 //! The engine speaks in v4 messages (its canonical encoding): a command runs through
 //! [`Introspector::run_command`] and its v4 reply is decoded once and re-encoded here; an
-//! event reaches [`Channel::send`] as a v4 message and leaves as a kvmi-v7 one. Everything
+//! event reaches [`Channel::send_event`] as the engine's event and leaves as a kvmi-v7 one. Everything
 //! kvmi-v7 adds is kept here: per-vCPU event enables that the v4 set cannot express (events
 //! this host accepts but never raises, single-step armed separately from its event), the VM
 //! events (UNHOOK, CREATE_VCPU), the reply switch of CONTROL_CMD_RESPONSE, and the event each
@@ -17,7 +17,7 @@ use std::sync::{Arc, Weak};
 
 use protocol::V4;
 use protocol::command::{Command, CommandKind};
-use protocol::event::{EventKind, EventPayload, EventSet};
+use protocol::event::{Event, EventKind, EventPayload, EventSet};
 use protocol::event_reply::{Action, EventReply, EventReplyData};
 use protocol::frame::{HEADER_SIZE, Header};
 use protocol::list::List;
@@ -159,16 +159,20 @@ impl LibkvmiChannel {
 }
 
 impl Channel for LibkvmiChannel {
-    fn send(&self, message: &[u8], route: Route) -> std::io::Result<()> {
-        let Route::Event { vcpu } = route else {
-            // Command replies are written by the reader after translation.
-            tracing::error!("libkvmi session: an untranslated command reply was dropped");
-            return Ok(());
-        };
-        let invalid = |e: String| std::io::Error::new(ErrorKind::InvalidData, e);
-        let frame = V4::parse_frame(message).map_err(|e| invalid(e.to_string()))?;
-        let seq = frame.header.seq;
-        let event = V4::decode_event(frame.payload).map_err(|e| invalid(e.to_string()))?;
+    fn send(&self, _message: &[u8], route: Route) -> std::io::Result<()> {
+        // Events come through `send_event`; command replies are written by the reader after
+        // translation. Nothing else is sent to a tool.
+        tracing::error!("libkvmi session: an untranslated {route:?} message was dropped");
+        Ok(())
+    }
+
+    fn send_event(
+        &self,
+        seq: u32,
+        event: &Event,
+        _message: &[u8],
+        vcpu: u32,
+    ) -> std::io::Result<()> {
         let kind = event.kind();
         let i = vcpu as usize;
         let wanted = {
@@ -190,10 +194,11 @@ impl Channel for LibkvmiChannel {
         if wanted {
             return self
                 .writer
-                .send(&translate::encode_event(seq, &event), route);
+                .send(&translate::encode_event(seq, event), Route::Event { vcpu });
         }
         // Never send an event the tool did not enable (LibVMI drops it unanswered and the
-        // vCPU would hang): answer it CONTINUE here.
+        // vCPU would hang): answer it CONTINUE here, with the value being written for CR and
+        // MSR events.
         tracing::debug!(
             vcpu,
             ?kind,
@@ -202,31 +207,29 @@ impl Channel for LibkvmiChannel {
         let Some(introspector) = self.introspector.upgrade() else {
             return Ok(());
         };
+        let new_val = match event.payload {
+            EventPayload::Cr { new_value, .. } | EventPayload::Msr { new_value, .. } => new_value,
+            _ => 0,
+        };
+        let generation = match self.generation.load(Ordering::SeqCst) {
+            // An event raised between the attach and `set_generation`.
+            0 => introspector.current_generation(),
+            g => g,
+        };
         introspector
-            .answer_event(self.generation.load(Ordering::SeqCst), seq, |k| {
+            .answer_event(generation, seq, |k| {
                 Ok(EventReply {
                     event: k,
                     action: Action::Continue,
                     data: match k {
                         EventKind::PageFault => EventReplyData::PageFault(Default::default()),
-                        EventKind::Cr | EventKind::Msr => {
-                            // CONTINUE with the value being written.
-                            let new_val = match event.payload {
-                                EventPayload::Cr { new_value, .. }
-                                | EventPayload::Msr { new_value, .. } => new_value,
-                                _ => 0,
-                            };
-                            if k == EventKind::Cr {
-                                EventReplyData::Cr { new_val }
-                            } else {
-                                EventReplyData::Msr { new_val }
-                            }
-                        }
+                        EventKind::Cr => EventReplyData::Cr { new_val },
+                        EventKind::Msr => EventReplyData::Msr { new_val },
                         _ => EventReplyData::None,
                     },
                 })
             })
-            .map_err(|e| invalid(e.to_string()))
+            .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e.to_string()))
     }
 
     fn close(&self) {
@@ -537,9 +540,7 @@ impl Session<'_> {
                 address,
             } => {
                 // TRAP is always on: make sure the engine raises it for this vCPU.
-                if self.vcpu_ok(vcpu)
-                    && !self.channel.state.lock().synced[usize::from(vcpu)]
-                {
+                if self.vcpu_ok(vcpu) && !self.channel.state.lock().synced[usize::from(vcpu)] {
                     self.update_events(id, seq, vcpu, |_| {})?;
                 }
                 let error_code = if has_error_code(nr) {
