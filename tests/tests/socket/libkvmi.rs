@@ -16,11 +16,11 @@ use protocol::wire::libkvmi::frame::Request;
 use protocol::wire::libkvmi::{access, actions, events, ids};
 
 /// How long the peer waits for the shim to connect (it reconnects with back-off).
-const CONNECT_WAIT: Duration = Duration::from_secs(30);
+pub(super) const CONNECT_WAIT: Duration = Duration::from_secs(30);
 /// How long a test waits for an event it expects.
-const EVENT_WAIT: Duration = Duration::from_secs(20);
+pub(super) const EVENT_WAIT: Duration = Duration::from_secs(20);
 /// How long a test waits for the VM to exit.
-const EXIT_WAIT: Duration = Duration::from_secs(60);
+pub(super) const EXIT_WAIT: Duration = Duration::from_secs(60);
 
 const UUID: &str = "5f1c3a2b-7d4e-4f60-8a9b-0c1d2e3f4a5b";
 
@@ -28,7 +28,7 @@ const UUID: &str = "5f1c3a2b-7d4e-4f60-8a9b-0c1d2e3f4a5b";
 const INIT_EVENTS: [u8; 4] = [events::CR, events::MSR, events::PF, events::SINGLESTEP];
 
 /// A private directory holding the tool's socket.
-fn sock_dir(tag: &str) -> PathBuf {
+pub(super) fn sock_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "kvmi-libkvmi-{tag}-{}-{}",
         std::process::id(),
@@ -42,7 +42,12 @@ fn sock_dir(tag: &str) -> PathBuf {
 }
 
 /// Binds the peer, then starts `image` connecting to it in the libkvmi dialect.
-fn start(tag: &str, image: Image, cmdline: &str, extra: &[&str]) -> (Listener, Target, PathBuf) {
+pub(super) fn start(
+    tag: &str,
+    image: Image,
+    cmdline: &str,
+    extra: &[&str],
+) -> (Listener, Target, PathBuf) {
     let dir = sock_dir(tag);
     let sock = dir.join("tool.sock");
     let listener = Listener::bind(&sock).expect("bind the tool socket");
@@ -54,7 +59,7 @@ fn start(tag: &str, image: Image, cmdline: &str, extra: &[&str]) -> (Listener, T
 
 /// Accepts the shim's next connection (handshake + GET_VERSION), or fails with its stderr
 /// (at once when the VM process has ended).
-fn accept(l: &Listener, t: &mut Target) -> Session {
+pub(super) fn accept(l: &Listener, t: &mut Target) -> Session {
     let deadline = std::time::Instant::now() + CONNECT_WAIT;
     loop {
         match l.accept(Duration::from_millis(500)) {
@@ -70,7 +75,7 @@ fn accept(l: &Listener, t: &mut Target) -> Session {
 }
 
 /// The next event, or a failure with the VM's output.
-fn next_event(s: &mut Session, t: &Target) -> Event {
+pub(super) fn next_event(s: &mut Session, t: &Target) -> Event {
     s.wait_event(EVENT_WAIT).unwrap_or_else(|e| {
         panic!(
             "no event: {e}; serial: {}; stderr: {}",
@@ -107,7 +112,7 @@ fn resume(s: &mut Session, paused: &[Event]) {
 }
 
 /// Asserts that the guest's serial output keeps growing (the VM runs).
-fn assert_serial_grows(t: &mut Target, what: &str) {
+pub(super) fn assert_serial_grows(t: &mut Target, what: &str) {
     assert!(t.running(), "{what}: the VM died; stderr: {}", t.stderr());
     let len = t.serial().len();
     assert!(
@@ -117,7 +122,7 @@ fn assert_serial_grows(t: &mut Target, what: &str) {
     );
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
@@ -276,13 +281,13 @@ fn libkvmi_read_under_pause_sees_the_demo_task_table_and_resume_needs_one_reply_
     for want in ["init", "monitor", "secret-reader", "agent-caller", "busy"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
-    for (pid, name) in &list {
-        if name.starts_with("worker") || name == "kworker/0" {
-            continue;
-        }
-        let line = format!("task created pid={pid} name={name} ");
-        assert!(t.serial().contains(&line), "{line} not logged");
-    }
+    // Each task is logged after its table entry is written, so a task the pause caught in
+    // between is logged once the guest runs again: the lines are checked after the resume.
+    let lines: Vec<String> = list
+        .iter()
+        .filter(|(_, name)| !name.starts_with("worker") && name != "kworker/0")
+        .map(|(pid, name)| format!("task created pid={pid} name={name} "))
+        .collect();
     // A page read whole (as LibVMI's page cache does) holds the same bytes.
     let base = t.sym("task_table");
     let page = s
@@ -303,6 +308,13 @@ fn libkvmi_read_under_pause_sees_the_demo_task_table_and_resume_needs_one_reply_
         Err(e) => panic!("after resume: {e}; stderr: {}", t.stderr()),
     }
     assert_serial_grows(&mut t, "after resume");
+    for line in &lines {
+        assert!(
+            t.wait_serial(line, Duration::from_secs(10)),
+            "{line} not logged: {}",
+            t.serial()
+        );
+    }
     drop(s);
     let _ = std::fs::remove_dir_all(dir);
 }

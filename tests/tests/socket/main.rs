@@ -11,6 +11,7 @@ mod engine_smoke;
 mod events;
 mod hostile;
 mod libkvmi;
+mod libkvmi_commands;
 mod page_access_limit;
 mod stuck_tool;
 mod survival;
