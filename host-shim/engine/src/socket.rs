@@ -382,6 +382,16 @@ impl Shared {
             && !self.vm.get().is_some_and(VmHandle::has_ended)
     }
 
+    /// Why a session ended, as its reader saw it, corrected for a socket the server shut down
+    /// itself (its reader then sees end of file, not a tool that closed).
+    fn session_end(&self, reader_reason: String) -> String {
+        if self.stop.load(Ordering::SeqCst) {
+            "the shim is stopping".into()
+        } else {
+            reader_reason
+        }
+    }
+
     /// Sleeps `delay` in short steps; false if the server stopped meanwhile.
     fn sleep(&self, delay: Duration) -> bool {
         let until = Instant::now() + delay;
@@ -766,7 +776,7 @@ fn serve_one(shared: &Shared, stream: UnixStream) -> bool {
     if !shared.running() {
         let _ = stream.shutdown(Shutdown::Both);
     }
-    let reason = read_messages(introspector, generation, stream);
+    let reason = shared.session_end(read_messages(introspector, generation, stream));
     introspector.detach(generation, &reason);
     *shared.current.lock() = None;
     true
@@ -779,7 +789,13 @@ fn serve_libkvmi(shared: &Shared, mut stream: UnixStream, config: &LibkvmiConfig
     let pending = match handshake::run(&mut stream, config) {
         Ok(pending) => pending,
         Err(e) => {
-            tracing::warn!("KVMI libkvmi handshake failed: {e}");
+            // A tool that closes while the shim connects (e.g. one exiting just after its
+            // session) is routine; a refused or silent one is worth a warning.
+            if matches!(e, handshake::HandshakeError::Io(_)) {
+                tracing::debug!("KVMI libkvmi handshake failed: {e}");
+            } else {
+                tracing::warn!("KVMI libkvmi handshake failed: {e}");
+            }
             let _ = stream.shutdown(Shutdown::Both);
             return false;
         }
@@ -808,8 +824,13 @@ fn serve_libkvmi(shared: &Shared, mut stream: UnixStream, config: &LibkvmiConfig
         let _ = stream.shutdown(Shutdown::Both);
     }
     tracing::info!("libkvmi tool attached (handshake done)");
-    let reason =
-        libkvmi_session::read_messages(introspector, &channel, generation, stream, pending);
+    let reason = shared.session_end(libkvmi_session::read_messages(
+        introspector,
+        &channel,
+        generation,
+        stream,
+        pending,
+    ));
     *shared.session.lock() = None;
     introspector.detach(generation, &reason);
     *shared.current.lock() = None;
