@@ -14,7 +14,11 @@
 //!   dialect, the shim connecting to a listener of this process (`Endpoint::Connect`), answered
 //!   by a minimal libkvmi-style tool thread ([`LibkvmiTool`]): handshake, GET_VERSION,
 //!   CONTROL_EVENTS, SET_PAGE_ACCESS, WRITE_PHYSICAL of the gate, then each PF event answered
-//!   CONTINUE with its 272-byte reply. Its ratio to **socket** is the dialect's own cost.
+//!   CONTINUE with its 272-byte reply;
+//! - **v4 tool**: the v4 dialect with a tool built exactly like the libkvmi one ([`V4Tool`]:
+//!   its own thread, the shim connecting to it). **libkvmi / v4 tool** is the dialect's own
+//!   cost; **socket** differs from both in the tool (a reader thread handing events over)
+//!   and in who connects.
 //!
 //! Every path must see exactly N exits (or events) per round, or the run fails naming the
 //! path and both counts: a ratio against a floor that saw nothing would mean nothing.
@@ -687,10 +691,11 @@ impl LibkvmiTool {
     }
 }
 
-/// A minimal v4 tool built like [`LibkvmiTool`]: one thread that reads each message (header,
-/// then payload) and answers each event at once, so that the v4 and libkvmi dialects are
-/// compared with the same tool loop (the `socket` path's [`KvmiClient`] hands each event
-/// from its reader thread to the caller, which costs a thread hand-off more).
+/// A minimal v4 tool built like [`LibkvmiTool`]: on its own thread, connected to by the shim
+/// (`--kvmi-connect`), reading each message (header, then payload) and answering each event
+/// at once — so that the v4 and libkvmi paths differ only in the dialect. (The `socket`
+/// path's [`KvmiClient`] is connected to the listening shim and hands each event from its
+/// reader thread to the caller; both differences change the figure, see the README.)
 struct V4Tool {
     stream: UnixStream,
     seq: u32,
@@ -700,12 +705,25 @@ struct V4Tool {
 }
 
 impl V4Tool {
-    fn connect(path: &std::path::Path) -> Result<Self, EventBenchError> {
-        let stream =
-            UnixStream::connect(path).map_err(|e| fail("v4 tool connect")(e.to_string()))?;
-        stream
-            .set_read_timeout(Some(TOOL_WAIT))
-            .map_err(|e| fail("v4 tool socket")(e.to_string()))?;
+    /// Accepts the shim's connection on `listener` (the shim connects, as it does to a
+    /// libkvmi tool; v4 has no handshake).
+    fn accept(listener: &UnixListener) -> Result<Self, EventBenchError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| fail("v4 tool listener")(e.to_string()))?;
+        let deadline = Instant::now() + TOOL_WAIT;
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(fail("v4 tool accept")(e.to_string())),
+            }
+        };
+        let io = |e: std::io::Error| fail("v4 tool socket")(e.to_string());
+        stream.set_nonblocking(false).map_err(io)?;
+        stream.set_read_timeout(Some(TOOL_WAIT)).map_err(io)?;
         Ok(V4Tool {
             stream,
             seq: 0,
@@ -793,28 +811,55 @@ impl V4Tool {
 fn v4_tool(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
     let vm = target_vm(image, n)?;
     let path = temp_socket_path("event-bench-v4");
-    let run = start_introspected(vm, IntrospectorConfig::default(), Endpoint::Listen(path))
-        .map_err(|e| fail("v4 tool target")(e.to_string()))?;
-    let mut tool = V4Tool::connect(run.socket())?;
-    let entries = [PageAccessEntry {
-        gpa: page,
-        access: Access::R.union(Access::X),
-    }];
-    let one = 1u64.to_le_bytes();
-    for c in setup_commands(gate, &entries, &one) {
-        tool.command(&c)?;
-    }
-    while (tool.times.len() as u64) < n {
-        let count = tool.times.len();
-        if tool.recv()?.is_some() {
-            return Err(EventBenchError(format!(
-                "v4 tool: a reply where event {} of {n} was due",
-                count + 1
-            )));
+    let listener = UnixListener::bind(&path).map_err(|e| fail("v4 tool listen")(e.to_string()))?;
+    let run = match start_introspected(
+        vm,
+        IntrospectorConfig::default(),
+        Endpoint::Connect(path.clone()),
+    ) {
+        Ok(run) => run,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(fail("v4 tool target")(e.to_string()));
         }
-    }
-    let times = std::mem::take(&mut tool.times);
-    drop(tool);
+    };
+    // On its own thread, connected to by the shim, as the libkvmi tool is: the two paths
+    // differ only in the dialect.
+    let socket_file = path.clone();
+    let tool = std::thread::Builder::new()
+        .name("v4-tool".into())
+        .spawn(move || -> Result<Vec<Instant>, EventBenchError> {
+            let tool = V4Tool::accept(&listener);
+            // One session: once the tool leaves, the shim's reconnection attempts are refused.
+            drop(listener);
+            let _ = std::fs::remove_file(&socket_file);
+            let mut tool = tool?;
+            let entries = [PageAccessEntry {
+                gpa: page,
+                access: Access::R.union(Access::X),
+            }];
+            let one = 1u64.to_le_bytes();
+            for c in setup_commands(gate, &entries, &one) {
+                tool.command(&c)?;
+            }
+            while (tool.times.len() as u64) < n {
+                let count = tool.times.len();
+                if tool.recv()?.is_some() {
+                    return Err(EventBenchError(format!(
+                        "v4 tool: a reply where event {} of {n} was due",
+                        count + 1
+                    )));
+                }
+            }
+            Ok(std::mem::take(&mut tool.times))
+        })
+        .map_err(|e| fail("v4 tool thread")(e.to_string()));
+    let times = tool.and_then(|t| {
+        t.join()
+            .unwrap_or_else(|_| Err(EventBenchError("v4 tool thread panicked".into())))
+    });
+    let _ = std::fs::remove_file(&path);
+    let times = times?;
     let report = run.wait(LIMITS);
     if !report.outcome.is_success() {
         return Err(EventBenchError(format!("v4 tool run: {}", report.outcome)));
