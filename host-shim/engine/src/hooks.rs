@@ -13,7 +13,7 @@ use super::fault::{
     DataOutcome, StepOutcome, data_outcome, step_outcome, step_prot, upstream_access,
 };
 use super::msr::SHADOWED;
-use super::slot::{Life, OneStep, UserMode};
+use super::slot::{Life, OneStep, PendingRead, UserMode};
 use super::vcpu_side::{Answer, DR6_BS, read_msr, update_shadow, write_msr};
 use super::walked;
 use vmm::hook::{DebugEvent, ExitContext, ExitHook, HookResult, MmioAccess, MsrAccess};
@@ -643,7 +643,20 @@ impl ExitHook for Introspector {
             AccessKind::Read
         };
         let restricted = self.access.lock().restricts(io.addr, kind);
+        let i = ctx.vcpu_index() as usize;
         let outcome = if restricted {
+            if !io.write {
+                // KVM completes the read on the next entry: SET_REGISTERS waits for that. A
+                // second access of an instruction whose first one is still pending keeps
+                // what the first event recorded.
+                let mut s = self.slots[i].lock();
+                if s.pending_read.is_none() {
+                    s.pending_read = Some(PendingRead {
+                        at_event: *ctx.regs(),
+                        tool: None,
+                    });
+                }
+            }
             let payload = EventPayload::PageFault {
                 gva: NO_GVA,
                 gpa: io.addr,
@@ -659,10 +672,25 @@ impl ExitHook for Introspector {
             data_outcome(io.write, None, &[])
         };
         if outcome == DataOutcome::Crash {
+            self.slots[i].lock().pending_read = None;
             return self.crash(ctx, "PF");
         }
         self.complete_data(io, &outcome);
-        self.finish(ctx)
+        let verdict = self.finish(ctx);
+        // Registers the tool set during the event are merged in once KVM has completed
+        // the read (`io_completed`); without any the read completes as it is.
+        let set = {
+            let mut s = self.slots[i].lock();
+            let set = s.pending_read.is_some_and(|p| p.tool.is_some());
+            if !set {
+                s.pending_read = None;
+            }
+            set
+        };
+        if set {
+            ctx.complete_then_call_back();
+        }
+        verdict
     }
 
     fn debug(&self, ctx: &mut ExitContext<'_>, ev: &DebugEvent) -> HookResult {
@@ -839,6 +867,24 @@ impl ExitHook for Introspector {
 
     fn kicked(&self, ctx: &mut ExitContext<'_>) -> HookResult {
         self.finish(ctx)
+    }
+
+    /// KVM completed a PF read (destination written, rip past the instruction) during whose
+    /// event the tool sent SET_REGISTERS: its registers are loaded now, merged with what
+    /// the completion wrote (`PendingRead::merge`).
+    fn io_completed(&self, ctx: &mut ExitContext<'_>) -> HookResult {
+        let i = ctx.vcpu_index() as usize;
+        let Some(read) = self.slots[i].lock().pending_read.take() else {
+            return HookResult::Handled;
+        };
+        let merged = read.merge(ctx.regs());
+        tracing::debug!(
+            vcpu = i,
+            rip = merged.rip,
+            "loading the tool's registers after the read completed"
+        );
+        *ctx.regs_mut() = merged;
+        HookResult::Handled
     }
 }
 

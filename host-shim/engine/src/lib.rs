@@ -20,13 +20,20 @@
 //!   instruction): CONTINUE writes the data, SKIP and RETRY drop it (the page is unchanged),
 //!   CRASH stops the VM. PF read of a read-protected page: CONTINUE returns memory, or the
 //!   reply's `ctx_data` (then memory) when `ctx_size > 0`; RETRY returns memory; SKIP returns
-//!   ctx_data or zeros. KVM completes the read (the emulated instruction) on the next entry,
-//!   after the reply; a SET_REGISTERS sent while the read event waits changes that (PVM,
-//!   measured): the tool's registers all survive, and the read's data (memory, ctx_data or
-//!   zeros) does not reach the instruction's destination register, which keeps the value the
-//!   registers held (the tool's, or the one it left, as at the event); rip still moves past
-//!   the instruction. Without SET_REGISTERS the destination gets the data (test:
-//!   `set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_destination`).
+//!   ctx_data or zeros. KVM completes the read (the emulated instruction: the data written
+//!   to its destination register, rip moved past it) on the next entry, after the reply.
+//!   Registers loaded before that completion make KVM drop its emulator's register cache and
+//!   the data never reaches the destination (PVM, measured), so a SET_REGISTERS sent while
+//!   the read event waits is only recorded (a GET_REGISTERS in the event returns it); after
+//!   the reply the engine has KVM complete the read without entering the guest
+//!   (`ExitContext::complete_then_call_back`) and then loads, for each general register, rip
+//!   and rflags, the tool's value where it differs from the event's, else what the
+//!   completion left. So a register the tool did not change gets the read's result (RAX =
+//!   memory or ctx_data for `mov rax, [mem]`), one it changed keeps the tool's value (a tool
+//!   that emulates the read sets the destination and replies SKIP), and a rip the tool moved
+//!   wins over the one past the instruction. RETRY merges the same way (the read is under
+//!   way and completes; a tool re-enters at the instruction by setting rip back). Test:
+//!   `set_registers_during_a_read_event_keeps_the_tool_s_changes_and_the_read_s_destination`.
 //!   PF exec (PVM emulation failure in a no-exec page, gva = rip; for an
 //!   instruction that runs into a second no-exec page, a second event with gva = that page's
 //!   first byte): CONTINUE single-steps the instruction with the page(s) unprotected, then

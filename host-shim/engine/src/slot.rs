@@ -112,6 +112,56 @@ pub(crate) struct PendingTrap {
     pub(crate) cr2: u64,
 }
 
+/// The registers of a vCPU inside a PF read event (PVM: an emulated MMIO read that KVM
+/// completes on the next entry). Loading registers before that completion makes KVM drop
+/// the emulator's register cache and the read never reaches its destination, so
+/// SET_REGISTERS only records the tool's registers here; once KVM has completed the read
+/// they are merged into what it left ([`PendingRead::merge`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct PendingRead {
+    /// The registers when the event was raised.
+    pub(crate) at_event: kvm_bindings::kvm_regs,
+    /// The registers of the tool's last SET_REGISTERS (None: it sent none).
+    pub(crate) tool: Option<kvm_bindings::kvm_regs>,
+}
+
+impl PendingRead {
+    /// The registers after the read: for each general register, rip and rflags, the tool's
+    /// value where it changed it (differs from the event's), else `completed`'s (what KVM
+    /// left: the destination written, rip past the instruction).
+    pub(crate) fn merge(&self, completed: &kvm_bindings::kvm_regs) -> kvm_bindings::kvm_regs {
+        let Some(tool) = &self.tool else {
+            return *completed;
+        };
+        let mut out = *completed;
+        let pick = |out: &mut u64, at: u64, tool: u64| {
+            if tool != at {
+                *out = tool;
+            }
+        };
+        let e = &self.at_event;
+        pick(&mut out.rax, e.rax, tool.rax);
+        pick(&mut out.rbx, e.rbx, tool.rbx);
+        pick(&mut out.rcx, e.rcx, tool.rcx);
+        pick(&mut out.rdx, e.rdx, tool.rdx);
+        pick(&mut out.rsi, e.rsi, tool.rsi);
+        pick(&mut out.rdi, e.rdi, tool.rdi);
+        pick(&mut out.rsp, e.rsp, tool.rsp);
+        pick(&mut out.rbp, e.rbp, tool.rbp);
+        pick(&mut out.r8, e.r8, tool.r8);
+        pick(&mut out.r9, e.r9, tool.r9);
+        pick(&mut out.r10, e.r10, tool.r10);
+        pick(&mut out.r11, e.r11, tool.r11);
+        pick(&mut out.r12, e.r12, tool.r12);
+        pick(&mut out.r13, e.r13, tool.r13);
+        pick(&mut out.r14, e.r14, tool.r14);
+        pick(&mut out.r15, e.r15, tool.r15);
+        pick(&mut out.rip, e.rip, tool.rip);
+        pick(&mut out.rflags, e.rflags, tool.rflags);
+        out
+    }
+}
+
 /// The guest-debug state last loaded with KVM_SET_GUEST_DEBUG.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct AppliedDebug {
@@ -393,6 +443,9 @@ pub(crate) struct Slot {
     /// The last emulation failure or fault nothing explained, with the protection epoch it
     /// happened in: it is retried once (it may have come from a protection lifted since).
     pub(crate) unexplained: Option<(u64, u64)>,
+    /// Inside a PF read event, until KVM has completed the read: SET_REGISTERS is recorded
+    /// here instead of loaded (see [`PendingRead`]).
+    pub(crate) pending_read: Option<PendingRead>,
 }
 
 impl Slot {
@@ -448,9 +501,11 @@ impl Slot {
     /// it loaded and what the engine saw of the vCPU stay, and so does a step in flight that
     /// must be undone at its exit: its lifted pages are re-protected (with no restriction
     /// left, read-write) and a CPL3 instruction stepped at CPL0 gets its CPL3 state back.
-    /// An event in flight ends (its waiter sees the detach).
+    /// An event in flight ends (its waiter sees the detach); registers a tool set during a
+    /// pending read are still merged in once the read completes.
     pub(crate) fn reset(&mut self) {
         let life = self.life;
+        let pending_read = self.pending_read;
         let applied = self.applied;
         let step = OneStep {
             through_pages: self.step.through_pages,
@@ -471,6 +526,7 @@ impl Slot {
         self.view_seq = view_seq;
         self.roots = roots;
         self.unexplained = unexplained;
+        self.pending_read = pending_read;
         self.debug_dirty = true;
     }
 }
@@ -559,6 +615,49 @@ mod tests {
             "a root seen again is the newest"
         );
         assert_eq!(s.view.map(|v| v.cr3), Some(0x10_a000));
+    }
+
+    #[test]
+    fn a_pending_read_takes_the_tool_s_registers_where_it_changed_them() {
+        let at_event = kvm_bindings::kvm_regs {
+            rax: 0xa1,
+            r12: 0,
+            rip: 0x1000,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        let completed = kvm_bindings::kvm_regs {
+            rax: 5,
+            rip: 0x1008,
+            ..at_event
+        };
+        let none = PendingRead {
+            at_event,
+            tool: None,
+        };
+        assert_eq!(none.merge(&completed), completed);
+        // Only R12 changed: the read's destination and rip are KVM's.
+        let r12 = PendingRead {
+            at_event,
+            tool: Some(kvm_bindings::kvm_regs {
+                r12: 0x1234,
+                ..at_event
+            }),
+        };
+        let m = r12.merge(&completed);
+        assert_eq!((m.rax, m.r12, m.rip, m.rflags), (5, 0x1234, 0x1008, 0x2));
+        // The destination and rip changed by the tool: the tool's values win.
+        let rax = PendingRead {
+            at_event,
+            tool: Some(kvm_bindings::kvm_regs {
+                rax: 0xbeef,
+                rip: 0x2000,
+                rflags: 0x202,
+                ..at_event
+            }),
+        };
+        let m = rax.merge(&completed);
+        assert_eq!((m.rax, m.r12, m.rip, m.rflags), (0xbeef, 0, 0x2000, 0x202));
     }
 
     #[test]

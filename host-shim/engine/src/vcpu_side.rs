@@ -375,19 +375,31 @@ impl Introspector {
                     .zip(values)
                     .map(|(&index, data)| MsrEntry { index, data })
                     .collect();
+                // Inside a read event the tool sees the registers it set, not yet loaded.
+                let set = self.slots[Self::slot_index(ctx)]
+                    .lock()
+                    .pending_read
+                    .and_then(|p| p.tool);
                 encode(&Ok(Reply::Registers(Registers {
                     mode: cpu_mode(ctx.sregs()),
-                    regs: regs_to_wire(ctx.regs()),
+                    regs: regs_to_wire(set.as_ref().unwrap_or(ctx.regs())),
                     sregs: sregs_to_wire(ctx.sregs()),
                     msrs: List::from_slice(&entries),
                 })))
             }
             VcpuCommand::SetRegisters { regs } => {
-                let in_event = self.slots[Self::slot_index(ctx)].lock().exchange.in_event();
-                if !in_event {
+                let mut s = self.slots[Self::slot_index(ctx)].lock();
+                if !s.exchange.in_event() {
                     return encode(&Err(ErrorCode::Again));
                 }
-                *ctx.regs_mut() = regs_from_wire(regs);
+                match s.pending_read.as_mut() {
+                    // A read KVM has yet to complete: loaded once it has (merged with it).
+                    Some(read) => read.tool = Some(regs_from_wire(regs)),
+                    None => {
+                        drop(s);
+                        *ctx.regs_mut() = regs_from_wire(regs);
+                    }
+                }
                 encode(&Ok(Reply::Empty))
             }
             VcpuCommand::GetXsave => match ctx.vcpu_fd().get_xsave() {

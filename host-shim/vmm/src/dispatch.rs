@@ -145,6 +145,19 @@ impl Dispatcher {
         }
     }
 
+    /// The I/O a hook asked to be called back for is complete (an immediate-exit `KVM_RUN`
+    /// returned without entering the guest): the hook's `io_completed` runs.
+    pub(crate) fn io_completed(&self, index: u32, fd: &VcpuFd, area: &mut RunArea) -> Flow {
+        let mut ctx = self.ctx(index, fd, area);
+        match self.hook.io_completed(&mut ctx) {
+            HookResult::Stop(reason) => Flow::End(RunOutcome::Stopped {
+                vcpu: index,
+                reason,
+            }),
+            _ => Flow::Continue,
+        }
+    }
+
     /// Runs the hook's `vcpu_start` with the vCPU's registers loaded into the run area (they
     /// are marked dirty, so KVM reloads the same values on the first entry).
     pub(crate) fn start(&self, index: u32, fd: &VcpuFd, area: &mut RunArea) -> Flow {

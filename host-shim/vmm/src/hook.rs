@@ -5,7 +5,9 @@
 //! [`ExitContext`] (the vCPU's synced registers, its fd for rare ioctls, guest RAM). A hook
 //! returns [`HookResult::Unhandled`] to fall through to the built-in handling (serial,
 //! debug exit, unknown-I/O policy), [`HookResult::Handled`] to resume the guest, or
-//! [`HookResult::Stop`] to end the whole run.
+//! [`HookResult::Stop`] to end the whole run. A hook that must act after KVM has completed
+//! an exit's I/O (e.g. change registers around an emulated MMIO read) asks for
+//! [`ExitHook::io_completed`] with [`ExitContext::complete_then_call_back`].
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
 use kvm_ioctls::VcpuFd;
@@ -133,6 +135,25 @@ impl ExitContext<'_> {
     pub fn ram(&self) -> &GuestRam {
         self.ram
     }
+
+    /// Asks for [`ExitHook::io_completed`] once KVM has completed the I/O this exit left
+    /// pending, before the guest runs again. For an MMIO or PIO read the completion is where
+    /// KVM's emulator writes the data (filled in by the hook) to the instruction's
+    /// destination and moves rip past it: registers changed with [`ExitContext::regs_mut`]
+    /// (or `KVM_SET_REGS`) before that make KVM drop the emulator's register cache, and the
+    /// destination never gets the data. A hook that must change registers around a read
+    /// does it in `io_completed` instead, on the registers KVM left.
+    ///
+    /// The vCPU loop runs `KVM_RUN` with `kvm_run.immediate_exit` set (KVM completes pending
+    /// I/O before it checks the flag, and returns `EINTR` without entering the guest), then
+    /// calls `io_completed` instead of treating the `EINTR` as a kick (a real kick arriving
+    /// meanwhile is seen on the next iteration). If that `KVM_RUN` reports another exit (the
+    /// instruction needs a second access), the exit is dispatched as usual and the request
+    /// stays in force until the completion returns without one. A pause or stop request is
+    /// handled first, as for any entry; a stopped vCPU is never called back.
+    pub fn complete_then_call_back(&mut self) {
+        self.area.request_io_callback();
+    }
 }
 
 /// Callbacks the vCPU loop makes for exits the introspector may want. Every method has a
@@ -193,6 +214,14 @@ pub trait ExitHook: Send + Sync {
 
     /// Called once when the vCPU's thread leaves its run loop (halted, stopped or ended).
     fn vcpu_exit(&self, _index: u32) {}
+
+    /// The I/O of an exit whose hook called [`ExitContext::complete_then_call_back`] is
+    /// complete (the context's registers are as KVM left them: a read's destination written,
+    /// rip past the instruction) and the guest has not run since. Register edits made here
+    /// are loaded on the next entry. Stop ends the run; anything else resumes the guest.
+    fn io_completed(&self, _ctx: &mut ExitContext<'_>) -> HookResult {
+        HookResult::Handled
+    }
 
     /// The vCPU thread was kicked and is about to re-enter the guest (pause/stop requests are
     /// handled by the VMM before this is called).

@@ -120,6 +120,9 @@ pub enum Exit {
 pub struct RunArea {
     run: *mut kvm_run,
     size: usize,
+    /// A hook asked for [`crate::hook::ExitHook::io_completed`] once KVM has completed the
+    /// pending I/O (see [`crate::hook::ExitContext::complete_then_call_back`]).
+    io_callback: bool,
 }
 
 // SAFETY: the pointer refers to the vCPU's kvm_run mapping, which lives as long as the VcpuFd;
@@ -136,6 +139,7 @@ impl RunArea {
         RunArea {
             run: vcpu.get_kvm_run() as *mut kvm_run,
             size,
+            io_callback: false,
         }
     }
 
@@ -160,6 +164,29 @@ impl RunArea {
     pub fn clear_immediate_exit(&self) {
         // SAFETY: the byte is inside the live mapping; all concurrent accesses are atomic.
         unsafe { AtomicU8::from_ptr(self.immediate_exit_ptr()) }.store(0, Ordering::SeqCst);
+    }
+
+    /// Sets `immediate_exit` (atomically, like a kicker): the next `KVM_RUN` completes any
+    /// pending I/O and returns `EINTR` without entering the guest.
+    pub fn set_immediate_exit(&self) {
+        // SAFETY: the byte is inside the live mapping; all concurrent accesses are atomic.
+        unsafe { AtomicU8::from_ptr(self.immediate_exit_ptr()) }.store(1, Ordering::SeqCst);
+    }
+
+    /// Asks the vCPU loop to complete the pending I/O with an immediate-exit `KVM_RUN` and
+    /// call [`crate::hook::ExitHook::io_completed`] before the guest runs again.
+    pub fn request_io_callback(&mut self) {
+        self.io_callback = true;
+    }
+
+    /// Whether [`RunArea::request_io_callback`] is in force (not yet called back).
+    pub fn io_callback_requested(&self) -> bool {
+        self.io_callback
+    }
+
+    /// Ends the request of [`RunArea::request_io_callback`] (the loop calls back now).
+    pub(crate) fn clear_io_callback(&mut self) {
+        self.io_callback = false;
     }
 
     /// Asks KVM to sync REGS, SREGS and EVENTS into the run area on every exit.

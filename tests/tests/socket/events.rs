@@ -650,17 +650,17 @@ fn read_restriction_raises_a_read_event_and_allow_returns_the_context_data() {
 }
 
 #[test]
-fn set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_destination() {
+fn set_registers_during_a_read_event_keeps_the_tool_s_changes_and_the_read_s_destination() {
     if !kvmi_tests::require_kvm(
-        "set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_destination",
+        "set_registers_during_a_read_event_keeps_the_tool_s_changes_and_the_read_s_destination",
     ) {
         return;
     }
     // Each read: R12 = 0, RAX = 0xa1, then `mov rax, [word i]` (the load does not write R12).
-    let mut t = Target::start(Image::TestGuest, "mode=mem-read-regs n=4 gate=1", &[]);
+    let mut t = Target::start(Image::TestGuest, "mode=mem-read-regs n=5 gate=1", &[]);
     let c = t.attach();
     let page = t.sym("scratch_page");
-    for (i, word) in [5u64, 7, 9, 11].into_iter().enumerate() {
+    for (i, word) in [5u64, 7, 9, 11, 13].into_iter().enumerate() {
         c.write_physical(page + 8 * i as u64, &word.to_le_bytes())
             .unwrap();
     }
@@ -679,6 +679,14 @@ fn set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_de
             }
             regs.r12 = U64::new(r12);
             c.set_registers(0, &regs).unwrap();
+            // The event's GET_REGISTERS shows what the tool set (loaded after the read).
+            let now = c.get_registers(0, &[]).unwrap().regs;
+            assert_eq!(now.r12.get(), r12, "R12 after SET_REGISTERS");
+            assert_eq!(
+                now.rax.get(),
+                rax.unwrap_or(0xa1),
+                "RAX after SET_REGISTERS"
+            );
         }
         let reply = PageFaultReply {
             trap_access: false,
@@ -688,25 +696,24 @@ fn set_registers_during_a_read_event_survives_and_the_read_does_not_reach_its_de
             .unwrap();
     };
     // CONTINUE after a SET_REGISTERS that changes only R12: R12 keeps the tool's value, and
-    // the load's destination keeps the registers' value (0xa1), not memory's 5.
+    // the load's destination gets memory's 5.
     answer(Action::Continue, Some((None, 0x1234)), &[]);
     // SKIP after setting RAX: the tool's RAX stays; the zeros do not overwrite it.
     answer(Action::Skip, Some((Some(0xbeef), 0x77)), &[]);
-    // CONTINUE with ctx_data after setting RAX: the tool's RAX stays, ctx_data goes nowhere.
-    answer(
-        Action::Continue,
-        Some((Some(0xc0de), 0x88)),
-        &0x42u64.to_le_bytes(),
-    );
-    // Without SET_REGISTERS the load completes as usual (memory's 11).
+    // CONTINUE with ctx_data after setting R12: RAX gets the context data, R12 the tool's.
+    answer(Action::Continue, Some((None, 0x88)), &0x42u64.to_le_bytes());
+    // CONTINUE after setting RAX: the tool's change of the destination wins over memory's.
+    answer(Action::Continue, Some((Some(0xc0de), 0x99)), &[]);
+    // Without SET_REGISTERS the load completes as usual (memory's 13).
     answer(Action::Continue, None, &[]);
-    t.assert_clean_exit(EXIT_WAIT, "mem-read-regs i=3 ");
+    t.assert_clean_exit(EXIT_WAIT, "mem-read-regs i=4 ");
     let serial = t.serial();
     for line in [
-        "mem-read-regs i=0 rax=0xa1 r12=0x1234\n",
+        "mem-read-regs i=0 rax=0x5 r12=0x1234\n",
         "mem-read-regs i=1 rax=0xbeef r12=0x77\n",
-        "mem-read-regs i=2 rax=0xc0de r12=0x88\n",
-        "mem-read-regs i=3 rax=0xb r12=0x0\n",
+        "mem-read-regs i=2 rax=0x42 r12=0x88\n",
+        "mem-read-regs i=3 rax=0xc0de r12=0x99\n",
+        "mem-read-regs i=4 rax=0xd r12=0x0\n",
     ] {
         assert!(serial.contains(line), "{line:?} not in {serial}");
     }
