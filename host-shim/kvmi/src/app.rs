@@ -1,5 +1,5 @@
 //! The `kvmi` command line: `run`, `caps`, `profile`, `appliance-bench`, and the tool
-//! subcommands of [`crate::cli`] on a running VM's KVMI socket.
+//! subcommands of `crate::cli` on a running VM's KVMI socket.
 
 use crate::cli;
 

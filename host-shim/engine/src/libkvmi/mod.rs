@@ -5,7 +5,7 @@
 //! A session is: the handshake ([`handshake`]: the 96-byte VMM struct out, the tool's ≥ 24-byte
 //! answer in, the cookie hash checked against `--kvmi-secret`), then kvmi-v7 messages both
 //! ways ([`session`]). The wire layouts and validation live in
-//! [`protocol::wire::libkvmi`]; [`support`] says what is implemented; [`translate`] converts.
+//! [`protocol::wire::libkvmi`]; [`support`] says what is implemented; `translate` converts.
 //!
 //! # What a tool gets (docs/protocol.md, "The libkvmi dialect", has the full table)
 //! - Commands run by the engine: GET_GUEST_INFO, GET_VCPU_INFO (TSC), PAUSE_VCPU,

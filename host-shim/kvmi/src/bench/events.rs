@@ -12,10 +12,10 @@
 //! - **socket**: the same introspector over the KVMI unix socket, answered by [`KvmiClient`];
 //! - **libkvmi**: the same introspector over the unix socket in the libkvmi (kvmi-v7)
 //!   dialect, the shim connecting to a listener of this process (`Endpoint::Connect`), answered
-//!   by a minimal libkvmi-style tool thread ([`LibkvmiTool`]): handshake, GET_VERSION,
+//!   by a minimal libkvmi-style tool thread (`LibkvmiTool`): handshake, GET_VERSION,
 //!   CONTROL_EVENTS, SET_PAGE_ACCESS, WRITE_PHYSICAL of the gate, then each PF event answered
 //!   CONTINUE with its 272-byte reply;
-//! - **v4 tool**: the v4 dialect with a tool built exactly like the libkvmi one ([`V4Tool`]:
+//! - **v4 tool**: the v4 dialect with a tool built exactly like the libkvmi one (`V4Tool`:
 //!   its own thread, the shim connecting to it). **libkvmi / v4 tool** is the dialect's own
 //!   cost; **socket** differs from both in the tool (a reader thread handing events over)
 //!   and in who connects.
@@ -949,7 +949,7 @@ fn appliance(
     Ok((times, mean, run.line.sleeps))
 }
 
-/// Runs the five paths with `n` events each, [`ROUNDS`] times alternated, on test-guest
+/// Runs the six paths with `n` events each, `ROUNDS` times alternated, on test-guest
 /// (`image`), whose profile gives
 /// the scratch `page` and the start `gate` addresses; `appliance_image` is the appliance VM.
 pub fn run(
