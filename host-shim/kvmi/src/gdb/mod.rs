@@ -56,6 +56,10 @@ pub struct GdbArgs {
 
 /// Runs `kvmi gdb`; returns the exit status.
 pub fn run(args: &GdbArgs) -> Result<u8> {
+    let wait = Duration::try_from_secs_f64(args.connect_timeout)
+        .context("--connect-timeout must be a non-negative number")?;
+    let client = KvmiClient::connect_retry(&args.socket, wait)
+        .with_context(|| format!("connecting to {}", args.socket.display()))?;
     let conn = match &args.listen {
         Some(addr) => {
             let listener = std::net::TcpListener::bind(addr)
@@ -69,10 +73,6 @@ pub fn run(args: &GdbArgs) -> Result<u8> {
         }
         None => GdbConnection::new(std::io::stdin(), std::io::stdout()),
     };
-    let wait = Duration::try_from_secs_f64(args.connect_timeout)
-        .context("--connect-timeout must be a non-negative number")?;
-    let client = KvmiClient::connect_retry(&args.socket, wait)
-        .with_context(|| format!("connecting to {}", args.socket.display()))?;
     let mut target = KvmiTarget::attach(client).context("attaching to the VM")?;
     let result = session(conn, &mut target);
     match &result {
