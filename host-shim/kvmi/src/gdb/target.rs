@@ -25,9 +25,9 @@ use gdbstub::target::{Target, TargetError, TargetResult};
 use kvmi_client::{ClientError, KvmiClient, ReceivedEvent, RegisterState, neutral_data};
 use protocol::event::EventSet;
 use protocol::types::{Access, PageAccessEntry};
-use protocol::{Action, ErrorCode, EventKind};
+use protocol::{Action, ErrorCode, EventKind, EventPayload};
 
-use super::breakpoints::{Bookkeeping, SwBreakpoint, Watch, WatchKind};
+use super::breakpoints::{Bookkeeping, SwBreakpoint, Watch, WatchKind, page_of};
 use super::events::{StopKind, Verdict, classify};
 use super::memory::{AddressSpace, PhysReader, WalkError, page_pieces, translate};
 use super::regs::{GdbRegisters, KvmiX86_64, apply_write, to_gdb};
@@ -36,6 +36,12 @@ use super::regs::{GdbRegisters, KvmiX86_64, apply_write, to_gdb};
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A command sent this often keeps held events from hitting the host's reply timeout.
 const KEEPALIVE: Duration = Duration::from_secs(2);
+/// The same silent page fault this many times in a row on a vCPU means the host cannot
+/// step the instruction through the restriction (on PVM, e.g. a CPL3 `lock inc` on a page
+/// without read access): the page is lifted for [`LIFT_WINDOW`] so it can run.
+const REPEATS_BEFORE_LIFT: u32 = 64;
+/// How long such a page stays lifted.
+const LIFT_WINDOW: Duration = Duration::from_millis(2);
 /// Hardware breakpoint slots of the engine.
 const HW_SLOTS: usize = 4;
 
@@ -97,6 +103,10 @@ pub struct KvmiTarget {
     /// vCPUs gdb gave no action continue (false: scheduler locking, they stay stopped).
     default_continue: bool,
     last_command: Instant,
+    /// The last silent page fault `(vcpu, rip, gpa, mode)` and how often it came in a row.
+    repeat: Option<((u16, u64, u64, u32), u32)>,
+    /// Pages lifted for a stuck instruction, and since when.
+    lifted: Vec<(u64, Instant)>,
 }
 
 fn base_events() -> EventSet {
@@ -149,6 +159,8 @@ impl KvmiTarget {
             physical: false,
             current: 0,
             default_continue: true,
+            repeat: None,
+            lifted: Vec::new(),
             last_command: Instant::now(),
         };
         for vcpu in 0..count {
@@ -287,10 +299,10 @@ impl KvmiTarget {
                         unreported: stop != StopKind::Paused,
                     });
                 }
-                Verdict::Silent => self.client.reply_continue(&ev)?,
+                Verdict::Silent => self.answer_silent(&ev)?,
             }
         }
-        Ok(())
+        self.restore_lifted(true)
     }
 
     /// Waits up to `timeout` for a stop while vCPUs run; answers the events that are not one.
@@ -301,6 +313,12 @@ impl KvmiTarget {
         if self.client.closed().is_some() {
             return Ok(Some(MultiThreadStopReason::Exited(0)));
         }
+        self.restore_lifted(false)?;
+        let timeout = if self.lifted.is_empty() {
+            timeout
+        } else {
+            timeout.min(LIFT_WINDOW)
+        };
         let ev = match self.client.next_event(timeout) {
             Ok(Some(ev)) => ev,
             Ok(None) => {
@@ -332,11 +350,12 @@ impl KvmiTarget {
         }
         let stop = match classify(&ev.event, &self.book, &self.hw, v.stepping) {
             Verdict::Silent => {
-                self.client.reply_continue(&ev)?;
+                self.answer_silent(&ev)?;
                 return Ok(None);
             }
             Verdict::Stop(stop) => stop,
         };
+        self.repeat = None;
         let held_event = match stop {
             StopKind::Watch { .. } => self.complete_access(vcpu, &ev)?,
             _ => ev,
@@ -351,31 +370,133 @@ impl KvmiTarget {
         Ok(Some(self.stop_reason(vcpu, stop)))
     }
 
+    /// Answers an event that is no stop: CONTINUE, unless the same page fault keeps coming
+    /// back (the host cannot step that instruction through the restriction): then the page
+    /// is lifted for a moment and the instruction re-entered (RETRY).
+    fn answer_silent(&mut self, ev: &ReceivedEvent) -> Result<(), GdbError> {
+        let EventPayload::PageFault { gpa, mode, .. } = ev.event.payload else {
+            self.repeat = None;
+            return Ok(self.client.reply_continue(ev)?);
+        };
+        let key = (
+            ev.event.common.vcpu,
+            ev.event.common.regs.rip.get(),
+            gpa,
+            mode,
+        );
+        // Only native CPL3 code gets stuck (the host emulates CPL0 accesses).
+        let user = ev.event.common.sregs.cs.dpl == 3;
+        let count = match self.repeat {
+            Some((k, n)) if k == key && user => n + 1,
+            _ => 1,
+        };
+        self.repeat = Some((key, count));
+        if count < REPEATS_BEFORE_LIFT {
+            return Ok(self.client.reply_continue(ev)?);
+        }
+        let page = page_of(gpa);
+        tracing::warn!(
+            vcpu = key.0,
+            rip = format_args!("{:#x}", key.1),
+            "the host cannot step this instruction through the page's restriction: page \
+             {page:#x} lifted for {LIFT_WINDOW:?} (accesses meanwhile are not watched)"
+        );
+        self.repeat = None;
+        self.lift(ev)?;
+        self.client.reply(ev, Action::Retry, neutral_data(ev))?;
+        Ok(())
+    }
+
+    /// Puts back the restrictions of lifted pages (all of them with `now`, else those whose
+    /// window passed).
+    fn restore_lifted(&mut self, now: bool) -> Result<(), GdbError> {
+        let due: Vec<u64> = self
+            .lifted
+            .iter()
+            .filter(|(_, at)| now || at.elapsed() >= LIFT_WINDOW)
+            .map(|(p, _)| *p)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.lifted.retain(|(p, _)| !due.contains(p));
+        let changes: Vec<(u64, Access)> = due
+            .into_iter()
+            .map(|p| (p, self.book.access_for(p)))
+            .filter(|(_, a)| *a != Access::RWX)
+            .collect();
+        Ok(self.apply_access(&changes)?)
+    }
+
     /// Lets a watched access complete (gdb compares the value after it), then holds the
-    /// vCPU in the pause event that follows.
+    /// vCPU in the pause event that follows. Where the host cannot step the instruction
+    /// through the restriction (the same fault comes back), the page is lifted and the vCPU
+    /// run until a second pause: it stops a few instructions after the access.
     fn complete_access(
         &mut self,
         vcpu: u16,
         ev: &ReceivedEvent,
     ) -> Result<ReceivedEvent, GdbError> {
-        match self.client.pause_vcpu(vcpu) {
-            Ok(()) => {}
-            Err(e) if e.kvm_code() == Some(ErrorCode::Busy) => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.pause(vcpu)?;
         self.client.reply_continue(ev)?;
-        let deadline = Instant::now() + STOP_TIMEOUT;
+        let rip = ev.event.common.regs.rip;
+        // A CPL3 access is reported at its instruction: a pause still there means it did
+        // not run (the host could not step it through the restriction).
+        let user = ev.event.common.sregs.cs.dpl == 3;
+        let mut lifted = false;
+        let mut delay = Duration::from_micros(100);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
             let next = self
                 .client
-                .next_event_matching(left, |e| e.event.common.vcpu == vcpu)?
+                .next_event_matching(STOP_TIMEOUT, |e| e.event.common.vcpu == vcpu)?
                 .ok_or(GdbError::PauseTimeout(vcpu))?;
-            if next.event.payload.kind() == EventKind::PauseVcpu {
-                self.vcpus[usize::from(vcpu)].pause_pending = false;
-                return Ok(next);
+            let stuck = user && next.event.common.regs.rip == rip;
+            match next.event.payload {
+                EventPayload::PauseVcpu if stuck && delay < Duration::from_millis(100) => {
+                    if !lifted {
+                        tracing::info!(
+                            vcpu,
+                            "the host cannot step the watched access through; lifting its page"
+                        );
+                        self.lift(ev)?;
+                        lifted = true;
+                    }
+                    // Let it run a moment (a pause right away would stop it before the
+                    // instruction), then pause again.
+                    self.client.reply_continue(&next)?;
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                    self.pause(vcpu)?;
+                }
+                EventPayload::PauseVcpu => {
+                    self.vcpus[usize::from(vcpu)].pause_pending = false;
+                    if lifted {
+                        self.restore_lifted(true)?;
+                    }
+                    return Ok(next);
+                }
+                _ => self.client.reply_continue(&next)?,
             }
-            self.client.reply_continue(&next)?;
+        }
+    }
+
+    /// Lifts the restriction of the page `ev` (a page fault) hit, until `restore_lifted`.
+    fn lift(&mut self, ev: &ReceivedEvent) -> Result<(), GdbError> {
+        if let EventPayload::PageFault { gpa, .. } = ev.event.payload {
+            let page = page_of(gpa);
+            self.apply_access(&[(page, Access::RWX)])?;
+            self.lifted.push((page, Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// PAUSE_VCPU (a pause already pending is fine).
+    fn pause(&mut self, vcpu: u16) -> Result<(), GdbError> {
+        self.touch();
+        match self.client.pause_vcpu(vcpu) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kvm_code() == Some(ErrorCode::Busy) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
