@@ -5,6 +5,8 @@
 const FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// Present bit.
 const PRESENT: u64 = 1;
+/// User/supervisor bit: CPL3 may access the page only if every level sets it.
+const USER: u64 = 1 << 2;
 /// Page-size bit (a 1 GiB page in a PDPT entry, a 2 MiB page in a PD entry).
 const PAGE_SIZE_BIT: u64 = 1 << 7;
 /// CR0.PG.
@@ -85,14 +87,36 @@ pub trait PhysReader {
     fn read_u64(&mut self, gpa: u64) -> Result<u64, Self::Error>;
 }
 
+/// Where a guest-virtual address leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// The guest-physical address.
+    pub gpa: u64,
+    /// Whether CPL3 code may access it (U/S set at every level; false when physical).
+    pub user: bool,
+}
+
 /// Translates `gva` in `space`: `Ok(None)` when it is not mapped (or not canonical).
+#[cfg(test)]
 pub fn translate<R: PhysReader>(
     reader: &mut R,
     space: AddressSpace,
     gva: u64,
 ) -> Result<Option<u64>, WalkError<R::Error>> {
+    Ok(walk(reader, space, gva)?.map(|m| m.gpa))
+}
+
+/// Translates `gva` in `space` with the mapping's user bit.
+pub fn walk<R: PhysReader>(
+    reader: &mut R,
+    space: AddressSpace,
+    gva: u64,
+) -> Result<Option<Mapping>, WalkError<R::Error>> {
     let AddressSpace::Paged { cr3 } = space else {
-        return Ok(Some(gva));
+        return Ok(Some(Mapping {
+            gpa: gva,
+            user: false,
+        }));
     };
     // Canonical: bits 63..=47 all equal.
     let top = gva >> 47;
@@ -100,6 +124,7 @@ pub fn translate<R: PhysReader>(
         return Ok(None);
     }
     let mut table = cr3 & FRAME_MASK;
+    let mut user = true;
     for level in (0..4).rev() {
         let shift = 12 + 9 * level;
         let index = (gva >> shift) & 511;
@@ -110,15 +135,22 @@ pub fn translate<R: PhysReader>(
         if entry & PRESENT == 0 {
             return Ok(None);
         }
+        user &= entry & USER != 0;
         // A large page at the PDPT (level 2: 1 GiB) or PD (level 1: 2 MiB).
         if (level == 1 || level == 2) && entry & PAGE_SIZE_BIT != 0 {
             let size = 1u64 << shift;
             let base = entry & FRAME_MASK & !(size - 1);
-            return Ok(Some(base | (gva & (size - 1))));
+            return Ok(Some(Mapping {
+                gpa: base | (gva & (size - 1)),
+                user,
+            }));
         }
         table = entry & FRAME_MASK;
     }
-    Ok(Some(table | (gva & (PAGE - 1))))
+    Ok(Some(Mapping {
+        gpa: table | (gva & (PAGE - 1)),
+        user,
+    }))
 }
 
 /// Splits `[addr, addr + len)` into pieces that do not cross a 4 KiB page: `(addr, len)`.
@@ -191,6 +223,33 @@ mod tests {
         assert_eq!(
             translate(&mut m, space, 0x0000_8000_0000_0000).unwrap(),
             None
+        );
+    }
+
+    #[test]
+    fn the_user_bit_must_be_set_at_every_level() {
+        let mut m = four_level();
+        let gva: u64 = 0x0000_7f80_4020_3000;
+        let space = AddressSpace::Paged { cr3: CR3 };
+        assert!(!walk(&mut m, space, gva).unwrap().unwrap().user);
+        for (table, shift) in [(CR3, 39), (0x2000, 30), (0x3000, 21), (0x4000, 12)] {
+            let at = entry(table, (gva >> shift) & 511);
+            let e = m.0[&at];
+            m.0.insert(at, e | USER);
+        }
+        let user = walk(&mut m, space, gva).unwrap().unwrap();
+        assert_eq!(
+            user,
+            Mapping {
+                gpa: 0x0abc_d000,
+                user: true
+            }
+        );
+        assert!(
+            !walk(&mut m, AddressSpace::Physical, gva)
+                .unwrap()
+                .unwrap()
+                .user
         );
     }
 

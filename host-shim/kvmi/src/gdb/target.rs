@@ -29,7 +29,7 @@ use protocol::{Action, ErrorCode, EventKind, EventPayload};
 
 use super::breakpoints::{Bookkeeping, SwBreakpoint, Watch, WatchKind, page_of};
 use super::events::{StopKind, Verdict, classify};
-use super::memory::{AddressSpace, PhysReader, WalkError, page_pieces, translate};
+use super::memory::{AddressSpace, Mapping, PhysReader, WalkError, page_pieces, walk};
 use super::regs::{GdbRegisters, KvmiX86_64, apply_write, to_gdb};
 
 /// How long stopping waits for a vCPU's pause event.
@@ -229,9 +229,14 @@ impl KvmiTarget {
 
     /// Translates `gva` for `vcpu` (`Ok(None)`: unmapped).
     fn translate(&mut self, vcpu: u16, gva: u64) -> Result<Option<u64>, String> {
+        Ok(self.mapping(vcpu, gva)?.map(|m| m.gpa))
+    }
+
+    /// Translates `gva` for `vcpu`, with the mapping's user bit.
+    fn mapping(&mut self, vcpu: u16, gva: u64) -> Result<Option<Mapping>, String> {
         let space = self.space(vcpu)?;
         self.touch();
-        translate(&mut ClientPhys(&self.client), space, gva).map_err(|e| match e {
+        walk(&mut ClientPhys(&self.client), space, gva).map_err(|e| match e {
             WalkError::Read { gpa, source } => format!("page walk at {gpa:#x}: {source}"),
             other => other.to_string(),
         })
@@ -776,8 +781,18 @@ impl GdbSwBreakpoint for KvmiTarget {
         if self.book.sw_at(addr, None).is_some() {
             return Ok(true);
         }
-        let gpa = match self.translate(self.current, addr) {
-            Ok(Some(gpa)) => gpa,
+        let gpa = match self.mapping(self.current, addr) {
+            Ok(Some(Mapping { user: true, .. })) => {
+                // On PVM the host cannot step CPL3 code through a no-exec page: the guest
+                // would take a #DB at every instruction stepped there.
+                tracing::warn!(
+                    "no software breakpoint at {addr:#x}: the page is user-accessible (on this \
+                     host CPL3 code can neither be stepped through a no-exec page nor \
+                     hardware-breakpointed)"
+                );
+                return Ok(false);
+            }
+            Ok(Some(m)) => m.gpa,
             Ok(None) => return Ok(false),
             Err(e) => return nonfatal("breakpoint address", e),
         };
