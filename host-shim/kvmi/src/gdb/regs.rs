@@ -129,6 +129,48 @@ pub fn to_gdb(regs: &KvmRegs, sregs: &KvmSregs) -> GdbRegisters {
     }
 }
 
+/// Fills the x87 and SSE registers from an XSAVE area (its legacy FXSAVE region, 64-bit
+/// format); a short area leaves them as they are.
+pub fn fill_fpu(regs: &mut GdbRegisters, xsave: &[u8]) {
+    if xsave.len() < 416 {
+        return;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([xsave[o], xsave[o + 1]]);
+    let u32_at =
+        |o: usize| u32::from_le_bytes([xsave[o], xsave[o + 1], xsave[o + 2], xsave[o + 3]]);
+    let fpu = &mut regs.core.fpu;
+    fpu.fctrl = u32::from(u16_at(0));
+    fpu.fstat = u32::from(u16_at(2));
+    // The abridged tag (1 bit per register, 1 = valid) as the full tag word gdb shows:
+    // 00 valid, 11 empty (the finer zero/special classes are not recovered).
+    let abridged = xsave[4];
+    fpu.ftag = (0..8)
+        .map(|i| {
+            if abridged & (1 << i) != 0 {
+                0
+            } else {
+                3 << (2 * i)
+            }
+        })
+        .sum();
+    fpu.fop = u32::from(u16_at(6));
+    fpu.fioff = u32_at(8);
+    fpu.fiseg = 0;
+    fpu.fooff = u32_at(16);
+    fpu.foseg = 0;
+    regs.core.mxcsr = u32_at(24);
+    for (i, st) in regs.core.st.iter_mut().enumerate() {
+        let at = 32 + 16 * i;
+        st.copy_from_slice(&xsave[at..at + 10]);
+    }
+    for (i, xmm) in regs.core.xmm.iter_mut().enumerate() {
+        let at = 160 + 16 * i;
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&xsave[at..at + 16]);
+        *xmm = u128::from_le_bytes(b);
+    }
+}
+
 /// Why a register write is refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
@@ -252,6 +294,29 @@ mod tests {
         );
         let cr3 = TARGET_XML.find("name=\"cr3\"").unwrap();
         assert!(TARGET_XML.find("name=\"fs_base\"").unwrap() < cr3);
+    }
+
+    #[test]
+    fn x87_and_sse_come_from_the_xsave_legacy_region() {
+        let mut area = vec![0u8; 576];
+        area[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        area[2..4].copy_from_slice(&0x0800u16.to_le_bytes());
+        area[4] = 0b0000_0001;
+        area[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        area[32..42].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        area[160 + 16..160 + 32]
+            .copy_from_slice(&0x1122_3344_5566_7788_99aa_bbcc_ddee_ff00u128.to_le_bytes());
+        let mut g = GdbRegisters::default();
+        fill_fpu(&mut g, &area);
+        assert_eq!(g.core.fpu.fctrl, 0x37f);
+        assert_eq!(g.core.fpu.fstat, 0x800);
+        assert_eq!(g.core.fpu.ftag, 0xfffc, "st0 valid, the others empty");
+        assert_eq!(g.core.mxcsr, 0x1f80);
+        assert_eq!(g.core.st[0], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(g.core.xmm[1], 0x1122_3344_5566_7788_99aa_bbcc_ddee_ff00);
+        let mut untouched = GdbRegisters::default();
+        fill_fpu(&mut untouched, &area[..100]);
+        assert_eq!(untouched, GdbRegisters::default());
     }
 
     #[test]

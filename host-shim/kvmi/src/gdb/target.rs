@@ -30,7 +30,7 @@ use protocol::{Action, ErrorCode, EventKind, EventPayload};
 use super::breakpoints::{Bookkeeping, SwBreakpoint, Watch, WatchKind, page_of};
 use super::events::{StopKind, Verdict, classify};
 use super::memory::{AddressSpace, Mapping, PhysReader, WalkError, page_pieces, walk};
-use super::regs::{GdbRegisters, KvmiX86_64, apply_write, to_gdb};
+use super::regs::{GdbRegisters, KvmiX86_64, apply_write, fill_fpu, to_gdb};
 
 /// How long stopping waits for a vCPU's pause event.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,6 +86,8 @@ struct Vcpu {
     action: Option<ResumeAction>,
     /// Registers read since the vCPU stopped (and written by gdb).
     regs: Option<RegisterState>,
+    /// The XSAVE area read since the vCPU stopped (empty: not available).
+    xsave: Option<Vec<u8>>,
 }
 
 /// The VM as a gdbstub multi-thread target.
@@ -209,6 +211,25 @@ impl KvmiTarget {
         let r = self.client.get_registers(vcpu, &[])?;
         self.vcpus[usize::from(vcpu)].regs = Some(r.clone());
         Ok(r)
+    }
+
+    /// The registers as gdb sees them (x87/SSE from GET_XSAVE where the host allows it).
+    fn view(&mut self, vcpu: u16) -> Result<(RegisterState, GdbRegisters), ClientError> {
+        let state = self.registers(vcpu)?;
+        let mut view = to_gdb(&state.regs, &state.sregs);
+        let i = usize::from(vcpu);
+        if self.vcpus[i].xsave.is_none() {
+            self.touch();
+            let area = self.client.get_xsave(vcpu).unwrap_or_else(|e| {
+                tracing::debug!("GET_XSAVE: {e}");
+                Vec::new()
+            });
+            self.vcpus[i].xsave = Some(area);
+        }
+        if let Some(area) = &self.vcpus[i].xsave {
+            fill_fpu(&mut view, area);
+        }
+        Ok((state, view))
     }
 
     fn space(&mut self, vcpu: u16) -> Result<AddressSpace, String> {
@@ -559,6 +580,7 @@ impl KvmiTarget {
             }
             self.vcpus[i].stepping = stepping;
             self.vcpus[i].regs = None;
+            self.vcpus[i].xsave = None;
             let kind = held.event.event.payload.kind();
             // A breakpoint gdb did not hear of is met again by re-entering at rip.
             let retry =
@@ -600,9 +622,9 @@ impl MultiThreadBase for KvmiTarget {
             return Err(TargetError::NonFatal);
         };
         self.current = vcpu;
-        match self.registers(vcpu) {
-            Ok(r) => {
-                *regs = to_gdb(&r.regs, &r.sregs);
+        match self.view(vcpu) {
+            Ok((_, view)) => {
+                *regs = view;
                 Ok(())
             }
             Err(e) => nonfatal("reading registers", e),
@@ -613,11 +635,10 @@ impl MultiThreadBase for KvmiTarget {
         let Some(vcpu) = self.vcpu_index(tid) else {
             return Err(TargetError::NonFatal);
         };
-        let state = match self.registers(vcpu) {
-            Ok(r) => r,
+        let (state, current) = match self.view(vcpu) {
+            Ok(v) => v,
             Err(e) => return nonfatal("reading registers", e),
         };
-        let current = to_gdb(&state.regs, &state.sregs);
         let new = match apply_write(&state.regs, &current, regs) {
             Ok(n) => n,
             Err(e) => return nonfatal("writing registers", e),
