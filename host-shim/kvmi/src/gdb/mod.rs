@@ -9,10 +9,11 @@
 //! below waits for gdb's bytes and the VM's events at once ([`transport`]).
 //!
 //! `detach` closes the KVMI channel (the host lifts every restriction and the VM runs on);
-//! `kill` is not carried out: the stub detaches the same way and the VM runs on.
+//! `kill` is refused with an error reply (gdb: "Can't kill process"); gdb's `quit` detaches.
 
 mod breakpoints;
 mod events;
+mod lifecycle;
 mod memory;
 mod regs;
 mod target;
@@ -38,8 +39,8 @@ pub use target::MONITOR_HELP;
     after_help = "EXAMPLE:\n  gdb -ex 'target remote | kvmi gdb --socket /tmp/vm.sock'\n\n\
     Software breakpoints are execute traps on their page (guest memory is never patched);\n\
     hardware breakpoints (hbreak) at most 4; watch/rwatch/awatch are page-access traps.\n\
-    `kill` is refused: the stub detaches and the VM runs on. `monitor help` lists the\n\
-    monitor commands."
+    `kill` is refused (\"Can't kill process\"); `detach` or `quit` leave the VM running.\n\
+    `monitor help` lists the monitor commands."
 )]
 pub struct GdbArgs {
     /// The VM's KVMI socket (`kvmi run --kvmi-socket PATH`).
@@ -77,7 +78,7 @@ pub fn run(args: &GdbArgs) -> Result<u8> {
     let result = session(conn, &mut target);
     match &result {
         Ok(DisconnectReason::Kill) => {
-            tracing::warn!("kill is not supported: detached, the VM runs on");
+            tracing::warn!("gdb killed the session: detached, the VM runs on");
         }
         Ok(reason) => tracing::info!("gdb session ended: {reason:?}"),
         Err(e) => tracing::warn!("gdb session ended: {e:#}"),

@@ -614,6 +614,12 @@ impl Target for KvmiTarget {
     fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
         Some(self)
     }
+
+    fn support_extended_mode(
+        &mut self,
+    ) -> Option<gdbstub::target::ext::extended_mode::ExtendedModeOps<'_, Self>> {
+        Some(self)
+    }
 }
 
 impl MultiThreadBase for KvmiTarget {
