@@ -738,6 +738,11 @@ impl ThreadExtraInfo for KvmiTarget {
 
 impl MultiThreadResume for KvmiTarget {
     fn resume(&mut self) -> Result<(), GdbError> {
+        if let Some(reason) = self.client.closed() {
+            // The VM is gone: the next poll reports its exit.
+            tracing::info!("not resuming: {reason}");
+            return Ok(());
+        }
         self.do_resume()
     }
 
