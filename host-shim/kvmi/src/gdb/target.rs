@@ -454,15 +454,20 @@ impl KvmiTarget {
         Ok(self.apply_access(&changes)?)
     }
 
-    /// Lets a watched access complete (gdb compares the value after it), then holds the
-    /// vCPU in the pause event that follows. Where the host cannot step the instruction
-    /// through the restriction (the same fault comes back), the page is lifted and the vCPU
-    /// run until a second pause: it stops a few instructions after the access.
+    /// Lets a watched access complete (gdb compares the value after it) and holds the vCPU
+    /// after it: CPL0 code by a single step ([`Self::step_past_access`]), CPL3 code (which
+    /// cannot be stepped here) by a pause asked before the reply. Where the host cannot step
+    /// a CPL3 instruction through the restriction (the pause finds it still at the access),
+    /// the page is lifted and the vCPU run until a second pause: it stops a few
+    /// instructions after the access.
     fn complete_access(
         &mut self,
         vcpu: u16,
         ev: &ReceivedEvent,
     ) -> Result<ReceivedEvent, GdbError> {
+        if ev.event.common.sregs.cs.dpl != 3 {
+            return self.step_past_access(vcpu, ev);
+        }
         self.pause(vcpu)?;
         self.client.reply_continue(ev)?;
         let rip = ev.event.common.regs.rip;
@@ -500,6 +505,42 @@ impl KvmiTarget {
                         self.restore_lifted(true)?;
                     }
                     return Ok(next);
+                }
+                _ => self.client.reply_continue(&next)?,
+            }
+        }
+    }
+
+    /// CPL0 code (which the host can single-step): CONTINUE the access with SINGLESTEP on
+    /// and hold the vCPU in the SINGLESTEP event after the instruction (where the host
+    /// reports the access with rip already past it, one instruction later).
+    fn step_past_access(
+        &mut self,
+        vcpu: u16,
+        ev: &ReceivedEvent,
+    ) -> Result<ReceivedEvent, GdbError> {
+        let i = usize::from(vcpu);
+        let was_stepping = self.vcpus[i].stepping;
+        if !was_stepping {
+            self.client
+                .control_events(vcpu, base_events().with(EventKind::Singlestep))?;
+        }
+        self.client.reply_continue(ev)?;
+        loop {
+            let next = self
+                .client
+                .next_event_matching(STOP_TIMEOUT, |e| e.event.common.vcpu == vcpu)?
+                .ok_or(GdbError::PauseTimeout(vcpu))?;
+            match next.event.payload {
+                EventPayload::Singlestep => {
+                    if !was_stepping {
+                        self.client.control_events(vcpu, base_events())?;
+                    }
+                    return Ok(next);
+                }
+                EventPayload::PauseVcpu => {
+                    self.vcpus[i].pause_pending = false;
+                    self.client.reply_continue(&next)?;
                 }
                 _ => self.client.reply_continue(&next)?,
             }
