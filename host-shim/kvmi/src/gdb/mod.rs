@@ -65,7 +65,8 @@ pub fn run(args: &GdbArgs) -> Result<u8> {
         Some(addr) => {
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("listening on {addr}"))?;
-            tracing::warn!("waiting for gdb on {}", listener.local_addr()?);
+            // Not a log line: a script starting `--listen HOST:0` reads the port here.
+            eprintln!("kvmi gdb: waiting for gdb on {}", listener.local_addr()?);
             let (stream, peer) = listener.accept().context("accepting gdb")?;
             tracing::info!("gdb connected from {peer}");
             stream.set_nodelay(true).ok();

@@ -109,6 +109,8 @@ pub struct KvmiTarget {
     repeat: Option<((u16, u64, u64, u32), u32)>,
     /// Pages lifted for a stuck instruction, and since when.
     lifted: Vec<(u64, Instant)>,
+    /// vCPUs whose step was not carried out (CPL3): reported as stepped at the next poll.
+    pending_stops: Vec<u16>,
 }
 
 fn base_events() -> EventSet {
@@ -163,6 +165,7 @@ impl KvmiTarget {
             default_continue: true,
             repeat: None,
             lifted: Vec::new(),
+            pending_stops: Vec::new(),
             last_command: Instant::now(),
         };
         for vcpu in 0..count {
@@ -340,6 +343,12 @@ impl KvmiTarget {
             return Ok(Some(MultiThreadStopReason::Exited(0)));
         }
         self.restore_lifted(false)?;
+        if let Some(vcpu) = self.pending_stops.pop() {
+            self.pending_stops.clear();
+            self.stop_all()?;
+            self.current = vcpu;
+            return Ok(Some(self.stop_reason(vcpu, StopKind::Step)));
+        }
         let timeout = if self.lifted.is_empty() {
             timeout
         } else {
@@ -599,6 +608,14 @@ impl KvmiTarget {
         Ok(self.stop_reason(vcpu, StopKind::Paused))
     }
 
+    /// Whether `vcpu` (held) runs at CPL3.
+    fn at_cpl3(&mut self, vcpu: u16) -> bool {
+        let held = self.vcpus[usize::from(vcpu)].held;
+        held.map(|h| h.event.event.common.sregs.cs.dpl == 3)
+            .or_else(|| self.registers(vcpu).ok().map(|r| r.sregs.cs.dpl == 3))
+            .unwrap_or(false)
+    }
+
     fn do_resume(&mut self) -> Result<(), GdbError> {
         for vcpu in 0..self.count() {
             let i = usize::from(vcpu);
@@ -607,10 +624,20 @@ impl KvmiTarget {
             let Some(action) = action.or(default) else {
                 continue;
             };
+            let stepping = action == ResumeAction::Step;
+            if stepping && self.at_cpl3(vcpu) {
+                // On this host a single step of native CPL3 code reaches the guest as #DB
+                // (and kills the task): the vCPU stays where it is and the step "completes".
+                tracing::warn!(
+                    vcpu,
+                    "cannot single-step CPL3 code here (the guest would take #DB): not stepped"
+                );
+                self.pending_stops.push(vcpu);
+                continue;
+            }
             let Some(held) = self.vcpus[i].held.take() else {
                 continue;
             };
-            let stepping = action == ResumeAction::Step;
             if stepping != self.vcpus[i].stepping {
                 let events = if stepping {
                     base_events().with(EventKind::Singlestep)
