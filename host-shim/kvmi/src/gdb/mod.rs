@@ -1,20 +1,27 @@
 //! `kvmi gdb`: a GDB remote-serial-protocol stub on a VM's KVMI channel.
 //!
 //! gdb sees the VM as one process whose threads are the vCPUs (thread id = vCPU index + 1).
-//! The stub is built on the `gdbstub` crate ([`target::KvmiTarget`] is its target):
-//! registers from GET/SET_REGISTERS ([`regs`]), memory through the thread's page tables over
-//! READ/WRITE_PHYSICAL ([`memory`]), hardware breakpoints with CONTROL_BREAKPOINT, software
-//! breakpoints and watchpoints as page-access restrictions whose PAGE_FAULT events are
-//! filtered ([`breakpoints`], [`events`]); guest memory is never patched. The session loop
-//! below waits for gdb's bytes and the VM's events at once ([`transport`]).
+//! The stub is built on the `gdbstub` crate; `target::KvmiTarget` is its target:
+//! - `regs`: the register set (GET/SET_REGISTERS, GET_XSAVE) and its target description;
+//! - `memory`: virtual memory through the thread's page tables over READ/WRITE_PHYSICAL;
+//! - `insert` and `breakpoints`: hardware breakpoints with CONTROL_BREAKPOINT, software
+//!   breakpoints and watchpoints as page-access restrictions (guest memory is never patched);
+//! - `execution` and `events`: vCont, all-stop, which events are stops and which the stub
+//!   answers by itself;
+//! - `monitor`: `monitor` commands; `lifecycle`: kill/run/attach refused;
+//! - `transport`: stdin/stdout or one TCP connection; the session loop below waits for
+//!   gdb's bytes and the VM's events at once.
 //!
-//! `detach` closes the KVMI channel (the host lifts every restriction and the VM runs on);
-//! `kill` is refused with an error reply (gdb: "Can't kill process"); gdb's `quit` detaches.
+//! `detach` (and `quit`) close the KVMI channel: the host lifts every restriction and the VM
+//! runs on. `kill` is refused with an error reply (gdb: "Can't kill process").
 
 mod breakpoints;
 mod events;
+mod execution;
+mod insert;
 mod lifecycle;
 mod memory;
+mod monitor;
 mod regs;
 mod target;
 mod transport;
@@ -31,7 +38,7 @@ use kvmi_client::KvmiClient;
 use target::KvmiTarget;
 use transport::GdbConnection;
 
-pub use target::MONITOR_HELP;
+pub use monitor::MONITOR_HELP;
 
 /// `kvmi gdb`.
 #[derive(Args, Debug)]
