@@ -11,10 +11,13 @@
 //!   `kvmi`, from the same `kvmi::app::main`).
 //! - [`libkvmi_peer`] is a libkvmi stand-in: the tool side of the libkvmi (`kvmi-v7`) dialect,
 //!   byte for byte as libkvmi 1.1 behaves, for the shim's `--kvmi-dialect libkvmi`.
+//! - [`gdb`] runs the real GDB against `kvmi gdb` (the GDB remote stub over a KVMI socket)
+//!   on a VM started by [`socket_target`], with a timeout, and parses what GDB printed.
 //! - [`hostile`] is a misbehaving tool in a child process (the example `hostile_tool`) that a
 //!   test can make stop reading, fill the socket, stop (SIGSTOP), resume and kill.
 
 pub mod common;
+pub mod gdb;
 pub mod hostile;
 pub mod libkvmi_peer;
 pub mod socket_target;

@@ -85,6 +85,17 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         events: u64,
     },
+    /// Write an embedded image's ELF to a file (for gdb's `file`, objdump, ...).
+    Image {
+        /// The embedded image (demo-target, test-guest, appliance).
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Where to write the ELF.
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Debug a running VM with gdb: a GDB remote stub on its KVMI socket (vCPUs are threads).
+    Gdb(crate::gdb::GdbArgs),
     /// Subcommands on a running VM's KVMI socket (events, regs, read, pause, ...).
     #[command(flatten)]
     Tool(cli::ToolCommand),
@@ -300,6 +311,18 @@ fn profile(spec: &str) -> Result<u8> {
     Ok(0)
 }
 
+fn write_image(name: &str, output: &std::path::Path) -> Result<u8> {
+    let Some(image) = Image::from_name(name) else {
+        let names: Vec<&str> = Image::ALL.iter().map(|i| i.name()).collect();
+        bail!("no embedded image `{name}` (one of {})", names.join(", "));
+    };
+    let Some(bytes) = image.elf() else {
+        bail!("image `{name}` is not embedded in this build (built with KVMI_SKIP_IMAGES?)");
+    };
+    std::fs::write(output, bytes).with_context(|| format!("writing {}", output.display()))?;
+    Ok(0)
+}
+
 fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
     let (_, image) = load_image("test-guest")?;
     let (_, appliance) = load_image("appliance")?;
@@ -345,6 +368,8 @@ pub fn main() -> ExitCode {
         Command::Caps { json } => caps(json),
         Command::Profile { image } => profile(&image),
         Command::ApplianceBench { mib, events } => appliance_bench(mib, events),
+        Command::Image { name, output } => write_image(&name, &output),
+        Command::Gdb(args) => crate::gdb::run(&args),
         Command::Tool(command) => cli::run(command),
     };
     match result {

@@ -8,5 +8,6 @@ pub mod app;
 pub mod args;
 pub mod bench;
 mod cli;
+pub mod gdb;
 pub mod images;
 pub mod profile;
