@@ -105,6 +105,9 @@ pub struct GdbOutput {
     pub status: Option<i32>,
     /// The command line, for failure messages.
     pub command: String,
+    /// The remote-protocol packets of the session (`set remotelogfile`, written by
+    /// [`session`]; empty for [`run`] without it).
+    pub remote_log: String,
 }
 
 impl std::fmt::Display for GdbOutput {
@@ -126,15 +129,20 @@ pub fn session(target: &Target, elf: &Path, commands: &[String]) -> GdbOutput {
         crate::kvmi_bin().display(),
         target.socket.display()
     );
+    let n = SESSIONS.load(std::sync::atomic::Ordering::Relaxed);
+    let remote_log = target.dir().join(format!("remote-{n}.log"));
     let mut all = vec![
         "set pagination off".to_string(),
         "set remotetimeout 20".to_string(),
+        // The packets go to a file of their own, never interleaved with GDB's output.
+        format!("set remotelogfile {}", remote_log.display()),
         format!("file {}", elf.display()),
         remote,
         ATTACHED.to_string(),
     ];
     all.extend(commands.iter().cloned());
-    let out = run(target.dir(), &all, GDB_TIMEOUT);
+    let mut out = run(target.dir(), &all, GDB_TIMEOUT);
+    out.remote_log = std::fs::read_to_string(&remote_log).unwrap_or_default();
     assert!(
         out.values("SESSION_PC").len() == 1,
         "GDB did not attach through `kvmi gdb` (no registers after `target remote`); VM \
@@ -205,6 +213,7 @@ pub fn run(dir: &Path, commands: &[String], timeout: Duration) -> GdbOutput {
         text: text(),
         status: status.flatten(),
         command,
+        remote_log: String::new(),
     };
     if !wait::within(STUB_EXIT, || stubs.iter().all(|&pid| !alive(pid))) {
         kill_all(&stubs);
