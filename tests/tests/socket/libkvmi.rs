@@ -281,11 +281,13 @@ fn libkvmi_read_under_pause_sees_the_demo_task_table_and_resume_needs_one_reply_
     for want in ["init", "secret-reader", "agent-caller", "busy"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
-    // The demo's rootkit, once it ran, has marked `monitor` exited and renamed itself
-    // `kworker/0`: the table shows one state or the other, never a mix.
+    // The demo's rootkit, once it ran, has renamed itself `kworker/0` and marked `monitor`
+    // exited (its entry stays until the slot is reused): before that, both are there by name.
     let tampered = names.contains(&"kworker/0");
-    assert_eq!(names.contains(&"monitor"), !tampered, "{names:?}");
     assert_eq!(names.contains(&"rootkit"), !tampered, "{names:?}");
+    if !tampered {
+        assert!(names.contains(&"monitor"), "{names:?}");
+    }
     // Each task is logged after its table entry is written, so a task the pause caught in
     // between is logged once the guest runs again: the lines are checked after the resume.
     let lines: Vec<String> = list
