@@ -3,7 +3,7 @@
 //!
 //! # Protocol (stream socket, little-endian)
 //! 1. **Handshake**, shim → agent, once after `accept`: the appliance's [`BootInfo`] record
-//!    ([`HANDSHAKE_SIZE`] = 328 bytes; `ring_region_*` and `map_window_*` filled in, `ram_size`
+//!    ([`HANDSHAKE_SIZE`] = 344 bytes; `ring_region_*` and `map_window_*` filled in, `ram_size`
 //!    0) in one `sendmsg` whose `SCM_RIGHTS` carries exactly two file descriptors: the ring
 //!    region memfd (`ring_region_size` bytes, laid out with `Region::create`) and the map
 //!    window memfd (`map_window_size` bytes). The agent maps both `MAP_SHARED`.
@@ -57,7 +57,7 @@ pub struct HostRequest {
     pub token: [u64; 4],
 }
 
-const _: () = assert!(REQUEST_SIZE == 80 && HANDSHAKE_SIZE == 328);
+const _: () = assert!(REQUEST_SIZE == 80 && HANDSHAKE_SIZE == 344);
 
 impl HostRequest {
     /// The registers as the shim's doorbell path sees them.

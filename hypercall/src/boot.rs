@@ -47,8 +47,8 @@ pub const IMAGE_MIN_ADDR: u64 = 0x10_0000;
 pub const CMDLINE_MAX: usize = 256;
 /// [`BootInfo::magic`]: "KVMIBOOT" in little-endian byte order.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"KVMIBOOT");
-/// [`BootInfo::version`] of this layout.
-pub const BOOT_VERSION: u32 = 1;
+/// [`BootInfo::version`] of this layout (2: the target directory fields were added).
+pub const BOOT_VERSION: u32 = 2;
 
 /// The record the VMM writes at [`BOOT_INFO_ADDR`] before the first vCPU runs.
 #[repr(C)]
@@ -78,10 +78,16 @@ pub struct BootInfo {
     pub reserved: u32,
     /// The command line (`key=value` words separated by spaces), NUL-terminated.
     pub cmdline: [u8; CMDLINE_MAX],
+    /// Guest-physical base of the appliance's target directory (see
+    /// [`crate::directory`]), 0 when there is none (a guest that is not an appliance).
+    pub directory_gpa: u64,
+    /// Size of the target directory region in bytes, 0 when there is none.
+    pub directory_size: u64,
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<BootInfo>() == 328);
+    assert!(core::mem::size_of::<BootInfo>() == 344);
+    assert!(core::mem::offset_of!(BootInfo, directory_gpa) == 328);
     assert!(core::mem::offset_of!(BootInfo, ram_size) == 16);
     assert!(core::mem::offset_of!(BootInfo, ring_region_gpa) == 32);
     assert!(core::mem::offset_of!(BootInfo, cmdline_len) == 64);

@@ -42,8 +42,49 @@ pub const MAX_RANGE_PAGES: u64 = 512;
 /// Size of a page mapped by the map calls.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// [`Hypercall::Notify`] argument meaning "every ring may need service".
+/// [`Hypercall::Notify`] argument meaning "every ring of every slot may need service".
 pub const NOTIFY_ALL_RINGS: u64 = u64::MAX;
+/// The ring part of a [`Hypercall::Notify`] argument meaning "every ring of this slot".
+pub const NOTIFY_SLOT_RINGS: u32 = u32::MAX;
+
+/// The [`Hypercall::Notify`] argument naming ring `ring` (or [`NOTIFY_SLOT_RINGS`]) of target
+/// slot `slot` (see [`crate::directory`]): `slot << 32 | ring`. Slot 0's arguments are plain
+/// ring indexes, as before slots existed.
+pub const fn notify_arg(slot: u32, ring: u32) -> u64 {
+    ((slot as u64) << 32) | ring as u64
+}
+
+/// What a [`Hypercall::Notify`] argument names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotifyTarget {
+    /// Every ring of every slot ([`NOTIFY_ALL_RINGS`]).
+    All,
+    /// Every ring of one slot.
+    Slot(u32),
+    /// One ring of one slot.
+    Ring {
+        /// The target slot.
+        slot: u32,
+        /// The ring index in that slot's ring region.
+        ring: u32,
+    },
+}
+
+impl NotifyTarget {
+    /// Decodes a [`Hypercall::Notify`] argument (every value means something; a slot or ring
+    /// that does not exist is the shim's to ignore).
+    pub const fn of(arg: u64) -> NotifyTarget {
+        if arg == NOTIFY_ALL_RINGS {
+            return NotifyTarget::All;
+        }
+        let (slot, ring) = ((arg >> 32) as u32, arg as u32);
+        if ring == NOTIFY_SLOT_RINGS {
+            NotifyTarget::Slot(slot)
+        } else {
+            NotifyTarget::Ring { slot, ring }
+        }
+    }
+}
 
 /// A hypercall number, as the guest puts it in RAX.
 #[repr(u64)]
@@ -68,10 +109,11 @@ pub enum Hypercall {
     /// page, `a2` = first window page, `a3` = page count (1..=[`MAX_RANGE_PAGES`]).
     /// Returns the number of pages mapped (= `a3`).
     MapRange = OWN_RANGE_BASE + 3,
-    /// Drop every mapping in the caller's map window. Returns the number of pages unmapped.
+    /// Drop every mapping in the caller's map windows (every slot's). Returns the number of
+    /// pages unmapped.
     RevokeAll = OWN_RANGE_BASE + 4,
-    /// Wake the shim: ring `a0` (an index into the discovery ring table, or
-    /// [`NOTIFY_ALL_RINGS`]) needs service. Returns 0.
+    /// Wake the shim: ring `a0` needs service ([`notify_arg`]: a slot and an index into that
+    /// slot's ring table, or [`NOTIFY_ALL_RINGS`]). Returns 0.
     Notify = OWN_RANGE_BASE + 5,
 }
 
@@ -320,6 +362,21 @@ const _: () = {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn notify_arguments_name_slots_and_rings() {
+        assert_eq!(NotifyTarget::of(NOTIFY_ALL_RINGS), NotifyTarget::All);
+        // A plain ring index is slot 0's ring (the single-target encoding).
+        assert_eq!(NotifyTarget::of(5), NotifyTarget::Ring { slot: 0, ring: 5 });
+        assert_eq!(
+            NotifyTarget::of(notify_arg(3, 7)),
+            NotifyTarget::Ring { slot: 3, ring: 7 }
+        );
+        assert_eq!(
+            NotifyTarget::of(notify_arg(2, NOTIFY_SLOT_RINGS)),
+            NotifyTarget::Slot(2)
+        );
+    }
+
     #[test]
     fn encode_is_the_inverse_of_decode() {
         let requests = [

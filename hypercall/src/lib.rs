@@ -9,6 +9,7 @@
 //! - [`call`]: hypercall numbers and the register convention; [`error`]: their results.
 //! - [`token`]: the 32-byte map token.
 //! - [`discovery`]: the header of the ring region that the appliance reads.
+//! - [`directory`]: the appliance's target directory (one slot per guarded target, the policy).
 //! - [`ring`]: the lock-free shared-memory rings (the only `unsafe` code is `ring::shm`).
 //!
 //! Features: `alloc` (regions shared through `Arc`), `std` (host waiters; implies `alloc`).
@@ -20,6 +21,7 @@ extern crate alloc;
 
 pub mod boot;
 pub mod call;
+pub mod directory;
 pub mod discovery;
 pub mod error;
 pub mod ports;

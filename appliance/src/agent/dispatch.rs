@@ -77,6 +77,8 @@ pub struct Agent<M, H, W, N> {
     stats: AgentStats,
     record: Vec<u8>,
     reply: Vec<u8>,
+    /// The vCPU [`Agent::poll_at_most`] starts with.
+    next_vcpu: usize,
 }
 
 impl<M, H, W, N> core::fmt::Debug for Agent<M, H, W, N> {
@@ -128,6 +130,7 @@ where
             stats: AgentStats::default(),
             record,
             reply: vec![0; V4::MAX_MSG_SIZE],
+            next_vcpu: 0,
         })
     }
 
@@ -164,13 +167,29 @@ where
     /// Drains every event ring once: each event is dispatched and answered. Returns the
     /// number of events handled.
     pub fn poll(&mut self) -> Result<usize, AgentError> {
+        self.poll_at_most(usize::MAX)
+    }
+
+    /// Handles at most `budget` events, taking the vCPUs' rings in turn from where the last
+    /// call stopped (so a budget smaller than the backlog still reaches every vCPU). Returns
+    /// the number handled. An agent serving several targets calls this on each in turn: no
+    /// target then waits for more than one budget of every other target's events.
+    pub fn poll_at_most(&mut self, budget: usize) -> Result<usize, AgentError> {
         let mut handled = 0;
-        for vcpu in 0..self.events.len() {
+        let vcpus = self.events.len();
+        for turn in 0..vcpus {
+            if handled >= budget {
+                break;
+            }
+            let vcpu = (self.next_vcpu + turn) % vcpus;
             let err = |source| AgentError::Ring {
                 vcpu: vcpu as u32,
                 source,
             };
-            while let Some(n) = self.events[vcpu].try_pop(&mut self.record).map_err(err)? {
+            while handled < budget {
+                let Some(n) = self.events[vcpu].try_pop(&mut self.record).map_err(err)? else {
+                    break;
+                };
                 if self.handle_record(vcpu, n)? {
                     handled += 1;
                 }
@@ -181,6 +200,10 @@ where
             self.replies[vcpu]
                 .publish_and_notify(&self.waiting.notify)
                 .map_err(err)?;
+            if handled >= budget {
+                // Resume after this vCPU next time.
+                self.next_vcpu = (vcpu + 1) % vcpus;
+            }
         }
         if handled > 0 {
             self.flush_log()?;

@@ -24,6 +24,9 @@
 
 use vmm::sync::Rank;
 
+/// A fleet's state (`appliance_link::fleet`: its appliance and its targets' slots): held
+/// while a target is attached, detached or started and while the appliance is replaced.
+pub const FLEET: Rank = Rank::new(0, "link.fleet");
 /// The appliance lifecycle's current attachment (`appliance_link::launch`): held while an
 /// appliance is retired (its grants revoked, its ring service stopped, the engine detached)
 /// and its successor booted.

@@ -261,22 +261,66 @@ fn run(mut args: RunArgs) -> Result<u8> {
     if dialect != kvmi_engine::Dialect::V4 && introspection.is_none() {
         bail!("--kvmi-dialect libkvmi needs --kvmi-connect or --kvmi-socket (and no appliance)");
     }
-    let mut vm = Vm::new(config, &image).with_context(|| format!("building the VM for {name}"))?;
-    vm.set_serial(serial);
+    let targets = args.appliance.targets;
+    if !(1..=hypercall::directory::MAX_SLOTS).contains(&targets) {
+        bail!("--targets must be 1..={}", hypercall::directory::MAX_SLOTS);
+    }
+    let mut fleet = Vec::new();
+    if appliance_image.is_some() {
+        // Every target is its own VM of the same image and configuration.
+        for i in 1..=targets {
+            let target = if targets == 1 {
+                name.clone()
+            } else {
+                format!("{name}-{i}")
+            };
+            let config = VmConfig {
+                name: format!("kvmi-{target}"),
+                ..config.clone()
+            };
+            let mut vm =
+                Vm::new(config, &image).with_context(|| format!("building the VM for {target}"))?;
+            vm.set_serial(serial.try_clone().context("duplicating the serial sink")?);
+            fleet.push((target, name.clone(), vm));
+        }
+    }
+    // Without an appliance: the one target, with the tool (if any) of the flags.
+    let single = if fleet.is_empty() {
+        let mut vm =
+            Vm::new(config, &image).with_context(|| format!("building the VM for {name}"))?;
+        vm.set_serial(serial);
+        Some(vm)
+    } else {
+        None
+    };
     install_sigint();
     let limits = RunLimits {
         timeout,
         interrupt: Some(&INTERRUPTED),
     };
     let report = match (appliance_image, introspection) {
-        (Some(image), _) => args.appliance.run(&args.kvmi, vm, image, limits)?.target,
-        (None, _) if host_agent => args.appliance.run_host_socket(&args.kvmi, vm, limits)?,
-        (None, introspection) => match introspection {
-            Some((config, endpoint)) => {
-                kvmi_engine::start_introspected_dialect(vm, config, endpoint, dialect)?.wait(limits)
+        (Some(image), _) => {
+            let report = args.appliance.run_fleet(&args.kvmi, fleet, image, limits)?;
+            // The exit status is the first target's.
+            let mut targets = report.targets;
+            targets.sort_by_key(|t| t.id);
+            targets
+                .into_iter()
+                .next()
+                .map(|t| t.run)
+                .context("no target ran")?
+        }
+        (None, introspection) => {
+            let vm = single.context("no target VM was built")?;
+            match introspection {
+                _ if host_agent => args.appliance.run_host_socket(&args.kvmi, vm, limits)?,
+                Some((config, endpoint)) => {
+                    kvmi_engine::start_introspected_dialect(vm, config, endpoint, dialect)?
+                        .wait(limits)
+                }
+                None => vm.run(limits)?,
             }
-            None => vm.run(limits)?,
-        },
+        }
     };
     let code = report.outcome.exit_code();
     if report.outcome.is_success() {

@@ -9,12 +9,14 @@
 //! - [`pager`]: MEM_MAP / MEM_UNMAP / MAP_RANGE / REVOKE_ALL, checked (token, target, window,
 //!   alignment) and served with `mmap(MAP_FIXED)` of the target's memfd over the window.
 //! - [`hook`]: the appliance VM's doorbell (VERSION, FEATURES, NOTIFY and the page calls).
+//! - [`fleet`]: one appliance guarding many targets, which come and go ([`fleet::Fleet`]).
 //! - [`launch`]: boots the target and the appliance together ([`launch::start_with_appliance`]).
 //!
 //! Process boundary: the ring region and the target RAM are memfds
 //! ([`vmm::GuestRam::memfd_file`]), so an appliance VMM in another process could receive
 //! them by `SCM_RIGHTS`; this shim runs both VMs in one process.
 
+pub mod fleet;
 pub mod hook;
 pub mod host_socket;
 pub mod launch;

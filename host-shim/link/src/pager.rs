@@ -277,6 +277,17 @@ impl Pager {
         self.window_gpa
     }
 
+    /// Size of the window in bytes.
+    pub fn window_len(&self) -> u64 {
+        self.window.len()
+    }
+
+    /// Whether window address `gpa` is inside this pager's window.
+    pub fn window_contains(&self, gpa: u64) -> bool {
+        gpa.checked_sub(self.window_gpa)
+            .is_some_and(|offset| offset < self.window.len())
+    }
+
     /// The VM window (its host mapping is what the appliance sees); None for a host agent.
     pub fn window(&self) -> Option<&Arc<RemapWindow>> {
         match &self.window {

@@ -31,10 +31,10 @@ use guest_runtime::{println, user};
 
 /// The demo target's profile (`kvmi profile --image demo-target`), checked against the
 /// embedded demo-target by host-shim's tests.
-const PROFILE: &str = include_str!("../../../appliance/tests/fixtures/demo-target.profile.json");
+pub(crate) const PROFILE: &str = include_str!("../../../appliance/tests/fixtures/demo-target.profile.json");
 
 /// TSC frequency assumed when the shim does not report the target's.
-const FALLBACK_TSC_HZ: u64 = 2_000_000_000;
+pub(crate) const FALLBACK_TSC_HZ: u64 = 2_000_000_000;
 
 /// Exit status: a command-line key is not a number.
 pub const BAD_COMMAND_LINE: u32 = guest_runtime::status::BAD_COMMAND_LINE;
@@ -50,11 +50,11 @@ static MAP_TOKEN: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 /// Token buffer of the NOTIFY backend (never used for a token).
 static NOTIFY_TOKEN: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 
-type Notifier = HypercallNotify<&'static PortHypercalls>;
-type Wait = Waiting<PauseWaiter, Notifier>;
-type Client = CommandClient<GuestMemory>;
-type Window = MapWindow<PortHypercalls, GuestMemory>;
-type Job = MainJob<PortHypercalls, GuestMemory, SharedTokens<GuestMemory, PauseWaiter, Notifier>>;
+pub(crate) type Notifier = HypercallNotify<&'static PortHypercalls>;
+pub(crate) type Wait = Waiting<PauseWaiter, Notifier>;
+pub(crate) type Client = CommandClient<GuestMemory>;
+pub(crate) type Window = MapWindow<PortHypercalls, GuestMemory>;
+pub(crate) type Job = MainJob<PortHypercalls, GuestMemory, SharedTokens<GuestMemory, PauseWaiter, Notifier>>;
 
 /// Why the agent stopped.
 pub(crate) enum Fail {
@@ -94,12 +94,12 @@ impl fmt::Display for Fail {
 }
 
 /// Command-line options (see images/README.md).
-struct Options {
-    events: Option<u64>,
-    secs: Option<u64>,
-    scan_ms: u64,
-    summary_ms: u64,
-    cache: usize,
+pub(crate) struct Options {
+    pub events: Option<u64>,
+    pub secs: Option<u64>,
+    pub scan_ms: u64,
+    pub summary_ms: u64,
+    pub cache: usize,
 }
 
 impl Options {
@@ -138,14 +138,14 @@ pub extern "sysv64" fn agent_main(info: u64) -> ! {
 }
 
 #[derive(Serialize)]
-struct Start {
-    finding: &'static str,
-    profile: &'static str,
-    target_vcpus: u32,
-    ring_bytes: u64,
-    window_pages: u64,
-    cache_pages: usize,
-    tsc_hz: u64,
+pub(crate) struct Start {
+    pub finding: &'static str,
+    pub profile: &'static str,
+    pub target_vcpus: u32,
+    pub ring_bytes: u64,
+    pub window_pages: u64,
+    pub cache_pages: usize,
+    pub tsc_hz: u64,
 }
 
 #[derive(Serialize)]
@@ -172,7 +172,7 @@ struct ErrorLine {
 }
 
 #[derive(Serialize)]
-struct Summary {
+pub(crate) struct Summary {
     finding: &'static str,
     #[serde(rename = "final")]
     last: bool,
@@ -210,6 +210,12 @@ pub(crate) struct Link {
 fn run(info: &'static BootInfo) -> Result<(), Fail> {
     let options = Options::parse(info)?;
     let bench = crate::bench::Mode::parse(info)?;
+    if bench.is_none()
+        && let Some(dir) = crate::fleet::open_directory(info)
+    {
+        // A fleet appliance: every target the directory lists, as they come and go.
+        return crate::fleet::run(info, &dir, &options);
+    }
     let link = open_link(info)?;
     match bench {
         Some(mode) => crate::bench::run(mode, &link),
@@ -311,7 +317,7 @@ fn main_job(link: &Link, options: &Options) -> Result<(), Fail> {
 }
 
 /// GET_GUEST_INFO: the target's TSC frequency (the same host clock the agent's TSC runs on).
-fn guest_tsc_hz(client: &RefCell<Client>, waiting: &Wait) -> Result<Option<u64>, Fail> {
+pub(crate) fn guest_tsc_hz(client: &RefCell<Client>, waiting: &Wait) -> Result<Option<u64>, Fail> {
     let reply = client
         .borrow_mut()
         .call(&Command::GetGuestInfo, waiting)
@@ -323,7 +329,7 @@ fn guest_tsc_hz(client: &RefCell<Client>, waiting: &Wait) -> Result<Option<u64>,
 }
 
 /// Sends the guard's set-up commands; a refused one is reported and the rest still sent.
-fn set_up_guard(
+pub(crate) fn set_up_guard(
     agent: &mut Agent<GuestMemory, Job, PauseWaiter, Notifier>,
     plan: &GuardPlan,
     vcpus: u32,
@@ -370,7 +376,7 @@ fn set_up_guard(
 }
 
 /// Lists the task table and emits a line per change.
-fn emit_scan(agent: &mut Agent<GuestMemory, Job, PauseWaiter, Notifier>) {
+pub(crate) fn emit_scan(agent: &mut Agent<GuestMemory, Job, PauseWaiter, Notifier>) {
     let lines = agent.handler_mut().scan();
     for line in &lines {
         agent.log().emit(line);
@@ -422,7 +428,7 @@ fn serve(
     }
 }
 
-fn summary(
+pub(crate) fn summary(
     agent: &mut Agent<GuestMemory, Job, PauseWaiter, Notifier>,
     window: &Window,
     rate: &mut Rate,

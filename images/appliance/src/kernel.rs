@@ -120,6 +120,62 @@ pub fn start(boot: Boot) -> ! {
     port::exit(BAD_SYSCALL)
 }
 
+/// The areas of a fleet appliance beyond slot 0's: the directory and slots 1.. (ring region
+/// and window each), checked to lie above RAM and inside the boot identity map.
+struct FleetAreas {
+    directory: (u64, u64),
+    slots: [Option<(u64, u64)>; 2 * hypercall::directory::MAX_SLOTS as usize],
+}
+
+fn fleet_areas(info: &hypercall::boot::BootInfo, discovery: &Discovery) -> Option<FleetAreas> {
+    let (gpa, size) = (info.directory_gpa, info.directory_size);
+    let fits = |start: u64, len: u64| {
+        start >= info.ram_size
+            && start.is_multiple_of(4096)
+            && len.is_multiple_of(4096)
+            && start
+                .checked_add(len)
+                .is_some_and(|end| end <= hypercall::boot::IDENTITY_MAP_BYTES)
+    };
+    if gpa == 0 || size == 0 || !fits(gpa, size) {
+        return None;
+    }
+    // SAFETY: `gpa..gpa+size` lies inside the boot identity map (checked above), which the
+    // kernel runs on; the region is only read through atomic word loads.
+    let region = unsafe {
+        hypercall::ring::SharedRegion::new((), gpa as *mut u8, usize::try_from(size).ok()?)
+    }
+    .ok()?;
+    let directory = hypercall::directory::Directory::open(&region).ok()?;
+    let mut slots = [None; 2 * hypercall::directory::MAX_SLOTS as usize];
+    for i in 1..directory.slot_count() {
+        let Ok(slot) = directory.slot(i) else {
+            continue;
+        };
+        for (k, (start, len)) in [
+            (slot.ring_gpa, slot.ring_size),
+            (slot.window_gpa, slot.window_size),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let overlaps_slot0 = [
+                (discovery.ring_gpa, discovery.ring_size),
+                (discovery.window_gpa, discovery.window_size),
+            ]
+            .iter()
+            .any(|&(s, l)| start < s + l && s < start + len);
+            if len != 0 && fits(start, len) && !overlaps_slot0 {
+                slots[2 * i as usize + k] = Some((start, len));
+            }
+        }
+    }
+    Some(FleetAreas {
+        directory: (gpa, size),
+        slots,
+    })
+}
+
 /// Builds and loads the address space; returns the heap's physical range.
 fn build_address_space(
     boot: &Boot,
@@ -141,18 +197,26 @@ fn build_address_space(
         space.map_2m(at, at, user_data, &mut alloc)?;
         at += paging::LARGE_PAGE_SIZE;
     }
-    for (start, len) in [
-        (discovery.ring_gpa, discovery.ring_size),
-        (discovery.window_gpa, discovery.window_size),
-    ] {
-        // Discovery checked both areas are page multiples that do not wrap.
+    let mut map = |start: u64, len: u64, flags: u64| -> Result<(), PagingError> {
         let pieces = identity::pieces(start, len).ok_or(PagingError::Misaligned)?;
         for piece in pieces {
             if piece.size == identity::LARGE {
-                space.map_2m(piece.addr, piece.addr, user_data, &mut alloc)?;
+                space.map_2m(piece.addr, piece.addr, flags, &mut alloc)?;
             } else {
-                space.map_4k(piece.addr, piece.addr, user_data, &mut alloc)?;
+                space.map_4k(piece.addr, piece.addr, flags, &mut alloc)?;
             }
+        }
+        Ok(())
+    };
+    // Discovery checked both areas are page multiples that do not wrap.
+    map(discovery.ring_gpa, discovery.ring_size, user_data)?;
+    map(discovery.window_gpa, discovery.window_size, user_data)?;
+    // A fleet appliance: the directory (read-only for the agent) and every other slot's ring
+    // region and window (the shim wrote their addresses before boot, empty slots included).
+    if let Some(areas) = fleet_areas(boot.info, discovery) {
+        map(areas.directory.0, areas.directory.1, flags::USER | flags::NO_EXECUTE)?;
+        for (start, len) in areas.slots.iter().flatten() {
+            map(*start, *len, user_data)?;
         }
     }
     // SAFETY: `space` maps the image (code, stacks, descriptor tables), the boot info and the

@@ -8,6 +8,7 @@
 extern crate alloc;
 
 mod bench;
+mod fleet;
 mod handler;
 mod job;
 mod kernel;

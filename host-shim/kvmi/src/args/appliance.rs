@@ -7,6 +7,7 @@ use hypercall::ring::RingSizes;
 use protocol::masks::AllowedMasks;
 
 use crate::args::introspection::KvmiRunArgs;
+use appliance_link::fleet::{Fleet, FleetConfig, FleetReport, MAX_SLOT_WINDOW, TargetSpec};
 use appliance_link::launch::{
     ApplianceConfig, ApplianceReport, DEFAULT_WINDOW_SIZE, start_with_appliance,
 };
@@ -78,6 +79,10 @@ pub struct ApplianceRunArgs {
     /// the target runs on, unhooked.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub appliance_restarts: u32,
+    /// Boot N targets (named `<image>-1` .. `<image>-N`, each with --vcpus, --memory and
+    /// --cmdline), all guarded by the one appliance VM (at most 8).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub targets: u32,
 }
 
 /// A bad appliance flag.
@@ -126,6 +131,8 @@ impl ApplianceRunArgs {
             Some("--appliance-cmdline")
         } else if self.appliance_restarts != 0 {
             Some("--appliance-restarts")
+        } else if self.targets != 1 {
+            Some("--targets")
         } else {
             None
         }
@@ -271,6 +278,75 @@ impl ApplianceRunArgs {
             report.pages.pages_unmapped,
             report.pages.refused,
             report.revoked_at_end,
+        ));
+        Ok(report)
+    }
+}
+
+impl ApplianceRunArgs {
+    /// Runs `targets` (name, profile, VM) under one appliance VM booting `image` until every
+    /// target has ended, or `limits` expire (the agent then prints its final summaries);
+    /// prints a line per target on stderr.
+    pub fn run_fleet(
+        &self,
+        kvmi: &KvmiRunArgs,
+        targets: Vec<(String, String, Vm)>,
+        image: Vec<u8>,
+        limits: RunLimits,
+    ) -> Result<FleetReport, ApplianceArgsError> {
+        let serial = stderr_sink().map_err(|source| IntrospectError::Io {
+            what: "duplicating stderr".into(),
+            source,
+        })?;
+        let (intro_config, mut config) = self.setup(kvmi, image, serial, stdout_sink())?;
+        let slots = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        if slots > 1 && config.window_size > MAX_SLOT_WINDOW {
+            config.window_size = MAX_SLOT_WINDOW;
+        }
+        let max_vcpus = targets
+            .iter()
+            .map(|(_, _, vm)| vm.boot_info().vcpu_count)
+            .max()
+            .unwrap_or(1);
+        let specs = targets
+            .into_iter()
+            .map(|(name, profile, vm)| TargetSpec {
+                name,
+                profile,
+                vm,
+                introspection: intro_config.clone(),
+            })
+            .collect();
+        let fleet = Fleet::start(
+            FleetConfig {
+                appliance: config,
+                slots,
+                max_vcpus,
+                policy: Vec::new(),
+            },
+            specs,
+        )?;
+        let report = fleet.wait(limits);
+        for t in &report.targets {
+            vmm::devices::eprint_line(format_args!(
+                "kvmi: target {} ({}): {}; pages mapped {} in {} calls, unmapped {}, refused calls {}",
+                t.id,
+                t.name,
+                t.run.outcome,
+                t.pages.pages_mapped,
+                t.pages.map_calls,
+                t.pages.pages_unmapped,
+                t.pages.refused,
+            ));
+        }
+        vmm::devices::eprint_line(format_args!(
+            "kvmi: appliance {}, rings {:?}, restarts {}",
+            report
+                .appliance
+                .as_ref()
+                .map_or("not run".to_string(), |r| r.outcome.to_string()),
+            report.service,
+            report.restarts,
         ));
         Ok(report)
     }

@@ -1,0 +1,266 @@
+//! The main job of a fleet appliance: guard every target the directory lists, each in its
+//! own slot (rings, map window, command client, guard, task list, summary), served in turn.
+//!
+//! Fairness: each pass over the targets handles at most [`BUDGET`] events of each, so an
+//! event of one target waits for at most `BUDGET` events of every other target (plus the one
+//! being handled) before the agent gets to it, however hard the others flood.
+//!
+//! The directory is re-read when its generation changes: a slot that turns live (or live with
+//! another target id) gets a fresh job, whose guard is set up before the agent answers the
+//! target's first event; a slot that turns gone drops its job. When the shim sets the
+//! directory's stop word (Ctrl-C, a timeout) every job emits its final summary and the agent
+//! ends.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use appliance::agent::{Agent, CommandClient, Waiting};
+use appliance::guard::GuardPlan;
+use appliance::memory::CachedMemory;
+use appliance::profile::Profile;
+use appliance::tasks::TaskLayout;
+use appliance_image::watch::Rate;
+use guest_driver::port::{GuestMemory, PauseWaiter, PortHypercalls, open_in_vm};
+use guest_driver::{Discovery, HypercallNotify};
+use hypercall::boot::BootInfo;
+use hypercall::call::{NOTIFY_SLOT_RINGS, notify_arg};
+use hypercall::directory::{Directory, Slot, SlotState};
+use hypercall::discovery::{NO_VCPU, RingKind};
+use hypercall::ring::{SharedRegion, WaitStrategy};
+
+use crate::handler::MainJob;
+use crate::job::{
+    Client, FALLBACK_TSC_HZ, Fail, Job, Options, PROFILE, Start, Wait, Window, emit_scan,
+    guest_tsc_hz, rdtsc, set_up_guard, summary,
+};
+use crate::tokens::SharedTokens;
+
+/// Events of one target handled per pass before the next target's turn.
+pub const BUDGET: usize = 16;
+
+/// The directory as the agent sees it.
+type Dir = Directory<SharedRegion<()>>;
+
+/// One guarded target.
+struct TargetJob {
+    id: u64,
+    agent: Agent<GuestMemory, Job, PauseWaiter, crate::job::Notifier>,
+    window: &'static Window,
+    rate: Rate,
+    tsc_hz: u64,
+    started: u64,
+    next_scan: u64,
+    next_summary: u64,
+    scans: bool,
+}
+
+/// Opens the directory named by the boot info, if there is one.
+pub fn open_directory(info: &BootInfo) -> Option<Dir> {
+    if info.directory_gpa == 0 || info.directory_size == 0 {
+        return None;
+    }
+    let len = usize::try_from(info.directory_size).ok()?;
+    // SAFETY: the kernel mapped the directory virtual = physical, user-readable, for the rest
+    // of the program (it checked the area before mapping it); it is only read through atomic
+    // word loads.
+    let region = unsafe { SharedRegion::new((), info.directory_gpa as *mut u8, len) }.ok()?;
+    Directory::open(region).ok()
+}
+
+/// Staging buffer of the map tokens of every slot's window (one agent thread: calls never
+/// overlap).
+static MAP_TOKEN: [core::sync::atomic::AtomicU64; 4] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; 4];
+/// Token buffer of the NOTIFY backends (never used for a token).
+static NOTIFY_TOKEN: [core::sync::atomic::AtomicU64; 4] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; 4];
+
+/// Builds the job of the target in `slot` (live): opens its rings and window, sets up its
+/// guard over its command ring and emits its start line. The window, client and waiters are
+/// leaked (a few KiB per target that ever joined: the page cache borrows them for good).
+fn open_job(
+    info: &'static BootInfo,
+    slot: &Slot,
+    profile: &Profile,
+    options: &Options,
+) -> Result<TargetJob, Fail> {
+    let discovery = Discovery {
+        ring_gpa: slot.ring_gpa,
+        ring_size: slot.ring_size,
+        window_gpa: slot.window_gpa,
+        window_size: slot.window_size,
+        vcpu_count: info.vcpu_count,
+    };
+    let calls = PortHypercalls::new(&MAP_TOKEN, (&raw const MAP_TOKEN) as u64)
+        .map_err(Fail::Open)?;
+    let notify_calls: &'static PortHypercalls = Box::leak(Box::new(
+        PortHypercalls::new(&NOTIFY_TOKEN, (&raw const NOTIFY_TOKEN) as u64)
+            .map_err(Fail::Open)?,
+    ));
+    // SAFETY: the kernel mapped every slot's ring region and window virtual = physical,
+    // user-writable, for the rest of the program; only this slot's job touches them.
+    let (region, window) = unsafe {
+        open_in_vm(
+            &discovery,
+            slot.ring_gpa as *mut u8,
+            slot.window_gpa as *mut u8,
+            calls,
+        )
+    }
+    .map_err(Fail::Open)?;
+    let window: &'static Window = Box::leak(Box::new(window));
+    let index = slot.index;
+    let wait = |ring: u32| -> &'static Wait {
+        Box::leak(Box::new(Waiting::new(
+            WaitStrategy::default(),
+            PauseWaiter { pauses: 16 },
+            HypercallNotify::new(notify_calls, notify_arg(index, ring)),
+        )))
+    };
+    let waiting = wait(NOTIFY_SLOT_RINGS);
+    let command_ring = region
+        .ring_index(RingKind::Command, NO_VCPU)
+        .map_err(Fail::Ring)?;
+    let commands = wait(command_ring);
+    let client: &'static RefCell<Client> = Box::leak(Box::new(RefCell::new(CommandClient::new(
+        region
+            .producer_for(RingKind::Command, NO_VCPU)
+            .map_err(Fail::Ring)?,
+        region
+            .consumer_for(RingKind::CommandReply, NO_VCPU)
+            .map_err(Fail::Ring)?,
+    ))));
+    let plan = GuardPlan::from_profile(profile).map_err(Fail::Profile)?;
+    let layout = TaskLayout::from_profile(profile).map_err(Fail::Profile)?;
+    let cache_pages = options.cache.min(window.slot_count());
+    let mem = CachedMemory::new(window, SharedTokens::new(client, commands), cache_pages);
+    let vcpus = region.params().vcpu_count;
+    let mut agent: Agent<_, Job, _, _> =
+        Agent::new(&region, MainJob::new(plan.clone(), layout, mem), waiting.clone())
+            .map_err(Fail::Agent)?;
+    let tsc_hz = guest_tsc_hz(client, commands)?.unwrap_or(FALLBACK_TSC_HZ);
+    agent.log().emit(&Start {
+        finding: "start",
+        profile: "demo-target",
+        target_vcpus: vcpus,
+        ring_bytes: slot.ring_size,
+        window_pages: discovery.window_slots(),
+        cache_pages,
+        tsc_hz,
+    });
+    emit_scan(&mut agent);
+    set_up_guard(&mut agent, &plan, vcpus, client, commands)?;
+    agent.flush_log().map_err(Fail::Agent)?;
+    let now = rdtsc();
+    let ms = tsc_hz / 1000;
+    Ok(TargetJob {
+        id: slot.target_id,
+        agent,
+        window,
+        rate: Rate::new(tsc_hz, now, 0),
+        tsc_hz,
+        started: now,
+        next_scan: now + options.scan_ms * ms,
+        next_summary: now + options.summary_ms * ms,
+        scans: true,
+    })
+}
+
+/// The fleet's main job: until the stop word, `events=` (in total) or `secs=`.
+pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), Fail> {
+    let profile = Profile::from_json(PROFILE.as_bytes()).map_err(Fail::Profile)?;
+    let mut jobs: Vec<Option<TargetJob>> = (0..dir.slot_count()).map(|_| None).collect();
+    let mut seen = None;
+    let tsc_hz = FALLBACK_TSC_HZ;
+    let start = rdtsc();
+    let deadline = options
+        .secs
+        .map(|s| start.saturating_add(s.saturating_mul(tsc_hz)));
+    let mut first = 0usize;
+    loop {
+        let generation = dir.generation();
+        if seen != Some(generation) {
+            seen = Some(generation);
+            refresh(info, dir, &profile, options, &mut jobs)?;
+        }
+        let mut handled = 0;
+        let count = jobs.len();
+        for turn in 0..count {
+            let i = (first + turn) % count.max(1);
+            if let Some(job) = jobs[i].as_mut() {
+                handled += job.agent.poll_at_most(BUDGET).map_err(Fail::Agent)?;
+            }
+        }
+        first = (first + 1) % count.max(1);
+        let now = rdtsc();
+        let total: u64 = jobs
+            .iter()
+            .flatten()
+            .map(|j| j.agent.stats().events)
+            .sum();
+        let stop = dir.stop_requested();
+        let done = stop
+            || options.events.is_some_and(|n| total >= n)
+            || deadline.is_some_and(|d| now >= d);
+        for job in jobs.iter_mut().flatten() {
+            periodic(job, options, now, done)?;
+        }
+        if done {
+            return Ok(());
+        }
+        if handled == 0 {
+            for _ in 0..64 {
+                core::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Re-reads the directory: new or replaced live slots get a job, gone ones lose theirs.
+fn refresh(
+    info: &'static BootInfo,
+    dir: &Dir,
+    profile: &Profile,
+    options: &Options,
+    jobs: &mut [Option<TargetJob>],
+) -> Result<(), Fail> {
+    for (i, job) in jobs.iter_mut().enumerate() {
+        let Ok(slot) = dir.slot(i as u32) else {
+            // Mid-rewrite or invalid: look again at the next generation.
+            continue;
+        };
+        let current = job.as_ref().map(|j| j.id);
+        match slot.state {
+            SlotState::Live if current == Some(slot.target_id) => {}
+            SlotState::Live => {
+                *job = None;
+                *job = Some(open_job(info, &slot, profile, options)?);
+            }
+            SlotState::Gone | SlotState::Empty => *job = None,
+        }
+    }
+    Ok(())
+}
+
+/// A job's task scan and summary when they are due (the final summary when `done`).
+fn periodic(job: &mut TargetJob, options: &Options, now: u64, done: bool) -> Result<(), Fail> {
+    let ms = job.tsc_hz / 1000;
+    if job.scans && now >= job.next_scan {
+        emit_scan(&mut job.agent);
+        job.next_scan = now + options.scan_ms * ms;
+    }
+    if now >= job.next_summary || done {
+        let line = summary(
+            &mut job.agent,
+            job.window,
+            &mut job.rate,
+            now,
+            now - job.started,
+            done,
+        );
+        job.agent.log().emit(&line);
+        job.next_summary = now + options.summary_ms * ms;
+    }
+    job.agent.flush_log().map_err(Fail::Agent)
+}
