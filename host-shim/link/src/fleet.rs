@@ -644,6 +644,23 @@ impl Fleet {
         }));
     }
 
+    /// One look at the fleet, as [`Fleet::wait`] takes every 20 ms: targets that ended are
+    /// detached (their slots freed) and an appliance that ended is replaced. Returns true when
+    /// no target runs any more. For callers that drive the fleet themselves.
+    pub fn watch(&self) -> bool {
+        self.check()
+    }
+
+    /// The ids and names of the targets that have ended so far, in the order they ended.
+    pub fn ended(&self) -> Vec<(u64, String)> {
+        self.state
+            .lock()
+            .ended
+            .iter()
+            .map(|t| (t.id, t.name.clone()))
+            .collect()
+    }
+
     /// Asks the agent for its final report and to end (the directory's stop word).
     pub fn request_stop(&self) {
         let mut state = self.state.lock();

@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod fleet;
 mod host_socket;
 mod image;
 mod main_job;
