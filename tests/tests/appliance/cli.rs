@@ -43,11 +43,34 @@ fn kvmi_with_no_arguments_runs_the_main_job_until_ctrl_c() {
     }
     assert_eq!(seen[0]["finding"], "start", "{seen:?}");
     assert_eq!(seen[0]["profile"], "demo-target", "{seen:?}");
-    // Ctrl-C stops it with the documented status.
+    // Every line names the target it is about.
+    assert!(
+        seen.iter()
+            .all(|f| f["target"] == 1 && f["target_name"] == "demo-target"),
+        "{seen:?}"
+    );
+    // Ctrl-C stops it with the documented status, after the agent's final summary.
     // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let status = child.wait().expect("kvmi ends");
     assert_eq!(status.code(), Some(130), "Ctrl-C status");
+    // The reader thread ends at EOF: everything printed is in the channel now.
+    seen.extend(
+        rx.iter()
+            .map(|l| serde_json::from_str::<Value>(&l).expect("JSON lines")),
+    );
+    let finals: Vec<&Value> = seen
+        .iter()
+        .filter(|f| f["finding"] == "summary" && f["final"] == true)
+        .collect();
+    assert_eq!(finals.len(), 1, "one final summary after Ctrl-C: {seen:?}");
+    assert_eq!(finals[0]["target"], 1, "{seen:?}");
+    assert_eq!(finals[0]["events"], finals[0]["replies"], "{seen:?}");
+    let last = seen.last().unwrap();
+    assert!(
+        last["finding"] == "summary" && last["final"] == true,
+        "the final summary is the last line: {seen:?}"
+    );
 }
 
 #[test]
@@ -100,7 +123,7 @@ fn kvmi_run_main_job_prints_json_findings_on_stdout() {
         "the boot's task creations traced: {stdout}"
     );
     assert!(
-        stderr.contains("kvmi: appliance: target guest exited with status 0"),
+        stderr.contains("kvmi: target 1 (demo-target): guest exited with status 0"),
         "{stderr}"
     );
 }
@@ -135,9 +158,9 @@ fn kvmi_run_restarts_an_appliance_that_ends_and_refuses_orphan_appliance_options
         .filter(|f| f["finding"] == "start")
         .count();
     assert_eq!(starts, 2, "two agents, one after the other: {stdout}");
-    assert!(stderr.contains("started appliance #1"), "{stderr}");
-    assert!(stderr.contains("the target runs on, unhooked"), "{stderr}");
-    assert!(stderr.contains("restarts 1;"), "{stderr}");
+    assert!(stderr.contains("started appliance #1 for 1 targets"), "{stderr}");
+    assert!(stderr.contains("the targets run on, unhooked"), "{stderr}");
+    assert!(stderr.contains("restarts 1\n"), "{stderr}");
 
     let out = Command::new(kvmi_tests::kvmi_bin())
         .args(["run", "--no-appliance", "--appliance-restarts", "1"])
