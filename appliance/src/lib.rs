@@ -19,8 +19,11 @@
 //! - [`profile`] and [`tasks`]: OS awareness from the image profile (the demo target's task
 //!   table: pid, name, state, parent, CPU, CR3).
 //! - [`agent`]: the event loop, handlers, the command client and the JSON-line output.
-//! - [`guard`]: the main job's policy for the demo target (write-protect kernel text and the
-//!   task table, deny user writes with SKIP, trace `task_create`), from the profile alone.
+//! - [`policy`]: the compiled guard policy the host hands over (what to protect, how to
+//!   answer violations, which functions to trace), decoded and checked as untrusted bytes.
+//! - [`guard`]: the guard driven by a target's rules from the policy (the demo policy:
+//!   write-protect kernel text and the task table, deny user writes with SKIP, trace
+//!   `task_create`).
 //!
 //! Everything read from the target or the shim is validated: the target can rewrite its
 //! memory while we read it, the shim's ring records are decoded by `protocol`.
@@ -33,5 +36,6 @@ pub mod agent;
 pub mod guard;
 pub mod memory;
 pub mod paging;
+pub mod policy;
 pub mod profile;
 pub mod tasks;

@@ -158,7 +158,7 @@ struct GuardLine {
 
 #[derive(Serialize)]
 struct Protected {
-    range: &'static str,
+    range: alloc::string::String,
     start: u64,
     end: u64,
 }
@@ -363,7 +363,7 @@ pub(crate) fn set_up_guard(
                 .ranges
                 .iter()
                 .map(|(range, r)| Protected {
-                    range,
+                    range: range.clone(),
                     start: r.start,
                     end: r.end,
                 })
