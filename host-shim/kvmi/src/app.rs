@@ -266,7 +266,17 @@ fn run(mut args: RunArgs) -> Result<u8> {
         bail!("--targets must be 1..={}", hypercall::directory::MAX_SLOTS);
     }
     let mut fleet = Vec::new();
+    let mut policy = Vec::new();
     if appliance_image.is_some() {
+        // The policy is checked against the targets' profile before any VM starts.
+        let mut profiles = std::collections::HashMap::new();
+        if let Ok(profile) = Profile::from_elf(&name, &image) {
+            profiles.insert(name.clone(), profile.to_json());
+        }
+        policy = args
+            .appliance
+            .compile_policy(&profiles)
+            .context("the policy is refused")?;
         // Every target is its own VM of the same image and configuration.
         for i in 1..=targets {
             let target = if targets == 1 {
@@ -300,7 +310,9 @@ fn run(mut args: RunArgs) -> Result<u8> {
     };
     let report = match (appliance_image, introspection) {
         (Some(image), _) => {
-            let report = args.appliance.run_fleet(&args.kvmi, fleet, image, limits)?;
+            let report = args
+                .appliance
+                .run_fleet(&args.kvmi, fleet, image, policy, limits)?;
             // The exit status is the first target's.
             let mut targets = report.targets;
             targets.sort_by_key(|t| t.id);

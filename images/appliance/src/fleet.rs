@@ -16,7 +16,8 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 
 use appliance::agent::{Agent, CommandClient, Waiting};
-use appliance::guard::GuardPlan;
+use appliance::guard::{GuardPlan, PauseRequest};
+use appliance::policy::{CompiledPolicy, TargetRules};
 use appliance::memory::CachedMemory;
 use appliance::profile::Profile;
 use appliance::tasks::TaskLayout;
@@ -28,6 +29,8 @@ use hypercall::call::{NOTIFY_SLOT_RINGS, notify_arg};
 use hypercall::directory::{Directory, Slot, SlotState};
 use hypercall::discovery::{NO_VCPU, RingKind};
 use hypercall::ring::{SharedRegion, WaitStrategy};
+use protocol::{Command, Reply};
+use serde::Serialize;
 
 use crate::handler::MainJob;
 use crate::job::{
@@ -45,6 +48,10 @@ type Dir = Directory<SharedRegion<()>>;
 /// One guarded target.
 struct TargetJob {
     id: u64,
+    client: &'static RefCell<Client>,
+    commands: &'static Wait,
+    vcpus: u32,
+    scan_ms: u64,
     agent: Agent<GuestMemory, Job, PauseWaiter, crate::job::Notifier>,
     window: &'static Window,
     rate: Rate,
@@ -83,6 +90,7 @@ fn open_job(
     info: &'static BootInfo,
     slot: &Slot,
     profile: &Profile,
+    policy: Option<&CompiledPolicy>,
     options: &Options,
 ) -> Result<TargetJob, Fail> {
     let discovery = Discovery {
@@ -131,7 +139,40 @@ fn open_job(
             .consumer_for(RingKind::CommandReply, NO_VCPU)
             .map_err(Fail::Ring)?,
     ))));
-    let plan = GuardPlan::from_profile(profile).map_err(Fail::Profile)?;
+    // The policy's rules for this target; none for it: guard nothing (its events are
+    // answered CONTINUE). No policy at all: the demo guard for the demo target.
+    let demo = slot.profile() == "demo-target";
+    let (plan, scan_ms) = match policy {
+        Some(policy) => {
+            let none = TargetRules {
+                profile: slot.profile().into(),
+                targets: Vec::new(),
+                scan_ms: options.scan_ms.clamp(1, 60_000),
+                protect: Vec::new(),
+                trace: Vec::new(),
+            };
+            let rules = policy.for_target(slot.name(), slot.profile()).unwrap_or(&none);
+            (
+                GuardPlan::from_rules(rules).map_err(Fail::Policy)?,
+                rules.scan_ms,
+            )
+        }
+        None if demo => (
+            GuardPlan::from_profile(profile).map_err(Fail::Profile)?,
+            options.scan_ms,
+        ),
+        None => (
+            GuardPlan::from_rules(&TargetRules {
+                profile: slot.profile().into(),
+                targets: Vec::new(),
+                scan_ms: options.scan_ms.clamp(1, 60_000),
+                protect: Vec::new(),
+                trace: Vec::new(),
+            })
+            .map_err(Fail::Policy)?,
+            options.scan_ms,
+        ),
+    };
     let layout = TaskLayout::from_profile(profile).map_err(Fail::Profile)?;
     let cache_pages = options.cache.min(window.slot_count());
     let mem = CachedMemory::new(window, SharedTokens::new(client, commands), cache_pages);
@@ -156,20 +197,32 @@ fn open_job(
     let ms = tsc_hz / 1000;
     Ok(TargetJob {
         id: slot.target_id,
+        client,
+        commands,
+        vcpus,
+        scan_ms,
         agent,
         window,
         rate: Rate::new(tsc_hz, now, 0),
         tsc_hz,
         started: now,
-        next_scan: now + options.scan_ms * ms,
+        next_scan: now + scan_ms * ms,
         next_summary: now + options.summary_ms * ms,
-        scans: true,
+        // The task list needs the demo target's layout (the only profile in this image).
+        scans: demo,
     })
 }
 
 /// The fleet's main job: until the stop word, `events=` (in total) or `secs=`.
 pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), Fail> {
     let profile = Profile::from_json(PROFILE.as_bytes()).map_err(Fail::Profile)?;
+    let mut bytes = Vec::new();
+    dir.policy(&mut bytes).map_err(|e| Fail::Args(directory_error(e)))?;
+    let policy = if bytes.is_empty() {
+        None
+    } else {
+        Some(CompiledPolicy::from_json(&bytes).map_err(Fail::Policy)?)
+    };
     let mut jobs: Vec<Option<TargetJob>> = (0..dir.slot_count()).map(|_| None).collect();
     let mut seen = None;
     let tsc_hz = FALLBACK_TSC_HZ;
@@ -182,7 +235,7 @@ pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), 
         let generation = dir.generation();
         if seen != Some(generation) {
             seen = Some(generation);
-            refresh(info, dir, &profile, options, &mut jobs)?;
+            refresh(info, dir, &profile, policy.as_ref(), options, &mut jobs)?;
         }
         let mut handled = 0;
         let count = jobs.len();
@@ -190,6 +243,9 @@ pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), 
             let i = (first + turn) % count.max(1);
             if let Some(job) = jobs[i].as_mut() {
                 handled += job.agent.poll_at_most(BUDGET).map_err(Fail::Agent)?;
+                if let Some(request) = job.agent.handler_mut().take_pause_request() {
+                    pause_for_analysis(job, request)?;
+                }
             }
         }
         first = (first + 1) % count.max(1);
@@ -222,6 +278,7 @@ fn refresh(
     info: &'static BootInfo,
     dir: &Dir,
     profile: &Profile,
+    policy: Option<&CompiledPolicy>,
     options: &Options,
     jobs: &mut [Option<TargetJob>],
 ) -> Result<(), Fail> {
@@ -235,7 +292,7 @@ fn refresh(
             SlotState::Live if current == Some(slot.target_id) => {}
             SlotState::Live => {
                 *job = None;
-                *job = Some(open_job(info, &slot, profile, options)?);
+                *job = Some(open_job(info, &slot, profile, policy, options)?);
             }
             SlotState::Gone | SlotState::Empty => *job = None,
         }
@@ -248,7 +305,7 @@ fn periodic(job: &mut TargetJob, options: &Options, now: u64, done: bool) -> Res
     let ms = job.tsc_hz / 1000;
     if job.scans && now >= job.next_scan {
         emit_scan(&mut job.agent);
-        job.next_scan = now + options.scan_ms * ms;
+        job.next_scan = now + job.scan_ms * ms;
     }
     if now >= job.next_summary || done {
         let line = summary(
@@ -263,4 +320,55 @@ fn periodic(job: &mut TargetJob, options: &Options, now: u64, done: bool) -> Res
         job.next_summary = now + options.summary_ms * ms;
     }
     job.agent.flush_log().map_err(Fail::Agent)
+}
+
+/// A directory error as a one-word reason (the agent's exit message).
+fn directory_error(e: hypercall::directory::DirectoryError) -> &'static str {
+    match e {
+        hypercall::directory::DirectoryError::Policy => "policy bytes outside the directory",
+        _ => "directory",
+    }
+}
+
+#[derive(Serialize)]
+struct PauseLine<'a> {
+    finding: &'static str,
+    rule: &'a str,
+    vcpu: u16,
+    gpa: u64,
+    rip: u64,
+    vcpus_paused: u32,
+    tasks_live: usize,
+}
+
+/// A `pause` rule fired (its access was denied): every vCPU of the target is asked to pause
+/// (PAUSE_VCPU; each then waits in its PAUSE event), the agent lists the target's tasks while
+/// it stands still and reports, and the PAUSE events are answered CONTINUE as the agent polls
+/// them next: the target resumes.
+fn pause_for_analysis(job: &mut TargetJob, request: PauseRequest) -> Result<(), Fail> {
+    let mut paused = 0;
+    for vcpu in 0..u16::try_from(job.vcpus).unwrap_or(u16::MAX) {
+        let reply = job
+            .client
+            .borrow_mut()
+            .call(&Command::PauseVcpu { vcpu }, job.commands)
+            .map_err(Fail::Command)?;
+        if matches!(reply.decode(), Ok(Ok(Reply::Empty))) {
+            paused += 1;
+        }
+    }
+    if job.scans {
+        emit_scan(&mut job.agent);
+    }
+    let tasks_live = job.agent.handler().live_tasks();
+    job.agent.log().emit(&PauseLine {
+        finding: "pause_analysis",
+        rule: &request.rule,
+        vcpu: request.vcpu,
+        gpa: request.gpa,
+        rip: request.rip,
+        vcpus_paused: paused,
+        tasks_live,
+    });
+    Ok(())
 }

@@ -57,10 +57,6 @@ impl<H: Hypercalls, M: SharedMemory, T: TokenSource> MainJob<H, M, T> {
     }
 
     /// The pause a `pause` rule asked for since the last call, if any.
-    #[allow(
-        dead_code,
-        reason = "for the agent loop: pausing the target is not wired yet"
-    )]
     pub fn take_pause_request(&mut self) -> Option<PauseRequest> {
         self.guard.take_pause_request()
     }

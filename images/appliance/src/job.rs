@@ -42,6 +42,8 @@ pub const BAD_COMMAND_LINE: u32 = guest_runtime::status::BAD_COMMAND_LINE;
 pub const BAD_REGION: u32 = 11;
 /// Exit status: the embedded profile is unusable.
 pub const BAD_PROFILE: u32 = 12;
+/// Exit status: the policy the shim handed over is unusable.
+pub const BAD_POLICY: u32 = 14;
 /// Exit status: the channel to the shim failed (a ring corrupted, a command unanswerable).
 pub const CHANNEL_FAILED: u32 = 13;
 
@@ -61,6 +63,8 @@ pub(crate) enum Fail {
     Args(&'static str),
     Open(DriverError),
     Profile(ProfileError),
+    /// The policy in the directory is unusable.
+    Policy(appliance::policy::PolicyError),
     Agent(AgentError),
     Ring(RingError),
     Command(CommandError),
@@ -74,6 +78,7 @@ impl Fail {
             Fail::Args(_) => BAD_COMMAND_LINE,
             Fail::Open(_) => BAD_REGION,
             Fail::Profile(_) => BAD_PROFILE,
+            Fail::Policy(_) => BAD_POLICY,
             Fail::Agent(_) | Fail::Ring(_) | Fail::Command(_) | Fail::Refused(..) => CHANNEL_FAILED,
         }
     }
@@ -85,6 +90,7 @@ impl fmt::Display for Fail {
             Fail::Args(key) => write!(f, "bad command line: {key}= is not a number"),
             Fail::Open(e) => write!(f, "cannot open the ring region or map window: {e}"),
             Fail::Profile(e) => write!(f, "embedded demo-target profile: {e}"),
+            Fail::Policy(e) => write!(f, "policy: {e}"),
             Fail::Agent(e) => write!(f, "agent: {e}"),
             Fail::Ring(e) => write!(f, "ring: {e}"),
             Fail::Command(e) => write!(f, "command: {e}"),

@@ -158,7 +158,10 @@ fn kvmi_run_restarts_an_appliance_that_ends_and_refuses_orphan_appliance_options
         .filter(|f| f["finding"] == "start")
         .count();
     assert_eq!(starts, 2, "two agents, one after the other: {stdout}");
-    assert!(stderr.contains("started appliance #1 for 1 targets"), "{stderr}");
+    assert!(
+        stderr.contains("started appliance #1 for 1 targets"),
+        "{stderr}"
+    );
     assert!(stderr.contains("the targets run on, unhooked"), "{stderr}");
     assert!(stderr.contains("restarts 1\n"), "{stderr}");
 
@@ -172,4 +175,114 @@ fn kvmi_run_restarts_an_appliance_that_ends_and_refuses_orphan_appliance_options
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_malformed_policy_is_refused_with_its_line_and_field_before_any_vm_starts() {
+    // No KVM needed: the policy is checked before a VM is built.
+    let dir = tempfile_dir("bad-policy");
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "format = 1\n[[guard]]\nprofile = \"demo-target\"\n[[guard.protect]]\n\
+         range = \"task_table\"\nallow = \"rx\"\non_violation = \"deni\"\n",
+    )
+    .unwrap();
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args(["run", "--timeout", "30", "--policy"])
+        .arg(&path)
+        .output()
+        .expect("kvmi runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:7: guard[0].protect[0].on_violation: unknown value \"deni\""),
+        "{stderr}"
+    );
+    // Nothing ran: no finding on stdout, no serial output (the demo target's banner).
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("demo-target: vcpus="), "{stderr}");
+}
+
+#[test]
+fn a_pause_rule_pauses_the_target_for_analysis_and_it_runs_on() {
+    if !kvmi_tests::require_kvm("a_pause_rule_pauses_the_target_for_analysis_and_it_runs_on") {
+        return;
+    }
+    let dir = tempfile_dir("pause-policy");
+    let path = dir.join("pause.toml");
+    let demo = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        &path,
+        demo.replace("on_violation = \"deny\"", "on_violation = \"pause\""),
+    )
+    .unwrap();
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args([
+            "run",
+            "--cmdline",
+            "rounds=200",
+            "--timeout",
+            "120",
+            "--policy",
+        ])
+        .arg(&path)
+        .output()
+        .expect("kvmi runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The target paused for each analysis and resumed: it ran its 200 rounds to the end.
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let findings: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    let paused: Vec<&Value> = findings
+        .iter()
+        .filter(|f| f["finding"] == "paused_for_analysis")
+        .collect();
+    let analyses: Vec<&Value> = findings
+        .iter()
+        .filter(|f| f["finding"] == "pause_analysis")
+        .collect();
+    assert!(
+        !paused.is_empty(),
+        "the rootkit's writes hit the pause rule: {stdout}"
+    );
+    assert!(
+        paused
+            .iter()
+            .all(|f| f["range"] == "task_table" && f["action"] == "pause")
+    );
+    assert_eq!(
+        analyses.len(),
+        paused.len(),
+        "one analysis per pause: {stdout}"
+    );
+    for a in &analyses {
+        assert_eq!(a["vcpus_paused"], 1, "{a}");
+        assert!(
+            a["tasks_live"].as_u64().unwrap() >= 4,
+            "the task list was read: {a}"
+        );
+    }
+    // No write_denied: this policy pauses instead.
+    assert!(
+        !findings.iter().any(|f| f["finding"] == "write_denied"),
+        "{stdout}"
+    );
+}
+
+/// A fresh directory for a test's files.
+fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvmi-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

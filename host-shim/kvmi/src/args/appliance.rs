@@ -79,10 +79,43 @@ pub struct ApplianceRunArgs {
     /// the target runs on, unhooked.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub appliance_restarts: u32,
+    /// The policy: what the appliance guards on which targets (TOML or JSON, schema in
+    /// docs/policy.md) [default: the demo policy, policies/demo.toml]. Checked against the
+    /// targets' profiles before any VM starts.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
     /// Boot N targets (named `<image>-1` .. `<image>-N`, each with --vcpus, --memory and
     /// --cmdline), all guarded by the one appliance VM (at most 8).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub targets: u32,
+}
+
+/// The demo policy (`policies/demo.toml`): what `kvmi run` guards without `--policy`.
+pub const DEMO_POLICY: &str = include_str!("../../../../policies/demo.toml");
+
+impl ApplianceRunArgs {
+    /// Compiles `--policy` (or the demo policy) against `profiles` (profile name → the
+    /// image's profile JSON, as `kvmi profile` prints it): the JSON the appliance receives.
+    pub fn compile_policy(
+        &self,
+        profiles: &std::collections::HashMap<String, String>,
+    ) -> Result<Vec<u8>, kvmi_policy::PolicyError> {
+        let lookup = |name: &str| {
+            profiles
+                .get(name)
+                .and_then(|json| appliance::profile::Profile::from_json(json.as_bytes()).ok())
+        };
+        let compiled = match &self.policy {
+            Some(path) => kvmi_policy::load(path, &lookup)?,
+            None => kvmi_policy::compile_named(
+                "policies/demo.toml",
+                DEMO_POLICY,
+                kvmi_policy::Format::Toml,
+                &lookup,
+            )?,
+        };
+        Ok(compiled.to_json())
+    }
 }
 
 /// A bad appliance flag.
@@ -133,6 +166,8 @@ impl ApplianceRunArgs {
             Some("--appliance-restarts")
         } else if self.targets != 1 {
             Some("--targets")
+        } else if self.policy.is_some() {
+            Some("--policy")
         } else {
             None
         }
@@ -292,6 +327,7 @@ impl ApplianceRunArgs {
         kvmi: &KvmiRunArgs,
         targets: Vec<(String, String, Vm)>,
         image: Vec<u8>,
+        policy: Vec<u8>,
         limits: RunLimits,
     ) -> Result<FleetReport, ApplianceArgsError> {
         let serial = stderr_sink().map_err(|source| IntrospectError::Io {
@@ -322,7 +358,7 @@ impl ApplianceRunArgs {
                 appliance: config,
                 slots,
                 max_vcpus,
-                policy: Vec::new(),
+                policy,
             },
             specs,
         )?;
