@@ -61,6 +61,27 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Expands the remote protocol's run-length encoding: `X*N` stands for `X` followed by
+/// `N - 29` more copies of it (`N` a printable character).
+fn expand_runs(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len());
+    let mut bytes = payload.iter().copied();
+    while let Some(b) = bytes.next() {
+        if b == b'*'
+            && let Some(&last) = out.last()
+            && let Some(count) = bytes.next()
+        {
+            out.extend(std::iter::repeat_n(
+                last,
+                usize::from(count.saturating_sub(29)),
+            ));
+        } else {
+            out.push(b);
+        }
+    }
+    out
+}
+
 /// Whether `reply` is a stop reply for SIGTRAP (`S05` or `T05...`).
 pub fn is_trap_stop(reply: &str) -> bool {
     (reply.starts_with("T05") || reply.starts_with("S05")) && reply.len() >= 3
@@ -134,7 +155,7 @@ impl RspClient {
         }
         self.input.write_all(b"+")?;
         self.input.flush()?;
-        Ok(String::from_utf8_lossy(&payload).into_owned())
+        Ok(String::from_utf8_lossy(&expand_runs(&payload)).into_owned())
     }
 
     /// Sends `payload` and returns the reply (console output packets `O...` skipped).
@@ -233,6 +254,15 @@ mod tests {
         assert_eq!(frame("?"), b"$?#3f");
         assert_eq!(frame("vCont;c"), b"$vCont;c#a8");
         assert_eq!(hex(b"phys"), "70687973");
+    }
+
+    #[test]
+    fn runs_are_expanded() {
+        // "0* " is '0' and three more copies (' ' is 32 = 29 + 3).
+        assert_eq!(expand_runs(b"a0* b"), b"a0000b");
+        assert_eq!(expand_runs(b"OK"), b"OK");
+        // A '*' with nothing before it stays as it is, with what follows.
+        assert_eq!(expand_runs(b"*x"), b"*x");
     }
 
     #[test]
