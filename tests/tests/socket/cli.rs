@@ -209,3 +209,28 @@ fn bench_measures_both_exits_against_their_floor() {
     assert!(exec["ratio"]["slowdown"].as_f64().unwrap() > 1.0, "{out}");
     assert!(out.contains("ratio no-exec/unrestricted"), "{out}");
 }
+
+#[test]
+fn bench_gdb_measures_the_stop_round_trip_against_the_floor() {
+    if !kvmi_tests::require_kvm("bench_gdb_measures_the_stop_round_trip_against_the_floor") {
+        return;
+    }
+    let (code, out, err) = kvmi(&["bench", "--gdb", "--iterations", "40", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let last = out.lines().last().expect("JSON line");
+    let v: Value = serde_json::from_str(last).expect("JSON");
+    assert_eq!(v["hw-breakpoint"]["floor"]["samples"], 39, "{out}");
+    // `--gdb` measures the breakpoint only: no page-write or exec figures.
+    assert!(v.get("page-write").is_none(), "{out}");
+    for kind in ["hbreak", "break"] {
+        let row = &v["gdb"][kind];
+        // One stop reply per guest iteration: the loop hit the breakpoint 40 times, each
+        // seen by the stub's client as a SIGTRAP stop (the bench fails on any other reply,
+        // and checks rip at the breakpoint after the last one).
+        assert_eq!(row["stops"], 40, "{kind}: {out}");
+        assert!(row["per_sec"].as_f64().unwrap() > 0.0, "{kind}: {out}");
+        assert!(row["ratio"]["p50"].as_f64().unwrap() > 0.0, "{kind}: {out}");
+    }
+    assert!(out.contains("ratio gdb hbreak/floor"), "{out}");
+    assert!(out.contains("ratio gdb break/floor"), "{out}");
+}

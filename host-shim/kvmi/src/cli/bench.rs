@@ -17,6 +17,13 @@
 //! length, so the fixed costs of a run cancel) and with that page `rw-` and PF events
 //! answered CONTINUE (time per iteration from the exec events' own timestamps), in one run,
 //! reported as a slowdown ratio with the exec events per second.
+//!
+//! `--gdb` is a mode of its own ([`gdb`]): the hardware-breakpoint floor and socket figures,
+//! then the same loop's breakpoint round trip through `kvmi gdb` (continue → hit → stop
+//! reply), with a hardware and with a software (execute-trap) breakpoint, as ratios to the
+//! floor of the same run.
+
+mod gdb;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -50,6 +57,11 @@ pub struct BenchArgs {
     /// Measure only the floor (the exits handled by the VMM, no socket).
     #[arg(long)]
     floor_only: bool,
+    /// Measure the hardware-breakpoint floor, its socket round trip and the breakpoint round
+    /// trip through `kvmi gdb` (continue → hit → stop reply; hbreak and break) instead of
+    /// the page-write and exec figures.
+    #[arg(long, conflicts_with = "floor_only")]
+    gdb: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,16 +98,22 @@ fn stats(times: &[Instant]) -> Result<Stats> {
     if times.len() < 3 {
         bail!("only {} exits measured", times.len());
     }
-    let mut gaps: Vec<f64> = times
-        .windows(2)
-        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e6)
-        .collect();
-    let total: f64 = gaps.iter().sum();
-    gaps.sort_by(f64::total_cmp);
-    let pct = |p: f64| gaps[((gaps.len() - 1) as f64 * p).round() as usize];
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    sample_stats(&gaps)
+}
+
+/// Summary of round trips measured one by one.
+fn sample_stats(samples: &[Duration]) -> Result<Stats> {
+    if samples.len() < 2 {
+        bail!("only {} round trips measured", samples.len());
+    }
+    let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    let total: f64 = us.iter().sum();
+    us.sort_by(f64::total_cmp);
+    let pct = |p: f64| us[((us.len() - 1) as f64 * p).round() as usize];
     Ok(Stats {
-        samples: gaps.len(),
-        per_sec: gaps.len() as f64 / (total / 1e6),
+        samples: us.len(),
+        per_sec: us.len() as f64 / (total / 1e6),
         p50_us: pct(0.50),
         p99_us: pct(0.99),
     })
@@ -251,21 +269,7 @@ fn introspected(kind: Kind, n: u64, target: u64, page: u64, gate: u64) -> Result
 /// Starts `kvmi run --image test-guest --cmdline CMDLINE` with a KVMI socket named after
 /// `tag` and attaches to it (the VM is killed if anything fails before it is finished).
 fn attached_vm(cmdline: &str, tag: &str) -> Result<(ChildVm, KvmiClient, PathBuf)> {
-    let socket: PathBuf =
-        std::env::temp_dir().join(format!("kvmi-bench-{}-{tag}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&socket);
-    let child = Command::new(std::env::current_exe()?)
-        .args(["run", "--image", "test-guest", "--timeout", "300"])
-        .arg("--cmdline")
-        .arg(cmdline)
-        .arg("--kvmi-socket")
-        .arg(&socket)
-        .arg("--serial")
-        .arg("/dev/null")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the VM")?;
-    let mut child = ChildVm(Some(child));
+    let (mut child, socket) = spawn_vm(cmdline, tag)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let client = loop {
         if let Some(c) = child.0.as_mut()
@@ -280,6 +284,26 @@ fn attached_vm(cmdline: &str, tag: &str) -> Result<(ChildVm, KvmiClient, PathBuf
         }
     };
     Ok((child, client, socket))
+}
+
+/// Starts `kvmi run --image test-guest --cmdline CMDLINE` with a KVMI socket named after
+/// `tag`, for a tool to attach to.
+fn spawn_vm(cmdline: &str, tag: &str) -> Result<(ChildVm, PathBuf)> {
+    let socket: PathBuf =
+        std::env::temp_dir().join(format!("kvmi-bench-{}-{tag}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new(std::env::current_exe()?)
+        .args(["run", "--image", "test-guest", "--timeout", "300"])
+        .arg("--cmdline")
+        .arg(cmdline)
+        .arg("--kvmi-socket")
+        .arg(&socket)
+        .arg("--serial")
+        .arg("/dev/null")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the VM")?;
+    Ok((ChildVm(Some(child)), socket))
 }
 
 /// The step VMs of the exec step-through case (`mode=step n=N gate=1`).
@@ -375,6 +399,38 @@ fn show(name: &str, s: &Stats) -> String {
     )
 }
 
+/// The `--gdb` rows: the breakpoint round trip through `kvmi gdb`, hbreak and break, against
+/// the hardware-breakpoint floor measured just before (in `results`).
+fn gdb_figures(
+    n: u64,
+    target: u64,
+    gate: u64,
+    results: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let floor_p50 = results
+        .get(Kind::Breakpoint.name())
+        .and_then(|v| v["floor"]["p50_us"].as_f64())
+        .context("the hardware-breakpoint floor was not measured")?;
+    println!("gdb breakpoint round trip (n={n}, vCont;c -> T05 stop reply, through `kvmi gdb`):");
+    let mut rows = serde_json::Map::new();
+    for kind in [gdb::GdbBreak::Hardware, gdb::GdbBreak::Software] {
+        let s = sample_stats(&gdb::round_trips(kind, n, target, gate)?)?;
+        println!("{}", show(&format!("gdb {}", kind.name()), &s));
+        let ratio = s.p50_us / floor_p50;
+        println!("  ratio gdb {}/floor: {ratio:.1}x p50 latency", kind.name());
+        rows.insert(
+            kind.name().into(),
+            serde_json::json!({
+                "per_sec": s.per_sec, "p50_us": s.p50_us, "p99_us": s.p99_us,
+                "samples": s.samples, "stops": s.samples,
+                "ratio": {"p50": ratio},
+            }),
+        );
+    }
+    results.insert("gdb".into(), serde_json::Value::Object(rows));
+    Ok(())
+}
+
 /// Runs both kinds, floor and introspected, and prints the figures and ratios.
 pub fn run(args: &BenchArgs) -> Result<u8> {
     if !vmm::kvm_available() {
@@ -392,7 +448,12 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
     let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
     let n = args.iterations.max(10);
     let mut results = serde_json::Map::new();
-    for kind in [Kind::Breakpoint, Kind::PageWrite] {
+    let kinds: &[Kind] = if args.gdb {
+        &[Kind::Breakpoint]
+    } else {
+        &[Kind::Breakpoint, Kind::PageWrite]
+    };
+    for &kind in kinds {
         let f = stats(&floor(kind, n, target, page)?)?;
         println!("{} (n={n}):", kind.name());
         println!("{}", show("floor (VMM)", &f));
@@ -416,7 +477,9 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
             }),
         );
     }
-    if !args.floor_only {
+    if args.gdb {
+        gdb_figures(n, target, gate, &mut results)?;
+    } else if !args.floor_only {
         let step_target = profile
             .symbol("step_target")
             .context("profile lacks sym.step_target")?;
