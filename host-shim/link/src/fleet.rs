@@ -680,7 +680,7 @@ impl Fleet {
     }
 
     /// Runs until every target has ended, or `limits` expire (then the agent is asked for
-    /// its final report, given [`STOP_GRACE`] to end, and the targets are stopped).
+    /// its final report, given 3 s to end, and the targets are stopped).
     pub fn wait(self, limits: RunLimits) -> FleetReport {
         let start = Instant::now();
         loop {

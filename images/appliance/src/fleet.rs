@@ -17,8 +17,8 @@ use core::cell::RefCell;
 
 use appliance::agent::{Agent, CommandClient, Waiting};
 use appliance::guard::{GuardPlan, PauseRequest};
-use appliance::policy::{CompiledPolicy, TargetRules};
 use appliance::memory::CachedMemory;
+use appliance::policy::{CompiledPolicy, TargetRules};
 use appliance::profile::Profile;
 use appliance::tasks::TaskLayout;
 use appliance_image::watch::Rate;
@@ -100,11 +100,10 @@ fn open_job(
         window_size: slot.window_size,
         vcpu_count: info.vcpu_count,
     };
-    let calls = PortHypercalls::new(&MAP_TOKEN, (&raw const MAP_TOKEN) as u64)
-        .map_err(Fail::Open)?;
+    let calls =
+        PortHypercalls::new(&MAP_TOKEN, (&raw const MAP_TOKEN) as u64).map_err(Fail::Open)?;
     let notify_calls: &'static PortHypercalls = Box::leak(Box::new(
-        PortHypercalls::new(&NOTIFY_TOKEN, (&raw const NOTIFY_TOKEN) as u64)
-            .map_err(Fail::Open)?,
+        PortHypercalls::new(&NOTIFY_TOKEN, (&raw const NOTIFY_TOKEN) as u64).map_err(Fail::Open)?,
     ));
     // SAFETY: the kernel mapped every slot's ring region and window virtual = physical,
     // user-writable, for the rest of the program; only this slot's job touches them.
@@ -151,7 +150,9 @@ fn open_job(
                 protect: Vec::new(),
                 trace: Vec::new(),
             };
-            let rules = policy.for_target(slot.name(), slot.profile()).unwrap_or(&none);
+            let rules = policy
+                .for_target(slot.name(), slot.profile())
+                .unwrap_or(&none);
             (
                 GuardPlan::from_rules(rules).map_err(Fail::Policy)?,
                 rules.scan_ms,
@@ -177,9 +178,12 @@ fn open_job(
     let cache_pages = options.cache.min(window.slot_count());
     let mem = CachedMemory::new(window, SharedTokens::new(client, commands), cache_pages);
     let vcpus = region.params().vcpu_count;
-    let mut agent: Agent<_, Job, _, _> =
-        Agent::new(&region, MainJob::new(plan.clone(), layout, mem), waiting.clone())
-            .map_err(Fail::Agent)?;
+    let mut agent: Agent<_, Job, _, _> = Agent::new(
+        &region,
+        MainJob::new(plan.clone(), layout, mem),
+        waiting.clone(),
+    )
+    .map_err(Fail::Agent)?;
     let tsc_hz = guest_tsc_hz(client, commands)?.unwrap_or(FALLBACK_TSC_HZ);
     agent.log().emit(&Start {
         finding: "start",
@@ -217,7 +221,8 @@ fn open_job(
 pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), Fail> {
     let profile = Profile::from_json(PROFILE.as_bytes()).map_err(Fail::Profile)?;
     let mut bytes = Vec::new();
-    dir.policy(&mut bytes).map_err(|e| Fail::Args(directory_error(e)))?;
+    dir.policy(&mut bytes)
+        .map_err(|e| Fail::Args(directory_error(e)))?;
     let policy = if bytes.is_empty() {
         None
     } else {
@@ -250,11 +255,7 @@ pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), 
         }
         first = (first + 1) % count.max(1);
         let now = rdtsc();
-        let total: u64 = jobs
-            .iter()
-            .flatten()
-            .map(|j| j.agent.stats().events)
-            .sum();
+        let total: u64 = jobs.iter().flatten().map(|j| j.agent.stats().events).sum();
         let stop = dir.stop_requested();
         let done = stop
             || options.events.is_some_and(|n| total >= n)

@@ -31,7 +31,8 @@ use guest_runtime::{println, user};
 
 /// The demo target's profile (`kvmi profile --image demo-target`), checked against the
 /// embedded demo-target by host-shim's tests.
-pub(crate) const PROFILE: &str = include_str!("../../../appliance/tests/fixtures/demo-target.profile.json");
+pub(crate) const PROFILE: &str =
+    include_str!("../../../appliance/tests/fixtures/demo-target.profile.json");
 
 /// TSC frequency assumed when the shim does not report the target's.
 pub(crate) const FALLBACK_TSC_HZ: u64 = 2_000_000_000;
@@ -56,7 +57,8 @@ pub(crate) type Notifier = HypercallNotify<&'static PortHypercalls>;
 pub(crate) type Wait = Waiting<PauseWaiter, Notifier>;
 pub(crate) type Client = CommandClient<GuestMemory>;
 pub(crate) type Window = MapWindow<PortHypercalls, GuestMemory>;
-pub(crate) type Job = MainJob<PortHypercalls, GuestMemory, SharedTokens<GuestMemory, PauseWaiter, Notifier>>;
+pub(crate) type Job =
+    MainJob<PortHypercalls, GuestMemory, SharedTokens<GuestMemory, PauseWaiter, Notifier>>;
 
 /// Why the agent stopped.
 pub(crate) enum Fail {

@@ -214,7 +214,11 @@ fn build_address_space(
     // A fleet appliance: the directory (read-only for the agent) and every other slot's ring
     // region and window (the shim wrote their addresses before boot, empty slots included).
     if let Some(areas) = fleet_areas(boot.info, discovery) {
-        map(areas.directory.0, areas.directory.1, flags::USER | flags::NO_EXECUTE)?;
+        map(
+            areas.directory.0,
+            areas.directory.1,
+            flags::USER | flags::NO_EXECUTE,
+        )?;
         for (start, len) in areas.slots.iter().flatten() {
             map(*start, *len, user_data)?;
         }
