@@ -11,24 +11,21 @@
 //! directory's stop word (Ctrl-C, a timeout) every job emits its final summary and the agent
 //! ends.
 
-use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use appliance::agent::{Agent, CommandClient, Waiting};
+use appliance::agent::Agent;
 use appliance::guard::{GuardPlan, PauseRequest};
 use appliance::memory::CachedMemory;
 use appliance::policy::{CompiledPolicy, TargetRules};
 use appliance::profile::Profile;
 use appliance::tasks::TaskLayout;
 use appliance_image::watch::Rate;
-use guest_driver::port::{GuestMemory, PauseWaiter, PortHypercalls, open_in_vm};
-use guest_driver::{Discovery, HypercallNotify};
+use guest_driver::Discovery;
+use guest_driver::port::{GuestMemory, PauseWaiter};
 use hypercall::boot::BootInfo;
-use hypercall::call::{NOTIFY_SLOT_RINGS, notify_arg};
 use hypercall::directory::{Directory, Slot, SlotState};
-use hypercall::discovery::{NO_VCPU, RingKind};
-use hypercall::ring::{SharedRegion, WaitStrategy};
+use hypercall::ring::SharedRegion;
 use protocol::{Command, Reply};
 use serde::Serialize;
 
@@ -75,14 +72,6 @@ pub fn open_directory(info: &BootInfo) -> Option<Dir> {
     Directory::open(region).ok()
 }
 
-/// Staging buffer of the map tokens of every slot's window (one agent thread: calls never
-/// overlap).
-static MAP_TOKEN: [core::sync::atomic::AtomicU64; 4] =
-    [const { core::sync::atomic::AtomicU64::new(0) }; 4];
-/// Token buffer of the NOTIFY backends (never used for a token).
-static NOTIFY_TOKEN: [core::sync::atomic::AtomicU64; 4] =
-    [const { core::sync::atomic::AtomicU64::new(0) }; 4];
-
 /// Builds the job of the target in `slot` (live): opens its rings and window, sets up its
 /// guard over its command ring and emits its start line. The window, client and waiters are
 /// leaked (a few KiB per target that ever joined: the page cache borrows them for good).
@@ -100,44 +89,15 @@ fn open_job(
         window_size: slot.window_size,
         vcpu_count: info.vcpu_count,
     };
-    let calls =
-        PortHypercalls::new(&MAP_TOKEN, (&raw const MAP_TOKEN) as u64).map_err(Fail::Open)?;
-    let notify_calls: &'static PortHypercalls = Box::leak(Box::new(
-        PortHypercalls::new(&NOTIFY_TOKEN, (&raw const NOTIFY_TOKEN) as u64).map_err(Fail::Open)?,
-    ));
-    // SAFETY: the kernel mapped every slot's ring region and window virtual = physical,
-    // user-writable, for the rest of the program; only this slot's job touches them.
-    let (region, window) = unsafe {
-        open_in_vm(
-            &discovery,
-            slot.ring_gpa as *mut u8,
-            slot.window_gpa as *mut u8,
-            calls,
-        )
-    }
-    .map_err(Fail::Open)?;
-    let window: &'static Window = Box::leak(Box::new(window));
     let index = slot.index;
-    let wait = |ring: u32| -> &'static Wait {
-        Box::leak(Box::new(Waiting::new(
-            WaitStrategy::default(),
-            PauseWaiter { pauses: 16 },
-            HypercallNotify::new(notify_calls, notify_arg(index, ring)),
-        )))
-    };
-    let waiting = wait(NOTIFY_SLOT_RINGS);
-    let command_ring = region
-        .ring_index(RingKind::Command, NO_VCPU)
-        .map_err(Fail::Ring)?;
-    let commands = wait(command_ring);
-    let client: &'static RefCell<Client> = Box::leak(Box::new(RefCell::new(CommandClient::new(
-        region
-            .producer_for(RingKind::Command, NO_VCPU)
-            .map_err(Fail::Ring)?,
-        region
-            .consumer_for(RingKind::CommandReply, NO_VCPU)
-            .map_err(Fail::Ring)?,
-    ))));
+    let crate::job::Link {
+        region,
+        window,
+        waiting,
+        commands,
+        client,
+        ..
+    } = crate::job::open_slot(discovery, index)?;
     // The policy's rules for this target; none for it: guard nothing (its events are
     // answered CONTINUE). No policy at all: the demo guard for the demo target.
     let demo = slot.profile() == "demo-target";

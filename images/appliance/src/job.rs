@@ -18,7 +18,7 @@ use appliance_image::watch::Rate;
 use guest_driver::port::{GuestMemory, PauseWaiter, PortHypercalls, open_in_vm};
 use guest_driver::{Discovery, DriverError, HypercallNotify, MapWindow};
 use hypercall::boot::BootInfo;
-use hypercall::call::NOTIFY_ALL_RINGS;
+use hypercall::call::{NOTIFY_SLOT_RINGS, notify_arg};
 use hypercall::discovery::{NO_VCPU, RingKind};
 use hypercall::ring::{Region, RingError, WaitStrategy};
 use protocol::{Command, Reply};
@@ -231,16 +231,22 @@ fn run(info: &'static BootInfo) -> Result<(), Fail> {
     }
 }
 
-/// Opens the ring region and the map window named by the boot info.
+/// Opens the ring region and the map window named by the boot info (slot 0).
 fn open_link(info: &'static BootInfo) -> Result<Link, Fail> {
-    let discovery = Discovery::from_boot_info(info).map_err(Fail::Open)?;
+    open_slot(Discovery::from_boot_info(info).map_err(Fail::Open)?, 0)
+}
+
+/// Opens the ring region and the map window of target slot `slot` described by `discovery`:
+/// the rings, the window, the waiters (their NOTIFY names the slot) and the command client.
+/// They live for the rest of the program (leaked: a few KiB per slot ever opened).
+pub(crate) fn open_slot(discovery: Discovery, slot: u32) -> Result<Link, Fail> {
     let calls =
         PortHypercalls::new(&MAP_TOKEN, (&raw const MAP_TOKEN) as u64).map_err(Fail::Open)?;
     let notify_calls: &'static PortHypercalls = Box::leak(Box::new(
         PortHypercalls::new(&NOTIFY_TOKEN, (&raw const NOTIFY_TOKEN) as u64).map_err(Fail::Open)?,
     ));
-    // SAFETY: the kernel mapped both areas virtual = physical, user-writable, for the rest of
-    // the program; nothing else in the image touches them.
+    // SAFETY: the kernel mapped every slot's ring region and window virtual = physical,
+    // user-writable, for the rest of the program; only this slot's link touches them.
     let (region, window) = unsafe {
         open_in_vm(
             &discovery,
@@ -257,15 +263,15 @@ fn open_link(info: &'static BootInfo) -> Result<Link, Fail> {
             // Nothing else runs on this vCPU: a short burst keeps a "sleep" well below an
             // event round trip.
             PauseWaiter { pauses: 16 },
-            HypercallNotify::new(notify_calls, ring),
+            HypercallNotify::new(notify_calls, notify_arg(slot, ring)),
         )))
     };
-    let waiting = wait(NOTIFY_ALL_RINGS);
+    let waiting = wait(NOTIFY_SLOT_RINGS);
     // The shim serves commands on the NOTIFY naming their ring, without a thread hand-off.
     let command_ring = region
         .ring_index(RingKind::Command, NO_VCPU)
         .map_err(Fail::Ring)?;
-    let commands = wait(u64::from(command_ring));
+    let commands = wait(command_ring);
     let client: &'static RefCell<Client> = Box::leak(Box::new(RefCell::new(CommandClient::new(
         region
             .producer_for(RingKind::Command, NO_VCPU)
