@@ -20,7 +20,7 @@
 //! word 6-7 reserved, zero
 //! word 8.. slot i at word 8 + 16·i:
 //!          0 seq (odd while the shim rewrites the slot; a seqlock)
-//!          1 state ([`SlotState`])   2 target id   3 ring gpa   4 ring size
+//!          1 state ([`SlotState`]: 0 empty, 1 live, 2 gone, 3 ending)   2 target id   3 ring gpa   4 ring size
 //!          5 window gpa   6 window size   7 target vCPUs
 //!          8..12 name (32 bytes, NUL-padded)   12..16 profile (32 bytes, NUL-padded)
 //! ```
@@ -69,6 +69,9 @@ pub enum SlotState {
     /// The target ended: the agent drops its state for this slot (the shim revoked its
     /// grants and stopped its rings).
     Gone,
+    /// The target ended and its rings still run: the agent writes its final report on the
+    /// slot's log ring and drops its state; the shim then detaches the slot (gone).
+    Ending,
 }
 
 impl SlotState {
@@ -77,6 +80,7 @@ impl SlotState {
             SlotState::Empty => 0,
             SlotState::Live => 1,
             SlotState::Gone => 2,
+            SlotState::Ending => 3,
         }
     }
 
@@ -85,6 +89,7 @@ impl SlotState {
             0 => Some(SlotState::Empty),
             1 => Some(SlotState::Live),
             2 => Some(SlotState::Gone),
+            3 => Some(SlotState::Ending),
             _ => None,
         }
     }

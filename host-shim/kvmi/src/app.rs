@@ -84,6 +84,19 @@ enum Command {
         /// dialects, raw floor; 0 = skip).
         #[arg(long, default_value_t = 2000)]
         events: u64,
+        /// Instead: one appliance guarding N test-guest targets at once, aggregate events/s
+        /// against the sum of their floors, each target's share, loss and fairness (1..=8).
+        #[arg(long, value_name = "N")]
+        targets: Option<u32>,
+        /// vCPUs per target with --targets (each writes --writes words).
+        #[arg(long, value_name = "M", default_value_t = 1, requires = "targets")]
+        vcpus: u32,
+        /// Writes (events) per vCPU with --targets.
+        #[arg(long, value_name = "K", default_value_t = 2000, requires = "targets")]
+        writes: u64,
+        /// Print the --targets figures as one JSON line too.
+        #[arg(long, requires = "targets")]
+        json: bool,
     },
     /// Write an embedded image's ELF to a file (for gdb's `file`, objdump, ...).
     Image {
@@ -399,6 +412,38 @@ fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
     Ok(0)
 }
 
+fn fleet_bench(targets: u32, vcpus: u32, writes: u64, json: bool) -> Result<u8> {
+    if !(1..=hypercall::directory::MAX_SLOTS).contains(&targets) {
+        bail!("--targets must be 1..={}", hypercall::directory::MAX_SLOTS);
+    }
+    if vcpus == 0 || writes < 2 {
+        bail!("--vcpus must be at least 1 and --writes at least 2");
+    }
+    let (_, image) = load_image("test-guest")?;
+    let (_, appliance) = load_image("appliance")?;
+    let profile = Image::TestGuest
+        .profile()
+        .context("test-guest profile not embedded")??;
+    let page = profile
+        .symbol("scratch_page")
+        .context("profile lacks sym.scratch_page")?;
+    let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
+    let policy = crate::bench::fleet::bench_policy(&profile.to_json())?;
+    let shape = crate::bench::fleet::FleetShape {
+        targets,
+        vcpus,
+        writes,
+        page,
+        gate,
+    };
+    let figures = crate::bench::fleet::run(&image, &appliance, policy, shape)?;
+    print!("{}", figures.table());
+    if json {
+        println!("{}", figures.json_line());
+    }
+    Ok(0)
+}
+
 /// The `kvmi` command: parses the process arguments, runs the subcommand, and returns its exit
 /// status (documented in `kvmi --help`). The `kvmi` binary is this function.
 pub fn main() -> ExitCode {
@@ -423,7 +468,14 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Caps { json } => caps(json),
         Command::Profile { image } => profile(&image),
-        Command::ApplianceBench { mib, events } => appliance_bench(mib, events),
+        Command::ApplianceBench {
+            targets: Some(targets),
+            vcpus,
+            writes,
+            json,
+            ..
+        } => fleet_bench(targets, vcpus, writes, json),
+        Command::ApplianceBench { mib, events, .. } => appliance_bench(mib, events),
         Command::Image { name, output } => write_image(&name, &output),
         Command::Gdb(args) => crate::gdb::run(&args),
         Command::Tool(command) => cli::run(command),

@@ -25,7 +25,7 @@
 //! its target and an appliance cannot attribute a line to another target.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hypercall::directory::{self, Directory, MAX_SLOTS, Slot, SlotState};
@@ -34,7 +34,7 @@ use hypercall::ring::{LayoutParams, SharedRegion};
 use super::hook::{ApplianceHook, SERVED_FEATURES, SlotRoute};
 use super::launch::{ApplianceConfig, RING_REGION_GPA};
 use super::pager::{Pager, PagerStats};
-use super::rings::{LogSink, RingMemory, RingService, ServiceEnd, create_region};
+use super::rings::{FleetCounter, LogSink, RingMemory, RingService, ServiceEnd, create_region_in};
 use kvmi_engine::lock_order;
 use kvmi_engine::{IntrospectError, Introspector, IntrospectorConfig};
 use vmm::RunOutcome;
@@ -57,6 +57,8 @@ pub const MAX_SLOT_WINDOW: u64 = SLOT_STRIDE - SLOT_WINDOW_OFFSET;
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long a stopped VM's vCPUs get to end.
 const VM_GRACE: Duration = Duration::from_secs(2);
+/// How long the agent gets to write a final summary for a target that ended.
+const FINAL_GRACE: Duration = Duration::from_millis(500);
 /// How often the fleet looks at its VMs.
 const WATCH_PERIOD: Duration = Duration::from_millis(20);
 
@@ -68,6 +70,11 @@ pub const fn slot_ring_gpa(slot: u32) -> u64 {
 /// Guest-physical base of slot `slot`'s map window.
 pub const fn slot_window_gpa(slot: u32) -> u64 {
     slot_ring_gpa(slot) + SLOT_WINDOW_OFFSET
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn err(e: impl std::fmt::Display) -> IntrospectError {
@@ -124,6 +131,11 @@ pub struct TargetReport {
     pub run: RunReport,
     /// Page-call counters of every appliance that guarded it.
     pub pages: PagerStats,
+    /// Event replies it received from the appliance.
+    pub answered: u64,
+    /// The most events of other targets the appliance answered while one event of this
+    /// target waited for its reply (the fairness it got).
+    pub max_others_waited: u64,
 }
 
 /// What the fleet did.
@@ -149,8 +161,13 @@ struct Identity {
     ram: Arc<GuestRam>,
 }
 
-/// A slot's ring service and pager while its target is attached to an appliance.
-type Attachment = (Arc<RingService>, Arc<Pager>);
+/// A slot's ring service and pager while its target is attached to an appliance, and
+/// whether the agent's final summary for it has come through the log ring.
+struct Attachment {
+    service: Arc<RingService>,
+    pager: Arc<Pager>,
+    final_seen: Arc<AtomicBool>,
+}
 
 /// One running target in a slot.
 struct Member {
@@ -158,11 +175,15 @@ struct Member {
     vm: RunningVm,
     attached: Option<Attachment>,
     pages: PagerStats,
+    answered: u64,
+    max_others_waited: u64,
 }
 
 /// The appliance VM and its slots' memory.
 struct Appliance {
     vm: RunningVm,
+    /// Replies across all its targets (fairness accounting).
+    answered: Arc<FleetCounter>,
     hook: Arc<ApplianceHook>,
     directory: Directory<RingMemory>,
     rings: Vec<Arc<GuestRam>>,
@@ -313,6 +334,7 @@ impl Fleet {
         let vm = vm.start()?;
         Ok(Appliance {
             vm,
+            answered: Arc::default(),
             hook,
             directory,
             rings,
@@ -367,21 +389,28 @@ impl Fleet {
     ) -> Result<Attachment, IntrospectError> {
         let i = slot as usize;
         let params = self.layout(who.vcpus, slot)?;
-        let ring_ram = app.rings[i].clone();
-        let ring_size = ring_ram.size();
-        let region = create_region(ring_ram, &params).map_err(err)?;
+        // This target's layout, in a prefix of the slot's ring memory (sized for the largest).
+        let ring_size = params.region_size().next_multiple_of(4096);
+        let region =
+            create_region_in(app.rings[i].clone(), ring_size as usize, &params).map_err(err)?;
         let log = self.log.clone();
         let (id, name) = (who.id, who.name.clone());
+        let final_seen = Arc::new(AtomicBool::new(false));
+        let seen = final_seen.clone();
         let sink: LogSink = Box::new(move |record: &[u8]| {
+            if contains(record, b"\"final\":true") {
+                seen.store(true, Ordering::SeqCst);
+            }
             let line = label_line(record, id, &name);
             (log.lock())(&line)
         });
         let service = Arc::new(
-            RingService::start(
+            RingService::start_in_fleet(
                 who.introspector.clone(),
                 &region,
                 sink,
                 self.config.appliance.full_timeout,
+                app.answered.clone(),
             )
             .map_err(err)?,
         );
@@ -408,7 +437,11 @@ impl Fleet {
             &who.profile,
             ring_size,
         );
-        let attachment = (service, pager);
+        let attachment = Attachment {
+            service,
+            pager,
+            final_seen,
+        };
         if let Err(e) = app.directory.write_slot(&entry) {
             Self::release(
                 Some(app),
@@ -429,9 +462,9 @@ impl Fleet {
         app: Option<&Appliance>,
         slot: u32,
         introspector: &Introspector,
-        (service, pager): Attachment,
+        Attachment { service, pager, .. }: Attachment,
         why: &str,
-    ) -> (ServiceEnd, PagerStats) {
+    ) -> (ServiceEnd, PagerStats, u64, u64) {
         if let Some(app) = app {
             if let Ok(mut entry) = app.directory.slot(slot) {
                 entry.state = SlotState::Gone;
@@ -442,7 +475,13 @@ impl Fleet {
         pager.retire();
         let end = service.stop();
         introspector.detach(service.generation(), why);
-        (end, pager.stats())
+        let channel = service.channel();
+        (
+            end,
+            pager.stats(),
+            channel.answered(),
+            channel.max_others_answered(),
+        )
     }
 
     /// Detaches the member of slot `slot` from `app` (if attached); returns why its ring
@@ -451,9 +490,35 @@ impl Fleet {
         let Some(attachment) = member.attached.take() else {
             return ServiceEnd::Stopped;
         };
-        let (end, pages) = Self::release(app, slot, &member.who.introspector, attachment, why);
+        let (end, pages, answered, max_others) =
+            Self::release(app, slot, &member.who.introspector, attachment, why);
         member.pages = member.pages.plus(pages);
+        member.answered += answered;
+        member.max_others_waited = member.max_others_waited.max(max_others);
         end
+    }
+
+    /// Before a target that ended is detached: its slot turns ending, and the agent gets
+    /// [`FINAL_GRACE`] to write the target's final summary on the slot's log ring (still
+    /// served).
+    fn final_report(app: Option<&Appliance>, slot: u32, member: &Member) {
+        let (Some(app), Some(attachment)) = (app, member.attached.as_ref()) else {
+            return;
+        };
+        let Ok(mut entry) = app.directory.slot(slot) else {
+            return;
+        };
+        entry.state = SlotState::Ending;
+        if app.directory.write_slot(&entry).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + FINAL_GRACE;
+        while !attachment.final_seen.load(Ordering::SeqCst)
+            && Instant::now() < deadline
+            && !app.vm.handle().has_ended()
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Adds a target to the running fleet: a free slot, its introspector, attached to the
@@ -465,6 +530,20 @@ impl Fleet {
             mut vm,
             introspection,
         } = spec;
+        let caps = vmm::probe::cached_capabilities().map_err(err)?;
+        let introspector = Introspector::install(&mut vm, caps, introspection)?;
+        self.add_installed(name, profile, vm, introspector)
+    }
+
+    /// [`Fleet::add_target`] for a VM whose introspector is already installed (its exit hook
+    /// may have been wrapped since, e.g. by a benchmark timing the exits).
+    pub fn add_installed(
+        &self,
+        name: String,
+        profile: String,
+        vm: Vm,
+        introspector: Arc<Introspector>,
+    ) -> Result<u64, IntrospectError> {
         let vcpus = vm.boot_info().vcpu_count;
         if vcpus > self.config.max_vcpus {
             return Err(err(format_args!(
@@ -472,8 +551,6 @@ impl Fleet {
                 self.config.max_vcpus
             )));
         }
-        let caps = vmm::probe::cached_capabilities().map_err(err)?;
-        let introspector = Introspector::install(&mut vm, caps, introspection)?;
         let mut state = self.state.lock();
         let Some(slot) = state.members.iter().position(Option::is_none) else {
             return Err(err(format_args!(
@@ -516,6 +593,8 @@ impl Fleet {
             vm: running,
             attached: Some(attachment),
             pages: PagerStats::default(),
+            answered: 0,
+            max_others_waited: 0,
         });
         Ok(id)
     }
@@ -536,6 +615,7 @@ impl Fleet {
             let Some(mut member) = st.members[slot].take() else {
                 continue;
             };
+            Self::final_report(st.appliance.as_ref(), slot as u32, &member);
             Self::detach(
                 st.appliance.as_ref(),
                 slot as u32,
@@ -556,6 +636,8 @@ impl Fleet {
                 slot: slot as u32,
                 run,
                 pages: member.pages,
+                answered: member.answered,
+                max_others_waited: member.max_others_waited,
             });
         }
         let broken = st.appliance.as_ref().and_then(|app| {
@@ -565,7 +647,7 @@ impl Fleet {
             st.members.iter().flatten().find_map(|m| {
                 m.attached
                     .as_ref()
-                    .filter(|(service, _)| service.has_ended())
+                    .filter(|a| a.service.has_ended())
                     .map(|_| format!("the appliance was detached from target {}", m.who.name))
             })
         });
@@ -746,6 +828,8 @@ impl Fleet {
                     slot: slot as u32,
                     run,
                     pages: m.pages,
+                    answered: m.answered,
+                    max_others_waited: m.max_others_waited,
                 });
             }
         }

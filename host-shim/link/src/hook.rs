@@ -122,13 +122,18 @@ impl ApplianceHook {
             }
             _ => return Err(HcError::InvalidArgument),
         };
-        let pager = self
-            .routes()
-            .iter()
-            .flatten()
-            .find(|r| r.pager.window_contains(window_gpa))
-            .map(|r| r.pager.clone())
-            .ok_or(HcError::OutsideWindow)?;
+        // A window address in no slot's window goes to the first attached slot's pager, whose
+        // checks refuse it (OutsideWindow) and count the refusal.
+        let pager = {
+            let routes = self.routes();
+            let mut attached = routes.iter().flatten();
+            let first = attached.clone().next().map(|r| r.pager.clone());
+            attached
+                .find(|r| r.pager.window_contains(window_gpa))
+                .map(|r| r.pager.clone())
+                .or(first)
+                .ok_or(HcError::OutsideWindow)?
+        };
         pager.serve(request, caller_ram)
     }
 

@@ -57,10 +57,25 @@ pub fn create_region(
     ram: Arc<GuestRam>,
     params: &LayoutParams,
 ) -> Result<Region<RingMemory>, RingError> {
-    let (ptr, len) = (ram.host_base(), ram.size() as usize);
-    // SAFETY: `ptr..ptr+len` is the RAM's shared mapping, kept alive by the `Arc<GuestRam>`
-    // stored as the region's owner; the shim accesses the ring region only through this
-    // region's atomics (the appliance VM accesses it as guest memory, which is allowed).
+    let len = ram.size() as usize;
+    create_region_in(ram, len, params)
+}
+
+/// [`create_region`] over the first `len` bytes of `ram` (a fleet slot's ring memory is sized
+/// for its largest target; a smaller target's layout uses a prefix of it).
+pub fn create_region_in(
+    ram: Arc<GuestRam>,
+    len: usize,
+    params: &LayoutParams,
+) -> Result<Region<RingMemory>, RingError> {
+    if len as u64 > ram.size() {
+        return Err(RingError::BadParams);
+    }
+    let ptr = ram.host_base();
+    // SAFETY: `ptr..ptr+len` lies inside the RAM's shared mapping (checked above), kept alive
+    // by the `Arc<GuestRam>` stored as the region's owner; the shim accesses the ring region
+    // only through this region's atomics (the appliance VM accesses it as guest memory, which
+    // is allowed).
     let shared = unsafe { SharedRegion::new(ram, ptr, len) }.map_err(|_| RingError::BadParams)?;
     Region::create(Arc::new(shared), params)
 }
@@ -86,6 +101,7 @@ pub struct RingChannel {
     /// Why a reply ring was found bad by whichever thread read it (the vCPU that polled it
     /// detaches the appliance itself; the service thread reports this reason).
     reply_fault: OnceLock<String>,
+    fairness: Arc<Fairness>,
 }
 
 impl std::fmt::Debug for RingChannel {
@@ -97,10 +113,56 @@ impl std::fmt::Debug for RingChannel {
     }
 }
 
+/// Event replies answered by one appliance, counted across all the targets it guards (one
+/// per appliance; each target's [`RingChannel`] shares it).
+#[derive(Debug, Default)]
+pub struct FleetCounter {
+    answered: AtomicU64,
+}
+
+/// How long, in other targets' events, one target's events waited for their replies: when a
+/// vCPU sends an event, the channel notes the appliance's and its own answered counts; when
+/// the reply comes, the difference of the two deltas is how many events of *other* targets
+/// the appliance answered meanwhile. The maximum over all events is the fairness the agent
+/// delivered (its bound: its budget per target per pass, times the other targets).
+#[derive(Debug)]
+struct Fairness {
+    fleet: Arc<FleetCounter>,
+    own: AtomicU64,
+    /// Per vCPU: the (appliance, own) answered counts when its outstanding event was sent.
+    sent: Vec<(AtomicU64, AtomicU64)>,
+    max_others: AtomicU64,
+}
+
+impl Fairness {
+    fn sent(&self, vcpu: usize) {
+        if let Some((fleet, own)) = self.sent.get(vcpu) {
+            fleet.store(
+                self.fleet.answered.load(Ordering::SeqCst),
+                Ordering::Relaxed,
+            );
+            own.store(self.own.load(Ordering::SeqCst), Ordering::Relaxed);
+        }
+    }
+
+    fn answered(&self, vcpu: usize) {
+        if let Some((fleet, own)) = self.sent.get(vcpu) {
+            let all = self.fleet.answered.load(Ordering::SeqCst) - fleet.load(Ordering::Relaxed);
+            let mine = self.own.load(Ordering::SeqCst) - own.load(Ordering::Relaxed);
+            self.max_others
+                .fetch_max(all.saturating_sub(mine), Ordering::Relaxed);
+        }
+        self.fleet.answered.fetch_add(1, Ordering::SeqCst);
+        self.own.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// A reply ring's consuming end with its copy-out buffer.
 struct ReplyConsumer {
     ring: Consumer<RingMemory>,
     scratch: Vec<u8>,
+    vcpu: usize,
+    fairness: Arc<Fairness>,
 }
 
 impl ReplyConsumer {
@@ -113,10 +175,11 @@ impl ReplyConsumer {
         let n = self
             .ring
             .drain(&mut self.scratch, &NoNotify, |record| {
-                if failure.is_none()
-                    && let Err(e) = check_event_reply(record).and_then(|()| f(record))
-                {
-                    failure = Some(e);
+                if failure.is_none() {
+                    match check_event_reply(record).and_then(|()| f(record)) {
+                        Ok(()) => self.fairness.answered(self.vcpu),
+                        Err(e) => failure = Some(e),
+                    }
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -145,11 +208,22 @@ fn io_err(e: RingError) -> std::io::Error {
 
 impl RingChannel {
     /// The producing ends of `region`; a ring that stays full `full_timeout` fails the send.
+    /// `fleet` counts the replies of every target of the same appliance (see
+    /// [`RingChannel::max_others_answered`]).
     pub fn new(
         region: &Region<RingMemory>,
         full_timeout: Duration,
+        fleet: Arc<FleetCounter>,
     ) -> Result<RingChannel, RingError> {
         let vcpus = region.params().vcpu_count;
+        let fairness = Arc::new(Fairness {
+            fleet,
+            own: AtomicU64::new(0),
+            sent: (0..vcpus)
+                .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+                .collect(),
+            max_others: AtomicU64::new(0),
+        });
         let events = (0..vcpus)
             .map(|v| {
                 region
@@ -167,7 +241,12 @@ impl RingChannel {
                 let scratch = vec![0u8; ring.max_payload()];
                 Ok(RankedMutex::new(
                     lock_order::REPLY_RING,
-                    ReplyConsumer { ring, scratch },
+                    ReplyConsumer {
+                        ring,
+                        scratch,
+                        vcpu: v as usize,
+                        fairness: fairness.clone(),
+                    },
                 ))
             })
             .collect::<Result<Vec<_>, RingError>>()?;
@@ -181,7 +260,19 @@ impl RingChannel {
             full_timeout,
             waits: AtomicU64::new(0),
             reply_fault: OnceLock::new(),
+            fairness,
         })
+    }
+
+    /// The most events of other targets (of the same appliance) answered while one event of
+    /// this target waited for its reply.
+    pub fn max_others_answered(&self) -> u64 {
+        self.fairness.max_others.load(Ordering::Relaxed)
+    }
+
+    /// Event replies received on this channel.
+    pub fn answered(&self) -> u64 {
+        self.fairness.own.load(Ordering::Relaxed)
     }
 
     /// Why a reply ring was found bad, if one was (the appliance is then detached).
@@ -256,6 +347,10 @@ impl Channel for RingChannel {
             return Err(std::io::Error::other("message shorter than its header"));
         }
         let ring = self.ring_for(route)?;
+        if let Route::Event { vcpu } = route {
+            // Before the push: the reply cannot be counted before its event.
+            self.fairness.sent(vcpu as usize);
+        }
         self.push(ring, message)
     }
 
@@ -484,8 +579,20 @@ impl RingService {
         log: LogSink,
         full_timeout: Duration,
     ) -> Result<RingService, ChannelError> {
+        Self::start_in_fleet(introspector, region, log, full_timeout, Arc::default())
+    }
+
+    /// [`RingService::start`] for one of several targets of the same appliance, whose
+    /// replies `fleet` counts (for [`RingChannel::max_others_answered`]).
+    pub fn start_in_fleet(
+        introspector: Arc<Introspector>,
+        region: &Region<RingMemory>,
+        log: LogSink,
+        full_timeout: Duration,
+        fleet: Arc<FleetCounter>,
+    ) -> Result<RingService, ChannelError> {
         let bad = |e: RingError| ChannelError::Protocol(format!("ring region: {e}"));
-        let channel = Arc::new(RingChannel::new(region, full_timeout).map_err(bad)?);
+        let channel = Arc::new(RingChannel::new(region, full_timeout, fleet).map_err(bad)?);
         let mut commands = region.consumer_for(RingKind::Command, 0).map_err(bad)?;
         // Armed for good: the appliance notifies after each command (served inline).
         commands.arm_wake().map_err(bad)?;

@@ -1,9 +1,10 @@
 //! The main job of a fleet appliance: guard every target the directory lists, each in its
 //! own slot (rings, map window, command client, guard, task list, summary), served in turn.
 //!
-//! Fairness: each pass over the targets handles at most [`BUDGET`] events of each, so an
-//! event of one target waits for at most `BUDGET` events of every other target (plus the one
-//! being handled) before the agent gets to it, however hard the others flood.
+//! Fairness: each pass over the targets, always in slot order, handles at most [`BUDGET`]
+//! events of each, so an event of one target waits for at most `BUDGET` events of every other
+//! target before the agent gets to it, however hard the others flood (the shim measures what
+//! it got: `appliance_link`'s `max_others_waited`).
 //!
 //! The directory is re-read when its generation changes: a slot that turns live (or live with
 //! another target id) gets a fresh job, whose guard is set up before the agent answers the
@@ -53,6 +54,10 @@ struct TargetJob {
     window: &'static Window,
     rate: Rate,
     tsc_hz: u64,
+    /// The fleet's handled-events count when this target's last turn ended.
+    turn_end: u64,
+    /// The most other targets' events handled between two turns that found events here.
+    max_others: u64,
     started: u64,
     next_scan: u64,
     next_summary: u64,
@@ -169,6 +174,9 @@ fn open_job(
         window,
         rate: Rate::new(tsc_hz, now, 0),
         tsc_hz,
+        // No turn yet: the first one counts nothing.
+        turn_end: u64::MAX,
+        max_others: 0,
         started: now,
         next_scan: now + scan_ms * ms,
         next_summary: now + options.summary_ms * ms,
@@ -190,12 +198,13 @@ pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), 
     };
     let mut jobs: Vec<Option<TargetJob>> = (0..dir.slot_count()).map(|_| None).collect();
     let mut seen = None;
+    // Events handled over all targets (for the fairness figure).
+    let mut total_handled = 0u64;
     let tsc_hz = FALLBACK_TSC_HZ;
     let start = rdtsc();
     let deadline = options
         .secs
         .map(|s| start.saturating_add(s.saturating_mul(tsc_hz)));
-    let mut first = 0usize;
     loop {
         let generation = dir.generation();
         if seen != Some(generation) {
@@ -203,17 +212,23 @@ pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), 
             refresh(info, dir, &profile, policy.as_ref(), options, &mut jobs)?;
         }
         let mut handled = 0;
-        let count = jobs.len();
-        for turn in 0..count {
-            let i = (first + turn) % count.max(1);
-            if let Some(job) = jobs[i].as_mut() {
-                handled += job.agent.poll_at_most(BUDGET).map_err(Fail::Agent)?;
+        // Always the same order: between two turns of a target every other target gets
+        // exactly one turn, so its events wait for at most BUDGET events of each other.
+        for job in jobs.iter_mut() {
+            if let Some(job) = job.as_mut() {
+                let others = total_handled.saturating_sub(job.turn_end);
+                let mine = job.agent.poll_at_most(BUDGET).map_err(Fail::Agent)? as u64;
+                if mine > 0 {
+                    job.max_others = job.max_others.max(others);
+                }
+                total_handled += mine;
+                job.turn_end = total_handled;
+                handled += mine;
                 if let Some(request) = job.agent.handler_mut().take_pause_request() {
                     pause_for_analysis(job, request)?;
                 }
             }
         }
-        first = (first + 1) % count.max(1);
         let now = rdtsc();
         let total: u64 = jobs.iter().flatten().map(|j| j.agent.stats().events).sum();
         let stop = dir.stop_requested();
@@ -255,6 +270,12 @@ fn refresh(
                 *job = None;
                 *job = Some(open_job(info, &slot, profile, policy, options)?);
             }
+            SlotState::Ending => {
+                // The target ended, its rings still run: its final summary, then drop it.
+                if let Some(mut ending) = job.take() {
+                    periodic(&mut ending, options, rdtsc(), true)?;
+                }
+            }
             SlotState::Gone | SlotState::Empty => *job = None,
         }
     }
@@ -269,7 +290,7 @@ fn periodic(job: &mut TargetJob, options: &Options, now: u64, done: bool) -> Res
         job.next_scan = now + job.scan_ms * ms;
     }
     if now >= job.next_summary || done {
-        let line = summary(
+        let mut line = summary(
             &mut job.agent,
             job.window,
             &mut job.rate,
@@ -277,6 +298,7 @@ fn periodic(job: &mut TargetJob, options: &Options, now: u64, done: bool) -> Res
             now - job.started,
             done,
         );
+        line.max_others_between_turns = Some(job.max_others);
         job.agent.log().emit(&line);
         job.next_summary = now + options.summary_ms * ms;
     }
@@ -303,7 +325,8 @@ struct PauseLine<'a> {
 }
 
 /// A `pause` rule fired (its access was denied): every vCPU of the target is asked to pause
-/// (PAUSE_VCPU; each then waits in its PAUSE event), the agent lists the target's tasks while
+/// (PAUSE_VCPU; each then waits in its PAUSE event; `vcpus_paused` counts the vCPUs paused or
+/// with a pause still pending from an earlier violation), the agent lists the target's tasks while
 /// it stands still and reports, and the PAUSE events are answered CONTINUE as the agent polls
 /// them next: the target resumes.
 fn pause_for_analysis(job: &mut TargetJob, request: PauseRequest) -> Result<(), Fail> {
@@ -314,7 +337,12 @@ fn pause_for_analysis(job: &mut TargetJob, request: PauseRequest) -> Result<(), 
             .borrow_mut()
             .call(&Command::PauseVcpu { vcpu }, job.commands)
             .map_err(Fail::Command)?;
-        if matches!(reply.decode(), Ok(Ok(Reply::Empty))) {
+        // Busy: a pause asked for by an earlier violation is still pending (the vCPU pauses
+        // at its next exit): it counts as paused.
+        if matches!(
+            reply.decode(),
+            Ok(Ok(Reply::Empty)) | Ok(Err(protocol::ErrorCode::Busy))
+        ) {
             paused += 1;
         }
     }

@@ -201,6 +201,10 @@ pub(crate) struct Summary {
     log_lines: u64,
     log_dropped: u64,
     heap_bytes: usize,
+    /// Fleet only: the most events of other targets handled between two turns of this
+    /// target that found events waiting (bounded by the budget per turn).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_others_between_turns: Option<u64>,
 }
 
 /// The agent's links to the shim, open: the ring region, the map window, how to wait, and the
@@ -478,5 +482,6 @@ pub(crate) fn summary(
         log_lines,
         log_dropped,
         heap_bytes: kernel::heap_stats().in_use,
+        max_others_between_turns: None,
     }
 }

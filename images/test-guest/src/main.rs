@@ -20,7 +20,7 @@ const SURVIVED: u32 = 3;
 fn main(boot: Boot) -> ! {
     let mode = boot.arg("mode").unwrap_or(b"hello");
     // Modes that only make sense once run on vCPU 0; the others park.
-    let single = !matches!(mode, b"hello" | b"smp");
+    let single = !matches!(mode, b"hello" | b"smp" | b"mem-write-all");
     if single && boot.vcpu != 0 {
         port::halt_forever();
     }
@@ -35,6 +35,7 @@ fn main(boot: Boot) -> ! {
         b"hypercall" => usermode::hypercall(boot),
         b"msr" => probes::msr(boot),
         b"mem-write" => probes::mem_write(boot),
+        b"mem-write-all" => probes::mem_write_all(boot),
         b"mem-read" => probes::mem_read(boot),
         b"mem-read-regs" => probes::mem_read_regs(boot),
         b"breakpoint" => probes::breakpoint(boot),

@@ -3,7 +3,7 @@
 //! endless cycle, and an endless counter loop. Every address involved is a profile symbol.
 //! The finite modes take `hold=1`: instead of exiting they print `holding` and spin.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use guest_runtime::cpu::{read_msr, write_msr};
 use guest_runtime::{Boot, port, println, status};
@@ -70,6 +70,36 @@ pub fn mem_write(boot: Boot) -> ! {
         unsafe { page.add((i % 512) as usize).write_volatile(last) };
     }
     println!("mem-write n={count} last={last:#x}");
+    finish(&boot)
+}
+
+/// vCPUs of `mem-write-all` that have done their writes.
+static WRITERS_DONE: AtomicU32 = AtomicU32::new(0);
+
+/// `mode=mem-write-all n=<count>` (default 16): every vCPU writes `n` words of the scratch
+/// page (vCPU `v`, write `i`: word `(64 v + i) % 512`, value `0x5ca1_0000 + i`); vCPU 0 waits
+/// for all of them, prints `mem-write-all vcpus=V n=N`, exit 0 (the others halt). The
+/// many-vCPU load of `kvmi appliance-bench --targets N --vcpus M`.
+pub fn mem_write_all(boot: Boot) -> ! {
+    let count = boot.arg_u64_or_exit("n").unwrap_or(16);
+    let page = (&raw mut SCRATCH_PAGE).cast::<u64>();
+    let first = u64::from(boot.vcpu) * 64;
+    for i in 0..count {
+        // SAFETY: the index is reduced modulo the page's 512 words; concurrent vCPUs write
+        // whole words (volatile, aligned): no torn or out-of-bounds access.
+        unsafe {
+            page.add(((first + i) % 512) as usize)
+                .write_volatile(0x5ca1_0000 + i)
+        };
+    }
+    WRITERS_DONE.fetch_add(1, Ordering::AcqRel);
+    if boot.vcpu != 0 {
+        port::halt_forever();
+    }
+    while WRITERS_DONE.load(Ordering::Acquire) < boot.vcpu_count() {
+        core::hint::spin_loop();
+    }
+    println!("mem-write-all vcpus={} n={count}", boot.vcpu_count());
     finish(&boot)
 }
 

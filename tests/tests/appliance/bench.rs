@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use kvmi::images::Image;
+use serde_json::Value;
 
 /// The benchmarks run one at a time (they measure; two at once on 2 cores starve each other).
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -82,4 +83,50 @@ fn the_event_bench_measures_floor_appliance_rings_and_socket() {
     assert!(f.table().contains("libkvmi / v4, same tool loop"));
     assert!(f.json_line().contains("\"libkvmi_over_socket\""));
     assert!(f.json_line().contains("\"libkvmi_over_v4_tool\""));
+}
+
+#[test]
+fn the_fleet_bench_answers_every_event_of_every_target_and_measures_the_aggregate() {
+    if !kvmi_tests::require_kvm(
+        "the_fleet_bench_answers_every_event_of_every_target_and_measures_the_aggregate",
+    ) {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let profile = kvmi_tests::common::profile(Image::TestGuest);
+    let page = profile.symbol("scratch_page").expect("sym.scratch_page");
+    let gate = profile.symbol("gate").expect("sym.gate");
+    let policy = kvmi::bench::fleet::bench_policy(&profile.to_json()).expect("bench policy");
+    // `run` fails unless each target made exactly 2 × 300 write exits, and the agent's final
+    // summary and the shim both count 602 events answered (with 2 CREATE_VCPU) per target.
+    let f = kvmi::bench::fleet::run(
+        kvmi_tests::common::elf(Image::TestGuest),
+        kvmi_tests::common::elf(Image::Appliance),
+        policy,
+        kvmi::bench::fleet::FleetShape {
+            targets: 2,
+            vcpus: 2,
+            writes: 300,
+            page,
+            gate,
+        },
+    )
+    .expect("fleet bench runs");
+    assert_eq!((f.targets, f.vcpus, f.events_per_target), (2, 2, 600));
+    assert_eq!(f.answered, vec![602, 602], "none lost: {f:?}");
+    assert_eq!(f.replies, vec![602, 602], "{f:?}");
+    assert_eq!(f.floors.len(), 2);
+    assert!(f.floors.iter().all(|r| *r > 0.0), "{f:?}");
+    assert!(f.rates.iter().all(|r| *r > 0.0), "{f:?}");
+    assert!(f.aggregate > 0.0 && f.ratio() > 0.0, "{f:?}");
+    let shares: f64 = f.shares().iter().sum();
+    assert!(
+        (shares - 2.0).abs() < 1e-6,
+        "shares of an even 1.0 each sum to 2: {f:?}"
+    );
+    // The agent's turns: between two turns of a target at most one budget (16) of the
+    // other target's events.
+    assert!(f.max_others_between_turns.iter().all(|m| *m <= 16), "{f:?}");
+    let line: Value = serde_json::from_str(&f.json_line()).unwrap();
+    assert_eq!(line["fleet"]["answered"], serde_json::json!([602, 602]));
 }

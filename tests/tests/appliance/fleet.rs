@@ -46,8 +46,19 @@ fn demo(name: &str, cmdline: &str) -> TargetSpec {
     }
 }
 
-/// A fleet of `slots` slots whose log lines land in `lines`.
+/// A fleet of `slots` slots whose log lines land in `lines` (no policy: the demo guard).
 fn fleet(slots: u32, targets: Vec<TargetSpec>, lines: &Arc<Mutex<Vec<String>>>) -> Fleet {
+    fleet_with(slots, 1, Vec::new(), targets, lines)
+}
+
+/// A fleet of `slots` slots for targets of up to `max_vcpus` vCPUs under `policy`.
+fn fleet_with(
+    slots: u32,
+    max_vcpus: u32,
+    policy: Vec<u8>,
+    targets: Vec<TargetSpec>,
+    lines: &Arc<Mutex<Vec<String>>>,
+) -> Fleet {
     let sink = lines.clone();
     let appliance = ApplianceConfig {
         vm: config("fleet-appliance", ""),
@@ -67,8 +78,8 @@ fn fleet(slots: u32, targets: Vec<TargetSpec>, lines: &Arc<Mutex<Vec<String>>>) 
         FleetConfig {
             appliance,
             slots,
-            max_vcpus: 1,
-            policy: Vec::new(),
+            max_vcpus,
+            policy,
         },
         targets,
     )
@@ -237,4 +248,111 @@ fn a_target_that_ends_frees_its_slot_the_others_stay_guarded_and_a_new_one_joins
             "all revoked: {t:?}"
         );
     }
+}
+
+#[test]
+fn a_flooding_target_does_not_starve_another_beyond_the_agents_budget() {
+    if !kvmi_tests::require_kvm(
+        "a_flooding_target_does_not_starve_another_beyond_the_agents_budget",
+    ) {
+        return;
+    }
+    // The demo policy for the demo target, and test-guest's scratch page guarded too: its
+    // kernel-mode writes are events answered CONTINUE (no finding line).
+    let policy = format!(
+        "{}\n{}",
+        kvmi::args::appliance::DEMO_POLICY,
+        kvmi::bench::fleet::BENCH_POLICY.replace("format = 1", "")
+    );
+    let profiles: Vec<(&str, String)> = [Image::DemoTarget, Image::TestGuest]
+        .into_iter()
+        .map(|i| (i.name(), kvmi_tests::common::profile(i).to_json()))
+        .collect();
+    let compiled = kvmi_policy::compile_str(&policy, kvmi_policy::Format::Toml, &|name| {
+        profiles
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, json)| appliance::profile::Profile::from_json(json.as_bytes()).ok())
+    })
+    .expect("the policy compiles");
+    // The flooder: 2 vCPUs writing the guarded page as fast as they can, 2 x 100000 events.
+    let mut vm = Vm::new(
+        VmConfig {
+            vcpus: 2,
+            ..config("flooder", "mode=mem-write-all n=100000")
+        },
+        kvmi_tests::common::elf(Image::TestGuest),
+    )
+    .unwrap();
+    vm.set_serial(SerialSink::Buffer(SharedBuffer::new()));
+    let flooder = TargetSpec {
+        name: "flooder".into(),
+        profile: "test-guest".into(),
+        vm,
+        introspection: IntrospectorConfig {
+            wait_for_tool: true,
+            ..IntrospectorConfig::default()
+        },
+    };
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let fleet = fleet_with(
+        2,
+        2,
+        compiled.to_json(),
+        vec![flooder, demo("quiet", "")],
+        &lines,
+    );
+    // The quiet target is guarded while the flood goes on.
+    let seen = wait::within(Duration::from_secs(90), || {
+        fleet.watch();
+        guarded(&parsed(&lines), 2)
+    });
+    let flooding = fleet.ended().is_empty();
+    let report = fleet.wait(STOP_NOW);
+    let all = lines.lock().unwrap().join("\n");
+    assert!(seen, "the quiet target guarded within 90 s:\n{all}");
+    assert!(
+        flooding,
+        "the flood still ran when the quiet target was guarded: {report:?}"
+    );
+    let findings = parsed(&lines);
+    let last_summary = |id: u64| {
+        findings
+            .iter()
+            .rev()
+            .find(|f| f["target"] == id && f["finding"] == "summary")
+            .cloned()
+            .unwrap_or_else(|| panic!("a summary of target {id}:\n{all}"))
+    };
+    let (flood, quiet) = (last_summary(1), last_summary(2));
+    // The flooder got far more events answered than the quiet target, and nothing was lost.
+    let flood_events = flood["events"].as_u64().unwrap();
+    assert!(flood_events > 1000, "{flood}");
+    assert!(
+        flood_events > quiet["events"].as_u64().unwrap(),
+        "{flood} {quiet}"
+    );
+    for s in [&flood, &quiet] {
+        assert_eq!(s["events"], s["replies"], "every event answered: {s}");
+        // The bound: between two turns of a target the agent handles at most its budget (16)
+        // of the other target's events.
+        let between = s["max_others_between_turns"].as_u64().unwrap();
+        assert!(between <= 16, "{s}");
+    }
+    // The flooder's writes never produce a finding line: only its summaries and start/guard.
+    assert!(
+        findings
+            .iter()
+            .filter(|f| f["target"] == 1)
+            .all(|f| ["start", "guard", "summary"].contains(&f["finding"].as_str().unwrap())),
+        "{all}"
+    );
+    for t in &report.targets {
+        assert_eq!(t.pages.refused, 0, "{t:?}");
+    }
+    let shim_quiet = report.targets.iter().find(|t| t.id == 2).unwrap();
+    assert!(
+        shim_quiet.answered >= quiet["replies"].as_u64().unwrap(),
+        "{shim_quiet:?}"
+    );
 }

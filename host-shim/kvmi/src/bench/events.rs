@@ -154,7 +154,7 @@ impl EventFigures {
 /// Why the benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 #[error("event bench: {0}")]
-pub struct EventBenchError(String);
+pub struct EventBenchError(pub(crate) String);
 
 fn fail(what: &str) -> impl FnOnce(String) -> EventBenchError + '_ {
     move |e| EventBenchError(format!("{what}: {e}"))

@@ -1,7 +1,9 @@
 //! The appliance benchmarks of `kvmi appliance-bench`, each a ratio between paths measured in
 //! the same run: event round trips (raw exit floor, rings, socket) and target-memory reads
-//! (map window against `READ_PHYSICAL`).
+//! (map window against `READ_PHYSICAL`), and one appliance's aggregate event throughput over
+//! many targets against the sum of their floors.
 
 pub mod events;
+pub mod fleet;
 mod vms;
 pub mod window;
