@@ -1,7 +1,8 @@
 //! Builds the guest images (`../images`, its own workspace, target x86_64-unknown-none),
-//! embeds `demo-target`, `test-guest` and `appliance`, and writes each image's JSON profile.
-//! The appliance image is a second build (`-p appliance-image`): it needs `alloc`, and a
-//! shared build would unify that feature into the images that have no allocator.
+//! embeds `demo-target`, `test-guest`, `appliance` and `example-agent`, and writes each
+//! image's JSON profile. The appliance images are a second build (`-p appliance-image -p
+//! example-agent`): they need `alloc`, and a shared build would unify that feature into the
+//! images that have no allocator.
 //!
 //! The images need the freestanding target `x86_64-unknown-none`. When the toolchain lacks it,
 //! this script adds it with `rustup target add` (saying so in one line); where that cannot
@@ -21,10 +22,10 @@ use std::process::Command;
 mod profile;
 
 const TARGET: &str = "x86_64-unknown-none";
-const IMAGES: [&str; 3] = ["demo-target", "test-guest", "appliance"];
+const IMAGES: [&str; 4] = ["demo-target", "test-guest", "appliance", "example-agent"];
 /// Extra `cargo build` arguments per build of the images workspace (its default members,
-/// then the appliance image on its own).
-const BUILDS: [&[&str]; 2] = [&[], &["-p", "appliance-image"]];
+/// then the appliance images, which need `alloc`).
+const BUILDS: [&[&str]; 2] = [&[], &["-p", "appliance-image", "-p", "example-agent"]];
 
 /// Environment that must not leak from this (host) build into the nested guest build.
 const REMOVE_EXACT: &[&str] = &[

@@ -100,7 +100,7 @@ enum Command {
     },
     /// Write an embedded image's ELF to a file (for gdb's `file`, objdump, ...).
     Image {
-        /// The embedded image (demo-target, test-guest, appliance).
+        /// The embedded image (demo-target, test-guest, appliance, example-agent).
         #[arg(value_name = "NAME")]
         name: String,
         /// Where to write the ELF.
@@ -116,9 +116,9 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// An ELF file, or the name of an embedded image (demo-target, test-guest, appliance)
-    /// [default: the demo target, watched by the embedded appliance VM unless --no-appliance
-    /// or a KVMI socket is given].
+    /// An ELF file, or the name of an embedded image (demo-target, test-guest, appliance,
+    /// example-agent) [default: the demo target, watched by the embedded appliance VM unless
+    /// --no-appliance or a KVMI socket is given].
     #[arg(long)]
     image: Option<String>,
     /// With no --image: run the demo target alone, without the appliance VM.

@@ -9,7 +9,8 @@ mod embedded {
 /// True when this build embedded every image (false with `KVMI_SKIP_IMAGES`).
 pub const ALL_EMBEDDED: bool = embedded::DEMO_TARGET.is_some()
     && embedded::TEST_GUEST.is_some()
-    && embedded::APPLIANCE.is_some();
+    && embedded::APPLIANCE.is_some()
+    && embedded::EXAMPLE_AGENT.is_some();
 
 /// An embedded guest image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,11 +21,18 @@ pub enum Image {
     TestGuest,
     /// The appliance VM image (the introspection agent at CPL3; images/README.md).
     Appliance,
+    /// The example appliance agent (`images/example-agent`: counts every target's events).
+    ExampleAgent,
 }
 
 impl Image {
     /// Every embedded image.
-    pub const ALL: [Image; 3] = [Image::DemoTarget, Image::TestGuest, Image::Appliance];
+    pub const ALL: [Image; 4] = [
+        Image::DemoTarget,
+        Image::TestGuest,
+        Image::Appliance,
+        Image::ExampleAgent,
+    ];
 
     /// The image's name.
     pub fn name(self) -> &'static str {
@@ -32,6 +40,7 @@ impl Image {
             Image::DemoTarget => "demo-target",
             Image::TestGuest => "test-guest",
             Image::Appliance => "appliance",
+            Image::ExampleAgent => "example-agent",
         }
     }
 
@@ -46,6 +55,7 @@ impl Image {
             Image::DemoTarget => embedded::DEMO_TARGET,
             Image::TestGuest => embedded::TEST_GUEST,
             Image::Appliance => embedded::APPLIANCE,
+            Image::ExampleAgent => embedded::EXAMPLE_AGENT,
         }
     }
 
@@ -55,6 +65,7 @@ impl Image {
             Image::DemoTarget => embedded::DEMO_TARGET_PROFILE,
             Image::TestGuest => embedded::TEST_GUEST_PROFILE,
             Image::Appliance => embedded::APPLIANCE_PROFILE,
+            Image::ExampleAgent => embedded::EXAMPLE_AGENT_PROFILE,
         }
     }
 

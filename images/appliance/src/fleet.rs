@@ -1,315 +1,208 @@
 //! The main job of a fleet appliance: guard every target the directory lists, each in its
-//! own slot (rings, map window, command client, guard, task list, summary), served in turn.
-//!
-//! Fairness: each pass over the targets, always in slot order, handles at most [`BUDGET`]
-//! events of each, so an event of one target waits for at most `BUDGET` events of every other
-//! target before the agent gets to it, however hard the others flood (the shim measures what
-//! it got: `appliance_link`'s `max_others_waited`).
-//!
-//! The directory is re-read when its generation changes: a slot that turns live (or live with
-//! another target id) gets a fresh job, whose guard is set up before the agent answers the
-//! target's first event; a slot that turns gone drops its job. When the shim sets the
-//! directory's stop word (Ctrl-C, a timeout) every job emits its final summary and the agent
-//! ends.
+//! own slot (rings, map window, command client, guard, task list, summary), on the runtime's
+//! loop (`appliance_vm::fleet`: slots opened and dropped as the directory changes, every
+//! target polled in turn with a budget of `appliance_vm::fleet::BUDGET` events, final
+//! summaries on the stop word). This module says what happens per target: the guard is set
+//! up before the agent answers the target's first event; the task list is re-read every
+//! `scan_ms` and a summary printed every `summary_ms`; a `pause` rule that fired pauses the
+//! target for an analysis.
 
 use alloc::vec::Vec;
-use core::cell::RefCell;
 
-use appliance::agent::Agent;
 use appliance::guard::{GuardPlan, PauseRequest};
 use appliance::memory::CachedMemory;
 use appliance::policy::{CompiledPolicy, TargetRules};
 use appliance::profile::Profile;
 use appliance::tasks::TaskLayout;
 use appliance_image::watch::Rate;
-use guest_driver::Discovery;
-use guest_driver::port::{GuestMemory, PauseWaiter};
-use hypercall::boot::BootInfo;
-use hypercall::directory::{Directory, Slot, SlotState};
-use hypercall::ring::SharedRegion;
+use appliance_vm::fleet::{Fleet, Job as FleetJob, Target};
+use appliance_vm::link::Link;
+use hypercall::directory::Slot;
 use protocol::{Command, Reply};
 use serde::Serialize;
 
 use crate::handler::MainJob;
 use crate::job::{
-    Client, FALLBACK_TSC_HZ, Fail, Job, Options, PROFILE, Start, Wait, Window, emit_scan,
-    guest_tsc_hz, rdtsc, set_up_guard, summary,
+    FALLBACK_TSC_HZ, Fail, Job, Options, PROFILE, Start, emit_scan, rdtsc, set_up_guard, summary,
 };
 use crate::tokens::SharedTokens;
 
-/// Events of one target handled per pass before the next target's turn.
-pub const BUDGET: usize = 16;
+/// The main job over the whole fleet.
+struct MainFleet<'a> {
+    profile: Profile,
+    policy: Option<CompiledPolicy>,
+    options: &'a Options,
+    /// The TSC when `secs=` stops the agent.
+    deadline: Option<u64>,
+    /// The guard of the target being opened (from `handler` to `start`).
+    opening: Option<(GuardPlan, u64, bool)>,
+}
 
-/// The directory as the agent sees it.
-type Dir = Directory<SharedRegion<()>>;
-
-/// One guarded target.
-struct TargetJob {
-    id: u64,
-    client: &'static RefCell<Client>,
-    commands: &'static Wait,
+/// What the main job keeps per target besides its handler.
+struct TargetState {
     vcpus: u32,
     scan_ms: u64,
-    agent: Agent<GuestMemory, Job, PauseWaiter, crate::job::Notifier>,
-    window: &'static Window,
     rate: Rate,
     tsc_hz: u64,
-    /// The fleet's handled-events count when this target's last turn ended.
-    turn_end: u64,
-    /// The most other targets' events handled between two turns that found events here.
-    max_others: u64,
     started: u64,
     next_scan: u64,
     next_summary: u64,
+    /// Whether the task list is read (the demo target's layout: the only profile here).
     scans: bool,
 }
 
-/// Opens the directory named by the boot info, if there is one.
-pub fn open_directory(info: &BootInfo) -> Option<Dir> {
-    if info.directory_gpa == 0 || info.directory_size == 0 {
-        return None;
-    }
-    let len = usize::try_from(info.directory_size).ok()?;
-    // SAFETY: the kernel mapped the directory virtual = physical, user-readable, for the rest
-    // of the program (it checked the area before mapping it); it is only read through atomic
-    // word loads.
-    let region = unsafe { SharedRegion::new((), info.directory_gpa as *mut u8, len) }.ok()?;
-    Directory::open(region).ok()
-}
-
-/// Builds the job of the target in `slot` (live): opens its rings and window, sets up its
-/// guard over its command ring and emits its start line. The window, client and waiters are
-/// leaked (a few KiB per target that ever joined: the page cache borrows them for good).
-fn open_job(
-    info: &'static BootInfo,
-    slot: &Slot,
-    profile: &Profile,
-    policy: Option<&CompiledPolicy>,
-    options: &Options,
-) -> Result<TargetJob, Fail> {
-    let discovery = Discovery {
-        ring_gpa: slot.ring_gpa,
-        ring_size: slot.ring_size,
-        window_gpa: slot.window_gpa,
-        window_size: slot.window_size,
-        vcpu_count: info.vcpu_count,
-    };
-    let index = slot.index;
-    let crate::job::Link {
-        region,
-        window,
-        waiting,
-        commands,
-        client,
-        ..
-    } = crate::job::open_slot(discovery, index)?;
-    // The policy's rules for this target; none for it: guard nothing (its events are
-    // answered CONTINUE). No policy at all: the demo guard for the demo target.
-    let demo = slot.profile() == "demo-target";
-    let (plan, scan_ms) = match policy {
-        Some(policy) => {
-            let none = TargetRules {
-                profile: slot.profile().into(),
-                targets: Vec::new(),
-                scan_ms: options.scan_ms.clamp(1, 60_000),
-                protect: Vec::new(),
-                trace: Vec::new(),
-            };
-            let rules = policy
-                .for_target(slot.name(), slot.profile())
-                .unwrap_or(&none);
-            (
-                GuardPlan::from_rules(rules).map_err(Fail::Policy)?,
-                rules.scan_ms,
-            )
-        }
-        None if demo => (
-            GuardPlan::from_profile(profile).map_err(Fail::Profile)?,
-            options.scan_ms,
-        ),
-        None => (
-            GuardPlan::from_rules(&TargetRules {
-                profile: slot.profile().into(),
-                targets: Vec::new(),
-                scan_ms: options.scan_ms.clamp(1, 60_000),
-                protect: Vec::new(),
-                trace: Vec::new(),
-            })
-            .map_err(Fail::Policy)?,
-            options.scan_ms,
-        ),
-    };
-    let layout = TaskLayout::from_profile(profile).map_err(Fail::Profile)?;
-    let cache_pages = options.cache.min(window.slot_count());
-    let mem = CachedMemory::new(window, SharedTokens::new(client, commands), cache_pages);
-    let vcpus = region.params().vcpu_count;
-    let mut agent: Agent<_, Job, _, _> = Agent::new(
-        &region,
-        MainJob::new(plan.clone(), layout, mem),
-        waiting.clone(),
-    )
-    .map_err(Fail::Agent)?;
-    let tsc_hz = guest_tsc_hz(client, commands)?.unwrap_or(FALLBACK_TSC_HZ);
-    agent.log().emit(&Start {
-        finding: "start",
-        profile: "demo-target",
-        target_vcpus: vcpus,
-        ring_bytes: slot.ring_size,
-        window_pages: discovery.window_slots(),
-        cache_pages,
-        tsc_hz,
-    });
-    emit_scan(&mut agent);
-    set_up_guard(&mut agent, &plan, vcpus, client, commands)?;
-    agent.flush_log().map_err(Fail::Agent)?;
-    let now = rdtsc();
-    let ms = tsc_hz / 1000;
-    Ok(TargetJob {
-        id: slot.target_id,
-        client,
-        commands,
-        vcpus,
-        scan_ms,
-        agent,
-        window,
-        rate: Rate::new(tsc_hz, now, 0),
-        tsc_hz,
-        // No turn yet: the first one counts nothing.
-        turn_end: u64::MAX,
-        max_others: 0,
-        started: now,
-        next_scan: now + scan_ms * ms,
-        next_summary: now + options.summary_ms * ms,
-        // The task list needs the demo target's layout (the only profile in this image).
-        scans: demo,
-    })
-}
-
 /// The fleet's main job: until the stop word, `events=` (in total) or `secs=`.
-pub fn run(info: &'static BootInfo, dir: &Dir, options: &Options) -> Result<(), Fail> {
-    let profile = Profile::from_json(PROFILE.as_bytes()).map_err(Fail::Profile)?;
-    let mut bytes = Vec::new();
-    dir.policy(&mut bytes)
-        .map_err(|e| Fail::Args(directory_error(e)))?;
-    let policy = if bytes.is_empty() {
-        None
-    } else {
-        Some(CompiledPolicy::from_json(&bytes).map_err(Fail::Policy)?)
-    };
-    let mut jobs: Vec<Option<TargetJob>> = (0..dir.slot_count()).map(|_| None).collect();
-    let mut seen = None;
-    // Events handled over all targets (for the fairness figure).
-    let mut total_handled = 0u64;
-    let tsc_hz = FALLBACK_TSC_HZ;
+pub fn run(fleet: &Fleet, options: &Options) -> Result<(), Fail> {
     let start = rdtsc();
-    let deadline = options
-        .secs
-        .map(|s| start.saturating_add(s.saturating_mul(tsc_hz)));
-    loop {
-        let generation = dir.generation();
-        if seen != Some(generation) {
-            seen = Some(generation);
-            refresh(info, dir, &profile, policy.as_ref(), options, &mut jobs)?;
-        }
-        let mut handled = 0;
-        // Always the same order: between two turns of a target every other target gets
-        // exactly one turn, so its events wait for at most BUDGET events of each other.
-        for job in jobs.iter_mut() {
-            if let Some(job) = job.as_mut() {
-                let others = total_handled.saturating_sub(job.turn_end);
-                let mine = job.agent.poll_at_most(BUDGET).map_err(Fail::Agent)? as u64;
-                if mine > 0 {
-                    job.max_others = job.max_others.max(others);
-                }
-                total_handled += mine;
-                job.turn_end = total_handled;
-                handled += mine;
-                if let Some(request) = job.agent.handler_mut().take_pause_request() {
-                    pause_for_analysis(job, request)?;
-                }
-            }
-        }
-        let now = rdtsc();
-        let total: u64 = jobs.iter().flatten().map(|j| j.agent.stats().events).sum();
-        let stop = dir.stop_requested();
-        let done = stop
-            || options.events.is_some_and(|n| total >= n)
-            || deadline.is_some_and(|d| now >= d);
-        for job in jobs.iter_mut().flatten() {
-            periodic(job, options, now, done)?;
-        }
-        if done {
-            return Ok(());
-        }
-        if handled == 0 {
-            for _ in 0..64 {
-                core::hint::spin_loop();
-            }
-        }
-    }
+    let mut job = MainFleet {
+        profile: Profile::from_json(PROFILE.as_bytes()).map_err(Fail::Profile)?,
+        policy: fleet.policy()?,
+        options,
+        deadline: options
+            .secs
+            .map(|s| start.saturating_add(s.saturating_mul(FALLBACK_TSC_HZ))),
+        opening: None,
+    };
+    fleet.run(&mut job)
 }
 
-/// Re-reads the directory: new or replaced live slots get a job, gone ones lose theirs.
-fn refresh(
-    info: &'static BootInfo,
-    dir: &Dir,
-    profile: &Profile,
-    policy: Option<&CompiledPolicy>,
-    options: &Options,
-    jobs: &mut [Option<TargetJob>],
-) -> Result<(), Fail> {
-    for (i, job) in jobs.iter_mut().enumerate() {
-        let Ok(slot) = dir.slot(i as u32) else {
-            // Mid-rewrite or invalid: look again at the next generation.
-            continue;
+impl MainFleet<'_> {
+    /// The guard plan and scan period for the target in `slot`: the policy's rules for it (none
+    /// for it: guard nothing, its events are answered CONTINUE); no policy at all: the demo
+    /// guard for the demo target.
+    fn plan(&self, slot: &Slot, demo: bool) -> Result<(GuardPlan, u64), Fail> {
+        let none = TargetRules {
+            profile: slot.profile().into(),
+            targets: Vec::new(),
+            scan_ms: self.options.scan_ms.clamp(1, 60_000),
+            protect: Vec::new(),
+            trace: Vec::new(),
         };
-        let current = job.as_ref().map(|j| j.id);
-        match slot.state {
-            SlotState::Live if current == Some(slot.target_id) => {}
-            SlotState::Live => {
-                *job = None;
-                *job = Some(open_job(info, &slot, profile, policy, options)?);
+        Ok(match &self.policy {
+            Some(policy) => {
+                let rules = policy
+                    .for_target(slot.name(), slot.profile())
+                    .unwrap_or(&none);
+                (
+                    GuardPlan::from_rules(rules).map_err(Fail::Policy)?,
+                    rules.scan_ms,
+                )
             }
-            SlotState::Ending => {
-                // The target ended, its rings still run: its final summary, then drop it.
-                if let Some(mut ending) = job.take() {
-                    periodic(&mut ending, options, rdtsc(), true)?;
-                }
-            }
-            SlotState::Gone | SlotState::Empty => *job = None,
-        }
+            None if demo => (
+                GuardPlan::from_profile(&self.profile).map_err(Fail::Profile)?,
+                self.options.scan_ms,
+            ),
+            None => (
+                GuardPlan::from_rules(&none).map_err(Fail::Policy)?,
+                self.options.scan_ms,
+            ),
+        })
     }
-    Ok(())
 }
 
-/// A job's task scan and summary when they are due (the final summary when `done`).
-fn periodic(job: &mut TargetJob, options: &Options, now: u64, done: bool) -> Result<(), Fail> {
-    let ms = job.tsc_hz / 1000;
-    if job.scans && now >= job.next_scan {
-        emit_scan(&mut job.agent);
-        job.next_scan = now + job.scan_ms * ms;
-    }
-    if now >= job.next_summary || done {
-        let mut line = summary(
-            &mut job.agent,
-            job.window,
-            &mut job.rate,
-            now,
-            now - job.started,
-            done,
+impl FleetJob for MainFleet<'_> {
+    type Handler = Job;
+    type State = TargetState;
+    type Error = Fail;
+
+    fn handler(&mut self, slot: &Slot, link: &Link) -> Result<Job, Fail> {
+        let demo = slot.profile() == "demo-target";
+        let (plan, scan_ms) = self.plan(slot, demo)?;
+        let layout = TaskLayout::from_profile(&self.profile).map_err(Fail::Profile)?;
+        let cache_pages = self.options.cache.min(link.window.slot_count());
+        let mem = CachedMemory::new(
+            link.window,
+            SharedTokens::new(link.client, link.commands),
+            cache_pages,
         );
-        line.max_others_between_turns = Some(job.max_others);
-        job.agent.log().emit(&line);
-        job.next_summary = now + options.summary_ms * ms;
+        self.opening = Some((plan.clone(), scan_ms, demo));
+        Ok(MainJob::new(plan, layout, mem))
     }
-    job.agent.flush_log().map_err(Fail::Agent)
+
+    /// Emits the start line and the first task list, then sets up the guard over the
+    /// target's command ring.
+    fn start(&mut self, target: &mut Target<Job>) -> Result<TargetState, Fail> {
+        let (plan, scan_ms, demo) = self.opening.take().ok_or(Fail::Args("directory"))?;
+        let link = &target.link;
+        let vcpus = link.region.params().vcpu_count;
+        let tsc_hz = link
+            .tsc_hz()
+            .map_err(Fail::Command)?
+            .unwrap_or(FALLBACK_TSC_HZ);
+        target.agent.log().emit(&Start {
+            finding: "start",
+            profile: "demo-target",
+            target_vcpus: vcpus,
+            ring_bytes: target.slot.ring_size,
+            window_pages: link.discovery.window_slots(),
+            cache_pages: self.options.cache.min(link.window.slot_count()),
+            tsc_hz,
+        });
+        emit_scan(&mut target.agent);
+        set_up_guard(&mut target.agent, &plan, vcpus, link.client, link.commands)?;
+        let now = rdtsc();
+        let ms = tsc_hz / 1000;
+        Ok(TargetState {
+            vcpus,
+            scan_ms,
+            rate: Rate::new(tsc_hz, now, 0),
+            tsc_hz,
+            started: now,
+            next_scan: now + scan_ms * ms,
+            next_summary: now + self.options.summary_ms * ms,
+            scans: demo,
+        })
+    }
+
+    fn tick(
+        &mut self,
+        target: &mut Target<Job>,
+        state: &mut TargetState,
+        now: u64,
+    ) -> Result<(), Fail> {
+        if let Some(request) = target.agent.handler_mut().take_pause_request() {
+            pause_for_analysis(target, state, request)?;
+        }
+        self.periodic(target, state, now, false);
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        target: &mut Target<Job>,
+        state: &mut TargetState,
+        now: u64,
+    ) -> Result<(), Fail> {
+        self.periodic(target, state, now, true);
+        Ok(())
+    }
+
+    fn done(&mut self, events: u64, now: u64) -> bool {
+        self.options.events.is_some_and(|n| events >= n) || self.deadline.is_some_and(|d| now >= d)
+    }
 }
 
-/// A directory error as a one-word reason (the agent's exit message).
-fn directory_error(e: hypercall::directory::DirectoryError) -> &'static str {
-    match e {
-        hypercall::directory::DirectoryError::Policy => "policy bytes outside the directory",
-        _ => "directory",
+impl MainFleet<'_> {
+    /// A target's task scan and summary when they are due (the final summary when `last`).
+    fn periodic(&self, target: &mut Target<Job>, state: &mut TargetState, now: u64, last: bool) {
+        let ms = state.tsc_hz / 1000;
+        if state.scans && now >= state.next_scan {
+            emit_scan(&mut target.agent);
+            state.next_scan = now + state.scan_ms * ms;
+        }
+        if now >= state.next_summary || last {
+            let mut line = summary(
+                &mut target.agent,
+                target.link.window,
+                &mut state.rate,
+                now,
+                now - state.started,
+                last,
+            );
+            line.max_others_between_turns = Some(target.max_others_between_turns);
+            target.agent.log().emit(&line);
+            state.next_summary = now + self.options.summary_ms * ms;
+        }
     }
 }
 
@@ -329,13 +222,16 @@ struct PauseLine<'a> {
 /// with a pause still pending from an earlier violation), the agent lists the target's tasks while
 /// it stands still and reports, and the PAUSE events are answered CONTINUE as the agent polls
 /// them next: the target resumes.
-fn pause_for_analysis(job: &mut TargetJob, request: PauseRequest) -> Result<(), Fail> {
+fn pause_for_analysis(
+    target: &mut Target<Job>,
+    state: &TargetState,
+    request: PauseRequest,
+) -> Result<(), Fail> {
     let mut paused = 0;
-    for vcpu in 0..u16::try_from(job.vcpus).unwrap_or(u16::MAX) {
-        let reply = job
-            .client
-            .borrow_mut()
-            .call(&Command::PauseVcpu { vcpu }, job.commands)
+    for vcpu in 0..u16::try_from(state.vcpus).unwrap_or(u16::MAX) {
+        let reply = target
+            .link
+            .call(&Command::PauseVcpu { vcpu })
             .map_err(Fail::Command)?;
         // Busy: a pause asked for by an earlier violation is still pending (the vCPU pauses
         // at its next exit): it counts as paused.
@@ -346,11 +242,11 @@ fn pause_for_analysis(job: &mut TargetJob, request: PauseRequest) -> Result<(), 
             paused += 1;
         }
     }
-    if job.scans {
-        emit_scan(&mut job.agent);
+    if state.scans {
+        emit_scan(&mut target.agent);
     }
-    let tasks_live = job.agent.handler().live_tasks();
-    job.agent.log().emit(&PauseLine {
+    let tasks_live = target.agent.handler().live_tasks();
+    target.agent.log().emit(&PauseLine {
         finding: "pause_analysis",
         rule: &request.rule,
         vcpu: request.vcpu,

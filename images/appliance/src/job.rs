@@ -3,31 +3,29 @@
 //! loops: answer events, re-list the task table every `scan_ms`, print a summary every
 //! `summary_ms`. Everything it finds goes out as JSON lines on the log ring.
 
-use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::fmt;
-use core::sync::atomic::AtomicU64;
 
-use appliance::agent::{Agent, AgentError, CommandClient, CommandError, Waiting};
+use appliance::agent::{Agent, AgentError, CommandError};
 use appliance::guard::GuardPlan;
 use appliance::memory::CachedMemory;
 use appliance::profile::{Profile, ProfileError};
 use appliance::tasks::TaskLayout;
 use appliance_image::watch::Rate;
-use guest_driver::port::{GuestMemory, PauseWaiter, PortHypercalls, open_in_vm};
-use guest_driver::{Discovery, DriverError, HypercallNotify, MapWindow};
+use appliance_vm::fleet::{Fleet, FleetError};
+pub(crate) use appliance_vm::link::{Client, Link, Notifier, Wait, Window};
+use appliance_vm::link::{LinkError, open_slot};
+pub(crate) use appliance_vm::rdtsc;
+use guest_driver::port::{GuestMemory, PauseWaiter, PortHypercalls};
+use guest_driver::{Discovery, DriverError};
 use hypercall::boot::BootInfo;
-use hypercall::call::{NOTIFY_SLOT_RINGS, notify_arg};
-use hypercall::discovery::{NO_VCPU, RingKind};
-use hypercall::ring::{Region, RingError, WaitStrategy};
-use protocol::{Command, Reply};
+use hypercall::ring::RingError;
 use serde::Serialize;
 
 use crate::handler::MainJob;
-use crate::kernel;
 use crate::tokens::SharedTokens;
-use guest_runtime::{println, user};
+use guest_runtime::println;
 
 /// The demo target's profile (`kvmi profile --image demo-target`), checked against the
 /// embedded demo-target by host-shim's tests.
@@ -48,15 +46,6 @@ pub const BAD_POLICY: u32 = 14;
 /// Exit status: the channel to the shim failed (a ring corrupted, a command unanswerable).
 pub const CHANNEL_FAILED: u32 = 13;
 
-/// Staging buffer of the token for MEM_MAP (guest-physical = virtual).
-static MAP_TOKEN: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
-/// Token buffer of the NOTIFY backend (never used for a token).
-static NOTIFY_TOKEN: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
-
-pub(crate) type Notifier = HypercallNotify<&'static PortHypercalls>;
-pub(crate) type Wait = Waiting<PauseWaiter, Notifier>;
-pub(crate) type Client = CommandClient<GuestMemory>;
-pub(crate) type Window = MapWindow<PortHypercalls, GuestMemory>;
 pub(crate) type Job =
     MainJob<PortHypercalls, GuestMemory, SharedTokens<GuestMemory, PauseWaiter, Notifier>>;
 
@@ -82,6 +71,31 @@ impl Fail {
             Fail::Profile(_) => BAD_PROFILE,
             Fail::Policy(_) => BAD_POLICY,
             Fail::Agent(_) | Fail::Ring(_) | Fail::Command(_) | Fail::Refused(..) => CHANNEL_FAILED,
+        }
+    }
+}
+
+impl From<LinkError> for Fail {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Open(e) => Fail::Open(e),
+            LinkError::Ring(e) => Fail::Ring(e),
+        }
+    }
+}
+
+impl From<FleetError> for Fail {
+    fn from(e: FleetError) -> Self {
+        match e {
+            FleetError::NoDirectory => Fail::Args("directory"),
+            FleetError::Directory(hypercall::directory::DirectoryError::Policy) => {
+                Fail::Args("policy bytes outside the directory")
+            }
+            FleetError::Directory(_) => Fail::Args("directory"),
+            FleetError::Policy(e) => Fail::Policy(e),
+            FleetError::Link(e) => e.into(),
+            FleetError::Agent(e) => Fail::Agent(e),
+            FleetError::Command(e) => Fail::Command(e),
         }
     }
 }
@@ -130,19 +144,15 @@ impl Options {
     }
 }
 
-/// The agent's entry at CPL3 (`info` = the BootInfo address, user-readable).
-pub extern "sysv64" fn agent_main(info: u64) -> ! {
-    // SAFETY: the kernel passes the address of the VMM's BootInfo, mapped user-readable and
-    // never written after boot.
-    let info: &'static BootInfo = unsafe { &*(info as *const BootInfo) };
-    let status = match run(info) {
+/// The agent at CPL3 (run by `appliance_vm::entry!`): its exit status.
+pub fn agent_main(info: &'static BootInfo) -> u32 {
+    match run(info) {
         Ok(()) => guest_runtime::status::SUCCESS,
         Err(fail) => {
             println!("appliance: {fail}");
             fail.status()
         }
-    };
-    user::exit(status)
+    }
 }
 
 #[derive(Serialize)]
@@ -207,26 +217,16 @@ pub(crate) struct Summary {
     pub max_others_between_turns: Option<u64>,
 }
 
-/// The agent's links to the shim, open: the ring region, the map window, how to wait, and the
-/// command client.
-pub(crate) struct Link {
-    pub discovery: Discovery,
-    pub region: Region<GuestMemory>,
-    pub window: &'static Window,
-    pub waiting: &'static Wait,
-    /// How the command client waits (its NOTIFY names the command ring).
-    pub commands: &'static Wait,
-    pub client: &'static RefCell<Client>,
-}
-
 fn run(info: &'static BootInfo) -> Result<(), Fail> {
     let options = Options::parse(info)?;
     let bench = crate::bench::Mode::parse(info)?;
-    if bench.is_none()
-        && let Some(dir) = crate::fleet::open_directory(info)
-    {
-        // A fleet appliance: every target the directory lists, as they come and go.
-        return crate::fleet::run(info, &dir, &options);
+    if bench.is_none() {
+        match Fleet::open(info) {
+            // A fleet appliance: every target the directory lists, as they come and go.
+            Ok(fleet) => return crate::fleet::run(&fleet, &options),
+            Err(FleetError::NoDirectory) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let link = open_link(info)?;
     match bench {
@@ -237,61 +237,10 @@ fn run(info: &'static BootInfo) -> Result<(), Fail> {
 
 /// Opens the ring region and the map window named by the boot info (slot 0).
 fn open_link(info: &'static BootInfo) -> Result<Link, Fail> {
-    open_slot(Discovery::from_boot_info(info).map_err(Fail::Open)?, 0)
-}
-
-/// Opens the ring region and the map window of target slot `slot` described by `discovery`:
-/// the rings, the window, the waiters (their NOTIFY names the slot) and the command client.
-/// They live for the rest of the program (leaked: a few KiB per slot ever opened).
-pub(crate) fn open_slot(discovery: Discovery, slot: u32) -> Result<Link, Fail> {
-    let calls =
-        PortHypercalls::new(&MAP_TOKEN, (&raw const MAP_TOKEN) as u64).map_err(Fail::Open)?;
-    let notify_calls: &'static PortHypercalls = Box::leak(Box::new(
-        PortHypercalls::new(&NOTIFY_TOKEN, (&raw const NOTIFY_TOKEN) as u64).map_err(Fail::Open)?,
-    ));
-    // SAFETY: the kernel mapped every slot's ring region and window virtual = physical,
-    // user-writable, for the rest of the program; only this slot's link touches them.
-    let (region, window) = unsafe {
-        open_in_vm(
-            &discovery,
-            discovery.ring_gpa as *mut u8,
-            discovery.window_gpa as *mut u8,
-            calls,
-        )
-    }
-    .map_err(Fail::Open)?;
-    let window: &'static Window = Box::leak(Box::new(window));
-    let wait = |ring| -> &'static Wait {
-        Box::leak(Box::new(Waiting::new(
-            WaitStrategy::default(),
-            // Nothing else runs on this vCPU: a short burst keeps a "sleep" well below an
-            // event round trip.
-            PauseWaiter { pauses: 16 },
-            HypercallNotify::new(notify_calls, notify_arg(slot, ring)),
-        )))
-    };
-    let waiting = wait(NOTIFY_SLOT_RINGS);
-    // The shim serves commands on the NOTIFY naming their ring, without a thread hand-off.
-    let command_ring = region
-        .ring_index(RingKind::Command, NO_VCPU)
-        .map_err(Fail::Ring)?;
-    let commands = wait(command_ring);
-    let client: &'static RefCell<Client> = Box::leak(Box::new(RefCell::new(CommandClient::new(
-        region
-            .producer_for(RingKind::Command, NO_VCPU)
-            .map_err(Fail::Ring)?,
-        region
-            .consumer_for(RingKind::CommandReply, NO_VCPU)
-            .map_err(Fail::Ring)?,
-    ))));
-    Ok(Link {
-        discovery,
-        region,
-        window,
-        waiting,
-        commands,
-        client,
-    })
+    Ok(open_slot(
+        Discovery::from_boot_info(info).map_err(Fail::Open)?,
+        0,
+    )?)
 }
 
 /// The main job: guard the demo target, list its tasks, report.
@@ -318,7 +267,10 @@ fn main_job(link: &Link, options: &Options) -> Result<(), Fail> {
     )
     .map_err(Fail::Agent)?;
 
-    let tsc_hz = guest_tsc_hz(client, commands)?.unwrap_or(FALLBACK_TSC_HZ);
+    let tsc_hz = link
+        .tsc_hz()
+        .map_err(Fail::Command)?
+        .unwrap_or(FALLBACK_TSC_HZ);
     agent.log().emit(&Start {
         finding: "start",
         profile: "demo-target",
@@ -332,18 +284,6 @@ fn main_job(link: &Link, options: &Options) -> Result<(), Fail> {
     set_up_guard(&mut agent, &plan, vcpus, client, commands)?;
     agent.flush_log().map_err(Fail::Agent)?;
     serve(&mut agent, window, options, tsc_hz)
-}
-
-/// GET_GUEST_INFO: the target's TSC frequency (the same host clock the agent's TSC runs on).
-pub(crate) fn guest_tsc_hz(client: &RefCell<Client>, waiting: &Wait) -> Result<Option<u64>, Fail> {
-    let reply = client
-        .borrow_mut()
-        .call(&Command::GetGuestInfo, waiting)
-        .map_err(Fail::Command)?;
-    Ok(match reply.decode() {
-        Ok(Ok(Reply::GuestInfo(info))) if info.tsc_speed > 0 => Some(info.tsc_speed),
-        _ => None,
-    })
 }
 
 /// Sends the guard's set-up commands; a refused one is reported and the rest still sent.
@@ -399,12 +339,6 @@ pub(crate) fn emit_scan(agent: &mut Agent<GuestMemory, Job, PauseWaiter, Notifie
     for line in &lines {
         agent.log().emit(line);
     }
-}
-
-/// This vCPU's time-stamp counter.
-pub(crate) fn rdtsc() -> u64 {
-    // SAFETY: `rdtsc` only reads the time-stamp counter (CR4.TSD is clear: allowed at CPL3).
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// The event loop with the periodic task list and summary, until `events=`/`secs=`.
@@ -481,7 +415,7 @@ pub(crate) fn summary(
         cache_evictions: cache.evictions,
         log_lines,
         log_dropped,
-        heap_bytes: kernel::heap_stats().in_use,
+        heap_bytes: appliance_vm::heap_stats().in_use,
         max_others_between_turns: None,
     }
 }

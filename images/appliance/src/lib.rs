@@ -2,14 +2,12 @@
 //! unit-tested on the host (`cargo test -p appliance-image --lib --target
 //! x86_64-unknown-linux-gnu` in `images/`):
 //!
-//! - [`heap`]: the size-class heap behind the image's global allocator;
-//! - [`identity`]: how the ring region and the map window are cut into 2 MiB and 4 KiB pages;
 //! - [`watch`]: the live task list (changes between two listings) and the periodic summary.
+//!
+//! The heap and the identity mapping moved to the runtime, `appliance-vm`.
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
 extern crate alloc;
 
-pub mod heap;
-pub mod identity;
 pub mod watch;

@@ -1,7 +1,7 @@
-//! `appliance`: the appliance VM image. vCPU 0 builds one address space (the image, a heap,
-//! the ring region and the map window, all reachable from CPL3), then runs the introspection
-//! agent at CPL3, where code runs natively; the kernel only builds page tables and waits for
-//! the agent's exit. Other vCPUs halt. See images/README.md ("appliance").
+//! `appliance`: the appliance VM image, the main job. The runtime (`appliance-vm`) builds the
+//! address space (the image, a heap, the directory, every slot's ring region and map window,
+//! all reachable from CPL3) and runs [`job::agent_main`] at CPL3, where code runs natively.
+//! See images/README.md ("appliance").
 #![no_std]
 #![no_main]
 
@@ -11,16 +11,6 @@ mod bench;
 mod fleet;
 mod handler;
 mod job;
-mod kernel;
 mod tokens;
 
-use guest_runtime::{Boot, entry};
-
-entry!(main);
-
-fn main(boot: Boot) -> ! {
-    if boot.vcpu != 0 {
-        kernel::halt_forever()
-    }
-    kernel::start(boot)
-}
+appliance_vm::entry!(job::agent_main);

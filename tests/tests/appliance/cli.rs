@@ -280,6 +280,78 @@ fn a_pause_rule_pauses_the_target_for_analysis_and_it_runs_on() {
     );
 }
 
+#[test]
+fn the_example_agent_written_out_by_kvmi_image_guards_two_targets() {
+    if !kvmi_tests::require_kvm("the_example_agent_written_out_by_kvmi_image_guards_two_targets") {
+        return;
+    }
+    // As the README's "Write your own agent" runs it: the embedded example agent, written to
+    // a file, as the appliance of two demo targets that end by themselves after 100 rounds.
+    let dir = tempfile_dir("example-agent");
+    let elf = dir.join("agent.elf");
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args(["image", "example-agent", "--output"])
+        .arg(&elf)
+        .output()
+        .expect("kvmi runs");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(&elf).unwrap().starts_with(b"\x7fELF"));
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args(["run", "--appliance"])
+        .arg(&elf)
+        .args([
+            "--targets",
+            "2",
+            "--cmdline",
+            "rounds=100",
+            "--timeout",
+            "120",
+        ])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("kvmi runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let findings: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    // Every line is the example's, labelled by the shim with the target it is about.
+    assert!(
+        !findings.is_empty() && findings.iter().all(|f| f["finding"] == "example"),
+        "{stdout}"
+    );
+    for target in [1, 2] {
+        let name = format!("demo-target-{target}");
+        let lines: Vec<&Value> = findings.iter().filter(|f| f["target"] == target).collect();
+        assert!(
+            lines.iter().all(|f| f["target_name"] == name.as_str()),
+            "{stdout}"
+        );
+        // The policy's watch was set up (write protection, the task_create breakpoint) and
+        // its events counted and answered: the target ran its 100 rounds to the end.
+        let last = lines
+            .last()
+            .unwrap_or_else(|| panic!("no line for {name}: {stdout}"));
+        let events = last["events"].as_u64().unwrap();
+        assert!(events > 0, "{last}");
+        assert!(last["page_faults"].as_u64().unwrap() > 0, "{last}");
+        assert!(last["breakpoints"].as_u64().unwrap() > 0, "{last}");
+        assert!(
+            stderr.contains(&format!(
+                "kvmi: target {target} ({name}) ended: guest exited with status 0"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
 /// A fresh directory for a test's files.
 fn tempfile_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("kvmi-{tag}-{}", std::process::id()));

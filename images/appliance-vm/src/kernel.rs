@@ -1,6 +1,7 @@
 //! The CPL0 part, kept short (CPL0 code is emulated on PVM hosts): check that the VMM gave us
-//! a ring region and a map window, build the address space, hand the heap its memory, and
-//! enter the agent at CPL3.
+//! a ring region and a map window, build the address space, hand the heap its memory, enter
+//! the agent at CPL3 and exit the VM with its status. [`entry!`](crate::entry) calls
+//! [`boot`] (CPL0) and [`run_agent`] (CPL3).
 //!
 //! Address space (virtual = physical everywhere):
 //! - the image with [`ImageAccess::Shared`] (ordinary Rust code runs at CPL3), including the
@@ -10,22 +11,26 @@
 //! - the ring region and the map window (above RAM), user-writable, 2 MiB pages where aligned.
 
 use core::alloc::{GlobalAlloc, Layout};
+use core::sync::atomic::{AtomicU64, Ordering};
 
-use appliance_image::heap::Heap;
-use appliance_image::identity;
 use guest_driver::Discovery;
 use guest_runtime::paging::{
     self, AddressSpace, FrameAllocator, ImageAccess, ImageLayout, PagingError, flags,
 };
 use guest_runtime::trap::{self, UserContext};
-use guest_runtime::{Boot, SpinLock, cpu, port, println};
+use guest_runtime::{Boot, SpinLock, cpu, port, println, user};
+use hypercall::boot::BootInfo;
+
+use crate::heap::Heap;
+use crate::identity;
 
 /// Exit status: the boot info names no (valid) ring region or map window: the image was
 /// booted alone, not as `kvmi run --appliance`.
 pub const NO_RING_REGION: u32 = 10;
 /// Exit status: the page tables or the heap could not be built (too little RAM).
 pub const NO_MEMORY: u32 = 5;
-/// Exit status: the agent stopped with a system call the kernel does not know.
+/// Exit status: the agent made a system call (it has none: it ends through the debug-exit
+/// port, see [`run_agent`]).
 pub const BAD_SYSCALL: u32 = 4;
 
 /// Bytes of the agent's stack.
@@ -34,6 +39,46 @@ const USER_STACK_BYTES: usize = 256 * 1024;
 const TABLE_FRAMES_BYTES: u64 = paging::LARGE_PAGE_SIZE;
 /// Smallest heap the agent starts with.
 const MIN_HEAP_BYTES: u64 = 4 << 20;
+
+/// Ring regions and windows (start, length) the kernel mapped for the agent: slot 0's two,
+/// then up to two per further slot. Written at CPL0 before the agent starts, read by
+/// [`is_mapped`] at CPL3.
+static MAPPED: [[AtomicU64; 2]; 2 * hypercall::directory::MAX_SLOTS as usize + 2] =
+    [const { [AtomicU64::new(0), AtomicU64::new(0)] };
+        2 * hypercall::directory::MAX_SLOTS as usize + 2];
+
+/// Whether `[start, start + len)` lies inside one ring region or window the kernel mapped
+/// user-writable, virtual = physical, for the rest of the program.
+pub fn is_mapped(start: u64, len: u64) -> bool {
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    MAPPED.iter().any(|[s, l]| {
+        let (s, l) = (s.load(Ordering::Relaxed), l.load(Ordering::Relaxed));
+        l != 0 && s <= start && end <= s + l
+    })
+}
+
+/// The target directory (start, length) the kernel mapped user-readable, if any.
+static DIRECTORY: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// The target directory's area, when the kernel mapped one (a fleet appliance): virtual =
+/// physical, user-readable, for the rest of the program.
+pub fn directory() -> Option<(u64, u64)> {
+    let (start, len) = (
+        DIRECTORY[0].load(Ordering::Relaxed),
+        DIRECTORY[1].load(Ordering::Relaxed),
+    );
+    (len != 0).then_some((start, len))
+}
+
+/// Notes an area [`is_mapped`] accepts.
+fn note_mapped(start: u64, len: u64) {
+    if let Some([s, l]) = MAPPED.iter().find(|[_, l]| l.load(Ordering::Relaxed) == 0) {
+        s.store(start, Ordering::Relaxed);
+        l.store(len, Ordering::Relaxed);
+    }
+}
 
 #[repr(C, align(4096))]
 struct UserStack([u8; USER_STACK_BYTES]);
@@ -61,7 +106,7 @@ unsafe impl GlobalAlloc for LockedHeap {
 static HEAP: LockedHeap = LockedHeap(SpinLock::new(Heap::empty()));
 
 /// The heap's counters (for the summary).
-pub fn heap_stats() -> appliance_image::heap::HeapStats {
+pub fn heap_stats() -> crate::heap::HeapStats {
     HEAP.0.lock().stats()
 }
 
@@ -73,9 +118,25 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// vCPU 0: checks the boot info, builds the address space and runs the agent at CPL3;
-/// exits with the agent's status.
-pub fn start(boot: Boot) -> ! {
+/// The image's `main` on every vCPU: vCPU 0 checks the boot info, builds the address space
+/// and enters `agent` at CPL3 (RDI = the BootInfo's address); other vCPUs halt.
+pub fn boot(boot: Boot, agent: extern "sysv64" fn(u64) -> !) -> ! {
+    if boot.vcpu != 0 {
+        halt_forever()
+    }
+    start(boot, agent)
+}
+
+/// The agent's side at CPL3: runs `agent_main` with the BootInfo at `info` and exits the VM
+/// with the status it returns (a 32-bit `out` to the debug-exit port, allowed at CPL3).
+pub fn run_agent(info: u64, agent_main: fn(&'static BootInfo) -> u32) -> ! {
+    // SAFETY: `start` passes the address of the VMM's BootInfo, mapped user-readable and
+    // never written after boot.
+    let info: &'static BootInfo = unsafe { &*(info as *const BootInfo) };
+    user::exit(agent_main(info))
+}
+
+fn start(boot: Boot, agent: extern "sysv64" fn(u64) -> !) -> ! {
     let discovery = match Discovery::from_boot_info(boot.info) {
         Ok(discovery) => discovery,
         Err(error) => {
@@ -101,11 +162,7 @@ pub fn start(boot: Boot) -> ! {
             .init(heap.start as usize, (heap.end - heap.start) as usize)
     };
     let top = (&raw const USER_STACK) as u64 + USER_STACK_BYTES as u64;
-    let mut ctx = UserContext::new(
-        crate::job::agent_main as *const () as u64,
-        top,
-        boot.info as *const _ as u64,
-    );
+    let mut ctx = UserContext::new(agent as *const () as u64, top, boot.info as *const _ as u64);
     // SAFETY: the agent is trusted code of this image (`ImageAccess::Shared` gives no
     // isolation by design); the kernel keeps nothing it relies on from CPL3 after this point
     // except its stack, which the agent does not touch.
@@ -211,6 +268,8 @@ fn build_address_space(
     // Discovery checked both areas are page multiples that do not wrap.
     map(discovery.ring_gpa, discovery.ring_size, user_data)?;
     map(discovery.window_gpa, discovery.window_size, user_data)?;
+    note_mapped(discovery.ring_gpa, discovery.ring_size);
+    note_mapped(discovery.window_gpa, discovery.window_size);
     // A fleet appliance: the directory (read-only for the agent) and every other slot's ring
     // region and window (the shim wrote their addresses before boot, empty slots included).
     if let Some(areas) = fleet_areas(boot.info, discovery) {
@@ -219,8 +278,11 @@ fn build_address_space(
             areas.directory.1,
             flags::USER | flags::NO_EXECUTE,
         )?;
+        DIRECTORY[0].store(areas.directory.0, Ordering::Relaxed);
+        DIRECTORY[1].store(areas.directory.1, Ordering::Relaxed);
         for (start, len) in areas.slots.iter().flatten() {
             map(*start, *len, user_data)?;
+            note_mapped(*start, *len);
         }
     }
     // SAFETY: `space` maps the image (code, stacks, descriptor tables), the boot info and the
