@@ -281,30 +281,71 @@ fn run(mut args: RunArgs) -> Result<u8> {
     let mut fleet = Vec::new();
     let mut policy = Vec::new();
     if appliance_image.is_some() {
-        // The policy is checked against the targets' profile before any VM starts.
+        // The targets: from --config, or --targets copies of --image.
+        let entries = match &args.appliance.config {
+            Some(path) => {
+                if args.image.is_some() {
+                    bail!("--config names each target's image: --image cannot be combined with it");
+                }
+                crate::args::fleet_config::load(path)?
+            }
+            None => (1..=targets)
+                .map(|i| crate::args::fleet_config::TargetConfig {
+                    name: if targets == 1 {
+                        name.clone()
+                    } else {
+                        format!("{name}-{i}")
+                    },
+                    image: args.image.clone().unwrap_or(name.clone()),
+                    vcpus: config.vcpus,
+                    memory_mib: args.memory,
+                    cmdline: config.cmdline.clone(),
+                    profile: Some(name.clone()),
+                    start_after_ms: 0,
+                })
+                .collect(),
+        };
+        // Every image once, with its profile: the policy is checked against them before any
+        // VM starts.
+        let mut images = std::collections::HashMap::new();
         let mut profiles = std::collections::HashMap::new();
-        if let Ok(profile) = Profile::from_elf(&name, &image) {
-            profiles.insert(name.clone(), profile.to_json());
+        for entry in &entries {
+            if images.contains_key(&entry.image) {
+                continue;
+            }
+            let (image_name, bytes) = if entry.image == name {
+                (name.clone(), image.clone())
+            } else {
+                load_image(&entry.image)
+                    .with_context(|| format!("the image of target {}", entry.name))?
+            };
+            if let Ok(profile) = Profile::from_elf(&image_name, &bytes) {
+                profiles.insert(image_name.clone(), profile.to_json());
+            }
+            images.insert(entry.image.clone(), (image_name, bytes));
         }
         policy = args
             .appliance
             .compile_policy(&profiles)
             .context("the policy is refused")?;
-        // Every target is its own VM of the same image and configuration.
-        for i in 1..=targets {
-            let target = if targets == 1 {
-                name.clone()
-            } else {
-                format!("{name}-{i}")
-            };
-            let config = VmConfig {
-                name: format!("kvmi-{target}"),
+        for entry in entries {
+            let (image_name, bytes) = &images[&entry.image];
+            let vm_config = VmConfig {
+                name: format!("kvmi-{}", entry.name),
+                memory_bytes: entry.memory_mib << 20,
+                vcpus: entry.vcpus,
+                cmdline: entry.cmdline.clone(),
                 ..config.clone()
             };
-            let mut vm =
-                Vm::new(config, &image).with_context(|| format!("building the VM for {target}"))?;
+            let mut vm = Vm::new(vm_config, bytes)
+                .with_context(|| format!("building the VM for {}", entry.name))?;
             vm.set_serial(serial.try_clone().context("duplicating the serial sink")?);
-            fleet.push((target, name.clone(), vm));
+            fleet.push(crate::args::appliance::FleetTarget {
+                profile: entry.profile.unwrap_or_else(|| image_name.clone()),
+                name: entry.name,
+                vm,
+                start_after: Duration::from_millis(entry.start_after_ms),
+            });
         }
     }
     // Without an appliance: the one target, with the tool (if any) of the flags.

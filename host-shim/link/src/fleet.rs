@@ -203,9 +203,29 @@ struct State {
     stopping: bool,
 }
 
-/// A running fleet: one appliance, up to `slots` targets.
+/// How to build the appliance, without the log sink (the fleet owns that behind a lock, so
+/// the fleet can be shared between threads).
+struct ApplianceSettings {
+    vm: vmm::vm::VmConfig,
+    image: Vec<u8>,
+    serial: vmm::devices::SerialSink,
+    window_size: u64,
+    sizes: hypercall::ring::RingSizes,
+    full_timeout: Duration,
+}
+
+/// [`FleetConfig`] without the log sink.
+struct Settings {
+    appliance: ApplianceSettings,
+    slots: u32,
+    max_vcpus: u32,
+    policy: Vec<u8>,
+}
+
+/// A running fleet: one appliance, up to `slots` targets. It can be shared between threads
+/// (e.g. one that adds targets while another waits).
 pub struct Fleet {
-    config: FleetConfig,
+    config: Settings,
     log: Arc<RankedMutex<LogSink>>,
     state: RankedMutex<State>,
 }
@@ -256,10 +276,37 @@ impl Fleet {
         if config.slots > 1 && config.appliance.window_size > MAX_SLOT_WINDOW {
             return Err(err("a fleet's map windows are at most 96 MiB each"));
         }
-        let mut config = config;
-        let sink = std::mem::replace(&mut config.appliance.log, Box::new(|_: &[u8]| {}));
+        let FleetConfig {
+            appliance:
+                ApplianceConfig {
+                    vm,
+                    image,
+                    serial,
+                    log: sink,
+                    window_size,
+                    sizes,
+                    full_timeout,
+                    restarts,
+                },
+            slots,
+            max_vcpus,
+            policy,
+        } = config;
+        let config = Settings {
+            appliance: ApplianceSettings {
+                vm,
+                image,
+                serial,
+                window_size,
+                sizes,
+                full_timeout,
+            },
+            slots,
+            max_vcpus,
+            policy,
+        };
         let log = Arc::new(RankedMutex::new(lock_order::APPLIANCE_LOG, sink));
-        let restarts_left = config.appliance.restarts;
+        let restarts_left = restarts;
         let fleet = Fleet {
             state: RankedMutex::new(
                 lock_order::FLEET,
@@ -552,6 +599,11 @@ impl Fleet {
             )));
         }
         let mut state = self.state.lock();
+        if state.stopping {
+            return Err(err(format_args!(
+                "the fleet is stopping: target {name} not added"
+            )));
+        }
         let Some(slot) = state.members.iter().position(Option::is_none) else {
             return Err(err(format_args!(
                 "no free slot for target {name} (all {} in use)",
@@ -763,7 +815,7 @@ impl Fleet {
 
     /// Runs until every target has ended, or `limits` expire (then the agent is asked for
     /// its final report, given 3 s to end, and the targets are stopped).
-    pub fn wait(self, limits: RunLimits) -> FleetReport {
+    pub fn wait(&self, limits: RunLimits) -> FleetReport {
         let start = Instant::now();
         loop {
             if self.check() {

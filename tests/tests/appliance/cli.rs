@@ -358,3 +358,108 @@ fn tempfile_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn a_config_file_runs_different_targets_and_one_joins_later() {
+    if !kvmi_tests::require_kvm("a_config_file_runs_different_targets_and_one_joins_later") {
+        return;
+    }
+    let dir = tempfile_dir("fleet-config");
+    let path = dir.join("fleet.toml");
+    std::fs::write(
+        &path,
+        "[[target]]\nname = \"web\"\nimage = \"demo-target\"\ncmdline = \"rounds=150\"\n\n\
+         [[target]]\nname = \"probe\"\nimage = \"test-guest\"\nvcpus = 2\nmemory_mib = 32\n\
+         cmdline = \"mode=smp\"\n\n\
+         [[target]]\nname = \"late\"\nimage = \"demo-target\"\ncmdline = \"rounds=150\"\n\
+         start_after_ms = 1000\n",
+    )
+    .unwrap();
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args(["run", "--timeout", "120", "--config"])
+        .arg(&path)
+        .output()
+        .expect("kvmi runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The first target's status: its 150 rounds done.
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let findings: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    let named = |name: &str, kind: &str| {
+        findings
+            .iter()
+            .filter(|f| f["target_name"] == name && f["finding"] == kind)
+            .count()
+    };
+    for name in ["web", "late"] {
+        assert_eq!(named(name, "guard"), 1, "{name}: {stdout}");
+        assert!(named(name, "write_denied") >= 1, "{name}: {stdout}");
+        assert!(named(name, "task_create") >= 3, "{name}: {stdout}");
+        // Each ended by itself and still got its final summary.
+        assert!(
+            findings.iter().any(|f| f["target_name"] == name
+                && f["finding"] == "summary"
+                && f["final"] == true),
+            "{name}: {stdout}"
+        );
+    }
+    // The test guest has no rules in the demo policy: served (its 2 vCPUs started and
+    // ended) but not guarded.
+    assert_eq!(named("probe", "guard"), 1, "{stdout}");
+    assert_eq!(named("probe", "write_denied"), 0, "{stdout}");
+    let ids: Vec<u64> = ["web", "probe", "late"]
+        .iter()
+        .map(|n| {
+            findings
+                .iter()
+                .find(|f| f["target_name"] == *n)
+                .and_then(|f| f["target"].as_u64())
+                .unwrap_or_else(|| panic!("{n}: {stdout}"))
+        })
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3], "{stdout}");
+    assert!(
+        stderr.contains("kvmi: target 3 (late) joined the appliance"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("all 2 vcpus up"),
+        "the probe's 2 vCPUs ran: {stderr}"
+    );
+    assert!(
+        stderr.contains("kvmi: target 2 (probe): guest exited with status 0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_malformed_config_is_refused_with_its_line_and_field_before_any_vm_starts() {
+    let dir = tempfile_dir("bad-config");
+    let path = dir.join("fleet.toml");
+    std::fs::write(
+        &path,
+        "[[target]]\nname = \"a\"\nimage = \"demo-target\"\n[[target]]\nname = \"b\"\n\
+         image = \"demo-target\"\nvcpus = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("kvmi runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("fleet.toml:7: target[1].vcpus: 0: 1..=64 vCPUs"),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("demo-target: vcpus="), "{stderr}");
+}

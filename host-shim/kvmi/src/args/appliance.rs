@@ -1,6 +1,7 @@
 //! The `kvmi run --appliance` flags: boot the target together with an appliance VM that
 //! introspects it over the rings and reads its memory through the map window.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hypercall::ring::RingSizes;
@@ -84,10 +85,27 @@ pub struct ApplianceRunArgs {
     /// targets' profiles before any VM starts.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<std::path::PathBuf>,
+    /// The targets, each with its own image, vCPUs, memory, command line, profile, name and
+    /// start delay, in a TOML file (see `kvmi::args::fleet_config`); instead of --image,
+    /// --vcpus, --memory, --cmdline and --targets.
+    #[arg(long, value_name = "FILE", conflicts_with = "targets")]
+    pub config: Option<std::path::PathBuf>,
     /// Boot N targets (named `<image>-1` .. `<image>-N`, each with --vcpus, --memory and
     /// --cmdline), all guarded by the one appliance VM (at most 8).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub targets: u32,
+}
+
+/// One target of `kvmi run` with an appliance.
+pub struct FleetTarget {
+    /// Its name.
+    pub name: String,
+    /// Its profile's name (what the policy matches).
+    pub profile: String,
+    /// The VM, built.
+    pub vm: Vm,
+    /// When it joins the appliance, from the start (zero: at once).
+    pub start_after: Duration,
 }
 
 /// The demo policy (`policies/demo.toml`): what `kvmi run` guards without `--policy`.
@@ -168,6 +186,8 @@ impl ApplianceRunArgs {
             Some("--targets")
         } else if self.policy.is_some() {
             Some("--policy")
+        } else if self.config.is_some() {
+            Some("--config")
         } else {
             None
         }
@@ -325,7 +345,7 @@ impl ApplianceRunArgs {
     pub fn run_fleet(
         &self,
         kvmi: &KvmiRunArgs,
-        targets: Vec<(String, String, Vm)>,
+        targets: Vec<FleetTarget>,
         image: Vec<u8>,
         policy: Vec<u8>,
         limits: RunLimits,
@@ -341,28 +361,57 @@ impl ApplianceRunArgs {
         }
         let max_vcpus = targets
             .iter()
-            .map(|(_, _, vm)| vm.boot_info().vcpu_count)
+            .map(|t| t.vm.boot_info().vcpu_count)
             .max()
             .unwrap_or(1);
-        let specs = targets
-            .into_iter()
-            .map(|(name, profile, vm)| TargetSpec {
-                name,
-                profile,
-                vm,
-                introspection: intro_config.clone(),
-            })
-            .collect();
-        let fleet = Fleet::start(
+        let (now, later): (Vec<FleetTarget>, Vec<FleetTarget>) =
+            targets.into_iter().partition(|t| t.start_after.is_zero());
+        let spec = |t: FleetTarget| TargetSpec {
+            name: t.name,
+            profile: t.profile,
+            vm: t.vm,
+            introspection: intro_config.clone(),
+        };
+        let fleet = Arc::new(Fleet::start(
             FleetConfig {
                 appliance: config,
                 slots,
                 max_vcpus,
                 policy,
             },
-            specs,
-        )?;
+            now.into_iter().map(spec).collect(),
+        )?);
+        // Targets that start later join the running appliance from a thread of their own.
+        let started = std::time::Instant::now();
+        let mut later = later;
+        later.sort_by_key(|t| t.start_after);
+        let joiner = (!later.is_empty()).then(|| {
+            let (fleet, specs): (_, Vec<(Duration, TargetSpec)>) = (
+                fleet.clone(),
+                later
+                    .into_iter()
+                    .map(|t| (t.start_after, spec(t)))
+                    .collect(),
+            );
+            std::thread::spawn(move || {
+                for (after, spec) in specs {
+                    std::thread::sleep(after.saturating_sub(started.elapsed()));
+                    let name = spec.name.clone();
+                    match fleet.add_target(spec) {
+                        Ok(id) => vmm::devices::eprint_line(format_args!(
+                            "kvmi: target {id} ({name}) joined the appliance"
+                        )),
+                        Err(e) => vmm::devices::eprint_line(format_args!(
+                            "kvmi: target {name} could not join: {e}"
+                        )),
+                    }
+                }
+            })
+        });
         let report = fleet.wait(limits);
+        if let Some(joiner) = joiner {
+            let _ = joiner.join();
+        }
         for t in &report.targets {
             vmm::devices::eprint_line(format_args!(
                 "kvmi: target {} ({}): {}; pages mapped {} in {} calls, unmapped {}, refused calls {}",
