@@ -51,17 +51,11 @@ fn fleet(slots: u32, targets: Vec<TargetSpec>, lines: &Arc<Mutex<Vec<String>>>) 
     fleet_with(slots, 1, Vec::new(), targets, lines)
 }
 
-/// A fleet of `slots` slots for targets of up to `max_vcpus` vCPUs under `policy`.
-fn fleet_with(
-    slots: u32,
-    max_vcpus: u32,
-    policy: Vec<u8>,
-    targets: Vec<TargetSpec>,
-    lines: &Arc<Mutex<Vec<String>>>,
-) -> Fleet {
+/// An appliance VM with `cmdline` and `restarts`, its log lines landing in `lines`.
+fn appliance(cmdline: &str, restarts: u32, lines: &Arc<Mutex<Vec<String>>>) -> ApplianceConfig {
     let sink = lines.clone();
-    let appliance = ApplianceConfig {
-        vm: config("fleet-appliance", ""),
+    ApplianceConfig {
+        vm: config("fleet-appliance", cmdline),
         image: kvmi_tests::common::elf(Image::Appliance).to_vec(),
         serial: SerialSink::Buffer(SharedBuffer::new()),
         log: Box::new(move |r: &[u8]| {
@@ -72,8 +66,19 @@ fn fleet_with(
         window_size: DEFAULT_WINDOW_SIZE,
         sizes: RingSizes::default(),
         full_timeout: DEFAULT_FULL_TIMEOUT,
-        restarts: 0,
-    };
+        restarts,
+    }
+}
+
+/// A fleet of `slots` slots for targets of up to `max_vcpus` vCPUs under `policy`.
+fn fleet_with(
+    slots: u32,
+    max_vcpus: u32,
+    policy: Vec<u8>,
+    targets: Vec<TargetSpec>,
+    lines: &Arc<Mutex<Vec<String>>>,
+) -> Fleet {
+    let appliance = appliance("", 0, lines);
     Fleet::start(
         FleetConfig {
             appliance,
@@ -355,4 +360,62 @@ fn a_flooding_target_does_not_starve_another_beyond_the_agents_budget() {
         shim_quiet.answered >= quiet["replies"].as_u64().unwrap(),
         "{shim_quiet:?}"
     );
+}
+
+#[test]
+fn an_appliance_that_ends_is_replaced_for_every_target() {
+    if !kvmi_tests::require_kvm("an_appliance_that_ends_is_replaced_for_every_target") {
+        return;
+    }
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Each agent stops by itself after 60 events (both targets together); one restart.
+    let fleet = Fleet::start(
+        FleetConfig {
+            appliance: appliance("events=60", 1, &lines),
+            slots: 2,
+            max_vcpus: 1,
+            policy: Vec::new(),
+        },
+        vec![demo("one", ""), demo("two", "")],
+    )
+    .unwrap();
+    let starts = |f: &[Value], id: u64| of(f, id, "start");
+    let replaced = wait::within(Duration::from_secs(90), || {
+        fleet.watch();
+        let f = parsed(&lines);
+        starts(&f, 1) == 2
+            && starts(&f, 2) == 2
+            && of(&f, 1, "guard") == 2
+            && of(&f, 2, "guard") == 2
+    });
+    // The second agent ends after its 60 events too: then both targets run on, unhooked.
+    let report = fleet.wait(RunLimits {
+        timeout: Some(Duration::from_secs(5)),
+        interrupt: None,
+    });
+    let all = lines.lock().unwrap().join("\n");
+    assert!(replaced, "a second agent guarded both targets:\n{all}");
+    assert_eq!(report.restarts, 1, "{report:?}");
+    let findings = parsed(&lines);
+    for id in [1, 2] {
+        assert_eq!(starts(&findings, id), 2, "{all}");
+        // Every agent's summary for the target: its events all answered.
+        for s in findings
+            .iter()
+            .filter(|f| f["target"] == id && f["finding"] == "summary")
+        {
+            assert_eq!(s["events"], s["replies"], "{s}");
+        }
+    }
+    for t in &report.targets {
+        // Both targets ran to the end of the run (stopped by the timeout), never crashed.
+        assert!(
+            matches!(t.run.outcome, vmm::RunOutcome::TimedOut { .. }),
+            "{t:?}"
+        );
+        assert_eq!(
+            t.pages.pages_unmapped, t.pages.pages_mapped,
+            "all revoked: {t:?}"
+        );
+    }
 }
