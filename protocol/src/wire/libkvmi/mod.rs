@@ -11,13 +11,16 @@
 //! So far this module holds the numbering ([`ids`], [`events`], [`actions`], [`errors`]),
 //! the byte layouts ([`layout`], [`event_layout`]), host-side handshake and frame
 //! validation with a close-or-reply verdict for every error ([`frame`]), and host-side
-//! encoders for replies and events with libkvmi-style readers ([`host`]). It does not yet
-//! implement [`super::WireProfile`].
+//! encoders for replies and events with libkvmi-style readers ([`host`]), and the tool side
+//! in the semantic types ([`tool`]: list requests, event replies, events and registers read
+//! back). It does not implement [`super::WireProfile`]: a tool's command does not map to one
+//! kvmi-v7 message (e.g. `CONTROL_EVENTS` takes one event ID per message).
 
 pub mod event_layout;
 pub mod frame;
 pub mod host;
 pub mod layout;
+pub mod tool;
 
 #[cfg(test)]
 mod proptests;
