@@ -1,5 +1,6 @@
 //! The client's half of a KVMI socket: one writer (every message in a single `write`), one
-//! reader thread that separates command replies (matched by `seq`) from events (queued).
+//! reader thread that separates command replies (matched by `seq`) from events (queued), in
+//! either wire dialect ([`Dialect`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -10,6 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use protocol::frame::HEADER_SIZE;
+use protocol::wire::libkvmi::tool::{self, HostEvent};
+use protocol::wire::libkvmi::{self as lk, ids};
 use protocol::{CommandKind, Event, HostMessage, V4, WireProfile};
 
 use super::error::ClientError;
@@ -25,22 +29,62 @@ pub struct ReceivedEvent {
     pub received: Instant,
 }
 
-/// A reply as received: the command it answers (from the message ID) and its raw payload.
+/// The wire dialect of a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// The v4 dialect (`kvmi run --kvmi-dialect v4`, the default).
+    V4,
+    /// The libkvmi / kvmi-v7 dialect (`kvmi run --kvmi-dialect libkvmi`).
+    Libkvmi,
+}
+
+impl Dialect {
+    /// The dialect's name, as `kvmi run --kvmi-dialect` spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "v4",
+            Self::Libkvmi => "libkvmi",
+        }
+    }
+
+    /// Largest message the host sends, header included.
+    const fn max_host_message(self) -> usize {
+        match self {
+            Self::V4 => V4::MAX_MSG_SIZE,
+            // Replies are bounded only by the header's u16 size; events by 8184 bytes.
+            Self::Libkvmi => HEADER_SIZE + lk::host::MAX_REPLY_PAYLOAD,
+        }
+    }
+}
+
+/// A reply as received: the command it answers and its raw payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawReply {
-    /// The command kind named by the reply's message ID.
+    /// The command kind the reply answers: named by the message ID (v4), or the command
+    /// the kvmi-v7 message was sent for (libkvmi).
     pub command: CommandKind,
+    /// The reply's message ID, as on the wire.
+    pub id: u16,
     /// The payload (error code first).
     pub payload: Vec<u8>,
+}
+
+/// A command sent and not answered yet.
+struct Waiter {
+    /// The caller gave up waiting: a late reply is dropped.
+    abandoned: bool,
+    /// The message ID the reply must carry (checked in the libkvmi dialect).
+    id: u16,
+    /// The command it was sent for.
+    command: CommandKind,
 }
 
 #[derive(Default)]
 struct State {
     /// Replies that arrived, by seq, for seqs someone waits for.
     replies: HashMap<u32, RawReply>,
-    /// Seqs of commands sent and not answered yet (true: the caller gave up waiting, a late
-    /// reply is dropped).
-    waiting: HashMap<u32, bool>,
+    /// Seqs of commands sent and not answered yet.
+    waiting: HashMap<u32, Waiter>,
     events: VecDeque<ReceivedEvent>,
     closed: Option<String>,
 }
@@ -72,11 +116,12 @@ pub(crate) struct Channel {
     shared: Arc<Shared>,
     next_seq: AtomicU32,
     reader: Option<JoinHandle<()>>,
+    dialect: Dialect,
 }
 
 impl Channel {
-    /// Starts the reader thread on `stream`.
-    pub(crate) fn new(stream: UnixStream) -> Result<Channel, ClientError> {
+    /// Starts the reader thread on `stream`, reading messages of `dialect`.
+    pub(crate) fn new(stream: UnixStream, dialect: Dialect) -> Result<Channel, ClientError> {
         let read_half = stream
             .try_clone()
             .map_err(ClientError::io("cloning the socket"))?;
@@ -87,14 +132,20 @@ impl Channel {
         let for_reader = shared.clone();
         let reader = std::thread::Builder::new()
             .name("kvmi-client-reader".into())
-            .spawn(move || read_loop(read_half, &for_reader))
+            .spawn(move || read_loop(read_half, &for_reader, dialect))
             .map_err(ClientError::io("spawning the reader thread"))?;
         Ok(Channel {
             writer: Mutex::new(stream),
             shared,
             next_seq: AtomicU32::new(1),
             reader: Some(reader),
+            dialect,
         })
+    }
+
+    /// The channel's wire dialect.
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// A fresh sequence number (never 0).
@@ -119,9 +170,17 @@ impl Channel {
         })
     }
 
-    /// Registers `seq` as awaiting a reply (before sending, so no reply can be missed).
-    pub(crate) fn expect_reply(&self, seq: u32) {
-        self.shared.lock().waiting.insert(seq, false);
+    /// Registers `seq` as awaiting a reply with message ID `id` to `command` (before
+    /// sending, so no reply can be missed).
+    pub(crate) fn expect_reply(&self, seq: u32, id: u16, command: CommandKind) {
+        self.shared.lock().waiting.insert(
+            seq,
+            Waiter {
+                abandoned: false,
+                id,
+                command,
+            },
+        );
     }
 
     /// Waits for the reply with `seq`.
@@ -143,7 +202,9 @@ impl Channel {
             }
             let now = Instant::now();
             if now >= deadline {
-                st.waiting.insert(seq, true);
+                if let Some(w) = st.waiting.get_mut(&seq) {
+                    w.abandoned = true;
+                }
                 return Err(ClientError::Timeout {
                     command,
                     seq,
@@ -239,9 +300,10 @@ impl Drop for Channel {
 
 /// Reads messages until EOF or an error; a message that does not decode closes the channel
 /// (as the protocol requires of either peer).
-fn read_loop(mut stream: UnixStream, shared: &Shared) {
-    let mut buf: Vec<u8> = Vec::with_capacity(V4::MAX_MSG_SIZE * 2);
-    let mut chunk = vec![0u8; V4::MAX_MSG_SIZE];
+fn read_loop(mut stream: UnixStream, shared: &Shared, dialect: Dialect) {
+    let max = dialect.max_host_message();
+    let mut buf: Vec<u8> = Vec::with_capacity(max * 2);
+    let mut chunk = vec![0u8; max];
     loop {
         let n = match stream.read(&mut chunk) {
             Ok(0) => return shared.close("the host closed the socket".into()),
@@ -252,11 +314,15 @@ fn read_loop(mut stream: UnixStream, shared: &Shared) {
         buf.extend_from_slice(&chunk[..n]);
         let mut used = 0;
         loop {
-            match V4::split_frame(&buf[used..]) {
+            match protocol::frame::split_frame(&buf[used..], max) {
                 Ok(None) => break,
                 Ok(Some((frame, rest))) => {
                     let consumed = buf.len() - used - rest.len();
-                    if let Err(reason) = dispatch(shared, frame) {
+                    let handled = match dialect {
+                        Dialect::V4 => dispatch(shared, frame),
+                        Dialect::Libkvmi => dispatch_libkvmi(shared, frame),
+                    };
+                    if let Err(reason) = handled {
                         let _ = stream.shutdown(Shutdown::Both);
                         return shared.close(reason);
                     }
@@ -288,14 +354,60 @@ fn dispatch(shared: &Shared, frame: protocol::frame::Frame<'_>) -> Result<(), St
         } => {
             match st.waiting.remove(&seq) {
                 None => return Err(format!("reply with unknown seq {seq} ({command:?})")),
-                Some(true) => return Ok(()), // the caller timed out
-                Some(false) => {}
+                Some(w) if w.abandoned => return Ok(()), // the caller timed out
+                Some(_) => {}
             }
             st.replies.insert(
                 seq,
                 RawReply {
                     command,
+                    id: V4::command_id(command),
                     payload: payload.to_vec(),
+                },
+            );
+        }
+    }
+    drop(st);
+    shared.changed.notify_all();
+    Ok(())
+}
+
+/// A kvmi-v7 message from the VMM: an event (queued) or the reply to a command, which must
+/// carry the ID of the command sent with its seq (libkvmi's rule: anything else is "wrong
+/// message" and the stream is out of step).
+fn dispatch_libkvmi(shared: &Shared, frame: protocol::frame::Frame<'_>) -> Result<(), String> {
+    let (id, seq) = (frame.header.id, frame.header.seq);
+    let mut st = shared.lock();
+    match id {
+        ids::EVENT => match tool::decode_event(frame.payload) {
+            Ok(HostEvent::Event(event)) => st.events.push_back(ReceivedEvent {
+                seq,
+                event,
+                received: Instant::now(),
+            }),
+            Ok(HostEvent::Unhook) => return Err("the VM unhooks (UNHOOK event)".into()),
+            Err(e) => return Err(format!("bad event: {e}")),
+        },
+        ids::EVENT_REPLY => return Err("the VM sent an event reply".into()),
+        _ => {
+            let Some(waiter) = st.waiting.remove(&seq) else {
+                return Err(format!("reply with unknown seq {seq} (message {id})"));
+            };
+            if waiter.id != id {
+                return Err(format!(
+                    "reply with seq {seq} is message {id}, the command sent was {}",
+                    waiter.id
+                ));
+            }
+            if waiter.abandoned {
+                return Ok(());
+            }
+            st.replies.insert(
+                seq,
+                RawReply {
+                    command: waiter.command,
+                    id,
+                    payload: frame.payload.to_vec(),
                 },
             );
         }

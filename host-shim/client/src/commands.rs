@@ -32,6 +32,10 @@ impl KvmiClient {
         take: impl FnOnce(Reply<'_>) -> Option<T>,
     ) -> Result<T, ClientError> {
         let kind = command.kind();
+        if self.libkvmi.is_some() {
+            let owned = self.lk_exec(command)?;
+            return take(owned.reply()).ok_or(ClientError::UnexpectedReply(kind));
+        }
         let raw = self.call(command)?;
         match V4::decode_reply(kind, &raw.payload)? {
             Ok(reply) => take(reply).ok_or(ClientError::UnexpectedReply(kind)),

@@ -1,5 +1,6 @@
 //! Errors of the KVMI client.
 
+use protocol::wire::libkvmi::tool::ToolError;
 use protocol::{CommandKind, EncodeError, ErrorCode, ProtocolError};
 
 /// Why a client call failed.
@@ -47,6 +48,43 @@ pub enum ClientError {
     /// Invalid input to a client helper (e.g. an unknown event name).
     #[error("{0}")]
     Invalid(String),
+    /// The command has no equivalent in the channel's wire dialect (e.g. the v4 extension
+    /// `CONTROL_BREAKPOINT` over libkvmi, which has no way to set a breakpoint).
+    #[error("{command:?} has no equivalent in the {dialect} dialect")]
+    Unsupported {
+        /// The command.
+        command: CommandKind,
+        /// The dialect's name.
+        dialect: &'static str,
+    },
+    /// The host answered with an error value that is no known `KVM_E*` code.
+    #[error("{command:?} failed with unknown error {err}")]
+    UnknownCode {
+        /// The command that failed.
+        command: CommandKind,
+        /// The value on the wire.
+        err: i32,
+    },
+    /// A libkvmi (kvmi-v7) message could not be encoded or read.
+    #[error("libkvmi: {0}")]
+    Libkvmi(#[from] ToolError),
+    /// The libkvmi handshake failed.
+    #[error("libkvmi handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+}
+
+/// Why the libkvmi handshake with a connecting VM failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// The VM's `struct_size` is below 32 (no room for the name) or above 65 536.
+    #[error("the VM's struct_size {0} is outside 32..=65536")]
+    StructSize(u32),
+    /// The VM closed the connection during the handshake.
+    #[error("the VM closed the connection")]
+    Closed,
+    /// `GET_VERSION` answered a version below 1.
+    #[error("the VM speaks KVMI version {0} (at least 1 is required)")]
+    Version(u32),
 }
 
 impl ClientError {

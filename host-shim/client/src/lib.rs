@@ -2,7 +2,10 @@
 //!
 //! [`KvmiClient`] connects to a VM's socket (`kvmi run --kvmi-socket PATH`) or accepts the
 //! VM's connection on a listening path (`kvmi run --kvmi-connect PATH`), then offers one typed
-//! method per command. A reader thread separates replies (matched by `seq`) from events
+//! method per command. Both wire dialects are spoken: v4, and libkvmi / kvmi-v7
+//! ([`KvmiClient::listen_libkvmi`] for `kvmi run --kvmi-dialect libkvmi --kvmi-connect PATH`),
+//! where each command becomes its kvmi-v7 message(s); a command without a kvmi-v7 equivalent
+//! fails with [`ClientError::Unsupported`]. A reader thread separates replies (matched by `seq`) from events
 //! (queued): commands can be sent while events wait for their replies, from several threads.
 //! Take events with [`KvmiClient::next_event`], answer them with [`KvmiClient::reply`].
 //!
@@ -33,9 +36,12 @@ mod channel;
 mod commands;
 mod error;
 pub mod json;
+mod libkvmi;
 mod names;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_libkvmi;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -44,9 +50,10 @@ use std::time::{Duration, Instant};
 use protocol::event_reply::EventReplyData;
 use protocol::{Action, Command, CommandKind, ErrorCode, EventKind, EventReply, V4, WireProfile};
 
-pub use channel::{RawReply, ReceivedEvent};
+pub use channel::{Dialect, RawReply, ReceivedEvent};
 pub use commands::RegisterState;
-pub use error::ClientError;
+pub use error::{ClientError, HandshakeError};
+pub use libkvmi::{LibkvmiOptions, VmIdentity};
 pub use names::{
     access_string, command_name, event_name, parse_access, parse_event_list, parse_event_name,
 };
@@ -60,11 +67,14 @@ pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct KvmiClient {
     channel: Channel,
     reply_timeout: Duration,
+    /// The libkvmi session (`None`: the v4 dialect).
+    libkvmi: Option<libkvmi::Session>,
 }
 
 impl std::fmt::Debug for KvmiClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmiClient")
+            .field("dialect", &self.channel.dialect())
             .field("closed", &self.channel.closed())
             .finish()
     }
@@ -120,6 +130,14 @@ impl KvmiClient {
         listener: &UnixListener,
         timeout: Duration,
     ) -> Result<KvmiClient, ClientError> {
+        Self::from_stream(Self::accept_stream(listener, timeout)?)
+    }
+
+    /// Accepts one connection on `listener` (blocking mode), waiting at most `timeout`.
+    fn accept_stream(
+        listener: &UnixListener,
+        timeout: Duration,
+    ) -> Result<UnixStream, ClientError> {
         listener
             .set_nonblocking(true)
             .map_err(ClientError::io("listener non-blocking"))?;
@@ -130,7 +148,7 @@ impl KvmiClient {
                     stream
                         .set_nonblocking(false)
                         .map_err(ClientError::io("socket blocking"))?;
-                    return Self::from_stream(stream);
+                    return Ok(stream);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
@@ -145,11 +163,12 @@ impl KvmiClient {
         }
     }
 
-    /// A client over an already connected stream.
+    /// A v4 client over an already connected stream.
     pub fn from_stream(stream: UnixStream) -> Result<KvmiClient, ClientError> {
         Ok(KvmiClient {
-            channel: Channel::new(stream)?,
+            channel: Channel::new(stream, Dialect::V4)?,
             reply_timeout: DEFAULT_REPLY_TIMEOUT,
+            libkvmi: None,
         })
     }
 
@@ -159,9 +178,19 @@ impl KvmiClient {
     }
 
     /// Sends `command` and waits for its reply; a KVM error code becomes
-    /// [`ClientError::Kvm`]. Returns the raw reply for the typed methods to decode.
+    /// [`ClientError::Kvm`]. Returns the raw reply for the typed methods to decode (v4). In
+    /// the libkvmi dialect the command is carried out as its kvmi-v7 message(s) and the raw
+    /// reply is empty: use the typed methods.
     pub fn call(&self, command: &Command<'_>) -> Result<RawReply, ClientError> {
         let kind = command.kind();
+        if self.libkvmi.is_some() {
+            self.lk_exec(command)?;
+            return Ok(RawReply {
+                command: kind,
+                id: libkvmi::message_id(kind).unwrap_or_default(),
+                payload: Vec::new(),
+            });
+        }
         let mut buf = vec![0u8; V4::command_len(command)?];
         let seq = self.channel.next_seq();
         let n = V4::encode_command(seq, command, &mut buf)?;
@@ -179,7 +208,8 @@ impl KvmiClient {
     }
 
     fn exchange(&self, kind: CommandKind, seq: u32, msg: &[u8]) -> Result<RawReply, ClientError> {
-        self.channel.expect_reply(seq);
+        let id = u16::from_le_bytes([msg[0], msg[1]]);
+        self.channel.expect_reply(seq, id, kind);
         self.channel.send(msg)?;
         self.channel.wait_reply(kind, seq, self.reply_timeout)
     }
@@ -190,7 +220,13 @@ impl KvmiClient {
     pub fn call_raw(&self, id: u16, payload: &[u8]) -> Result<(i32, Vec<u8>), ClientError> {
         let seq = self.channel.next_seq();
         let msg = raw_message(id, seq, payload)?;
-        let kind = V4::command_kind(id).unwrap_or(CommandKind::GetVersion);
+        let kind = match self.dialect() {
+            Dialect::V4 => V4::command_kind(id),
+            Dialect::Libkvmi => CommandKind::ALL
+                .into_iter()
+                .find(|&k| libkvmi::message_id(k) == Some(id)),
+        }
+        .unwrap_or(CommandKind::GetVersion);
         let raw = self.exchange(kind, seq, &msg)?;
         let err = raw
             .payload
@@ -242,6 +278,15 @@ impl KvmiClient {
         action: Action,
         data: EventReplyData<'_>,
     ) -> Result<(), ClientError> {
+        if self.libkvmi.is_some() {
+            let (vcpu, gva) = Self::lk_reply_target(event);
+            let reply = EventReply {
+                event: event.event.payload.kind(),
+                action,
+                data,
+            };
+            return self.lk_reply(vcpu, event.seq, &reply, gva);
+        }
         self.reply_seq(event.seq, event.event.payload.kind(), action, data)
     }
 
@@ -251,7 +296,9 @@ impl KvmiClient {
         self.reply(event, Action::Continue, neutral_data(event))
     }
 
-    /// Sends an event reply for any `seq` (also one never sent: testing the host).
+    /// Sends an event reply for any `seq` (also one never sent: testing the host). A
+    /// kvmi-v7 reply names its vCPU: in the libkvmi dialect this one names vCPU 0 (use
+    /// [`KvmiClient::reply`] for the event's own vCPU).
     pub fn reply_seq(
         &self,
         seq: u32,
@@ -264,6 +311,9 @@ impl KvmiClient {
             action,
             data,
         };
+        if self.libkvmi.is_some() {
+            return self.lk_reply(0, seq, &reply, 0);
+        }
         let mut buf = vec![0u8; V4::event_reply_len(&reply)?];
         let n = V4::encode_event_reply(seq, &reply, &mut buf)?;
         self.channel.send(&buf[..n])
