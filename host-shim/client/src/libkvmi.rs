@@ -99,6 +99,10 @@ const fn per_vcpu(kind: EventKind) -> bool {
 }
 
 /// A reply's data, owned, before it is lent out as a [`Reply`].
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per command, on the stack only while the reply is lent out"
+)]
 pub(crate) enum Owned {
     Empty,
     Version(VersionInfo),

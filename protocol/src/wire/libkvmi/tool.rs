@@ -1,7 +1,7 @@
 //! The tool's side of the libkvmi dialect in the semantic types: the kvmi-v7 encodings of
 //! the requests whose payload is a list (`GET_REGISTERS`, `SET_PAGE_ACCESS`) and of event
 //! replies, and the readers of events and of the `GET_REGISTERS` reply into
-//! [`Event`](crate::event::Event) and its parts. Fixed-size requests are
+//! [`Event`] and its parts. Fixed-size requests are
 //! [`super::frame::encode_request`]'s.
 //!
 //! Readers follow libkvmi's rules (§5.1 of the dialect's description): the common event part
