@@ -1,11 +1,14 @@
-//! gdb's Z/z packets: hardware breakpoints with CONTROL_BREAKPOINT, software breakpoints and
-//! watchpoints as page-access restrictions (the bookkeeping is [`super::breakpoints`]).
+//! gdb's Z/z packets: hardware breakpoints with CONTROL_BREAKPOINT (v4 only; refused with an
+//! error reply over libkvmi), software breakpoints and watchpoints as page-access
+//! restrictions (the bookkeeping is [`super::breakpoints`]).
 
 use gdbstub::target::TargetResult;
 use gdbstub::target::ext::breakpoints::{
     Breakpoints, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
     SwBreakpoint as GdbSwBreakpoint, SwBreakpointOps, WatchKind as GdbWatchKind,
 };
+
+use protocol::CommandKind;
 
 use super::breakpoints::{SwBreakpoint, Watch, WatchKind};
 use super::memory::{Mapping, page_pieces};
@@ -71,6 +74,15 @@ impl HwBreakpoint for KvmiTarget {
             return Ok(true);
         }
         if self.hw.len() >= HW_SLOTS {
+            return Ok(false);
+        }
+        if !self.client.supports(CommandKind::ControlBreakpoint) {
+            // gdb gets an error reply ("Cannot insert hardware breakpoint").
+            tracing::warn!(
+                "no hardware breakpoint at {addr:#x}: the {} dialect cannot set one (use \
+                 `break`, an execute trap)",
+                self.client.dialect().name()
+            );
             return Ok(false);
         }
         self.touch();

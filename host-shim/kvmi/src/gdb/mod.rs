@@ -14,6 +14,11 @@
 //!
 //! `detach` (and `quit`) close the KVMI channel: the host lifts every restriction and the VM
 //! runs on. `kill` is refused with an error reply (gdb: "Can't kill process").
+//!
+//! The channel is either dialect: `--socket` connects to a v4 socket, `--libkvmi-listen`
+//! listens for a VM speaking libkvmi (kvmi-v7), which connects. The client hides the
+//! difference; what kvmi-v7 cannot do (hardware breakpoints: it has no way to set them or
+//! the debug registers) is refused to gdb with an error reply.
 
 mod breakpoints;
 mod events;
@@ -30,10 +35,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{ArgGroup, Args};
 use gdbstub::stub::state_machine::GdbStubStateMachine;
 use gdbstub::stub::{DisconnectReason, GdbStub};
-use kvmi_client::KvmiClient;
+use kvmi_client::{KvmiClient, LibkvmiOptions};
+use sha1::{Digest, Sha1};
 
 use target::KvmiTarget;
 use transport::GdbConnection;
@@ -43,21 +49,34 @@ pub use monitor::MONITOR_HELP;
 /// `kvmi gdb`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "EXAMPLE:\n  gdb -ex 'target remote | kvmi gdb --socket /tmp/vm.sock'\n\n\
+    group(ArgGroup::new("vm").required(true).args(["socket", "libkvmi_listen"])),
+    after_help = "EXAMPLES:\n  gdb -ex 'target remote | kvmi gdb --socket /tmp/vm.sock'\n  \
+    gdb -ex 'target remote | kvmi gdb --libkvmi-listen /tmp/tool.sock'\n    \
+    with the VM started as: kvmi run ... --kvmi-dialect libkvmi --kvmi-connect /tmp/tool.sock\n\n\
     Software breakpoints are execute traps on their page (guest memory is never patched);\n\
-    hardware breakpoints (hbreak) at most 4; watch/rwatch/awatch are page-access traps.\n\
+    hardware breakpoints (hbreak) at most 4, v4 dialect only (libkvmi cannot set them:\n\
+    gdb gets an error); watch/rwatch/awatch are page-access traps.\n\
     `kill` is refused (\"Can't kill process\"); `detach` or `quit` leave the VM running.\n\
     `monitor help` lists the monitor commands."
 )]
 pub struct GdbArgs {
-    /// The VM's KVMI socket (`kvmi run --kvmi-socket PATH`).
+    /// The VM's KVMI socket, v4 dialect (`kvmi run --kvmi-socket PATH`).
     #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    socket: Option<PathBuf>,
+    /// Listen on the unix socket PATH for a VM speaking the libkvmi dialect
+    /// (`kvmi run --kvmi-dialect libkvmi --kvmi-connect PATH`) and debug it once it connects.
+    #[arg(long, value_name = "PATH")]
+    libkvmi_listen: Option<PathBuf>,
+    /// libkvmi: a file holding the secret shared with the VM (`kvmi run --kvmi-secret`); the
+    /// handshake answers with the SHA-1 of its bytes [default: zeros].
+    #[arg(long, value_name = "FILE", requires = "libkvmi_listen")]
+    kvmi_secret: Option<PathBuf>,
     /// Serve one gdb connection on TCP HOST:PORT (`target remote HOST:PORT`) instead of
     /// stdin/stdout.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
-    /// How long to wait for the KVMI socket, in seconds.
+    /// How long to wait for the KVMI socket (with --libkvmi-listen: for the VM to connect),
+    /// in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     connect_timeout: f64,
 }
@@ -66,8 +85,7 @@ pub struct GdbArgs {
 pub fn run(args: &GdbArgs) -> Result<u8> {
     let wait = Duration::try_from_secs_f64(args.connect_timeout)
         .context("--connect-timeout must be a non-negative number")?;
-    let client = KvmiClient::connect_retry(&args.socket, wait)
-        .with_context(|| format!("connecting to {}", args.socket.display()))?;
+    let client = connect(args, wait)?;
     let conn = match &args.listen {
         Some(addr) => {
             let listener = std::net::TcpListener::bind(addr)
@@ -93,6 +111,30 @@ pub fn run(args: &GdbArgs) -> Result<u8> {
     }
     target.detach();
     result.map(|_| 0)
+}
+
+/// The KVMI channel `args` name, in its dialect.
+fn connect(args: &GdbArgs, wait: Duration) -> Result<KvmiClient> {
+    if let Some(path) = &args.libkvmi_listen {
+        let mut options = LibkvmiOptions::default();
+        if let Some(file) = &args.kvmi_secret {
+            let secret =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            options.cookie_hash = Sha1::digest(&secret).into();
+        }
+        tracing::info!("waiting for a libkvmi VM on {}", path.display());
+        let client = KvmiClient::listen_libkvmi(path, wait, &options)
+            .with_context(|| format!("waiting for a libkvmi VM on {}", path.display()))?;
+        if let Some(id) = client.vm_identity() {
+            tracing::info!(name = id.name, "libkvmi VM connected");
+        }
+        return Ok(client);
+    }
+    let Some(path) = &args.socket else {
+        anyhow::bail!("give --socket PATH or --libkvmi-listen PATH");
+    };
+    KvmiClient::connect_retry(path, wait)
+        .with_context(|| format!("connecting to {}", path.display()))
 }
 
 /// Serves gdb until it detaches, kills, closes the connection or the VM ends.
