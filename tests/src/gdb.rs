@@ -129,6 +129,23 @@ pub fn session(target: &Target, elf: &Path, commands: &[String]) -> GdbOutput {
         crate::kvmi_bin().display(),
         target.socket.display()
     );
+    session_with(target, elf, remote, commands)
+}
+
+/// [`session`] in the libkvmi dialect: `target` was started with
+/// [`Target::start_connecting`] and `--kvmi-dialect libkvmi`, and GDB attaches with
+/// `target remote | kvmi gdb --libkvmi-listen SOCK`; the stub listens on `target.socket` and
+/// the VM connects to it.
+pub fn libkvmi_session(target: &Target, elf: &Path, commands: &[String]) -> GdbOutput {
+    let remote = format!(
+        "target remote | {} gdb --libkvmi-listen {} --connect-timeout 20",
+        crate::kvmi_bin().display(),
+        target.socket.display()
+    );
+    session_with(target, elf, remote, commands)
+}
+
+fn session_with(target: &Target, elf: &Path, remote: String, commands: &[String]) -> GdbOutput {
     let n = SESSIONS.load(std::sync::atomic::Ordering::Relaxed);
     let remote_log = target.dir().join(format!("remote-{n}.log"));
     let mut all = vec![
@@ -225,8 +242,8 @@ pub fn run(dir: &Path, commands: &[String], timeout: Duration) -> GdbOutput {
 /// How long the stub may outlive GDB (it must end when its stdin closes).
 pub const STUB_EXIT: Duration = Duration::from_secs(10);
 
-/// The descendants of `root` whose command line holds `--socket`: the stub (`kvmi gdb
-/// --socket ...`) and the shell GDB runs it with (from `/proc`).
+/// The descendants of `root` whose command line holds `--socket` or `--libkvmi-listen`: the
+/// stub (`kvmi gdb --socket ...`) and the shell GDB runs it with (from `/proc`).
 fn stub_processes(root: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -247,7 +264,9 @@ fn stub_processes(root: u32) -> Vec<u32> {
         for &(pid, _) in table.iter().filter(|&&(_, ppid)| ppid == parent) {
             frontier.push(pid);
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmdline.windows(8).any(|w| w == b"--socket") {
+            if cmdline.windows(8).any(|w| w == b"--socket")
+                || cmdline.windows(16).any(|w| w == b"--libkvmi-listen")
+            {
                 found.push(pid);
             }
         }

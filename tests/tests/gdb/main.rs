@@ -4,10 +4,14 @@
 //! attaches with `target remote | kvmi gdb --socket SOCK`. Every test checks what GDB printed
 //! against the image's profile, its ELF symbols and the guest's serial output.
 //!
+//! The libkvmi tests (`libkvmi`) run the demo with `--kvmi-dialect libkvmi --kvmi-connect
+//! SOCK` and attach with `target remote | kvmi gdb --libkvmi-listen SOCK`.
+//!
 //! The harness is `kvmi_tests::gdb`. Without `/dev/kvm` or without `gdb` on PATH the tests
 //! print SKIPPED, or fail under `KVMI_REQUIRE_KVM=1`.
 
 mod breakpoints;
+mod libkvmi;
 mod registers;
 mod session;
 mod watch;
@@ -30,6 +34,36 @@ pub fn demo(test: &str, cmdline: &str, extra: &[&str]) -> Option<(Target, PathBu
         return None;
     }
     let target = Target::start(Image::DemoTarget, cmdline, extra);
+    assert!(
+        target.wait_serial("heartbeat round=1", SERIAL_WAIT),
+        "the demo did not boot; serial: {}; stderr: {}",
+        target.serial(),
+        target.stderr()
+    );
+    let elf = kvmi_tests::gdb::image_elf(Image::DemoTarget, target.dir());
+    Some((target, elf))
+}
+
+/// [`demo`] in the libkvmi dialect: the demo target runs with `kvmi run --kvmi-dialect libkvmi
+/// --kvmi-connect SOCK` (it boots while no tool listens, retrying the connection), and
+/// `target.socket` is SOCK, where `kvmi gdb --libkvmi-listen` will listen.
+pub fn demo_libkvmi(test: &str) -> Option<(Target, PathBuf)> {
+    if !kvmi_tests::gdb::require_gdb(test) {
+        return None;
+    }
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let sock = std::env::temp_dir().join(format!(
+        "kvmi-gdb-lk-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let target = Target::start_connecting(
+        Image::DemoTarget,
+        "",
+        &sock,
+        &["--kvmi-dialect", "libkvmi"],
+        None,
+    );
     assert!(
         target.wait_serial("heartbeat round=1", SERIAL_WAIT),
         "the demo did not boot; serial: {}; stderr: {}",
