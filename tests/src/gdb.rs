@@ -360,6 +360,15 @@ impl GdbOutput {
         v[0]
     }
 
+    /// The string of the first `x/s` line (`0xADDR:\t"text"`), if any.
+    pub fn first_string(&self) -> Option<String> {
+        self.text.lines().find_map(|l| {
+            let (addr, s) = l.split_once(":\t\"")?;
+            addr.starts_with("0x")
+                .then(|| s.trim_end_matches('"').to_string())
+        })
+    }
+
     /// Breakpoint stops as `(breakpoint number, address)`, from GDB's
     /// `Breakpoint N, 0xADDR in ...` (also `Thread T hit Breakpoint N, ...`).
     pub fn breakpoint_hits(&self) -> Vec<(u32, u64)> {

@@ -138,22 +138,27 @@ impl Node {
         }
     }
 
+    /// The members of a table or the items of an array, each with its path segment.
+    fn children(&self) -> Vec<(Seg, &Node)> {
+        match &self.kind {
+            Kind::Table(members) => members
+                .iter()
+                .map(|(name, n)| (Seg::Key(name.clone()), n))
+                .collect(),
+            Kind::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (Seg::Index(i), n))
+                .collect(),
+            Kind::Leaf => Vec::new(),
+        }
+    }
+
     /// The container (table or array) of the last value that starts before `pos`: where a
     /// syntax error is when the parser dropped what it could not read.
     fn container_before(&self, pos: usize) -> FieldPath {
         fn walk(node: &Node, path: &mut Vec<Seg>, pos: usize, best: &mut (usize, Vec<Seg>)) {
-            let children: Vec<(Seg, &Node)> = match &node.kind {
-                Kind::Table(members) => members
-                    .iter()
-                    .map(|(name, n)| (Seg::Key(name.clone()), n))
-                    .collect(),
-                Kind::Array(items) => items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| (Seg::Index(i), n))
-                    .collect(),
-                Kind::Leaf => Vec::new(),
-            };
+            let children: Vec<(Seg, &Node)> = node.children();
             for (seg, child) in children {
                 let start = child.key.as_ref().unwrap_or(&child.span).start;
                 if start <= pos && start >= best.0 {
@@ -172,18 +177,7 @@ impl Node {
     /// The path below `self` to `pos`, innermost first.
     fn find(&self, pos: usize) -> Option<Vec<Seg>> {
         let around = |r: &Range<usize>| r.start <= pos && pos <= r.end;
-        let children: Vec<(Seg, &Node)> = match &self.kind {
-            Kind::Table(members) => members
-                .iter()
-                .map(|(name, n)| (Seg::Key(name.clone()), n))
-                .collect(),
-            Kind::Array(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (Seg::Index(i), n))
-                .collect(),
-            Kind::Leaf => Vec::new(),
-        };
+        let children: Vec<(Seg, &Node)> = self.children();
         for (seg, child) in children {
             if let Some(mut below) = child.find(pos) {
                 below.push(seg);

@@ -188,24 +188,11 @@ fn a_malformed_policy_is_refused_with_its_line_and_field_before_any_vm_starts() 
          range = \"task_table\"\nallow = \"rx\"\non_violation = \"deni\"\n",
     )
     .unwrap();
-    let out = Command::new(kvmi_tests::kvmi_bin())
-        .args(["run", "--timeout", "30", "--policy"])
-        .arg(&path)
-        .output()
-        .expect("kvmi runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125), "{stderr}");
-    assert!(
-        stderr.contains("bad.toml:7: guard[0].protect[0].on_violation: unknown value \"deni\""),
-        "{stderr}"
+    refused_before_any_vm(
+        &["run", "--timeout", "30", "--policy"],
+        &path,
+        "bad.toml:7: guard[0].protect[0].on_violation: unknown value \"deni\"",
     );
-    // Nothing ran: no finding on stdout, no serial output (the demo target's banner).
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!stderr.contains("demo-target: vcpus="), "{stderr}");
 }
 
 #[test]
@@ -352,6 +339,25 @@ fn the_example_agent_written_out_by_kvmi_image_guards_two_targets() {
     }
 }
 
+/// `kvmi ARGS FILE` exits 125 naming `want` on stderr, and nothing started: no finding on
+/// stdout, no serial output (the demo target's banner).
+fn refused_before_any_vm(args: &[&str], file: &std::path::Path, want: &str) {
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args(args)
+        .arg(file)
+        .output()
+        .expect("kvmi runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains(want), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("demo-target: vcpus="), "{stderr}");
+}
+
 /// A fresh directory for a test's files.
 fn tempfile_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("kvmi-{tag}-{}", std::process::id()));
@@ -445,21 +451,9 @@ fn a_malformed_config_is_refused_with_its_line_and_field_before_any_vm_starts() 
          image = \"demo-target\"\nvcpus = 0\n",
     )
     .unwrap();
-    let out = Command::new(kvmi_tests::kvmi_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .expect("kvmi runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125), "{stderr}");
-    assert!(
-        stderr.contains("fleet.toml:7: target[1].vcpus: 0: 1..=64 vCPUs"),
-        "{stderr}"
+    refused_before_any_vm(
+        &["run", "--config"],
+        &path,
+        "fleet.toml:7: target[1].vcpus: 0: 1..=64 vCPUs",
     );
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!stderr.contains("demo-target: vcpus="), "{stderr}");
 }

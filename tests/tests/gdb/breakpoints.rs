@@ -51,13 +51,7 @@ fn break_on_task_create_stops_at_its_profile_address_with_the_name_in_rdi() {
     assert_eq!(out.value("VCPU"), 0, "{out}");
     // `0xADDR:\t"worker-N"`
     let name = out
-        .text
-        .lines()
-        .find_map(|l| {
-            let (addr, s) = l.split_once(":\t\"")?;
-            addr.starts_with("0x")
-                .then(|| s.trim_end_matches('"').to_string())
-        })
+        .first_string()
         .unwrap_or_else(|| panic!("no x/s line{out}"));
     let number = name
         .strip_prefix("worker-")

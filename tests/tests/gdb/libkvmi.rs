@@ -72,13 +72,7 @@ fn libkvmi_attach_registers_break_on_task_create_and_detach() {
     assert_eq!(out.value("PC"), task_create, "{out}");
     assert_eq!(out.value("PARENT"), 1, "{out}");
     let name = out
-        .text
-        .lines()
-        .find_map(|l| {
-            let (addr, s) = l.split_once(":\t\"")?;
-            addr.starts_with("0x")
-                .then(|| s.trim_end_matches('"').to_string())
-        })
+        .first_string()
         .unwrap_or_else(|| panic!("no x/s line{out}"));
     assert!(
         name.strip_prefix("worker-")

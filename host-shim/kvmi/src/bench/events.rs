@@ -25,7 +25,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypercall::discovery::RingKind;
@@ -59,7 +59,6 @@ use kvmi_engine::{
     temp_socket_path,
 };
 use vmm::devices::{SerialSink, UnknownIoPolicy};
-use vmm::hook::{ExitContext, ExitHook, HookResult, MmioAccess};
 use vmm::memory::GuestRam;
 use vmm::vm::{RunLimits, Vm, VmConfig};
 
@@ -156,7 +155,7 @@ impl EventFigures {
 #[error("event bench: {0}")]
 pub struct EventBenchError(pub(crate) String);
 
-fn fail(what: &str) -> impl FnOnce(String) -> EventBenchError + '_ {
+pub(super) fn fail(what: &str) -> impl FnOnce(String) -> EventBenchError + '_ {
     move |e| EventBenchError(format!("{what}: {e}"))
 }
 
@@ -203,38 +202,8 @@ const LIMITS: RunLimits = RunLimits {
     interrupt: None,
 };
 
-struct FloorHook(Mutex<Vec<Instant>>);
-
-impl ExitHook for FloorHook {
-    fn mmio(&self, _ctx: &mut ExitContext<'_>, io: &mut MmioAccess<'_>) -> HookResult {
-        if io.write {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Instant::now());
-            return HookResult::Handled;
-        }
-        HookResult::Unhandled
-    }
-}
-
 fn floor(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, EventBenchError> {
-    let mut vm = target_vm(image, n)?;
-    let hook = Arc::new(FloorHook(Mutex::new(Vec::new())));
-    vm.set_hook(hook.clone());
-    let ram = vm.ram().clone();
-    ram.write(gate, &1u64.to_le_bytes())
-        .and_then(|()| ram.protect(page, 4096, libc::PROT_READ))
-        .map_err(|e| fail("floor setup")(e.to_string()))?;
-    let report = vm
-        .run(LIMITS)
-        .map_err(|e| fail("floor run")(e.to_string()))?;
-    if !report.outcome.is_success() {
-        return Err(EventBenchError(format!("floor run: {}", report.outcome)));
-    }
-    Ok(std::mem::take(
-        &mut *hook.0.lock().unwrap_or_else(|p| p.into_inner()),
-    ))
+    vms::floor_times(target_vm(image, n)?, page, gate, LIMITS).map_err(EventBenchError)
 }
 
 /// The agent's side of the rings.

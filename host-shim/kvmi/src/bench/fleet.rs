@@ -30,11 +30,10 @@ use hypercall::ring::RingSizes;
 use kvmi_engine::{Introspector, IntrospectorConfig};
 use serde_json::Value;
 use vmm::devices::{SerialSink, UnknownIoPolicy};
-use vmm::hook::{ExitContext, ExitHook, HookResult, MmioAccess};
 use vmm::vm::{RunLimits, Vm, VmConfig};
 
-use super::events::EventBenchError;
-use super::vms::TimingHook;
+use super::events::{EventBenchError, fail};
+use super::vms::{self, TimingHook};
 
 /// The policy of the benchmark: test-guest's scratch page read+execute only for user code;
 /// the guest's kernel-mode writes are let through (CONTINUE) without a finding.
@@ -167,10 +166,6 @@ impl FleetFigures {
     }
 }
 
-fn err(what: &str) -> impl FnOnce(String) -> EventBenchError + '_ {
-    move |e| EventBenchError(format!("{what}: {e}"))
-}
-
 fn target_vm(image: &[u8], vcpus: u32, writes: u64, name: &str) -> Result<Vm, EventBenchError> {
     let config = VmConfig {
         name: name.into(),
@@ -179,7 +174,7 @@ fn target_vm(image: &[u8], vcpus: u32, writes: u64, name: &str) -> Result<Vm, Ev
         cmdline: format!("mode=mem-write-all n={writes} gate=1"),
         unknown_io: UnknownIoPolicy::Ignore,
     };
-    let mut vm = Vm::new(config, image).map_err(|e| err("target")(e.to_string()))?;
+    let mut vm = Vm::new(config, image).map_err(|e| fail("target")(e.to_string()))?;
     vm.set_serial(SerialSink::Null);
     Ok(vm)
 }
@@ -188,22 +183,6 @@ const LIMITS: RunLimits = RunLimits {
     timeout: Some(Duration::from_secs(300)),
     interrupt: None,
 };
-
-/// Times every MMIO write exit and drops it (the floor: the VMM alone).
-struct FloorHook(Mutex<Vec<Instant>>);
-
-impl ExitHook for FloorHook {
-    fn mmio(&self, _ctx: &mut ExitContext<'_>, io: &mut MmioAccess<'_>) -> HookResult {
-        if io.write {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Instant::now());
-            return HookResult::Handled;
-        }
-        HookResult::Unhandled
-    }
-}
 
 /// Events per second from exit times: count over first-to-last.
 fn rate(times: &[Instant]) -> f64 {
@@ -223,22 +202,8 @@ fn floor(
     page: u64,
     gate: u64,
 ) -> Result<Vec<Instant>, EventBenchError> {
-    let mut vm = target_vm(image, vcpus, writes, "fleet-floor")?;
-    let hook = Arc::new(FloorHook(Mutex::new(Vec::new())));
-    vm.set_hook(hook.clone());
-    let ram = vm.ram().clone();
-    ram.write(gate, &1u64.to_le_bytes())
-        .and_then(|()| ram.protect(page, 4096, libc::PROT_READ))
-        .map_err(|e| err("floor setup")(e.to_string()))?;
-    let report = vm
-        .run(LIMITS)
-        .map_err(|e| err("floor run")(e.to_string()))?;
-    if !report.outcome.is_success() {
-        return Err(EventBenchError(format!("floor run: {}", report.outcome)));
-    }
-    Ok(std::mem::take(
-        &mut *hook.0.lock().unwrap_or_else(|p| p.into_inner()),
-    ))
+    let vm = target_vm(image, vcpus, writes, "fleet-floor")?;
+    vms::floor_times(vm, page, gate, LIMITS).map_err(EventBenchError)
 }
 
 /// The JSON lines of the log ring whose `finding` is `kind`, by target id.
@@ -329,8 +294,8 @@ pub fn run(
         },
         Vec::new(),
     )
-    .map_err(|e| err("fleet")(e.to_string()))?;
-    let caps = vmm::probe::cached_capabilities().map_err(|e| err("probe")(e.to_string()))?;
+    .map_err(|e| fail("fleet")(e.to_string()))?;
+    let caps = vmm::probe::cached_capabilities().map_err(|e| fail("probe")(e.to_string()))?;
     let mut timings = Vec::new();
     let mut rams = Vec::new();
     for i in 0..targets {
@@ -340,13 +305,13 @@ pub fn run(
             ..IntrospectorConfig::default()
         };
         let intro = Introspector::install(&mut vm, caps, config)
-            .map_err(|e| err("introspector")(e.to_string()))?;
+            .map_err(|e| fail("introspector")(e.to_string()))?;
         let timing = Arc::new(TimingHook::new(vm.hook(), expected as usize));
         vm.set_hook(timing.clone());
         rams.push(vm.ram().clone());
         fleet
             .add_installed(format!("bench-{}", i + 1), "test-guest".into(), vm, intro)
-            .map_err(|e| err("adding a target")(e.to_string()))?;
+            .map_err(|e| fail("adding a target")(e.to_string()))?;
         timings.push(timing);
     }
     // Every guard in place, then all gates at once.
@@ -365,7 +330,7 @@ pub fn run(
     }
     for ram in &rams {
         ram.write(gate, &1u64.to_le_bytes())
-            .map_err(|e| err("opening a gate")(e.to_string()))?;
+            .map_err(|e| fail("opening a gate")(e.to_string()))?;
     }
     let deadline = Instant::now() + LIMITS.timeout.unwrap_or_default();
     while !fleet.watch() && Instant::now() < deadline {

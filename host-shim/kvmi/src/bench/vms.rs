@@ -238,3 +238,42 @@ pub(super) fn run<T: for<'de> Deserialize<'de>>(
     }
     Ok(VmRun { line, tsc_hz })
 }
+
+/// Times every MMIO write exit and drops it (the floor: the VMM alone handles the exit).
+struct FloorHook(Mutex<Vec<Instant>>);
+
+impl ExitHook for FloorHook {
+    fn mmio(&self, _ctx: &mut ExitContext<'_>, io: &mut MmioAccess<'_>) -> HookResult {
+        if io.write {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Instant::now());
+            return HookResult::Handled;
+        }
+        HookResult::Unhandled
+    }
+}
+
+/// The floor of a test-guest write loop: `vm` (gated on `gate`) runs with `page` read-only
+/// and its write exits timed and dropped by the VMM; returns the exit times.
+pub(super) fn floor_times(
+    mut vm: Vm,
+    page: u64,
+    gate: u64,
+    limits: RunLimits,
+) -> Result<Vec<Instant>, String> {
+    let hook = Arc::new(FloorHook(Mutex::new(Vec::new())));
+    vm.set_hook(hook.clone());
+    let ram = vm.ram().clone();
+    ram.write(gate, &1u64.to_le_bytes())
+        .and_then(|()| ram.protect(page, 4096, libc::PROT_READ))
+        .map_err(|e| format!("floor setup: {e}"))?;
+    let report = vm.run(limits).map_err(|e| format!("floor run: {e}"))?;
+    if !report.outcome.is_success() {
+        return Err(format!("floor run: {}", report.outcome));
+    }
+    Ok(std::mem::take(
+        &mut *hook.0.lock().unwrap_or_else(|p| p.into_inner()),
+    ))
+}
