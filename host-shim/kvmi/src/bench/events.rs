@@ -3,7 +3,7 @@
 //! (N word writes to a write-protected scratch page), and each sample is the time between
 //! two consecutive exits (so it includes the guest's loop body and every cost of one round
 //! trip):
-//! - **floor**: an in-process [`ExitHook`] takes the write exit and drops it;
+//! - **floor**: an in-process [`ExitHook`](vmm::hook::ExitHook) takes the write exit and drops it;
 //! - **appliance**: the target's introspector with the ring transport, answered by the agent
 //!   inside the appliance VM (the embedded appliance image in `bench=events` mode, at CPL3,
 //!   polling its event ring) — the path `kvmi run --appliance` uses;
