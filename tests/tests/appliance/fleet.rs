@@ -307,15 +307,27 @@ fn a_flooding_target_does_not_starve_another_beyond_the_agents_budget() {
         vec![flooder, demo("quiet", "")],
         &lines,
     );
-    // The quiet target is guarded while the flood goes on.
+    // The quiet target is guarded while the flood goes on, and the flood has had more than
+    // 1000 events answered (its periodic summary says so; how fast depends on the host).
+    let flood_so_far = |f: &[Value]| {
+        f.iter()
+            .filter(|l| l["target"] == 1 && l["finding"] == "summary")
+            .filter_map(|l| l["events"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
     let seen = wait::within(Duration::from_secs(90), || {
         fleet.watch();
-        guarded(&parsed(&lines), 2)
+        let f = parsed(&lines);
+        guarded(&f, 2) && flood_so_far(&f) > 1000
     });
     let flooding = fleet.ended().is_empty();
     let report = fleet.wait(STOP_NOW);
     let all = lines.lock().unwrap().join("\n");
-    assert!(seen, "the quiet target guarded within 90 s:\n{all}");
+    assert!(
+        seen,
+        "the quiet target guarded and 1000 flood events within 90 s:\n{all}"
+    );
     assert!(
         flooding,
         "the flood still ran when the quiet target was guarded: {report:?}"
@@ -330,13 +342,8 @@ fn a_flooding_target_does_not_starve_another_beyond_the_agents_budget() {
             .unwrap_or_else(|| panic!("a summary of target {id}:\n{all}"))
     };
     let (flood, quiet) = (last_summary(1), last_summary(2));
-    // The flooder got far more events answered than the quiet target, and nothing was lost.
-    let flood_events = flood["events"].as_u64().unwrap();
-    assert!(flood_events > 1000, "{flood}");
-    assert!(
-        flood_events > quiet["events"].as_u64().unwrap(),
-        "{flood} {quiet}"
-    );
+    // The flood had more than 1000 events answered, and nothing was lost.
+    assert!(flood["events"].as_u64().unwrap() > 1000, "{flood}");
     for s in [&flood, &quiet] {
         assert_eq!(s["events"], s["replies"], "every event answered: {s}");
         // The bound: between two turns of a target the agent handles at most its budget (16)
