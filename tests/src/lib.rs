@@ -20,6 +20,7 @@ pub mod common;
 pub mod gdb;
 pub mod hostile;
 pub mod libkvmi_peer;
+pub mod pattern;
 pub mod socket_target;
 pub mod wait;
 

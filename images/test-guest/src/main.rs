@@ -4,6 +4,7 @@
 #![no_main]
 
 mod cpl0bench;
+mod pattern;
 mod probes;
 mod tool_probes;
 mod usermode;
@@ -40,6 +41,7 @@ fn main(boot: Boot) -> ! {
         b"mem-read-regs" => probes::mem_read_regs(boot),
         b"breakpoint" => probes::breakpoint(boot),
         b"spin" => probes::spin(),
+        b"pattern" => pattern::pattern(boot),
         b"cycle" => probes::cycle(boot),
         b"step" => tool_probes::step(boot),
         b"user-exit" => usermode::user_exit_mode(boot),

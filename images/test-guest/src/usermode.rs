@@ -9,7 +9,7 @@ use guest_runtime::trap::{self, UserContext, VECTOR_INT3, VECTOR_SYSCALL};
 use guest_runtime::{Boot, cpu, doorbell, port, println, status, user};
 
 /// Where the user stack page is mapped (PML4 slot 1, away from the kernel's identity map).
-const USER_STACK_VA: u64 = 0x80_0000_0000;
+pub(crate) const USER_STACK_VA: u64 = 0x80_0000_0000;
 
 /// System call numbers understood by this image's kernel.
 const SYS_EXIT: u64 = 0;
