@@ -127,6 +127,10 @@ pub struct TargetReport {
     pub name: String,
     /// The slot it used.
     pub slot: u32,
+    /// Its vCPUs.
+    pub vcpus: u32,
+    /// Its guest RAM in bytes.
+    pub memory_bytes: u64,
     /// Its run.
     pub run: RunReport,
     /// Page-call counters of every appliance that guarded it.
@@ -753,6 +757,8 @@ impl Fleet {
             ));
             st.ended.push(TargetReport {
                 id: member.who.id,
+                vcpus: member.who.vcpus,
+                memory_bytes: member.who.ram.size(),
                 name: member.who.name,
                 slot: slot as u32,
                 run,
@@ -949,6 +955,8 @@ impl Fleet {
                 return Err(RemoveError::Ended(id));
             }
             handle.stop();
+            // A vCPU parked by a pause sleeps until a resume wakes it; it then sees the stop.
+            handle.resume_all();
             return Ok(());
         }
         if state.ended.iter().any(|t| t.id == id) {
@@ -1038,6 +1046,8 @@ impl Fleet {
                 });
                 st.ended.push(TargetReport {
                     id: m.who.id,
+                    vcpus: m.who.vcpus,
+                    memory_bytes: m.who.ram.size(),
                     name: m.who.name,
                     slot: slot as u32,
                     run,
