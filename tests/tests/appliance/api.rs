@@ -150,11 +150,10 @@ impl Run {
 
     /// Stops the run with Ctrl-C; returns its exit status.
     fn interrupt(mut self) -> Option<i32> {
+        let pid = self.child.id() as i32;
         // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) },
-            0
-        );
+        let sent = unsafe { libc::kill(pid, libc::SIGINT) };
+        assert_eq!(sent, 0);
         let status = self.child.wait().expect("kvmi ends");
         status.code()
     }
