@@ -91,6 +91,8 @@ pub struct Introspector {
     /// Bumped (under the access lock) whenever the host protection of a guest page changes:
     /// an exit caused by a protection that is gone by the time it is handled is retried.
     pub(crate) prot_epoch: AtomicU64,
+    /// Events delivered to a tool (sent on its channel), over the VM's life.
+    pub(crate) events_sent: AtomicU64,
 }
 
 impl std::fmt::Debug for Introspector {
@@ -162,6 +164,7 @@ impl Introspector {
             sw_breakpoints,
             software_mmu,
             prot_epoch: AtomicU64::new(0),
+            events_sent: AtomicU64::new(0),
         })
     }
 
@@ -518,6 +521,11 @@ impl Introspector {
     /// [`crate::alias::translate`]).
     pub fn translate(&self, cr0: u64, cr3: u64, gva: u64) -> Option<u64> {
         super::alias::translate(&self.alias, cr0, cr3, gva)
+    }
+
+    /// Events sent to a tool (the socket's or the appliance's) so far, over every attachment.
+    pub fn events_sent(&self) -> u64 {
+        self.events_sent.load(Ordering::Relaxed)
     }
 
     /// Takes the next event sequence number (for events a transport raises itself, e.g.

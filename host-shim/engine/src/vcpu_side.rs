@@ -197,6 +197,8 @@ impl Introspector {
             self.slots[i].lock().exchange = Exchange::Idle;
             return Answer::NotSent;
         }
+        self.events_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let exempt = kind == EventKind::PauseVcpu;
         let answer = self.wait_reply(ctx, generation, exempt);
         self.slots[i].lock().exchange = Exchange::Idle;

@@ -109,6 +109,12 @@ enum Command {
     },
     /// Debug a running VM with gdb: a GDB remote stub on its KVMI socket (vCPUs are threads).
     Gdb(crate::gdb::GdbArgs),
+    /// Talk to a running `kvmi run --api-socket PATH`: info, pause, resume, stats, dump,
+    /// add and remove targets (prints the JSON response; exit 1 when the API refuses).
+    Ctl(cli::api::CtlArgs),
+    /// Dump a target's memory through `kvmi run --api-socket PATH` (a progress bar on a
+    /// terminal, the summary as one JSON line on stdout).
+    Dump(cli::api::DumpArgs),
     /// Subcommands on a running VM's KVMI socket (events, regs, read, pause, ...).
     #[command(flatten)]
     Tool(cli::ToolCommand),
@@ -142,6 +148,10 @@ struct RunArgs {
     /// What to do with port or MMIO accesses no device handles.
     #[arg(long, value_enum, default_value_t = UnknownIo::Ignore)]
     unknown_io: UnknownIo,
+    /// Serve the management API (HTTP/1.1, JSON; docs/api.md) on the unix socket PATH:
+    /// info, pause, resume, stats, dump, add and remove targets (`kvmi ctl`, `kvmi dump`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     #[command(flatten)]
     kvmi: crate::args::introspection::KvmiRunArgs,
     #[command(flatten)]
@@ -278,8 +288,17 @@ fn run(mut args: RunArgs) -> Result<u8> {
     if !(1..=hypercall::directory::MAX_SLOTS).contains(&targets) {
         bail!("--targets must be 1..={}", hypercall::directory::MAX_SLOTS);
     }
+    if args.api_socket.is_some() && appliance_image.is_none() && host_agent {
+        bail!("--api-socket cannot be combined with --appliance-socket");
+    }
+    // Bound before any VM starts: a path in use fails at once.
+    let mut api_listener = match &args.api_socket {
+        Some(path) => Some(crate::api::ApiListener::bind(path).context("--api-socket")?),
+        None => None,
+    };
     let mut fleet = Vec::new();
     let mut policy = Vec::new();
+    let mut fleet_api = None;
     if appliance_image.is_some() {
         // The targets: from --config, or --targets copies of --image.
         let entries = match &args.appliance.config {
@@ -328,6 +347,16 @@ fn run(mut args: RunArgs) -> Result<u8> {
             .appliance
             .compile_policy(&profiles)
             .context("the policy is refused")?;
+        if let Some(listener) = api_listener.take() {
+            fleet_api = Some(crate::args::appliance::FleetApi {
+                listener,
+                factory: target_factory(
+                    images.clone(),
+                    config.clone(),
+                    serial.try_clone().context("duplicating the serial sink")?,
+                ),
+            });
+        }
         for entry in entries {
             let (image_name, bytes) = &images[&entry.image];
             let vm_config = VmConfig {
@@ -349,6 +378,7 @@ fn run(mut args: RunArgs) -> Result<u8> {
         }
     }
     // Without an appliance: the one target, with the tool (if any) of the flags.
+    let single_info = (name.clone(), config.vcpus, config.memory_bytes);
     let single = if fleet.is_empty() {
         let mut vm =
             Vm::new(config, &image).with_context(|| format!("building the VM for {name}"))?;
@@ -366,7 +396,7 @@ fn run(mut args: RunArgs) -> Result<u8> {
         (Some(image), _) => {
             let report = args
                 .appliance
-                .run_fleet(&args.kvmi, fleet, image, policy, limits)?;
+                .run_fleet(&args.kvmi, fleet, image, policy, limits, fleet_api)?;
             // The exit status is the first target's.
             let mut targets = report.targets;
             targets.sort_by_key(|t| t.id);
@@ -381,10 +411,22 @@ fn run(mut args: RunArgs) -> Result<u8> {
             match introspection {
                 _ if host_agent => args.appliance.run_host_socket(&args.kvmi, vm, limits)?,
                 Some((config, endpoint)) => {
-                    kvmi_engine::start_introspected_dialect(vm, config, endpoint, dialect)?
-                        .wait(limits)
+                    let run =
+                        kvmi_engine::start_introspected_dialect(vm, config, endpoint, dialect)?;
+                    let socket = run.socket().display().to_string();
+                    let _server = serve_single(
+                        api_listener,
+                        &single_info,
+                        run.running.handle(),
+                        Some((run.introspector.clone(), socket)),
+                    )?;
+                    run.wait(limits)
                 }
-                None => vm.run(limits)?,
+                None => {
+                    let running = vm.start()?;
+                    let _server = serve_single(api_listener, &single_info, running.handle(), None)?;
+                    running.wait(limits)
+                }
             }
         }
     };
@@ -402,6 +444,71 @@ fn run(mut args: RunArgs) -> Result<u8> {
         ));
     }
     Ok(code)
+}
+
+/// Builds the targets added through the API: their image (one of `images`, already loaded by
+/// spec, or loaded now), a VM with `template`'s settings and the request's sizes, its serial
+/// output going where the other targets' goes.
+fn target_factory(
+    images: std::collections::HashMap<String, (String, Vec<u8>)>,
+    template: VmConfig,
+    serial: SerialSink,
+) -> crate::api::TargetFactory {
+    use crate::api::ApiError;
+    Box::new(move |t: &crate::api::AddTarget| {
+        let (image_name, bytes) = match images.get(&t.image) {
+            Some(known) => known.clone(),
+            None => load_image(&t.image)
+                .map_err(|e| ApiError::BadRequest(format!("image {:?}: {e:#}", t.image)))?,
+        };
+        let config = VmConfig {
+            name: format!("kvmi-{}", t.name),
+            memory_bytes: t.memory_mib << 20,
+            vcpus: t.vcpus,
+            cmdline: t.cmdline.clone(),
+            ..template.clone()
+        };
+        let mut vm = Vm::new(config, &bytes)
+            .map_err(|e| ApiError::BadRequest(format!("the VM cannot be built: {e}")))?;
+        vm.set_serial(
+            serial
+                .try_clone()
+                .map_err(|e| ApiError::Internal(format!("duplicating the serial sink: {e}")))?,
+        );
+        Ok(crate::args::appliance::FleetTarget {
+            name: t.name.clone(),
+            profile: t.profile.clone().unwrap_or(image_name),
+            vm,
+            start_after: Duration::ZERO,
+        })
+    })
+}
+
+/// Serves the API (if bound) for the one VM of a run without an appliance; `info` is its
+/// name, vCPUs and memory size.
+fn serve_single(
+    listener: Option<crate::api::ApiListener>,
+    info: &(String, u32, u64),
+    handle: vmm::VmHandle,
+    introspector: Option<(std::sync::Arc<kvmi_engine::Introspector>, String)>,
+) -> Result<Option<crate::api::ApiServer>> {
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
+    let backend = crate::api::SingleBackend::new(
+        info.0.clone(),
+        info.1,
+        info.2,
+        handle.clone(),
+        introspector,
+    );
+    match crate::api::ApiServer::start(listener, std::sync::Arc::new(backend)) {
+        Ok(server) => Ok(Some(server)),
+        Err(e) => {
+            handle.stop();
+            Err(e).context("--api-socket")
+        }
+    }
 }
 
 fn caps(json: bool) -> Result<u8> {
@@ -519,6 +626,8 @@ pub fn main() -> ExitCode {
         Command::ApplianceBench { mib, events, .. } => appliance_bench(mib, events),
         Command::Image { name, output } => write_image(&name, &output),
         Command::Gdb(args) => crate::gdb::run(&args),
+        Command::Ctl(args) => cli::api::ctl(&args),
+        Command::Dump(args) => cli::api::dump(&args),
         Command::Tool(command) => cli::run(command),
     };
     match result {

@@ -4,6 +4,7 @@
 //! build the same command as an example.
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod app;
 pub mod args;
 pub mod bench;

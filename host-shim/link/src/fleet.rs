@@ -39,7 +39,7 @@ use kvmi_engine::lock_order;
 use kvmi_engine::{IntrospectError, Introspector, IntrospectorConfig};
 use vmm::RunOutcome;
 use vmm::memory::GuestRam;
-use vmm::running::RunningVm;
+use vmm::running::{RunningVm, VmHandle};
 use vmm::sync::RankedMutex;
 use vmm::vm::{RunLimits, RunReport, Vm};
 use vmm::window::RemapWindow;
@@ -127,6 +127,10 @@ pub struct TargetReport {
     pub name: String,
     /// The slot it used.
     pub slot: u32,
+    /// Its vCPUs.
+    pub vcpus: u32,
+    /// Its guest RAM in bytes.
+    pub memory_bytes: u64,
     /// Its run.
     pub run: RunReport,
     /// Page-call counters of every appliance that guarded it.
@@ -149,6 +153,67 @@ pub struct FleetReport {
     pub service: ServiceEnd,
     /// Appliances booted after the first.
     pub restarts: u32,
+}
+
+/// A running target of the fleet, as [`Fleet::targets`] lists it.
+#[derive(Clone, Debug)]
+pub struct TargetInfo {
+    /// The target's id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// Its profile's name.
+    pub profile: String,
+    /// The slot it uses.
+    pub slot: u32,
+    /// Its vCPUs.
+    pub vcpus: u32,
+    /// Its guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Whether an appliance guards it now (false while the appliance is being replaced, or
+    /// after it ended with no restart left).
+    pub attached: bool,
+    /// The control handle of its VM (pause, resume, stop; what a dump reads).
+    pub handle: VmHandle,
+}
+
+/// Live counters of one running target (over every appliance that guarded it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetCounters {
+    /// Introspection events its vCPUs sent to the appliance.
+    pub events: u64,
+    /// Event replies the appliance sent back.
+    pub replies: u64,
+    /// Log-ring records (findings) the appliance wrote about it.
+    pub log_records: u64,
+    /// Page-call counters of its map window.
+    pub pages: PagerStats,
+}
+
+/// The appliance VM of a fleet, as [`Fleet::appliance`] describes it.
+#[derive(Clone, Debug)]
+pub struct ApplianceInfo {
+    /// Its VM's name.
+    pub name: String,
+    /// Its vCPUs.
+    pub vcpus: u32,
+    /// Its guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Appliances booted after the first.
+    pub restarts: u32,
+    /// The control handle of its VM.
+    pub handle: VmHandle,
+}
+
+/// Why [`Fleet::remove_target`] refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RemoveError {
+    /// No target of that id ever ran in this fleet.
+    #[error("no target {0}")]
+    Unknown(u64),
+    /// The target has ended already (its slot is free).
+    #[error("target {0} has ended already")]
+    Ended(u64),
 }
 
 /// What the fleet knows of a target, running or not.
@@ -177,6 +242,8 @@ struct Member {
     pages: PagerStats,
     answered: u64,
     max_others_waited: u64,
+    /// Log records of appliances that guarded it before the current one.
+    log_records: u64,
 }
 
 /// The appliance VM and its slots' memory.
@@ -537,6 +604,11 @@ impl Fleet {
         let Some(attachment) = member.attached.take() else {
             return ServiceEnd::Stopped;
         };
+        member.log_records += attachment
+            .service
+            .stats()
+            .log_records
+            .load(Ordering::Relaxed);
         let (end, pages, answered, max_others) =
             Self::release(app, slot, &member.who.introspector, attachment, why);
         member.pages = member.pages.plus(pages);
@@ -647,6 +719,7 @@ impl Fleet {
             pages: PagerStats::default(),
             answered: 0,
             max_others_waited: 0,
+            log_records: 0,
         });
         Ok(id)
     }
@@ -684,6 +757,8 @@ impl Fleet {
             ));
             st.ended.push(TargetReport {
                 id: member.who.id,
+                vcpus: member.who.vcpus,
+                memory_bytes: member.who.ram.size(),
                 name: member.who.name,
                 slot: slot as u32,
                 run,
@@ -795,6 +870,101 @@ impl Fleet {
             .collect()
     }
 
+    /// The targets running now, by slot.
+    pub fn targets(&self) -> Vec<TargetInfo> {
+        let state = self.state.lock();
+        state
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, m)| {
+                let m = m.as_ref()?;
+                Some(TargetInfo {
+                    id: m.who.id,
+                    name: m.who.name.clone(),
+                    profile: m.who.profile.clone(),
+                    slot: slot as u32,
+                    vcpus: m.who.vcpus,
+                    memory_bytes: m.who.ram.size(),
+                    attached: m.attached.is_some(),
+                    handle: m.vm.handle(),
+                })
+            })
+            .collect()
+    }
+
+    /// The running target `id`, if it runs.
+    pub fn target(&self, id: u64) -> Option<TargetInfo> {
+        self.targets().into_iter().find(|t| t.id == id)
+    }
+
+    /// The reports of the targets that have ended so far, in the order they ended.
+    pub fn ended_targets(&self) -> Vec<TargetReport> {
+        self.state.lock().ended.clone()
+    }
+
+    /// The live counters of the running target `id`.
+    pub fn counters(&self, id: u64) -> Option<TargetCounters> {
+        let state = self.state.lock();
+        let m = state.members.iter().flatten().find(|m| m.who.id == id)?;
+        let mut counters = TargetCounters {
+            events: m.who.introspector.events_sent(),
+            replies: m.answered,
+            log_records: m.log_records,
+            pages: m.pages,
+        };
+        if let Some(a) = &m.attached {
+            counters.replies += a.service.channel().answered();
+            counters.log_records += a.service.stats().log_records.load(Ordering::Relaxed);
+            counters.pages = counters.pages.plus(a.pager.stats());
+        }
+        Some(counters)
+    }
+
+    /// The current appliance VM (none while it is being replaced or after it ended).
+    pub fn appliance(&self) -> Option<ApplianceInfo> {
+        let state = self.state.lock();
+        let app = state.appliance.as_ref()?;
+        Some(ApplianceInfo {
+            name: self.config.appliance.vm.name.clone(),
+            vcpus: self.config.appliance.vm.vcpus,
+            memory_bytes: self.config.appliance.vm.memory_bytes,
+            restarts: state.restarts,
+            handle: app.vm.handle(),
+        })
+    }
+
+    /// Slots: the most targets guarded at once.
+    pub fn slots(&self) -> u32 {
+        self.config.slots
+    }
+
+    /// The most vCPUs a target may have.
+    pub fn max_vcpus(&self) -> u32 {
+        self.config.max_vcpus
+    }
+
+    /// Stops the running target `id`: its VM ends (as interrupted) and the fleet's next look
+    /// ([`Fleet::watch`], every 20 ms in [`Fleet::wait`]) detaches it the normal way (the
+    /// agent's final summary, then the slot freed for another target).
+    pub fn remove_target(&self, id: u64) -> Result<(), RemoveError> {
+        let state = self.state.lock();
+        if let Some(m) = state.members.iter().flatten().find(|m| m.who.id == id) {
+            let handle = m.vm.handle();
+            if handle.has_ended() {
+                return Err(RemoveError::Ended(id));
+            }
+            handle.stop();
+            // A vCPU parked by a pause sleeps until a resume wakes it; it then sees the stop.
+            handle.resume_all();
+            return Ok(());
+        }
+        if state.ended.iter().any(|t| t.id == id) {
+            return Err(RemoveError::Ended(id));
+        }
+        Err(RemoveError::Unknown(id))
+    }
+
     /// Asks the agent for its final report and to end (the directory's stop word).
     pub fn request_stop(&self) {
         let mut state = self.state.lock();
@@ -876,6 +1046,8 @@ impl Fleet {
                 });
                 st.ended.push(TargetReport {
                     id: m.who.id,
+                    vcpus: m.who.vcpus,
+                    memory_bytes: m.who.ram.size(),
                     name: m.who.name,
                     slot: slot as u32,
                     run,

@@ -2,6 +2,7 @@
 //! over the shared-memory rings, token-checked page grants into its map window, the main job
 //! of `kvmi run`, and the appliance benchmarks' checks.
 
+mod api;
 mod bench;
 mod cli;
 mod fleet;

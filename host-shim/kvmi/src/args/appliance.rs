@@ -94,6 +94,23 @@ pub struct ApplianceRunArgs {
     /// --cmdline), all guarded by the one appliance VM (at most 8).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub targets: u32,
+    /// Slots of the appliance: the most targets guarded at once, at least the targets booted
+    /// (at most 8) [default: the number of targets; 8 with --api-socket, so that targets
+    /// can be added].
+    #[arg(long, value_name = "N")]
+    pub slots: Option<u32>,
+}
+
+/// The most vCPUs of a target added through the API (when the booted targets have fewer):
+/// every slot's ring region is sized for it.
+pub const API_MAX_VCPUS: u32 = 4;
+
+/// The management API of a fleet run: the bound socket and how added targets are built.
+pub struct FleetApi {
+    /// The bound API socket.
+    pub listener: crate::api::ApiListener,
+    /// Builds a target's VM from a `PUT /vm/targets` request.
+    pub factory: crate::api::TargetFactory,
 }
 
 /// One target of `kvmi run` with an appliance.
@@ -153,6 +170,9 @@ pub enum ApplianceArgsError {
     /// The setup failed.
     #[error(transparent)]
     Setup(#[from] IntrospectError),
+    /// The API server did not start.
+    #[error("the API server: {0}")]
+    Api(#[from] crate::api::ServerError),
 }
 
 /// `mib` MiB in bytes, if that lies in `bytes`; else the error `what`.
@@ -188,6 +208,8 @@ impl ApplianceRunArgs {
             Some("--policy")
         } else if self.config.is_some() {
             Some("--config")
+        } else if self.slots.is_some() {
+            Some("--slots")
         } else {
             None
         }
@@ -341,7 +363,8 @@ impl ApplianceRunArgs {
 impl ApplianceRunArgs {
     /// Runs `targets` (name, profile, VM) under one appliance VM booting `image` until every
     /// target has ended, or `limits` expire (the agent then prints its final summaries);
-    /// prints a line per target on stderr.
+    /// prints a line per target on stderr. With `api`, the management API serves the fleet
+    /// while it runs.
     pub fn run_fleet(
         &self,
         kvmi: &KvmiRunArgs,
@@ -349,21 +372,37 @@ impl ApplianceRunArgs {
         image: Vec<u8>,
         policy: Vec<u8>,
         limits: RunLimits,
+        api: Option<FleetApi>,
     ) -> Result<FleetReport, ApplianceArgsError> {
         let serial = stderr_sink().map_err(|source| IntrospectError::Io {
             what: "duplicating stderr".into(),
             source,
         })?;
         let (intro_config, mut config) = self.setup(kvmi, image, serial, stdout_sink())?;
-        let slots = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let booted = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let default_slots = if api.is_some() {
+            hypercall::directory::MAX_SLOTS
+        } else {
+            booted
+        };
+        let slots = self.slots.unwrap_or(default_slots.max(booted));
+        if !(booted..=hypercall::directory::MAX_SLOTS).contains(&slots) {
+            return Err(ApplianceArgsError::Size(
+                "--slots must be at least the number of targets and at most 8",
+            ));
+        }
         if slots > 1 && config.window_size > MAX_SLOT_WINDOW {
             config.window_size = MAX_SLOT_WINDOW;
         }
-        let max_vcpus = targets
+        let mut max_vcpus = targets
             .iter()
             .map(|t| t.vm.boot_info().vcpu_count)
             .max()
             .unwrap_or(1);
+        if api.is_some() {
+            max_vcpus = max_vcpus.max(API_MAX_VCPUS);
+        }
+        let api_intro = intro_config.clone();
         let (now, later): (Vec<FleetTarget>, Vec<FleetTarget>) =
             targets.into_iter().partition(|t| t.start_after.is_zero());
         let spec = |t: FleetTarget| TargetSpec {
@@ -381,6 +420,22 @@ impl ApplianceRunArgs {
             },
             now.into_iter().map(spec).collect(),
         )?);
+        let server = match api {
+            Some(FleetApi { listener, factory }) => {
+                let backend = crate::api::FleetBackend::new(fleet.clone(), factory, api_intro);
+                match crate::api::ApiServer::start(listener, Arc::new(backend)) {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        fleet.wait(RunLimits {
+                            timeout: Some(Duration::ZERO),
+                            interrupt: None,
+                        });
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
         // Targets that start later join the running appliance from a thread of their own.
         let started = std::time::Instant::now();
         let mut later = later;
@@ -409,6 +464,7 @@ impl ApplianceRunArgs {
             })
         });
         let report = fleet.wait(limits);
+        drop(server);
         if let Some(joiner) = joiner {
             let _ = joiner.join();
         }

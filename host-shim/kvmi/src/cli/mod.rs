@@ -2,6 +2,7 @@
 //! --kvmi-socket PATH`): watch events, read registers and memory, pause, protect pages, set
 //! breakpoints, and the introspection benchmark.
 
+pub mod api;
 mod bench;
 mod inspect;
 mod signals;
