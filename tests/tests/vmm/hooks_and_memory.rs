@@ -336,3 +336,35 @@ fn a_nudge_always_reaches_the_hook_even_before_the_vcpu_runs_or_between_exits() 
         interrupt: None,
     });
 }
+
+#[test]
+fn a_paused_vm_stops_when_asked_without_a_resume() {
+    if !kvmi_tests::require_kvm("a_paused_vm_stops_when_asked_without_a_resume") {
+        return;
+    }
+    let mut vm = Vm::new(
+        config("mode=spin"),
+        kvmi_tests::common::elf(Image::TestGuest),
+    )
+    .unwrap();
+    vm.set_serial(SerialSink::Buffer(SharedBuffer::new()));
+    let running = vm.start().unwrap();
+    let handle = running.handle();
+    assert!(
+        handle.pause_all(Duration::from_secs(5)),
+        "vCPUs did not pause"
+    );
+    let asked = std::time::Instant::now();
+    handle.stop();
+    let report = running.wait(RunLimits::default());
+    assert_eq!(report.outcome, RunOutcome::Interrupted);
+    assert_eq!(
+        report.stuck_vcpus, 0,
+        "a parked vCPU slept through the stop"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the stop took {:?}",
+        asked.elapsed()
+    );
+}
