@@ -17,7 +17,7 @@ use io_uring::{IoUring, opcode, types};
 use crate::format::ALIGN;
 
 /// Largest single write.
-pub const CHUNK: usize = 2 << 20;
+pub const CHUNK: usize = 4 << 20;
 /// Writes in flight at once (io_uring).
 pub const DEPTH: usize = 8;
 

@@ -2,7 +2,7 @@
 //!
 //! [`dump`] reads guest RAM through its own read-only `MAP_SHARED` mapping of the RAM memfd
 //! (never the VM's mapping, whose pages the introspection engine may protect) and writes the
-//! file with io_uring (several 2 MiB writes in flight, O_DIRECT where the file system takes
+//! file with io_uring (several 4 MiB writes in flight, O_DIRECT where the file system takes
 //! it; `pwrite` where io_uring is unavailable), ending with an fsync.
 //!
 //! - Stop-and-copy (default): every vCPU is paused, the file is written, the VM resumes.
