@@ -4,10 +4,16 @@
 //! introspector must never touch guest memory through that mapping: it maps the same memfd a
 //! second time here and does every read and write (READ/WRITE_PHYSICAL, completing a trapped
 //! access, page-table walks) through this alias, which is never protected.
+//!
+//! Every write through the alias is recorded in the RAM's software dirty log
+//! ([`vmm::dirty`]) after its copy: KVM's dirty log sees only the guest's own writes, and a
+//! live memory dump must re-copy pages the host changed too.
 
 use std::io;
+use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
+use vmm::dirty::SoftDirty;
 use vmm::memory::GuestRam;
 
 /// A second `MAP_SHARED` read-write mapping of a guest's RAM memfd, unmapped on drop.
@@ -15,6 +21,7 @@ use vmm::memory::GuestRam;
 pub struct RamAlias {
     map: MmapRaw,
     size: u64,
+    soft_dirty: Arc<SoftDirty>,
 }
 
 impl RamAlias {
@@ -27,6 +34,7 @@ impl RamAlias {
         Ok(RamAlias {
             map,
             size: ram.size(),
+            soft_dirty: ram.soft_dirty().clone(),
         })
     }
 
@@ -60,13 +68,15 @@ impl RamAlias {
         true
     }
 
-    /// Copies `data` into guest RAM at `gpa`; false if the range is outside RAM.
+    /// Copies `data` into guest RAM at `gpa` (and records the pages in the software dirty
+    /// log); false if the range is outside RAM.
     pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
         let Some(dst) = self.ptr(gpa, data.len()) else {
             return false;
         };
         // SAFETY: as in `read`; the mapping is writable and never protected.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        self.soft_dirty.mark(gpa, data.len() as u64);
         true
     }
 

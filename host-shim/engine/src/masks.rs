@@ -147,6 +147,8 @@ mod tests {
             cpl0_ns_per_iteration: 1000.0,
             sync_regs: 7,
             immediate_exit: true,
+            dirty_log: true,
+            dirty_log_ring: 0,
             shmem_huge_pages: None,
             details: Vec::new(),
             probe_micros: 0,

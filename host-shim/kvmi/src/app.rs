@@ -98,6 +98,19 @@ enum Command {
         #[arg(long, requires = "targets")]
         json: bool,
     },
+    /// Memory-dump benchmark: dump throughput vs dd and READ_PHYSICAL, live vs stop-and-copy
+    /// pause (ratios measured in one run).
+    DumpBench {
+        /// MiB of guest RAM to dump for throughput (16..=4096).
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Directory for the files [default: the temp directory].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write an embedded image's ELF to a file (for gdb's `file`, objdump, ...).
     Image {
         /// The embedded image (demo-target, test-guest, appliance, example-agent).
@@ -624,6 +637,8 @@ pub fn main() -> ExitCode {
             ..
         } => fleet_bench(targets, vcpus, writes, json),
         Command::ApplianceBench { mib, events, .. } => appliance_bench(mib, events),
+        Command::DumpBench { mib, dir, json } => load_image("test-guest")
+            .and_then(|(_, image)| crate::bench::dump::command(&image, mib, dir, json)),
         Command::Image { name, output } => write_image(&name, &output),
         Command::Gdb(args) => crate::gdb::run(&args),
         Command::Ctl(args) => cli::api::ctl(&args),

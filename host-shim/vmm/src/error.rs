@@ -46,6 +46,9 @@ pub enum VmError {
     /// A thread could not be spawned or signalled.
     #[error("thread: {0}")]
     Thread(#[source] io::Error),
+    /// An exclusive facility (e.g. dirty logging) is already in use.
+    #[error("busy: {0}")]
+    Busy(&'static str),
 }
 
 impl VmError {

@@ -10,6 +10,7 @@ use std::sync::{Condvar, Once};
 
 use crate::sync::{RankedGuard, RankedMutex, vmm_ranks};
 
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 /// No request pending.
@@ -59,6 +60,15 @@ struct Target {
 // same Mutex).
 unsafe impl Send for Target {}
 
+/// A paused vCPU's registers, captured by its own thread just before it parked.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VcpuState {
+    /// General-purpose registers, RIP and RFLAGS.
+    pub regs: kvm_regs,
+    /// Segment, descriptor-table and control registers, EFER.
+    pub sregs: kvm_sregs,
+}
+
 /// Shared control block of one vCPU: requests, kick target and pause state.
 pub struct VcpuControl {
     request: AtomicU32,
@@ -67,6 +77,8 @@ pub struct VcpuControl {
     target: RankedMutex<Option<Target>>,
     paused: RankedMutex<bool>,
     pause_changed: Condvar,
+    /// The registers of the parked vCPU (None while it runs).
+    state: RankedMutex<Option<VcpuState>>,
 }
 
 impl std::fmt::Debug for VcpuControl {
@@ -85,6 +97,7 @@ impl Default for VcpuControl {
             target: RankedMutex::new(vmm_ranks::KICK_TARGET, None),
             paused: RankedMutex::new(vmm_ranks::PAUSE, false),
             pause_changed: Condvar::new(),
+            state: RankedMutex::new(vmm_ranks::VCPU_STATE, None),
         }
     }
 }
@@ -171,6 +184,20 @@ impl VcpuControl {
         let guard = self.paused.lock();
         let (guard, _) = guard.wait_timeout_while(&self.pause_changed, timeout, |paused| !*paused);
         *guard
+    }
+
+    /// The registers the vCPU thread captured as it parked; `None` unless the vCPU is paused
+    /// (valid until [`VcpuControl::resume`]).
+    pub fn paused_state(&self) -> Option<VcpuState> {
+        *self.state.lock()
+    }
+
+    /// Called by the vCPU thread on a pause request with its registers (if it could read
+    /// them): publishes them, then blocks until resumed or stopped.
+    pub fn park_with(&self, state: Option<VcpuState>) {
+        *self.state.lock() = state;
+        self.park();
+        *self.state.lock() = None;
     }
 
     /// Called by the vCPU thread on a pause request: blocks until resumed or stopped.

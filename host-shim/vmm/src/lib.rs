@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod devices;
+pub mod dirty;
 mod dispatch;
 pub mod error;
 pub mod hook;
@@ -37,6 +38,7 @@ pub mod vm;
 pub mod window;
 
 pub use devices::{SerialSink, SharedBuffer, UnknownIoPolicy};
+pub use dirty::{DirtyBitmap, DirtyLog, SoftDirty};
 pub use error::VmError;
 pub use hook::{
     DebugEvent, ExitContext, ExitHook, HookResult, MmioAccess, MsrAccess, NoHook, PioAccess,

@@ -15,11 +15,13 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use crate::dirty::SoftDirty;
 use crate::error::VmError;
 
 /// Host page size assumed for alignment checks.
@@ -32,7 +34,16 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     host_base: usize,
     size: u64,
+    /// Host writes, recorded while a dirty log is active ([`crate::dirty`]).
+    soft_dirty: Arc<SoftDirty>,
+    /// The memslot this RAM was registered as: `slot << 32 | flags`, or [`NO_SLOT`].
+    memslot: AtomicU64,
+    /// The guest-physical address of that memslot.
+    slot_gpa: AtomicU64,
 }
+
+/// [`GuestRam::memslot`] before registration.
+const NO_SLOT: u64 = u64::MAX;
 
 impl GuestRam {
     /// Creates a zero-filled memfd of `size` bytes (a multiple of 4 KiB) named `name` and maps
@@ -70,6 +81,9 @@ impl GuestRam {
             memory,
             host_base,
             size,
+            soft_dirty: Arc::new(SoftDirty::new(size)),
+            memslot: AtomicU64::new(NO_SLOT),
+            slot_gpa: AtomicU64::new(0),
         })
     }
 
@@ -114,12 +128,42 @@ impl GuestRam {
         }
     }
 
-    /// Copies `bytes` into guest RAM at `gpa`.
+    /// Copies `bytes` into guest RAM at `gpa` (recorded in the software dirty log, see
+    /// [`crate::dirty`]).
     pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VmError> {
         self.host_range(gpa, bytes.len() as u64)?;
-        self.memory
+        let r = self
+            .memory
             .write_slice(bytes, GuestAddress(gpa))
-            .map_err(|e| VmError::mem("write guest RAM")(io::Error::other(e.to_string())))
+            .map_err(|e| VmError::mem("write guest RAM")(io::Error::other(e.to_string())));
+        self.soft_dirty.mark(gpa, bytes.len() as u64);
+        r
+    }
+
+    /// The software dirty log of host writes: every host path that writes this RAM other
+    /// than [`GuestRam::write`] (e.g. through a second mapping of the memfd) must call
+    /// [`SoftDirty::mark`] after its copy.
+    pub fn soft_dirty(&self) -> &Arc<SoftDirty> {
+        &self.soft_dirty
+    }
+
+    /// The memslot id, flags and guest-physical address this RAM was last registered with,
+    /// if any.
+    pub fn memslot(&self) -> Option<(u32, u32, u64)> {
+        match self.memslot.load(Ordering::SeqCst) {
+            NO_SLOT => None,
+            v => Some((
+                (v >> 32) as u32,
+                v as u32,
+                self.slot_gpa.load(Ordering::SeqCst),
+            )),
+        }
+    }
+
+    fn record_slot(&self, slot: u32, flags: u32, gpa: u64) {
+        self.slot_gpa.store(gpa, Ordering::SeqCst);
+        self.memslot
+            .store(u64::from(slot) << 32 | u64::from(flags), Ordering::SeqCst);
     }
 
     /// Copies guest RAM at `gpa` into `buf`.
@@ -148,7 +192,9 @@ impl GuestRam {
         };
         // SAFETY: the region describes our own live shared mapping of `size` bytes. The VM that
         // gets it must not outlive `self`: every owner (Vm, probe VMs) drops its VmFd first.
-        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::kvm("set memslot"))
+        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::kvm("set memslot"))?;
+        self.record_slot(slot, 0, 0);
+        Ok(())
     }
 
     /// Changes host protection of the pages covering `gpa..gpa+len` (page-aligned): the
@@ -180,7 +226,9 @@ impl GuestRam {
     pub fn register_at(&self, vm: &VmFd, slot: u32, gpa: u64, flags: u32) -> Result<(), VmError> {
         // SAFETY: the region is our own live mapping of `size` bytes; owners drop the VM
         // before the GuestRam.
-        unsafe { register_slot(vm, slot, gpa, self.host_base(), self.size, flags) }
+        unsafe { register_slot(vm, slot, gpa, self.host_base(), self.size, flags) }?;
+        self.record_slot(slot, flags, gpa);
+        Ok(())
     }
 
     /// Replaces the guest pages `gpa..gpa+len` of this RAM by `len` bytes of another memfd

@@ -195,6 +195,15 @@ impl RunArea {
             u64::from(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS);
     }
 
+    /// Whether edits of (regs, sregs) are pending: marked dirty, loaded on the next entry.
+    pub fn pending_edits(&self) -> (bool, bool) {
+        let dirty = self.run().kvm_dirty_regs;
+        (
+            dirty & u64::from(KVM_SYNC_X86_REGS) != 0,
+            dirty & u64::from(KVM_SYNC_X86_SREGS) != 0,
+        )
+    }
+
     /// General-purpose registers at the last exit.
     pub fn regs(&self) -> &kvm_regs {
         // SAFETY: `s.regs` is the x86 sync-regs member, the only one KVM uses here.

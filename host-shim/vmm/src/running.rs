@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 
-use crate::kick::VcpuControl;
+use crate::dirty::DirtyLog;
+use crate::error::VmError;
+use crate::kick::{VcpuControl, VcpuState};
 use crate::memory::GuestRam;
 use crate::outcome::RunOutcome;
 use crate::vm::{RunLimits, RunReport};
@@ -27,6 +29,9 @@ pub(crate) struct RunShared {
     pub(crate) changed: Condvar,
     pub(crate) live: AtomicU32,
     pub(crate) controls: Vec<Arc<VcpuControl>>,
+    // The VM fd is declared (and dropped) before the RAM it maps.
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) ram: Arc<GuestRam>,
 }
 
 impl RunShared {
@@ -105,6 +110,33 @@ impl VmHandle {
         for c in &self.shared.controls {
             c.resume();
         }
+    }
+
+    /// Guest RAM (memslot 0 at guest-physical 0; [`GuestRam::memslot`] has its id and flags).
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.shared.ram
+    }
+
+    /// The KVM VM fd.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.shared.vm_fd
+    }
+
+    /// Starts dirty logging of guest RAM (see [`crate::dirty`]); stopped when the returned
+    /// log is dropped. [`VmError::Busy`] if another log is active.
+    pub fn start_dirty_log(&self) -> Result<DirtyLog, VmError> {
+        DirtyLog::start(self.shared.vm_fd.clone(), self.shared.ram.clone())
+    }
+
+    /// Each vCPU's registers as captured when it parked: `Some` for a paused vCPU (after
+    /// [`VmHandle::pause_all`] returned true, until [`VmHandle::resume_all`]), `None` for one
+    /// that runs or whose registers KVM would not give.
+    pub fn vcpu_states(&self) -> Vec<Option<VcpuState>> {
+        self.shared
+            .controls
+            .iter()
+            .map(|c| c.paused_state())
+            .collect()
     }
 
     /// True once the run has an ending (the vCPUs may still be stopping).

@@ -58,6 +58,8 @@ pub mod vmm_ranks {
     pub const SERIAL: Rank = Rank::new(VMM_LEAF + 4, "vmm.serial");
     /// A shared serial buffer (`devices::SharedBuffer`).
     pub const SERIAL_BUFFER: Rank = Rank::new(VMM_LEAF + 5, "vmm.serial_buffer");
+    /// A paused vCPU's captured registers (`kick::VcpuControl`).
+    pub const VCPU_STATE: Rank = Rank::new(VMM_LEAF + 6, "vmm.vcpu_state");
 }
 
 #[cfg(debug_assertions)]

@@ -8,7 +8,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::dispatch::{Dispatcher, Flow};
 use crate::error::VmError;
-use crate::kick::{Request, VcpuControl};
+use crate::kick::{Request, VcpuControl, VcpuState};
 use crate::layout::{boot_regs, boot_sregs};
 use crate::outcome::RunOutcome;
 use crate::run_area::{Exit, RunArea, run_once};
@@ -104,7 +104,7 @@ pub(crate) fn run_vcpu(
             match control.request() {
                 Request::Stop => break None,
                 Request::Pause => {
-                    control.park();
+                    control.park_with(capture_state(vcpu));
                     continue;
                 }
                 Request::None => {}
@@ -149,6 +149,30 @@ pub(crate) fn run_vcpu(
     };
     dispatcher.hook.vcpu_exit(vcpu.index);
     ending
+}
+
+/// The vCPU's registers as the guest will see them on its next entry: KVM's (ioctls; a
+/// paused vCPU is not a hot path), overridden by the run area's copy where a hook edited it
+/// and the edit is still pending. None (logged) if KVM refuses the ioctls.
+fn capture_state(vcpu: &PreparedVcpu) -> Option<VcpuState> {
+    let mut regs = vcpu
+        .fd
+        .get_regs()
+        .map_err(|e| tracing::warn!(vcpu = vcpu.index, "get regs at pause: {e}"))
+        .ok()?;
+    let mut sregs = vcpu
+        .fd
+        .get_sregs()
+        .map_err(|e| tracing::warn!(vcpu = vcpu.index, "get sregs at pause: {e}"))
+        .ok()?;
+    let (pending_regs, pending_sregs) = vcpu.area.pending_edits();
+    if pending_regs {
+        regs = *vcpu.area.regs();
+    }
+    if pending_sregs {
+        sregs = *vcpu.area.sregs();
+    }
+    Some(VcpuState { regs, sregs })
 }
 
 /// Unregisters a vCPU thread from its control block when dropped, so that no kick writes to

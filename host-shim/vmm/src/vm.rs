@@ -268,6 +268,8 @@ impl Vm {
             changed: Condvar::new(),
             live: AtomicU32::new(0),
             controls: (0..n).map(|_| Arc::new(VcpuControl::new())).collect(),
+            vm_fd: self.fd.clone(),
+            ram: self.ram.clone(),
         });
         let exits: Arc<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
         let dispatcher = Arc::new(Dispatcher {

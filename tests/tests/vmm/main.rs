@@ -5,6 +5,7 @@
 mod cli;
 mod debug_and_msr_hooks;
 mod demo_target;
+mod dump;
 mod hooks_and_memory;
 mod panicking_hook;
 mod probe_watchdog;

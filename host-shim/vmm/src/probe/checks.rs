@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     CpuId, KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, KVM_MEM_READONLY, KVM_MSR_EXIT_REASON_FILTER,
-    kvm_enable_cap, kvm_guest_debug,
+    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+    KVM_MSR_EXIT_REASON_FILTER, kvm_enable_cap, kvm_guest_debug,
 };
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
 
@@ -373,6 +373,63 @@ pub fn memfd_remap(env: &ProbeEnv) -> Finding<bool> {
         )),
         None => Ok((false, format!("VM B: {}", describe(&read)))),
     }
+}
+
+/// Dirty logging of a memslot: the guest writes one page, the log is fetched (and cleared),
+/// the guest writes a second page; the second fetch must hold exactly that page, a third
+/// (with no guest run between) nothing.
+pub fn dirty_log(env: &ProbeEnv) -> Finding<bool> {
+    let setup =
+        |vm: &kvm_ioctls::VmFd, ram: &GuestRam| ram.register_at(vm, 0, 0, KVM_MEM_LOG_DIRTY_PAGES);
+    let mut vm = ProbeVm::new(&env.kvm, &env.cpuid, TWO_PAGES, setup)?;
+    let size = vm.ram.size() as usize;
+    let fetch = |vm: &ProbeVm| -> Result<Vec<u64>, VmError> {
+        let bits = vm
+            .vm
+            .get_dirty_log(0, size)
+            .map_err(VmError::kvm("get dirty log"))?;
+        Ok(crate::dirty::DirtyBitmap::from_words(bits, size as u64)
+            .pages()
+            .map(|p| p * crate::memory::PAGE_SIZE)
+            .collect())
+    };
+    let list = |pages: &[u64]| {
+        let v: Vec<String> = pages.iter().map(|p| format!("{p:#x}")).collect();
+        format!("[{}]", v.join(" "))
+    };
+    let first = vm.run_to_exit(&env.wd, RUN_LIMIT);
+    if !matches!(
+        first,
+        Ok(Exit::Io {
+            port: DONE_PORT,
+            ..
+        })
+    ) {
+        return Ok((false, format!("first write: {}", describe(&first))));
+    }
+    let a = fetch(&vm)?;
+    let second = vm.run_to_exit(&env.wd, RUN_LIMIT);
+    if !matches!(
+        second,
+        Ok(Exit::Io {
+            port: NEXT_PORT,
+            ..
+        })
+    ) {
+        return Ok((false, format!("second write: {}", describe(&second))));
+    }
+    let b = fetch(&vm)?;
+    let c = fetch(&vm)?;
+    let works = a.contains(&DATA_GPA) && b == [DIRTY_GPA] && c.is_empty();
+    Ok((
+        works,
+        format!(
+            "write {DATA_GPA:#x} → log {}, write {DIRTY_GPA:#x} → {}, refetch → {}",
+            list(&a),
+            list(&b),
+            list(&c)
+        ),
+    ))
 }
 
 /// Times a CPL0 loop: nanoseconds per iteration (emulated ≈ 1000, native < 1).

@@ -59,6 +59,21 @@ pub const TWO_WRITES: &[u8] = &[
     0xeb, 0xfe, // jmp $
 ];
 
+/// A second scratch page, written by [`TWO_PAGES`] after the first fetch of the dirty log.
+pub const DIRTY_GPA: u64 = 0x5000;
+
+/// `mov dword [DATA_GPA], 0x11111111; out 0x10, al; mov dword [DIRTY_GPA], 0x22222222;
+/// out 0x11, al; jmp $` — the dirty-log probe fetches the log at each `out`.
+pub const TWO_PAGES: &[u8] = &[
+    0xc7, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00, 0x11, 0x11, 0x11,
+    0x11, // mov dword [0x3000], imm
+    0xe6, 0x10, // out 0x10, al
+    0xc7, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0x22, 0x22, 0x22,
+    0x22, // mov dword [0x5000], imm
+    0xe6, 0x11, // out 0x11, al
+    0xeb, 0xfe, // jmp $
+];
+
 /// The marker VM A writes for the remap probe.
 pub const REMAP_MARKER: u32 = 0x5a17_c0de;
 
@@ -100,5 +115,7 @@ mod tests {
         assert_eq!(&RO_SLOT[3..7], &(SLOT_GPA as u32).to_le_bytes());
         assert_eq!(&READ_WINDOW[3..7], &(SLOT_GPA as u32).to_le_bytes());
         assert_eq!(&TWO_WRITES[3..7], &(DATA_GPA as u32).to_le_bytes());
+        assert_eq!(&TWO_PAGES[3..7], &(DATA_GPA as u32).to_le_bytes());
+        assert_eq!(&TWO_PAGES[16..20], &(DIRTY_GPA as u32).to_le_bytes());
     }
 }

@@ -25,7 +25,6 @@ pub const PROBE_RAM: u64 = 0x1_0000;
 pub struct ProbeVm {
     // Drop order: vCPU, then VM, then RAM.
     pub(crate) vcpu: PreparedVcpu,
-    #[allow(dead_code)] // keeps the VM alive while its vCPU runs
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
     control: Arc<VcpuControl>,
