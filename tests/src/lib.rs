@@ -17,6 +17,7 @@
 //!   test can make stop reading, fill the socket, stop (SIGSTOP), resume and kill.
 
 pub mod common;
+pub mod dump_file;
 pub mod gdb;
 pub mod hostile;
 pub mod libkvmi_peer;

@@ -70,7 +70,7 @@ pub struct DumpSummary {
     pub path: String,
     /// Its format.
     pub format: Format,
-    /// Bytes written in all (every pass).
+    /// Bytes written in all (every pass; pages left sparse are not written).
     pub bytes: u64,
     /// The file's size.
     pub file_bytes: u64,
@@ -88,8 +88,8 @@ pub struct DumpSummary {
     pub io: String,
     /// Why a requested feature was not used (live without dirty logging, O_DIRECT refused).
     pub fallback: Option<String>,
-    /// File bytes left as sparse zeros because the guest never touched those pages (counted
-    /// in `bytes`: they are part of the image, but cost no I/O).
+    /// File bytes left as sparse zeros because the guest never touched those pages (part of
+    /// the image, but not written: not in `bytes`, and no I/O).
     pub sparse_bytes: u64,
     /// Bytes of dirty pages re-copied by the passes after the first (live only).
     pub recopied_bytes: u64,

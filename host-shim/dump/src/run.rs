@@ -60,19 +60,24 @@ impl Drop for PartialFile<'_> {
     }
 }
 
-/// Resumes the VM when dropped (a paused VM is never left behind, even by an early return).
+/// Resumes the VM when dropped (a paused VM is never left behind, even by an early return),
+/// unless it was already paused by someone else before the dump (then it stays paused).
 struct Paused<'a> {
     vm: &'a VmHandle,
     since: Instant,
+    resume: bool,
 }
 
 impl Paused<'_> {
     fn pause<'a>(vm: &'a VmHandle, timeout: Duration) -> Result<Paused<'a>, DumpError> {
         let since = Instant::now();
+        let resume = !vm.pause_requested_all();
         if vm.pause_all(timeout) {
-            return Ok(Paused { vm, since });
+            return Ok(Paused { vm, since, resume });
         }
-        vm.resume_all();
+        if resume {
+            vm.resume_all();
+        }
         Err(if vm.has_ended() {
             DumpError::NotRunning
         } else {
@@ -90,7 +95,9 @@ impl Paused<'_> {
 
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
-        self.vm.resume_all();
+        if self.resume {
+            self.vm.resume_all();
+        }
     }
 }
 
@@ -420,7 +427,8 @@ pub(crate) fn dump(
         .map_err(io_err("syncing"))?;
     file.keep = true;
     let seconds = started.elapsed().as_secs_f64();
-    let bytes = geometry.file_size + recopied;
+    // Sparse pages cost no I/O: they are not counted as written, nor in the rate.
+    let bytes = geometry.file_size - sparse + recopied;
     let summary = DumpSummary {
         path: path.display().to_string(),
         format: request.format,

@@ -77,6 +77,8 @@ pub struct VcpuControl {
     target: RankedMutex<Option<Target>>,
     paused: RankedMutex<bool>,
     pause_changed: Condvar,
+    /// The vCPU thread has ended: it will never run the guest again.
+    exited: AtomicBool,
     /// The registers of the parked vCPU (None while it runs).
     state: RankedMutex<Option<VcpuState>>,
 }
@@ -97,6 +99,7 @@ impl Default for VcpuControl {
             target: RankedMutex::new(vmm_ranks::KICK_TARGET, None),
             paused: RankedMutex::new(vmm_ranks::PAUSE, false),
             pause_changed: Condvar::new(),
+            exited: AtomicBool::new(false),
             state: RankedMutex::new(vmm_ranks::VCPU_STATE, None),
         }
     }
@@ -179,11 +182,28 @@ impl VcpuControl {
         self.pause_changed.notify_all();
     }
 
-    /// Waits until the vCPU thread reports it is paused (or `timeout` passes); true if paused.
+    /// Waits until the vCPU thread reports it is paused, or has ended (it cannot run the
+    /// guest either), or `timeout` passes; true if paused or ended.
     pub fn wait_paused(&self, timeout: std::time::Duration) -> bool {
         let guard = self.paused.lock();
-        let (guard, _) = guard.wait_timeout_while(&self.pause_changed, timeout, |paused| !*paused);
-        *guard
+        let (guard, _) = guard.wait_timeout_while(&self.pause_changed, timeout, |paused| {
+            !*paused && !self.exited.load(Ordering::SeqCst)
+        });
+        *guard || self.exited.load(Ordering::SeqCst)
+    }
+
+    /// Whether a pause is requested and not yet resumed (the vCPU may still be on its way to
+    /// park).
+    pub fn pause_requested(&self) -> bool {
+        self.request() == Request::Pause
+    }
+
+    /// Called by the vCPU thread as it ends: waiters of [`VcpuControl::wait_paused`] stop
+    /// waiting for it.
+    pub fn mark_exited(&self) {
+        self.exited.store(true, Ordering::SeqCst);
+        let _guard = self.paused.lock();
+        self.pause_changed.notify_all();
     }
 
     /// The registers the vCPU thread captured as it parked; `None` unless the vCPU is paused

@@ -96,13 +96,20 @@ impl VmHandle {
         self.shared.controls.len() as u32
     }
 
-    /// Pauses every vCPU and waits (up to `timeout` each) until they are parked; true if all
-    /// paused. Guest RAM and the vCPUs' state are then stable for inspection.
+    /// Pauses every vCPU and waits (up to `timeout` each) until they are parked (or their
+    /// threads have ended); true if all are. Guest RAM and the vCPUs' state are then stable
+    /// for inspection.
     pub fn pause_all(&self, timeout: Duration) -> bool {
         for c in &self.shared.controls {
             c.pause();
         }
         self.shared.controls.iter().all(|c| c.wait_paused(timeout))
+    }
+
+    /// Whether every vCPU has a pause in force (someone paused the whole VM and has not
+    /// resumed it).
+    pub fn pause_requested_all(&self) -> bool {
+        self.shared.controls.iter().all(|c| c.pause_requested())
     }
 
     /// Resumes every paused vCPU.

@@ -182,6 +182,7 @@ struct Unregister<'a>(&'a VcpuControl);
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
         self.0.unregister();
+        self.0.mark_exited();
     }
 }
 

@@ -18,9 +18,9 @@ use serde_json::{Value, json};
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A `kvmi run` child with its stdout and stderr lines collected.
-struct Run {
+pub(crate) struct Run {
     child: Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
 }
@@ -43,7 +43,7 @@ fn socket_path(tag: &str) -> PathBuf {
 
 impl Run {
     /// `kvmi run --api-socket <fresh path> ARGS`, once its API answers.
-    fn start(tag: &str, args: &[&str]) -> Run {
+    pub(crate) fn start(tag: &str, args: &[&str]) -> Run {
         let socket = socket_path(tag);
         let _ = std::fs::remove_file(&socket);
         let mut child = Command::new(kvmi_tests::kvmi_bin())
@@ -83,7 +83,7 @@ impl Run {
     }
 
     /// A request with a JSON body (or none).
-    fn call(&self, method: &str, route: &str, body: Option<Value>) -> Response {
+    pub(crate) fn call(&self, method: &str, route: &str, body: Option<Value>) -> Response {
         let body = body.map(|b| b.to_string().into_bytes());
         request(
             &self.socket,
@@ -96,7 +96,7 @@ impl Run {
     }
 
     /// A request that must succeed with `status`; its JSON.
-    fn ok(&self, method: &str, route: &str, body: Option<Value>, status: u16) -> Value {
+    pub(crate) fn ok(&self, method: &str, route: &str, body: Option<Value>, status: u16) -> Value {
         let r = self.call(method, route, body);
         assert_eq!(
             r.status,
@@ -114,7 +114,7 @@ impl Run {
             .clone()
     }
 
-    fn vm(&self, id: u64) -> Value {
+    pub(crate) fn vm(&self, id: u64) -> Value {
         self.info()
             .into_iter()
             .find(|v| v["id"] == id)
@@ -131,11 +131,11 @@ impl Run {
             .unwrap_or_else(|| panic!("no event counter of target {id}: {stats}"))
     }
 
-    fn stdout(&self) -> Vec<String> {
+    pub(crate) fn stdout(&self) -> Vec<String> {
         self.stdout.lock().unwrap().clone()
     }
 
-    fn stderr(&self) -> Vec<String> {
+    pub(crate) fn stderr(&self) -> Vec<String> {
         self.stderr.lock().unwrap().clone()
     }
 
@@ -149,7 +149,7 @@ impl Run {
     }
 
     /// Stops the run with Ctrl-C; returns its exit status.
-    fn interrupt(mut self) -> Option<i32> {
+    pub(crate) fn interrupt(mut self) -> Option<i32> {
         let pid = self.child.id() as i32;
         // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
         let sent = unsafe { libc::kill(pid, libc::SIGINT) };
@@ -544,8 +544,9 @@ fn api_refuses_bad_requests_and_the_vms_run_on() {
         run.ok("GET", "/vm/dump/progress", None, 200),
         json!({"dumps": []})
     );
-    // A real dump: with the kvmi-dump skeleton it fails with a clean JSON error; once the
-    // dump is implemented it answers 200 with its summary.
+    // A real dump of the guarded target (its memory size from info): a LiME file whose one
+    // range covers all of its RAM.
+    let ram = run.vm(1)["memory_mib"].as_u64().expect("memory_mib") << 20;
     let dump = Command::new(kvmi_tests::kvmi_bin())
         .args(["dump", "--api-socket"])
         .arg(s)
@@ -554,22 +555,21 @@ fn api_refuses_bad_requests_and_the_vms_run_on() {
         .args(["--format", "lime"])
         .output()
         .expect("kvmi dump runs");
-    if dump.status.success() {
-        let line = String::from_utf8_lossy(&dump.stdout);
-        let summary: Value = serde_json::from_str(line.trim()).expect("one JSON line");
-        assert_eq!(summary["format"], "lime", "{summary}");
-        // CONTENT CHECKS (after the kvmi-dump merge): the file's LiME headers cover the
-        // target's RAM, bytes/passes/pause_ms are consistent, live dumps work.
-    } else {
-        assert_eq!(dump.status.code(), Some(1));
-        let err = String::from_utf8_lossy(&dump.stderr);
-        assert!(err.starts_with("kvmi: error: "), "{err}");
-        assert!(
-            !out.exists(),
-            "a failed dump leaves no file behind at {}",
-            out.display()
-        );
-    }
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let line = String::from_utf8_lossy(&dump.stdout);
+    let summary: Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    assert_eq!(summary["format"], "lime", "{summary}");
+    assert_eq!(summary["file_bytes"], 32 + ram, "{summary}");
+    let file = std::fs::read(&out).expect("the dump exists");
+    let image = kvmi_tests::dump_file::ram_of(kvmi_dump::Format::Lime, &file, ram);
+    assert!(
+        image.iter().any(|&b| b != 0),
+        "the target's RAM is not all zero"
+    );
     let _ = std::fs::remove_file(&out);
 
     let (status, body) = silent.join().unwrap();

@@ -5,6 +5,7 @@
 mod api;
 mod bench;
 mod cli;
+mod dump;
 mod fleet;
 mod host_socket;
 mod image;

@@ -11,9 +11,8 @@ use kvmi::images::Image;
 use kvmi_dump::{
     DumpError, DumpOptions, DumpRequest, DumpSummary, Format, IoChoice, Progress, dump, dump_with,
 };
+use kvmi_tests::dump_file::{prstatus_rips, ram_of};
 use kvmi_tests::wait;
-use object::Endianness;
-use object::read::elf::{ElfFile64, ProgramHeader};
 use vmm::{
     ExitContext, ExitHook, HookResult, RunLimits, RunningVm, SerialSink, SharedBuffer, Vm,
     VmConfig, VmHandle,
@@ -148,55 +147,6 @@ fn request(path: &Path, format: Format, live: bool) -> DumpRequest {
     }
 }
 
-/// The RAM bytes of a dump file, by format.
-fn ram_of(format: Format, file: &[u8], ram_size: u64) -> Vec<u8> {
-    match format {
-        Format::Raw => file.to_vec(),
-        Format::Lime => {
-            assert_eq!(file.len() as u64, 32 + ram_size);
-            assert_eq!(&file[0..4], &0x4C69_4D45u32.to_le_bytes());
-            assert_eq!(
-                u64::from_le_bytes(file[16..24].try_into().unwrap()),
-                ram_size - 1
-            );
-            file[32..].to_vec()
-        }
-        Format::Elf => {
-            let elf = ElfFile64::<Endianness>::parse(file).unwrap();
-            let e = Endianness::Little;
-            let loads: Vec<_> = elf
-                .elf_program_headers()
-                .iter()
-                .filter(|p| p.p_type(e) == object::elf::PT_LOAD)
-                .collect();
-            assert_eq!(loads.len(), 1, "one RAM range, one PT_LOAD");
-            assert_eq!(loads[0].p_paddr(e), 0);
-            assert_eq!(loads[0].p_filesz(e), ram_size);
-            let off = loads[0].p_offset(e) as usize;
-            file[off..off + ram_size as usize].to_vec()
-        }
-    }
-}
-
-/// The rip of each NT_PRSTATUS note (pr_pid, rip).
-fn prstatus_rips(file: &[u8]) -> Vec<(u32, u64)> {
-    let elf = ElfFile64::<Endianness>::parse(file).unwrap();
-    let e = Endianness::Little;
-    let mut out = Vec::new();
-    for p in elf.elf_program_headers() {
-        if let Ok(Some(mut notes)) = p.notes(e, file) {
-            while let Some(n) = notes.next().unwrap() {
-                if n.name() == b"CORE" && n.n_type(e) == object::elf::NT_PRSTATUS {
-                    let d = n.desc();
-                    let rip = u64::from_le_bytes(d[112 + 16 * 8..][..8].try_into().unwrap());
-                    out.push((u32::from_le_bytes(d[32..36].try_into().unwrap()), rip));
-                }
-            }
-        }
-    }
-    out
-}
-
 /// The first page where `a` and `b` differ, if any.
 fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
     assert_eq!(a.len(), b.len());
@@ -214,7 +164,7 @@ fn stop_and_copy_dumps_equal_guest_ram_in_every_format() {
     let g = Guest::spin(32);
     let dir = TempDir::new("formats");
     for format in [Format::Raw, Format::Lime, Format::Elf] {
-        // Paused first: the dump pauses again (a no-op) and sees exactly these bytes.
+        // Paused first: the dump finds the VM paused and sees exactly these bytes.
         assert!(g.handle.pause_all(Duration::from_secs(2)));
         let expected = g.snapshot();
         let states = g.handle.vcpu_states();
@@ -222,7 +172,12 @@ fn stop_and_copy_dumps_equal_guest_ram_in_every_format() {
         let path = dir.file(&format!("{format:?}"));
         let progress = Progress::default();
         let s = dump(&g.handle, &request(&path, format, false), &progress).unwrap();
-        // The dump resumed the VM.
+        // The pause was ours: the dump keeps it (the counter stands still), and our resume
+        // lets the guest run on.
+        let held = g.count();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(g.count(), held, "the dump resumed a VM someone else paused");
+        g.handle.resume_all();
         g.assert_alive();
         let file = std::fs::read(&path).unwrap();
         assert_eq!(file.len() as u64, s.file_bytes);

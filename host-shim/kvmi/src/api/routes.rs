@@ -383,6 +383,7 @@ fn dump_error(e: kvmi_dump::DumpError) -> ApiError {
     match e {
         DumpError::Busy | DumpError::NotRunning => ApiError::Conflict(message),
         DumpError::PauseTimeout(_) => ApiError::Unavailable(message),
+        DumpError::Layout(_) => ApiError::Internal(message),
         DumpError::Io { source, .. } => {
             let enospc = matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
             match source.kind() {
