@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{Advice, MmapOptions, MmapRaw};
 use vmm::VmHandle;
 use vmm::dirty::DirtyBitmap;
 use vmm::memory::GuestRam;
@@ -114,6 +114,9 @@ impl RamView {
         let file = File::open(format!("/proc/self/fd/{}", ram.memfd().as_raw_fd()))?;
         let len = usize::try_from(ram.size()).map_err(|_| stdio::Error::other("RAM too large"))?;
         let map = MmapOptions::new().len(len).map_raw_read_only(&file)?;
+        // Where RAM lives in huge folios, our view maps them whole too (fewer faults); a
+        // host without THP for shmem just ignores it.
+        let _ = map.advise(Advice::HugePage);
         Ok(RamView {
             map,
             file,
@@ -134,6 +137,11 @@ impl RamView {
             dst.fill(0);
             return;
         }
+        // One call maps the whole range (a fault per page otherwise: the copy's main cost);
+        // best effort (MADV_POPULATE_READ needs Linux 5.14).
+        let _ = self
+            .map
+            .advise_range(Advice::PopulateRead, gpa as usize, dst.len());
         // SAFETY: the source lies inside our live read-only mapping (checked); vCPUs may
         // write those bytes concurrently, which a live dump tolerates (the page is then
         // dirty and copied again) and which cannot create a reference into guest memory.
