@@ -54,6 +54,30 @@ pub fn require_kvm(test: &str) -> bool {
     false
 }
 
+/// The environment variable that turns a missing third-party reader (Volatility 3) into a
+/// test failure; `.ci/run` installs the readers and sets it.
+pub const REQUIRE_TOOLS: &str = "KVMI_REQUIRE_TOOLS";
+
+/// True when the Python package `module` can be imported by `python3`. Otherwise prints
+/// `SKIPPED: <test>: ...` (or panics with [`REQUIRE_TOOLS`]`=1`) and returns false.
+pub fn require_python_module(test: &str, module: &str) -> bool {
+    let found = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    let why = format!("python3 cannot import {module} (pip install {module})");
+    if std::env::var(REQUIRE_TOOLS).is_ok_and(|v| v == "1") {
+        panic!("{test}: {why}, and {REQUIRE_TOOLS}=1 requires it");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+    false
+}
+
 /// The `kvmi` command under test: this package's example `kvmi` (`examples/kvmi.rs`).
 ///
 /// `cargo test` builds it with the tests, but `cargo test --test NAME` does not, so the first

@@ -185,3 +185,122 @@ fn dumps_of_a_guest_that_keeps_writing_are_each_one_instant_of_its_memory() {
     );
     assert_eq!(run.interrupt(), Some(130));
 }
+
+/// `gdb -batch -c CORE` with `commands`: what it printed.
+fn gdb_on_core(core: &Path, commands: &[String]) -> String {
+    let mut cmd = Command::new("gdb");
+    cmd.args(["-nx", "-batch", "-c"]).arg(core);
+    for c in commands {
+        cmd.arg("-ex").arg(c);
+    }
+    let out = cmd
+        .output()
+        .expect("gdb runs (gdb 13 is on every machine and in CI)");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn sha1_hex(bytes: &[u8]) -> String {
+    use sha1::Digest as _;
+    sha1::Sha1::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn gdb_and_volatility_read_the_dumps_as_the_raw_image_says() {
+    if !kvmi_tests::require_kvm("gdb_and_volatility_read_the_dumps_as_the_raw_image_says") {
+        return;
+    }
+    let run = Run::start(
+        "readers",
+        &[
+            "--no-appliance",
+            "--image",
+            "test-guest",
+            "--cmdline",
+            "mode=pattern mib=16",
+            "--memory",
+            &RAM_MIB.to_string(),
+        ],
+    );
+    let area = pattern_area(&run);
+    // Paused: the three files hold the same memory.
+    run.ok("PUT", "/vm/pause", None, 200);
+    let files: Vec<(&str, PathBuf)> = ["raw", "lime", "elf"]
+        .into_iter()
+        .map(|f| (f, out_path(&format!("readers.{f}"))))
+        .collect();
+    for (format, path) in &files {
+        kvmi_dump(&run, path, format, false);
+    }
+    run.ok("PUT", "/vm/resume", None, 200);
+    assert_eq!(run.interrupt(), Some(130));
+    let raw = std::fs::read(&files[0].1).unwrap();
+    let state = pattern::check(&raw, area).expect("the paused dump is consistent");
+    let word = |at: u64| u64::from_le_bytes(raw[at as usize..][..8].try_into().unwrap());
+
+    // gdb opens the ELF core: the vCPU is a thread whose rip is the NT_PRSTATUS one, and
+    // memory reads (the kernel's identity map: virtual = physical) give the raw image's words.
+    let elf = std::fs::read(&files[2].1).unwrap();
+    let rips = kvmi_tests::dump_file::prstatus_rips(&elf);
+    assert_eq!(rips.len(), 1, "{rips:?}");
+    let printed = gdb_on_core(
+        &files[2].1,
+        &["info registers rip".into(), format!("x/3gx {area:#x}")],
+    );
+    let rip_line = printed
+        .lines()
+        .find(|l| l.starts_with("rip"))
+        .unwrap_or_else(|| panic!("gdb printed no rip: {printed}"));
+    assert!(
+        rip_line.contains(&format!("{:#x}", rips[0].1)),
+        "gdb's rip {rip_line:?} is the note's {:#x}",
+        rips[0].1
+    );
+    let words = format!("{:#018x}\t{:#018x}", word(area), word(area + 8));
+    assert!(
+        printed.contains(&words),
+        "gdb's x/3gx shows seq and magic {words:?}: {printed}"
+    );
+    assert_eq!(word(area), state.seq);
+
+    // Volatility 3 stacks its LiME and ELF layers on the files and reads the same pages.
+    if kvmi_tests::require_python_module(
+        "gdb_and_volatility_read_the_dumps_as_the_raw_image_says",
+        "volatility3",
+    ) {
+        let last = (RAM_MIB << 20) - 4096;
+        let pages = [0x10_0000, area, area + 7 * 4096, last];
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/volatility_read.py");
+        for (format, path) in &files[1..] {
+            let out = Command::new("python3")
+                .arg(script)
+                .arg(path)
+                .arg(format)
+                .args(pages.iter().map(|p| format!("{p:#x}")))
+                .output()
+                .expect("python3 runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "volatility on {format}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                text.contains(&format!("max {:#x}", (RAM_MIB << 20) - 1)),
+                "{format}: {text}"
+            );
+            for p in pages {
+                let expected = sha1_hex(&raw[p as usize..][..4096]);
+                assert!(
+                    text.contains(&format!("page {p:#x} {expected}")),
+                    "{format}: volatility's page {p:#x} differs from the raw image: {text}"
+                );
+            }
+        }
+    }
+    for (_, path) in files {
+        let _ = std::fs::remove_file(path);
+    }
+}
