@@ -372,13 +372,13 @@ fn run(mut args: RunArgs) -> Result<u8> {
         }
         for entry in entries {
             let (image_name, bytes) = &images[&entry.image];
-            let vm_config = VmConfig {
-                name: format!("kvmi-{}", entry.name),
-                memory_bytes: entry.memory_mib << 20,
-                vcpus: entry.vcpus,
-                cmdline: entry.cmdline.clone(),
-                ..config.clone()
-            };
+            let vm_config = target_config(
+                &config,
+                &entry.name,
+                entry.memory_mib,
+                entry.vcpus,
+                &entry.cmdline,
+            );
             let mut vm = Vm::new(vm_config, bytes)
                 .with_context(|| format!("building the VM for {}", entry.name))?;
             vm.set_serial(serial.try_clone().context("duplicating the serial sink")?);
@@ -459,6 +459,24 @@ fn run(mut args: RunArgs) -> Result<u8> {
     Ok(code)
 }
 
+/// A target's VM settings: `template`'s (unknown I/O policy) with its own name, memory,
+/// vCPUs and command line.
+fn target_config(
+    template: &VmConfig,
+    name: &str,
+    memory_mib: u64,
+    vcpus: u32,
+    cmdline: &str,
+) -> VmConfig {
+    VmConfig {
+        name: format!("kvmi-{name}"),
+        memory_bytes: memory_mib << 20,
+        vcpus,
+        cmdline: cmdline.to_string(),
+        ..template.clone()
+    }
+}
+
 /// Builds the targets added through the API: their image (one of `images`, already loaded by
 /// spec, or loaded now), a VM with `template`'s settings and the request's sizes, its serial
 /// output going where the other targets' goes.
@@ -474,13 +492,7 @@ fn target_factory(
             None => load_image(&t.image)
                 .map_err(|e| ApiError::BadRequest(format!("image {:?}: {e:#}", t.image)))?,
         };
-        let config = VmConfig {
-            name: format!("kvmi-{}", t.name),
-            memory_bytes: t.memory_mib << 20,
-            vcpus: t.vcpus,
-            cmdline: t.cmdline.clone(),
-            ..template.clone()
-        };
+        let config = target_config(&template, &t.name, t.memory_mib, t.vcpus, &t.cmdline);
         let mut vm = Vm::new(config, &bytes)
             .map_err(|e| ApiError::BadRequest(format!("the VM cannot be built: {e}")))?;
         vm.set_serial(

@@ -56,6 +56,24 @@ fn pattern_area(run: &Run) -> u64 {
     area.unwrap()
 }
 
+/// `kvmi run` of test-guest `mode=pattern` (16 MiB area) with `vcpus` vCPUs and an API.
+fn pattern_guest(tag: &str, vcpus: u32) -> Run {
+    Run::start(
+        tag,
+        &[
+            "--no-appliance",
+            "--image",
+            "test-guest",
+            "--cmdline",
+            "mode=pattern mib=16",
+            "--memory",
+            &RAM_MIB.to_string(),
+            "--vcpus",
+            &vcpus.to_string(),
+        ],
+    )
+}
+
 fn format_of(name: &str) -> Format {
     match name {
         "raw" => Format::Raw,
@@ -86,20 +104,7 @@ fn dumps_of_a_guest_that_keeps_writing_are_each_one_instant_of_its_memory() {
         return;
     }
     // Two vCPUs: vCPU 1 halts at once (its thread ends), which a dump must take as paused.
-    let run = Run::start(
-        "dump",
-        &[
-            "--no-appliance",
-            "--image",
-            "test-guest",
-            "--cmdline",
-            "mode=pattern mib=16",
-            "--memory",
-            &RAM_MIB.to_string(),
-            "--vcpus",
-            "2",
-        ],
-    );
+    let run = pattern_guest("dump", 2);
     let area = pattern_area(&run);
     let mut last_seq = 0;
     for (format, live) in [
@@ -212,18 +217,7 @@ fn gdb_and_volatility_read_the_dumps_as_the_raw_image_says() {
     if !kvmi_tests::require_kvm("gdb_and_volatility_read_the_dumps_as_the_raw_image_says") {
         return;
     }
-    let run = Run::start(
-        "readers",
-        &[
-            "--no-appliance",
-            "--image",
-            "test-guest",
-            "--cmdline",
-            "mode=pattern mib=16",
-            "--memory",
-            &RAM_MIB.to_string(),
-        ],
-    );
+    let run = pattern_guest("readers", 1);
     let area = pattern_area(&run);
     // Paused: the three files hold the same memory.
     run.ok("PUT", "/vm/pause", None, 200);
