@@ -85,9 +85,14 @@ impl Paused<'_> {
         })
     }
 
-    /// Resumes now; the pause's length.
+    /// Resumes now; the pause's length (zero when the VM was paused before the dump: the
+    /// dump added no pause of its own).
     fn resume(self) -> Duration {
-        let d = self.since.elapsed();
+        let d = if self.resume {
+            self.since.elapsed()
+        } else {
+            Duration::ZERO
+        };
         drop(self);
         d
     }

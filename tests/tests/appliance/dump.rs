@@ -153,7 +153,11 @@ fn dumps_of_a_guest_that_keeps_writing_are_each_one_instant_of_its_memory() {
     // Paused through the API: the dump keeps the pause, and two dumps are equal.
     run.ok("PUT", "/vm/pause", None, 200);
     let (a, b) = (out_path("paused-a"), out_path("paused-b"));
-    kvmi_dump(&run, &a, "raw", false);
+    let held = kvmi_dump(&run, &a, "raw", false);
+    assert_eq!(
+        held["pause_ms"], 0.0,
+        "the dump added no pause of its own: {held}"
+    );
     assert_eq!(
         run.vm(1)["state"],
         "paused",
