@@ -8,4 +8,5 @@ mod demo_target;
 mod hooks_and_memory;
 mod panicking_hook;
 mod probe_watchdog;
+mod seccomp;
 mod test_guest;
