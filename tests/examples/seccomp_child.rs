@@ -36,6 +36,9 @@ fn allowed_syscalls() {
         )
     };
     assert_ne!(p, libc::MAP_FAILED, "mmap");
+    // SAFETY: p is the 4 KiB mapping made above; nothing runs from it.
+    let rc = unsafe { libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC) };
+    assert_eq!(rc, 0, "read+exec mprotect");
     // SAFETY: p is the 4 KiB mapping made above.
     assert_eq!(unsafe { libc::munmap(p, 4096) }, 0, "munmap");
     let v: Vec<u64> = (0..100_000).collect();
