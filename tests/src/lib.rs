@@ -97,6 +97,13 @@ pub fn hostile_tool_bin() -> PathBuf {
     BIN.get_or_init(|| example_bin("hostile_tool")).clone()
 }
 
+/// The seccomp tests' child process: this package's example `seccomp_child`
+/// (`examples/seccomp_child.rs`), built on demand as [`kvmi_bin`] is.
+pub fn seccomp_child_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| example_bin("seccomp_child")).clone()
+}
+
 /// This package's example `name`, brought up to date with cargo when cargo runs the tests.
 fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

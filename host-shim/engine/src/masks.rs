@@ -131,6 +131,7 @@ mod tests {
         Capabilities {
             kvm_api_version: 12,
             pvm_module: pvm_like,
+            seccomp: Default::default(),
             sw_breakpoints: !pvm_like,
             hw_breakpoints: 4,
             hw_breakpoint_rf_resume: !pvm_like,

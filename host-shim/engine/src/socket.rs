@@ -552,6 +552,10 @@ fn listen_loop(shared: &Arc<Shared>, listener: &UnixListener) {
     let worker = std::thread::Builder::new()
         .name("kvmi-tool".into())
         .spawn(move || {
+            if let Err(e) = vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service) {
+                tracing::error!("KVMI tool thread: {e}");
+                return;
+            }
             while let Ok(stream) = from_acceptor.recv() {
                 serve_one(&s, stream);
                 s.serving.store(false, Ordering::SeqCst);
@@ -564,6 +568,11 @@ fn listen_loop(shared: &Arc<Shared>, listener: &UnixListener) {
             return;
         }
     };
+    // After the one spawn: this thread starts no other.
+    if let Err(e) = vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service) {
+        tracing::error!("KVMI socket: {e}");
+        return;
+    }
     let mut refusals: Vec<Refusal> = Vec::new();
     let mut refused = 0u64;
     while shared.running() {
@@ -714,6 +723,10 @@ impl Refusal {
 /// `--kvmi-connect`: connects to the tool, serves it until it detaches, reconnects (with
 /// back-off while it cannot).
 fn connect_loop(shared: &Shared, path: &Path) {
+    if let Err(e) = vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service) {
+        tracing::error!("KVMI socket: {e}");
+        return;
+    }
     let mut backoff = Backoff::default();
     while shared.running() {
         match UnixStream::connect(path) {

@@ -169,6 +169,8 @@ struct RunArgs {
     kvmi: crate::args::introspection::KvmiRunArgs,
     #[command(flatten)]
     appliance: crate::args::appliance::ApplianceRunArgs,
+    #[command(flatten)]
+    seccomp: crate::args::seccomp::SeccompRunArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -251,6 +253,7 @@ fn apply_main_job_default(args: &mut RunArgs) {
 }
 
 fn run(mut args: RunArgs) -> Result<u8> {
+    args.seccomp.apply();
     apply_main_job_default(&mut args);
     if let Some(option) = args.appliance.orphan_options() {
         bail!("{option} needs an appliance VM (--appliance, or the main job's default)");

@@ -616,7 +616,10 @@ impl RingService {
         let spawned = std::thread::Builder::new()
             .name("kvmi-rings".into())
             .spawn(move || {
-                let end = serve(&intro, generation, inbound, log, &s, &st);
+                let end = match vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service) {
+                    Ok(_) => serve(&intro, generation, inbound, log, &s, &st),
+                    Err(e) => ServiceEnd::Detached(e.to_string()),
+                };
                 if let ServiceEnd::Detached(reason) = &end {
                     intro.detach(generation, reason);
                 }

@@ -32,6 +32,7 @@ pub mod outcome;
 pub mod probe;
 pub mod run_area;
 pub mod running;
+pub mod seccomp;
 pub mod sync;
 pub mod vcpu;
 pub mod vm;

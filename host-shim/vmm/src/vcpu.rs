@@ -208,6 +208,19 @@ pub(crate) fn spawn_vcpu_thread(
         .spawn(move || {
             let i = vcpu.index as usize;
             let counter = &exits[i.min(exits.len().saturating_sub(1))];
+            // The vCPU's allow-list, before the guest's first instruction; without it the
+            // guest never runs.
+            if let Err(e) = crate::seccomp::install_current(crate::seccomp::ThreadKind::Vcpu) {
+                tracing::error!(vcpu = vcpu.index, "{e}");
+                dispatcher.hook.vcpu_exit(vcpu.index);
+                let vcpu_index = vcpu.index;
+                drop(vcpu);
+                done(Some(RunOutcome::VcpuError {
+                    vcpu: vcpu_index,
+                    error: e.to_string(),
+                }));
+                return;
+            }
             // A panic is a bug in the VMM or a hook; it ends the run with a VMM error naming
             // it instead of leaving the other vCPUs waiting for this one.
             let ending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -9,4 +9,5 @@ mod dump;
 mod hooks_and_memory;
 mod panicking_hook;
 mod probe_watchdog;
+mod seccomp;
 mod test_guest;

@@ -4,3 +4,4 @@
 pub mod appliance;
 pub mod fleet_config;
 pub mod introspection;
+pub mod seccomp;

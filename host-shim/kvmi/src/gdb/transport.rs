@@ -23,6 +23,10 @@ impl GdbConnection {
         std::thread::Builder::new()
             .name("gdb-input".into())
             .spawn(move || {
+                if let Err(e) = vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service) {
+                    tracing::error!("gdb input: {e}");
+                    return;
+                }
                 let mut buf = [0u8; 4096];
                 loop {
                     match reader.read(&mut buf) {

@@ -53,6 +53,9 @@ pub struct Capabilities {
     pub kvm_api_version: i32,
     /// Whether the kernel module is PVM (`/sys/module/kvm_pvm` exists).
     pub pvm_module: bool,
+    /// seccomp-BPF filtering with the kill-process action ([`crate::seccomp::probe`]).
+    #[serde(default)]
+    pub seccomp: crate::seccomp::Availability,
     /// int3 with KVM_GUESTDBG_USE_SW_BP reaches userspace as KVM_EXIT_DEBUG.
     pub sw_breakpoints: bool,
     /// Hardware exec breakpoints that fired (0..=4).
@@ -183,6 +186,12 @@ impl Capabilities {
             out.push_str(&format!("{name:<30} {value:<12} {detail}\n"));
         }
         out.push_str(&format!(
+            "{:<30} {:<12} {}\n",
+            "seccomp filters",
+            yn(self.seccomp.available),
+            self.seccomp.observed()
+        ));
+        out.push_str(&format!(
             "{:<30} {:<12} KVM API {}, PVM module {}, sync_regs {:#x}, immediate_exit {}\n",
             "probe time",
             format!("{} ms", self.probe_micros / 1000),
@@ -281,6 +290,7 @@ pub fn probe_capabilities() -> Result<Capabilities, VmError> {
     Ok(Capabilities {
         kvm_api_version: env.kvm.get_api_version(),
         pvm_module: std::path::Path::new("/sys/module/kvm_pvm").exists(),
+        seccomp: crate::seccomp::probe(),
         sw_breakpoints,
         hw_breakpoints,
         hw_breakpoint_rf_resume,
