@@ -131,6 +131,16 @@ enum Command {
     /// Subcommands on a running VM's KVMI socket (events, regs, read, pause, ...).
     #[command(flatten)]
     Tool(cli::ToolCommand),
+    /// A VM process of `kvmi run --isolate` (started by the supervisor, configured over the
+    /// control socket it inherits; not for use by hand).
+    #[command(hide = true)]
+    VmmFleet,
+    /// A target VM process of `kvmi run --isolate` (not for use by hand).
+    #[command(hide = true)]
+    VmmTarget,
+    /// The appliance VM process of `kvmi run --isolate` (not for use by hand).
+    #[command(hide = true)]
+    VmmAppliance,
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,6 +175,9 @@ struct RunArgs {
     /// info, pause, resume, stats, dump, add and remove targets (`kvmi ctl`, `kvmi dump`).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Run every VM in a process of its own under a small supervisor (docs/isolation.md).
+    #[arg(long)]
+    isolate: bool,
     #[command(flatten)]
     kvmi: crate::args::introspection::KvmiRunArgs,
     #[command(flatten)]
@@ -251,6 +264,10 @@ fn apply_main_job_default(args: &mut RunArgs) {
 }
 
 fn run(mut args: RunArgs) -> Result<u8> {
+    if args.isolate {
+        install_sigint();
+        return crate::isolate::run::supervise(&INTERRUPTED);
+    }
     apply_main_job_default(&mut args);
     if let Some(option) = args.appliance.orphan_options() {
         bail!("{option} needs an appliance VM (--appliance, or the main job's default)");
@@ -459,6 +476,48 @@ fn run(mut args: RunArgs) -> Result<u8> {
     Ok(code)
 }
 
+/// A VM process of `kvmi run --isolate`: takes its configuration from the control socket it
+/// inherited, stops (as on Ctrl-C) when the supervisor says so or its socket closes, and
+/// runs its part of the run.
+fn vmm_process(subcommand: &str) -> Result<u8> {
+    use crate::isolate::control::{Control, Message, Role};
+    let control = Control::inherited().with_context(|| format!("kvmi {subcommand}"))?;
+    let (role, _verbose, words, fds) = control.recv_config()?;
+    let control = std::sync::Arc::new(control);
+    let listener = control.clone();
+    std::thread::Builder::new()
+        .name("kvmi-control".into())
+        .spawn(move || {
+            loop {
+                match listener.recv() {
+                    Ok((Message::Stop, _)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        })
+        .context("starting the control thread")?;
+    let parse = |words: Vec<String>| -> Result<RunArgs> {
+        let cli = Cli::try_parse_from(
+            ["kvmi".to_string(), "run".to_string()]
+                .into_iter()
+                .chain(words),
+        )
+        .context("the supervisor's run words do not parse")?;
+        match cli.command {
+            Some(Command::Run(args)) => Ok(*args),
+            _ => bail!("the supervisor's run words are not a run"),
+        }
+    };
+    match role {
+        Role::Fleet if subcommand == "vmm-fleet" => {
+            drop(fds);
+            run(parse(words)?)
+        }
+        role => bail!("kvmi {subcommand} was configured as {role:?}"),
+    }
+}
+
 /// Builds the targets added through the API: their image (one of `images`, already loaded by
 /// spec, or loaded now), a VM with `template`'s settings and the request's sizes, its serial
 /// output going where the other targets' goes.
@@ -644,6 +703,9 @@ pub fn main() -> ExitCode {
         Command::Ctl(args) => cli::api::ctl(&args),
         Command::Dump(args) => cli::api::dump(&args),
         Command::Tool(command) => cli::run(command),
+        Command::VmmFleet => vmm_process("vmm-fleet"),
+        Command::VmmTarget => vmm_process("vmm-target"),
+        Command::VmmAppliance => vmm_process("vmm-appliance"),
     };
     match result {
         Ok(code) => ExitCode::from(code),
