@@ -175,7 +175,8 @@ struct RunArgs {
     /// info, pause, resume, stats, dump, add and remove targets (`kvmi ctl`, `kvmi dump`).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
-    /// Run every VM in a process of its own under a small supervisor (docs/isolation.md).
+    /// Run every VM in a process of its own under a small supervisor (docs/isolation.md);
+    /// `KVMI_ISOLATE=1` in the environment does the same.
     #[arg(long)]
     isolate: bool,
     #[command(flatten)]
@@ -264,7 +265,7 @@ fn apply_main_job_default(args: &mut RunArgs) {
 }
 
 fn run(mut args: RunArgs) -> Result<u8> {
-    if args.isolate {
+    if args.isolate || std::env::var_os(crate::isolate::ISOLATE_ENV).is_some_and(|v| v == "1") {
         install_sigint();
         return crate::isolate::run::supervise(&INTERRUPTED);
     }

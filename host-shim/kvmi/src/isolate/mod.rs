@@ -6,6 +6,10 @@
 //! ([`control`]), forwards Ctrl-C as a stop, waits for them and reports how each ended
 //! ([`supervisor`]). Every VM process dies with the supervisor (`PR_SET_PDEATHSIG`).
 
+/// `KVMI_ISOLATE=1` in the environment of `kvmi run` is `--isolate` (for running a test suite
+/// both ways); VM processes never see it.
+pub const ISOLATE_ENV: &str = "KVMI_ISOLATE";
+
 pub mod control;
 pub mod run;
 pub mod supervisor;

@@ -18,9 +18,11 @@ fn run_words() -> Result<(Vec<String>, u8)> {
                 .map_err(|w| anyhow::anyhow!("argument {w:?} is not UTF-8"))
         })
         .collect::<Result<_>>()?;
-    let Some(at) = all.iter().position(|w| w == "run") else {
+    // `kvmi` alone is `kvmi run` (the main job).
+    let at = all.iter().position(|w| w == "run").unwrap_or(all.len());
+    if at == all.len() && all.iter().any(|w| !w.starts_with('-')) {
         bail!("--isolate is a flag of `kvmi run`");
-    };
+    }
     let verbose = all[..at]
         .iter()
         .map(|w| match w.as_str() {
@@ -31,7 +33,7 @@ fn run_words() -> Result<(Vec<String>, u8)> {
             _ => 0,
         })
         .sum::<usize>();
-    let words = all[at + 1..]
+    let words = all[(at + 1).min(all.len())..]
         .iter()
         .filter(|w| *w != "--isolate")
         .cloned()

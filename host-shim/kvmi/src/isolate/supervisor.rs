@@ -107,6 +107,7 @@ impl VmProcess {
         command
             .arg(subcommand)
             .env(CONTROL_FD_ENV, CHILD_CONTROL_FD.to_string())
+            .env_remove(super::ISOLATE_ENV)
             .stdin(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and makes only
         // async-signal-safe system calls (dup2, fcntl, setpgid, prctl, getppid, _exit); it
