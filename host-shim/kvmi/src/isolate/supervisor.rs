@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::control::{CHILD_CONTROL_FD, CONTROL_FD_ENV, Control, ControlError, Message, Role};
 
@@ -226,17 +226,4 @@ pub fn wait_all(
         .iter_mut()
         .map(|p| p.poll().unwrap_or(Ended::Exited(255)))
         .collect()
-}
-
-/// Waits until `deadline` for `p` to end; kills it after that.
-pub fn reap_by(p: &mut VmProcess, deadline: Instant) -> Ended {
-    loop {
-        if let Some(end) = p.poll() {
-            return end;
-        }
-        if Instant::now() >= deadline {
-            p.kill();
-        }
-        std::thread::sleep(WATCH_PERIOD);
-    }
 }
