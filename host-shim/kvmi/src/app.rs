@@ -131,6 +131,10 @@ enum Command {
     /// Subcommands on a running VM's KVMI socket (events, regs, read, pause, ...).
     #[command(flatten)]
     Tool(cli::ToolCommand),
+    /// A VM process of `kvmi run --isolate` (started by the supervisor, configured over the
+    /// control socket it inherits; not for use by hand).
+    #[command(hide = true)]
+    VmmFleet,
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,6 +169,12 @@ struct RunArgs {
     /// info, pause, resume, stats, dump, add and remove targets (`kvmi ctl`, `kvmi dump`).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Run the VMs in a child process under a small supervisor that holds no KVM fd and no
+    /// guest memory (the child dies with it; its death is reported). The VMs are not yet
+    /// isolated from each other: they share that child (docs/isolation.md).
+    /// `KVMI_ISOLATE=1` in the environment does the same.
+    #[arg(long)]
+    isolate: bool,
     #[command(flatten)]
     kvmi: crate::args::introspection::KvmiRunArgs,
     #[command(flatten)]
@@ -253,6 +263,10 @@ fn apply_main_job_default(args: &mut RunArgs) {
 }
 
 fn run(mut args: RunArgs) -> Result<u8> {
+    if args.isolate || std::env::var_os(crate::isolate::ISOLATE_ENV).is_some_and(|v| v == "1") {
+        install_sigint();
+        return crate::isolate::run::supervise(&INTERRUPTED);
+    }
     args.seccomp.apply();
     apply_main_job_default(&mut args);
     if let Some(option) = args.appliance.orphan_options() {
@@ -480,6 +494,48 @@ fn target_config(
     }
 }
 
+/// A VM process of `kvmi run --isolate`: takes its configuration from the control socket it
+/// inherited, stops (as on Ctrl-C) when the supervisor says so or its socket closes, and
+/// runs its part of the run.
+fn vmm_process(subcommand: &str) -> Result<u8> {
+    use crate::isolate::control::{Control, Message, Role};
+    let control = Control::inherited().with_context(|| format!("kvmi {subcommand}"))?;
+    let (role, _verbose, words, fds) = control.recv_config()?;
+    let control = std::sync::Arc::new(control);
+    let listener = control.clone();
+    std::thread::Builder::new()
+        .name("kvmi-control".into())
+        .spawn(move || {
+            loop {
+                match listener.recv() {
+                    Ok((Message::Stop, _)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        })
+        .context("starting the control thread")?;
+    let parse = |words: Vec<String>| -> Result<RunArgs> {
+        let cli = Cli::try_parse_from(
+            ["kvmi".to_string(), "run".to_string()]
+                .into_iter()
+                .chain(words),
+        )
+        .context("the supervisor's run words do not parse")?;
+        match cli.command {
+            Some(Command::Run(args)) => Ok(*args),
+            _ => bail!("the supervisor's run words are not a run"),
+        }
+    };
+    match role {
+        Role::Fleet if subcommand == "vmm-fleet" => {
+            drop(fds);
+            run(parse(words)?)
+        }
+        role => bail!("kvmi {subcommand} was configured as {role:?}"),
+    }
+}
+
 /// Builds the targets added through the API: their image (one of `images`, already loaded by
 /// spec, or loaded now), a VM with `template`'s settings and the request's sizes, its serial
 /// output going where the other targets' goes.
@@ -659,6 +715,7 @@ pub fn main() -> ExitCode {
         Command::Ctl(args) => cli::api::ctl(&args),
         Command::Dump(args) => cli::api::dump(&args),
         Command::Tool(command) => cli::run(command),
+        Command::VmmFleet => vmm_process("vmm-fleet"),
     };
     match result {
         Ok(code) => ExitCode::from(code),

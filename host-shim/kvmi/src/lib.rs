@@ -11,4 +11,5 @@ pub mod bench;
 mod cli;
 pub mod gdb;
 pub mod images;
+pub mod isolate;
 pub mod profile;

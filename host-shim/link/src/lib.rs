@@ -22,6 +22,7 @@ pub mod host_socket;
 pub mod launch;
 pub mod pager;
 pub mod rings;
+pub mod vhost_link;
 
 pub use hook::ApplianceHook;
 pub use launch::{ApplianceConfig, ApplianceReport, ApplianceRun, start_with_appliance};

@@ -9,6 +9,7 @@ mod dump;
 mod fleet;
 mod host_socket;
 mod image;
+mod isolation;
 mod main_job;
 mod rings;
 mod security;

@@ -10,7 +10,7 @@
 //!   whose vCPU keeps writing a 16 MiB working set at native speed (test-guest
 //!   `mode=pattern`, CPL3: every page of it is dirty again within microseconds).
 //!
-//! Throughput is measured in [`ROUNDS`] interleaved rounds (dd direct, dd buffered, raw,
+//! Throughput is measured in `ROUNDS` interleaved rounds (dd direct, dd buffered, raw,
 //! LiME), each figure the median of its rounds, so a burst of noise on the host hits all of
 //! them alike. Every guest's RAM is filled with a pattern before it boots, so no page is a
 //! sparse hole and the dump really copies every byte.

@@ -153,8 +153,12 @@ impl RspClient {
         if cs != checksum(&payload) {
             bail!("bad checksum on {:?}", String::from_utf8_lossy(&payload));
         }
-        self.input.write_all(b"+")?;
-        self.input.flush()?;
+        // The stub may exit right after its last reply (`OK` to `D`): an ack it can no
+        // longer read is not an error.
+        match self.input.write_all(b"+").and_then(|()| self.input.flush()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+            _ => {}
+        }
         Ok(String::from_utf8_lossy(&expand_runs(&payload)).into_owned())
     }
 

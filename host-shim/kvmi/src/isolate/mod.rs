@@ -1,0 +1,15 @@
+//! `kvmi run --isolate`: one process per VM (docs/isolation.md).
+//!
+//! `kvmi run --isolate` is a small **supervisor**: it spawns VM processes of the same binary
+//! (hidden subcommands `vmm-*`, started through `/proc/self/exe`), hands each its
+//! configuration and the descriptors it needs over an inherited control socket
+//! ([`control`]), forwards Ctrl-C as a stop, waits for them and reports how each ended
+//! ([`supervisor`]). Every VM process dies with the supervisor (`PR_SET_PDEATHSIG`).
+
+/// `KVMI_ISOLATE=1` in the environment of `kvmi run` is `--isolate` (for running a test suite
+/// both ways); VM processes never see it.
+pub const ISOLATE_ENV: &str = "KVMI_ISOLATE";
+
+pub mod control;
+pub mod run;
+pub mod supervisor;
