@@ -218,7 +218,7 @@ pub enum Op {
         /// Bit 0..=255.
         bit: u8,
     },
-    /// 4: advance the token stores' clock by `ms` milliseconds.
+    /// 4: advance the issuers' and verifiers' clock by `ms` milliseconds.
     Advance {
         /// Milliseconds.
         ms: u16,
