@@ -5,20 +5,22 @@
 //! Fixture (made once, restored after every input): a 64-page target RAM whose every word
 //! is its page number, tagged ([`target_word`]); a 32-page window, remapped
 //! (`Pager::new`, the appliance VM's) or copying (`Pager::new_copying`, a host agent's); a
-//! 16-page caller RAM where tokens are placed; per input, a fresh pager over a fresh
-//! `TokenStore` on a manual clock, another target's store (its tokens are `WrongTarget`)
-//! and an `ApplianceHook`, whose `call` decodes the doorbell registers as the VM exit does.
+//! 16-page caller RAM where tokens are placed; per input, a fresh target key shared by a
+//! `TokenIssuer` and the pager's `TokenVerifier` on a manual clock, another target's key,
+//! issuer and verifier (its tokens are `WrongTarget`) and an `ApplianceHook`, whose `call`
+//! decodes the doorbell registers as the VM exit does.
 //!
 //! Input: [`kvmi_fuzz::pager::Input`]: a configuration byte, then operations (issue, forge,
 //! replay and corrupt tokens; move the clock; page calls through the registers or straight to
 //! `Pager::serve`; target writes; retire). A model follows every call: the window page →
-//! target page grants, both stores' outstanding tokens and the counters. After every
+//! target page grants, both issuers' outstanding tokens, the tokens each verifier used up, and
+//! the counters. After every
 //! operation:
 //! - every window page, read through the pager's own view of the window (the
 //!   `RemapWindow`'s host mapping the appliance VM sees, or the copying window's memfd), is
 //!   all zeros where the model grants nothing and exactly the granted target page where it
 //!   grants one (its current contents when remapped, those at map time when copied);
-//! - `mapped_pages`, the counters and both stores' outstanding tokens match the model;
+//! - `mapped_pages`, the counters and both issuers' outstanding tokens match the model;
 //! - a call through the registers returns exactly the model's result: the decoder's error
 //!   for registers it refuses, else the pager's documented checks in their documented order
 //!   (retired, window, busy, target range, token address, token); the model changes only
@@ -32,7 +34,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use appliance_link::ApplianceHook;
 use appliance_link::hook::SERVED_FEATURES;
@@ -42,7 +44,9 @@ use hypercall::call::{Hypercall, HypercallRegs, Request};
 use hypercall::discovery::ABI_VERSION;
 use hypercall::error::HcError;
 use hypercall::token::TOKEN_SIZE;
-use kvmi_engine::tokens::{Clock, MAX_OUTSTANDING, TokenError, TokenStore};
+use kvmi_engine::tokens::{
+    Clock, MAX_OUTSTANDING, TargetKey, TokenError, TokenIssuer, TokenVerifier,
+};
 use kvmi_fuzz::pager::{
     Addr, CALLER_PAGES, Input, Op, PAGE, ServeKind, TARGET_PAGES, TOKEN, TOKEN_SLOTS, TTL_MS,
     WINDOW_PAGES, target_word,
@@ -104,12 +108,12 @@ fn fixture() -> &'static Fixture {
 /// A clock that moves only when the input says so.
 #[derive(Debug)]
 struct ManualClock {
-    base: Instant,
+    base: Duration,
     ms: AtomicU64,
 }
 
 impl Clock for ManualClock {
-    fn now(&self) -> Instant {
+    fn now(&self) -> Duration {
         self.base + Duration::from_millis(self.ms.load(Ordering::Relaxed))
     }
 }
@@ -120,13 +124,19 @@ struct Outstanding {
     issued_ms: u64,
 }
 
-/// What the pager and the stores should hold.
+/// What the pager, the issuers and the verifiers should hold.
 #[derive(Default)]
 struct Model {
     now_ms: u64,
-    /// Outstanding tokens of the target's store and of the other target's.
+    /// Outstanding tokens of the target's issuer and of the other target's: issued, not
+    /// used (possibly expired: an issuer drops those when it next issues).
     own: Vec<Outstanding>,
     other: Vec<Outstanding>,
+    /// Every token each issuer issued (bytes → issue time), and those its verifier used up.
+    own_issued: HashMap<[u8; TOKEN_SIZE], u64>,
+    other_issued: HashMap<[u8; TOKEN_SIZE], u64>,
+    own_used: HashSet<[u8; TOKEN_SIZE]>,
+    other_used: HashSet<[u8; TOKEN_SIZE]>,
     /// Every token ever issued (for replays).
     issued: Vec<[u8; TOKEN_SIZE]>,
     /// Tokens that mapped something.
@@ -142,31 +152,35 @@ struct Model {
 }
 
 impl Model {
-    fn expired(&self, t: &Outstanding) -> bool {
-        self.now_ms - t.issued_ms >= TTL_MS
+    fn expired(&self, issued_ms: u64) -> bool {
+        self.now_ms - issued_ms >= TTL_MS
     }
 
-    /// The pager's token check of `bytes` ([`Pager`]'s consume over both stores).
+    /// The pager's token check of `bytes` (its verifier, then the other target's): only an
+    /// issued token's bytes carry a good tag (any other bytes, a corrupted token's included,
+    /// are `BadToken`); expiry is judged before use.
     fn consume(&mut self, bytes: &[u8; TOKEN_SIZE]) -> Result<(), HcError> {
-        if let Some(i) = self.own.iter().position(|t| &t.bytes == bytes) {
-            let t = self.own.swap_remove(i);
-            return if self.expired(&t) {
-                Err(HcError::TokenExpired)
-            } else {
-                Ok(())
-            };
+        if let Some(&issued_ms) = self.own_issued.get(bytes) {
+            if self.expired(issued_ms) {
+                return Err(HcError::TokenExpired);
+            }
+            if !self.own_used.insert(*bytes) {
+                return Err(HcError::BadToken);
+            }
+            // The verifier's use notice frees the issuer's slot.
+            self.own.retain(|t| &t.bytes != bytes);
+            return Ok(());
         }
         if !self.other_listed {
             return Err(HcError::BadToken);
         }
-        if let Some(i) = self.other.iter().position(|t| &t.bytes == bytes) {
-            let t = self.other.swap_remove(i);
-            // Another target's token is burnt; an expired one is just unknown.
-            return Err(if self.expired(&t) {
-                HcError::BadToken
-            } else {
-                HcError::WrongTarget
-            });
+        if let Some(&issued_ms) = self.other_issued.get(bytes) {
+            // Another target's good token is burnt; an expired or used one is just unknown.
+            if self.expired(issued_ms) || !self.other_used.insert(*bytes) {
+                return Err(HcError::BadToken);
+            }
+            self.other.retain(|t| &t.bytes != bytes);
+            return Err(HcError::WrongTarget);
         }
         Err(HcError::BadToken)
     }
@@ -262,8 +276,8 @@ struct Run<'a> {
     copying: bool,
     base: u64,
     clock: Arc<ManualClock>,
-    own: Arc<TokenStore>,
-    other: Arc<TokenStore>,
+    own: Arc<TokenIssuer>,
+    other: Arc<TokenIssuer>,
     pager: Arc<Pager>,
     hook: ApplianceHook,
     model: Model,
@@ -290,10 +304,14 @@ impl Run<'_> {
     }
 
     fn issue(&mut self, other: bool, slot: u16) {
-        let (store, list) = if other {
-            (&self.other, &mut self.model.other)
+        let (store, list, issued) = if other {
+            (
+                &self.other,
+                &mut self.model.other,
+                &mut self.model.other_issued,
+            )
         } else {
-            (&self.own, &mut self.model.own)
+            (&self.own, &mut self.model.own, &mut self.model.own_issued)
         };
         let now = self.model.now_ms;
         list.retain(|t| now - t.issued_ms < TTL_MS);
@@ -310,6 +328,7 @@ impl Run<'_> {
             bytes,
             issued_ms: now,
         });
+        issued.insert(bytes, now);
         self.model.issued.push(bytes);
         self.fx
             .caller
@@ -541,23 +560,28 @@ fuzz_target!(|data: &[u8]| {
     let input = Input::decode(data);
     let fx = fixture();
     let clock = Arc::new(ManualClock {
-        base: Instant::now(),
+        base: Duration::from_secs(1000),
         ms: AtomicU64::new(0),
     });
     let ttl = Duration::from_millis(TTL_MS);
-    // Bound as an introspector binds its store: to the target RAM's host address.
+    // Bound as an introspector binds its tokens: to the target RAM's host address. Keys as
+    // the supervisor makes them, one per target, each shared by an issuer and a verifier.
     let target_id = fx.target.host_base() as u64;
-    let own = Arc::new(TokenStore::with_clock(target_id, ttl, clock.clone()));
-    let other = Arc::new(TokenStore::with_clock(target_id + PAGE, ttl, clock.clone()));
+    let key = |target| TargetKey::generate(target, ttl).expect("a key from the OS");
+    let (own_key, other_key) = (key(target_id), key(target_id + PAGE));
+    let own = Arc::new(TokenIssuer::with_clock(own_key.clone(), clock.clone()));
+    let other = Arc::new(TokenIssuer::with_clock(other_key.clone(), clock.clone()));
+    let own_verifier = Arc::new(TokenVerifier::with_clock(own_key, clock.clone()));
+    let other_verifier = Arc::new(TokenVerifier::with_clock(other_key, clock.clone()));
     let base = input.window_base();
     let pager = Arc::new(if input.copying() {
-        Pager::new_copying(own.clone(), fx.target.clone(), fx.copy.clone(), base)
+        Pager::new_copying(own_verifier, fx.target.clone(), fx.copy.clone(), base)
     } else {
         // The other target is listed: its tokens are recognised and refused.
         let pager = Pager::new(
-            own.clone(),
+            own_verifier,
             fx.target.clone(),
-            vec![other.clone()],
+            vec![other_verifier],
             fx.remap.clone(),
             base,
         );

@@ -189,10 +189,10 @@ impl ServeKind {
 /// One operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// 0: issue a token from the target's store (or, `other`, from another target's) and
-    /// write it to token slot `slot` of the caller's RAM (not written if the store refuses).
+    /// 0: issue a token from the target's issuer (or, `other`, from another target's) and
+    /// write it to token slot `slot` of the caller's RAM (not written if the issuer refuses).
     Issue {
-        /// From the other target's store.
+        /// From the other target's issuer.
         other: bool,
         /// Token slot (modulo [`TOKEN_SLOTS`]).
         slot: u16,
@@ -218,7 +218,7 @@ pub enum Op {
         /// Bit 0..=255.
         bit: u8,
     },
-    /// 4: advance the token stores' clock by `ms` milliseconds.
+    /// 4: advance the issuers' and verifiers' clock by `ms` milliseconds.
     Advance {
         /// Milliseconds.
         ms: u16,

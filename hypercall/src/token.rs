@@ -1,10 +1,13 @@
 //! The 32-byte map token (`kvmi_map_mem_token`).
 //!
-//! A token is a capability: 256 random bits the shim hands to a tool on the KVMI channel
-//! (`GET_MAP_TOKEN`), which the appliance presents to [`Hypercall::MemMap`] or
-//! [`Hypercall::MapRange`] by placing it in its own RAM and passing its guest-physical address.
-//! Generation, binding to a target, expiry and single use are the shim's policy; this module
-//! only defines the bytes and a comparison that does not leak where two tokens differ.
+//! A token is a capability the shim hands to a tool on the KVMI channel (`GET_MAP_TOKEN`),
+//! which the appliance presents to [`Hypercall::MemMap`] or [`Hypercall::MapRange`] by placing
+//! it in its own RAM and passing its guest-physical address. To the appliance the 32 bytes are
+//! opaque. The shim fills them with a random nonce, an expiry, a scope and a format byte
+//! (words 0 and 1) under a 128-bit MAC keyed per target (words 2 and 3), which the shim's pager
+//! checks with the key alone; binding to a target, expiry and single use are the shim's
+//! policy (`kvmi_engine::tokens`). This module only defines the bytes and a comparison that
+//! does not leak where two tokens differ.
 //!
 //! [`Hypercall::MemMap`]: crate::call::Hypercall::MemMap
 //! [`Hypercall::MapRange`]: crate::call::Hypercall::MapRange
@@ -18,7 +21,8 @@ pub const TOKEN_SIZE: usize = 32;
 #[repr(C)]
 #[derive(Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct MapToken {
-    /// The random words.
+    /// The words: nonce, expiry/scope/format, and the two words of the tag (as the shim
+    /// writes them; opaque to the appliance).
     pub words: [u64; 4],
 }
 

@@ -25,7 +25,7 @@ use super::msr::MsrFilter;
 use super::slot::{
     Exchange, Life, Mailbox, OwnedReply, QueuedCommand, VcpuCommand, VcpuSlot, VcpuView,
 };
-use super::tokens::{DEFAULT_TTL, TokenStore};
+use super::tokens::{DEFAULT_TTL, TargetKey, TokenIssuer};
 use super::transport::{Channel, ChannelError, Route};
 use super::walked::HostWalked;
 use vmm::memory::GuestRam;
@@ -77,7 +77,7 @@ pub struct Introspector {
     pub(crate) access: RankedMutex<AccessTable>,
     pub(crate) breakpoints: RankedMutex<Breakpoints>,
     pub(crate) msr_filter: MsrFilter,
-    pub(crate) tokens: TokenStore,
+    pub(crate) tokens: TokenIssuer,
     pub(crate) event_seq: AtomicU32,
     pub(crate) tickets: AtomicU64,
     /// KVM delivers guest INT3 as KVM_EXIT_DEBUG (USE_SW_BP) on this host.
@@ -157,7 +157,9 @@ impl Introspector {
             access: RankedMutex::new(lock_order::ACCESS, AccessTable::default()),
             breakpoints: RankedMutex::new(lock_order::BREAKPOINTS, Breakpoints::default()),
             msr_filter,
-            tokens: TokenStore::new(target, DEFAULT_TTL),
+            tokens: TokenIssuer::new(
+                TargetKey::generate(target, DEFAULT_TTL).map_err(std::io::Error::other)?,
+            ),
             event_seq: AtomicU32::new(1),
             tickets: AtomicU64::new(1),
             tsc_khz: AtomicU64::new(0),
@@ -173,9 +175,16 @@ impl Introspector {
         self.masks
     }
 
-    /// The map-token store of this VM (consumed by the appliance's MEM_MAP).
-    pub fn tokens(&self) -> &TokenStore {
+    /// The map-token issuer of this VM (`GET_MAP_TOKEN`). It starts with a key of its own;
+    /// whoever checks the tokens (the appliance's pager) gets the key from the supervisor,
+    /// which installs it here with [`TokenIssuer::rekey`].
+    pub fn tokens(&self) -> &TokenIssuer {
         &self.tokens
+    }
+
+    /// The id this VM's map tokens are bound to (a [`TargetKey`]'s target).
+    pub fn token_target(&self) -> u64 {
+        self.ram.host_base() as u64
     }
 
     /// Gives the introspector the running VM's handle (to kick vCPUs).

@@ -10,7 +10,8 @@
 //!   the ring producers: a message read from a ring is handled by the engine with its ring
 //!   still held, and the engine's answer goes out on a producer ring;
 //! - the appliance lifecycle's current attachment → everything its retirement takes;
-//! - the pager's grant map → the token store (a grant consumes its token);
+//! - the pager's grant map → the token verifier (a grant uses up its token);
+//! - a token issuer → its key's use notices (issuing counts the tokens known to be used);
 //! - a vCPU slot → the breakpoint table (a vCPU computes its guest-debug state), and → the
 //!   link (a vCPU waiting for its reply asks when the tool was last heard);
 //! - the appliance lifecycle's `current` → the ring service's thread handle (stopping an
@@ -50,8 +51,11 @@ pub const BREAKPOINTS: Rank = Rank::new(50, "engine.breakpoints");
 pub const MSR_FILTER: Rank = Rank::new(60, "engine.msr_filter");
 /// The pager's map of granted window pages: held while a grant consumes its token.
 pub const PAGER_MAPPED: Rank = Rank::new(65, "link.pager_mapped");
-/// The map-token store.
+/// A map-token issuer's state, or a verifier's remembered nonces (never both at once).
 pub const TOKENS: Rank = Rank::new(70, "engine.tokens");
+/// The use notices a target key's verifier leaves for its issuer (taken under the issuer's
+/// state).
+pub const TOKEN_NOTICES: Rank = Rank::new(71, "engine.token_notices");
 /// A libkvmi session's state (its event enables, reply switch, outstanding events): taken
 /// alone, copied out before the engine or the socket is called.
 pub const LIBKVMI_SESSION: Rank = Rank::new(90, "engine.libkvmi_session");

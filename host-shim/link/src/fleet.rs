@@ -33,7 +33,7 @@ use hypercall::ring::{LayoutParams, SharedRegion};
 
 use super::hook::{ApplianceHook, SERVED_FEATURES, SlotRoute};
 use super::launch::{ApplianceConfig, RING_REGION_GPA};
-use super::pager::{Pager, PagerStats};
+use super::pager::{Pager, PagerStats, hand_out_key};
 use super::rings::{FleetCounter, LogSink, RingMemory, RingService, ServiceEnd, create_region_in};
 use kvmi_engine::lock_order;
 use kvmi_engine::{IntrospectError, Introspector, IntrospectorConfig};
@@ -518,6 +518,9 @@ impl Fleet {
             let line = label_line(record, id, &name);
             (log.lock())(&line)
         });
+        // The supervisor's step: a fresh key for the slot's pager and the target's engine
+        // (tokens issued before are dead), before the agent can ask for a token.
+        let verifier = hand_out_key(&who.introspector).map_err(err)?;
         let service = Arc::new(
             RingService::start_in_fleet(
                 who.introspector.clone(),
@@ -529,7 +532,7 @@ impl Fleet {
             .map_err(err)?,
         );
         let pager = Arc::new(Pager::new(
-            who.introspector.clone(),
+            verifier,
             who.ram.clone(),
             Vec::new(),
             app.windows[i].clone(),

@@ -33,7 +33,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::hook::{ApplianceHook, SERVED_FEATURES};
 use super::launch::{MAP_WINDOW_GPA, RING_REGION_GPA};
-use super::pager::Pager;
+use super::pager::{Pager, hand_out_key};
 use super::rings::{DEFAULT_FULL_TIMEOUT, RingService, create_region, stdout_sink};
 use kvmi_engine::lock_order;
 use kvmi_engine::{IntrospectError, Introspector};
@@ -274,6 +274,9 @@ fn serve_agent(target: &Target, mut stream: UnixStream, stop: &EventFd) -> Resul
         &[ring.memfd().as_raw_fd(), window.memfd().as_raw_fd()],
     )
     .map_err(|e| format!("handshake: {e}"))?;
+    // The supervisor's step: this target's key, to its engine and to the pager (before the
+    // agent can ask for a token).
+    let verifier = hand_out_key(&target.intro).map_err(|e| format!("map-token key: {e}"))?;
     let service = RingService::start(
         target.intro.clone(),
         &region,
@@ -282,7 +285,7 @@ fn serve_agent(target: &Target, mut stream: UnixStream, stop: &EventFd) -> Resul
     )
     .map_err(|e| format!("attaching the agent: {e}"))?;
     let pager = Arc::new(Pager::new_copying(
-        target.intro.clone(),
+        verifier,
         target.ram.clone(),
         window,
         MAP_WINDOW_GPA,

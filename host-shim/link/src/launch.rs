@@ -19,7 +19,7 @@ use hypercall::discovery::Features;
 use hypercall::ring::{LayoutParams, RingSizes};
 
 use super::hook::{ApplianceHook, SERVED_FEATURES};
-use super::pager::{Pager, PagerStats};
+use super::pager::{Pager, PagerStats, hand_out_key};
 use super::rings::{LogSink, RingService, ServiceEnd, create_region};
 use kvmi_engine::lock_order;
 use kvmi_engine::{IntrospectError, Introspector, IntrospectorConfig};
@@ -131,12 +131,15 @@ impl Supervisor {
         let region = create_region(ring_ram, &params).map_err(vm_err)?;
         let log = self.log.clone();
         let sink: LogSink = Box::new(move |record: &[u8]| (log.lock())(record));
+        // The supervisor's step: a fresh key for this appliance's pager and the target's
+        // engine (tokens issued to an earlier appliance are dead), before the agent can ask.
+        let verifier = hand_out_key(&self.introspector).map_err(vm_err)?;
         let service = Arc::new(
             RingService::start(self.introspector.clone(), &region, sink, self.full_timeout)
                 .map_err(vm_err)?,
         );
         let pager = Arc::new(Pager::new(
-            self.introspector.clone(),
+            verifier,
             self.target_ram.clone(),
             Vec::new(),
             window,

@@ -9,15 +9,19 @@
 //! 3. The window pages lie inside the window (`OutsideWindow`) and are all unmapped (`Busy`).
 //! 4. The target pages lie inside the target's RAM (`OutOfRange`).
 //! 5. The 32-byte token is read from the caller's RAM at the given address, bounds-checked
-//!    (`Fault`), and consumed from the target's token store: unknown or already used
-//!    (`BadToken`), expired (`TokenExpired`), issued by another target of this shim
-//!    (`WrongTarget`; the token is burnt). A token is consumed only once the addresses passed,
-//!    so a typo does not cost the agent its token.
+//!    (`Fault`), and checked by the slot's [`TokenVerifier`] with the target's key alone:
+//!    forged, tampered with, revoked or already used (`BadToken`), expired (`TokenExpired`),
+//!    more tokens used this lifetime than the verifier remembers (`Busy`, nothing burnt), a
+//!    good token of another target this pager knows of (`WrongTarget`; the token is burnt).
+//!    A token is used up only once the addresses passed, so a typo does not cost the agent
+//!    its token.
 //!
 //! # Who judges tokens
-//! A [`TokenAuthority`]: in the shim the target's [`Introspector`] (its [`TokenStore`]); a bare
-//! [`TokenStore`] serves where there is no VM (the `pager_calls` fuzz target in `fuzz/`).
-//!
+//! A [`TokenVerifier`] holding the target's [`TargetKey`], which the supervisor (fleet,
+//! launch, the host-agent server: [`hand_out_key`]) generated and gave to the target's
+//! engine (the issuer) too. The check needs neither the engine nor any state it keeps, so it
+//! carries over unchanged to an appliance in another process than its targets (issue 14).
+
 //! # Read-only mappings
 //! KVMI's GET_MAP_TOKEN carries no access mode, so every mapping is read-only
 //! ([`hypercall::discovery::Features::WRITABLE_MAPS`] is not announced): the window's host
@@ -35,29 +39,18 @@ use hypercall::token::{MapToken, TOKEN_SIZE};
 
 use kvmi_engine::Introspector;
 use kvmi_engine::lock_order;
-use kvmi_engine::tokens::{Grant, TokenError, TokenStore};
+use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenError, TokenVerifier};
 use vmm::memory::GuestRam;
 use vmm::sync::{RankedGuard, RankedMutex};
 use vmm::window::RemapWindow;
 
-/// Where a [`Pager`] takes a presented map token to be judged: the token store of a target.
-pub trait TokenAuthority: Send + Sync {
-    /// Consumes `token` (single use: gone whatever the outcome, as
-    /// [`TokenStore::consume`]): the grant, whose `target` names the target VM the token is
-    /// bound to, or why there is none.
-    fn consume_token(&self, token: &MapToken) -> Result<Grant, TokenError>;
-}
-
-impl TokenAuthority for TokenStore {
-    fn consume_token(&self, token: &MapToken) -> Result<Grant, TokenError> {
-        self.consume(token)
-    }
-}
-
-impl TokenAuthority for Introspector {
-    fn consume_token(&self, token: &MapToken) -> Result<Grant, TokenError> {
-        self.tokens().consume(token)
-    }
+/// The supervisor's step for one target: a fresh [`TargetKey`] from the OS random source,
+/// installed in the target's engine (its issuer: tokens of an older key are refused from now
+/// on), and the verifier for the pager of the target's slot.
+pub fn hand_out_key(target: &Introspector) -> Result<Arc<TokenVerifier>, TokenError> {
+    let key = TargetKey::generate(target.token_target(), DEFAULT_TTL)?;
+    target.tokens().rekey(key.clone());
+    Ok(Arc::new(TokenVerifier::new(key)))
 }
 
 /// Counters of one pager.
@@ -178,9 +171,9 @@ fn check_arguments(request: &Request) -> Result<(), HcError> {
 
 /// Serves the page-sharing hypercalls of one appliance for one target.
 pub struct Pager {
-    target: Arc<dyn TokenAuthority>,
+    target: Arc<TokenVerifier>,
     target_ram: Arc<GuestRam>,
-    others: Vec<Arc<dyn TokenAuthority>>,
+    others: Vec<Arc<TokenVerifier>>,
     window: Backing,
     window_gpa: u64,
     mapped: RankedMutex<Vec<bool>>,
@@ -201,31 +194,28 @@ impl std::fmt::Debug for Pager {
     }
 }
 
-/// The identity a target's token store binds its tokens to (see the engine).
+/// The identity a target's tokens are bound to (`Introspector::token_target`).
 fn target_id(ram: &GuestRam) -> u64 {
     ram.host_base() as u64
 }
 
 impl Pager {
-    /// A pager mapping pages of `target` (whose RAM is `target_ram`) into `window`, which the
-    /// appliance sees at guest-physical `window_gpa`. `others` are the other targets of this
-    /// shim: their tokens are recognised (and refused with `WrongTarget`). The targets are
-    /// [`Introspector`]s in the shim, or bare [`TokenStore`]s (bound to
-    /// `target_ram.host_base()`, as an introspector binds its own).
-    pub fn new<A: TokenAuthority + 'static>(
-        target: Arc<A>,
+    /// A pager mapping pages of the target whose RAM is `target_ram` into `window`, which the
+    /// appliance sees at guest-physical `window_gpa`, for tokens `target` verifies (its key
+    /// bound to `target_ram.host_base()`, as an introspector binds its own). `others` verify
+    /// the tokens of other targets of this shim: theirs are recognised (and refused with
+    /// `WrongTarget`).
+    pub fn new(
+        target: Arc<TokenVerifier>,
         target_ram: Arc<GuestRam>,
-        others: Vec<Arc<A>>,
+        others: Vec<Arc<TokenVerifier>>,
         window: Arc<RemapWindow>,
         window_gpa: u64,
     ) -> Pager {
         Self::with_backing(
             target,
             target_ram,
-            others
-                .into_iter()
-                .map(|o| o as Arc<dyn TokenAuthority>)
-                .collect(),
+            others,
             Backing::Remap(window),
             window_gpa,
         )
@@ -235,7 +225,7 @@ impl Pager {
     /// `window` at guest-physical `window_gpa`: granted pages are copied in at map time (a
     /// snapshot; the one difference from the zero-copy VM path) and zeroed on unmap.
     pub fn new_copying(
-        target: Arc<impl TokenAuthority + 'static>,
+        target: Arc<TokenVerifier>,
         target_ram: Arc<GuestRam>,
         window: Arc<GuestRam>,
         window_gpa: u64,
@@ -250,9 +240,9 @@ impl Pager {
     }
 
     fn with_backing(
-        target: Arc<dyn TokenAuthority>,
+        target: Arc<TokenVerifier>,
         target_ram: Arc<GuestRam>,
-        others: Vec<Arc<dyn TokenAuthority>>,
+        others: Vec<Arc<TokenVerifier>>,
         window: Backing,
         window_gpa: u64,
     ) -> Pager {
@@ -358,12 +348,13 @@ impl Pager {
     }
 
     fn consume(&self, token: &MapToken) -> Result<(), HcError> {
-        match self.target.consume_token(token) {
+        match self.target.verify(token) {
             Ok(grant) if grant.target == target_id(&self.target_ram) => Ok(()),
             Ok(_) => Err(HcError::WrongTarget),
             Err(TokenError::Expired) => Err(HcError::TokenExpired),
+            Err(TokenError::Full) => Err(HcError::Busy),
             Err(_) => {
-                if self.others.iter().any(|o| o.consume_token(token).is_ok()) {
+                if self.others.iter().any(|o| o.verify(token).is_ok()) {
                     Err(HcError::WrongTarget)
                 } else {
                     Err(HcError::BadToken)
@@ -481,21 +472,21 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use kvmi_engine::tokens::TokenIssuer;
 
-    /// A copying pager over a bare token store (no VM): 4 target pages, 4 window pages at
-    /// `WINDOW`, the token at 0 of the caller's RAM.
-    fn rig() -> (Pager, Arc<TokenStore>, Arc<GuestRam>, Arc<GuestRam>) {
+    /// A copying pager over a bare issuer and verifier (no VM): 4 target pages, 4 window
+    /// pages at `WINDOW`, the token at 0 of the caller's RAM.
+    fn rig() -> (Pager, Arc<TokenIssuer>, Arc<GuestRam>, Arc<GuestRam>) {
         let target = Arc::new(GuestRam::new("pager-target", 4 * PAGE_SIZE).unwrap());
         target
             .write(PAGE_SIZE, &[0xaa; PAGE_SIZE as usize])
             .unwrap();
-        let store = Arc::new(TokenStore::new(
-            target.host_base() as u64,
-            Duration::from_secs(60),
-        ));
+        let key = TargetKey::generate(target.host_base() as u64, Duration::from_secs(60)).unwrap();
+        let store = Arc::new(TokenIssuer::new(key.clone()));
+        let verifier = Arc::new(TokenVerifier::new(key));
         let window = Arc::new(GuestRam::new("pager-window", 4 * PAGE_SIZE).unwrap());
         let caller = Arc::new(GuestRam::new("pager-caller", PAGE_SIZE).unwrap());
-        let pager = Pager::new_copying(store.clone(), target, window.clone(), WINDOW);
+        let pager = Pager::new_copying(verifier, target, window.clone(), WINDOW);
         (pager, store, window, caller)
     }
 

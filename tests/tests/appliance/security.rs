@@ -2,6 +2,10 @@
 //! mappings): every bad call is refused with its error, the target keeps running, and no
 //! target page outside a grant is ever visible in the window.
 //!
+//! Map tokens are MACs under a key the test hands out as the supervisor does
+//! ([`hand_out_key`]): the target's engine issues, the pager's verifier checks with the key
+//! alone.
+//!
 //! The page calls are driven through [`ApplianceHook::call`] — exactly what the appliance's
 //! doorbell exit runs — with the token placed in a real appliance VM's RAM, and once by a
 //! real guest (test-guest `mode=hypercall` as the appliance).
@@ -10,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use appliance_link::hook::SERVED_FEATURES;
+use appliance_link::pager::hand_out_key;
 use appliance_link::rings::{RingService, Waker, create_region};
 use appliance_link::{ApplianceHook, Pager};
 use hypercall::call::{Hypercall, HypercallRegs, PAGE_SIZE};
@@ -18,6 +23,7 @@ use hypercall::error::HcError;
 use hypercall::ring::{LayoutParams, Region, RingSizes};
 use hypercall::token::MapToken;
 use kvmi::images::Image;
+use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenIssuer, TokenVerifier};
 use kvmi_engine::{Introspector, IntrospectorConfig};
 use kvmi_tests::wait;
 use vmm::window::RemapWindow;
@@ -83,9 +89,9 @@ impl Rig {
             .add_remap_window(WINDOW_GPA, WINDOW_PAGES * PAGE_SIZE)
             .unwrap();
         let pager = Arc::new(Pager::new(
-            intro.clone(),
+            hand_out_key(&intro).unwrap(),
             target_ram,
-            vec![other.clone()],
+            vec![hand_out_key(&other).unwrap()],
             window.clone(),
             WINDOW_GPA,
         ));
@@ -240,6 +246,19 @@ fn forged_replayed_and_foreign_tokens_are_refused() {
         rig.other.tokens().outstanding(),
         0,
         "the foreign token is burnt"
+    );
+    assert_eq!(
+        rig.mem_map(&foreign, tpage(2), wpage(2)),
+        Err(HcError::BadToken),
+        "a burnt foreign token is just unknown"
+    );
+    // A token bound to this target under a key the supervisor did not hand to the pager.
+    let stray =
+        TokenIssuer::new(TargetKey::generate(rig.intro.token_target(), DEFAULT_TTL).unwrap());
+    let unkeyed = stray.issue().unwrap();
+    assert_eq!(
+        rig.mem_map(&unkeyed, tpage(2), wpage(2)),
+        Err(HcError::BadToken)
     );
     assert_eq!(rig.visible(), vec![(1, pattern(1))]);
     rig.assert_target_running();
@@ -465,7 +484,7 @@ fn a_real_appliance_guest_maps_a_target_page_by_hypercall() {
         .add_remap_window(WINDOW_GPA, WINDOW_PAGES * PAGE_SIZE)
         .unwrap();
     let pager = Arc::new(Pager::new(
-        rig.intro.clone(),
+        hand_out_key(&rig.intro).unwrap(),
         rig.target_ram.clone(),
         Vec::new(),
         window.clone(),
@@ -577,5 +596,118 @@ fn a_notify_on_a_scribbled_command_ring_detaches_at_once_and_later_ones_are_harm
         }
     }
     assert!(!rig.intro.is_attached());
+    rig.assert_target_running();
+}
+
+#[test]
+fn a_tampered_token_is_refused_whichever_bit_changed_and_the_good_one_still_maps() {
+    if !kvmi_tests::require_kvm("a_tampered_token_is_refused_whichever_bit_changed") {
+        return;
+    }
+    let rig = Rig::new();
+    let t = rig.token();
+    // One bit of each byte: the nonce (0..8), the expiry, scope and format (8..16), the tag
+    // (16..32). Each fails its check: nothing mapped, nothing burnt.
+    for byte in 0..32 {
+        for bit in [0, 5] {
+            let mut bytes = t.to_bytes();
+            bytes[byte] ^= 1 << bit;
+            assert_eq!(
+                rig.mem_map(&MapToken::from_bytes(bytes), tpage(0), wpage(0)),
+                Err(HcError::BadToken),
+                "byte {byte} bit {bit}"
+            );
+        }
+    }
+    assert_eq!(rig.visible(), vec![]);
+    assert_eq!(rig.mem_map(&t, tpage(6), wpage(3)), Ok(0));
+    // Replayed within its lifetime, on a free window page.
+    assert_eq!(rig.mem_map(&t, tpage(6), wpage(4)), Err(HcError::BadToken));
+    assert_eq!(rig.visible(), vec![(3, pattern(6))]);
+    assert_eq!(rig.pager.stats().refused, 65);
+    rig.assert_target_running();
+}
+
+#[test]
+fn a_detach_revokes_every_token_at_the_verifier() {
+    if !kvmi_tests::require_kvm("a_detach_revokes_every_token_at_the_verifier") {
+        return;
+    }
+    let rig = Rig::new();
+    let (service, _region) = ring_rig(&rig);
+    let before = rig.token();
+    let kept = rig.token();
+    assert_eq!(rig.mem_map(&before, tpage(1), wpage(1)), Ok(0));
+    assert_eq!(service.stop(), appliance_link::rings::ServiceEnd::Stopped);
+    rig.intro.detach(service.generation(), "the test detaches");
+    assert!(!rig.intro.is_attached());
+    // The engine only bumped its key's epoch: the pager refuses the token it never saw.
+    assert_eq!(
+        rig.mem_map(&kept, tpage(2), wpage(2)),
+        Err(HcError::BadToken)
+    );
+    let after = rig.token();
+    assert_eq!(rig.mem_map(&after, tpage(2), wpage(2)), Ok(0));
+    assert_eq!(rig.visible(), vec![(1, pattern(1)), (2, pattern(2))]);
+    rig.assert_target_running();
+}
+
+#[test]
+fn a_pager_holding_only_the_key_bytes_verifies_the_engine_s_tokens() {
+    if !kvmi_tests::require_kvm("a_pager_holding_only_the_key_bytes_verifies") {
+        return;
+    }
+    // As across a process boundary: the engine and the pager each rebuild the key from its
+    // 32 bytes; they share no memory (no epoch word, no notices), only the bytes and the
+    // host's monotonic clock.
+    let rig = Rig::new();
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0x6b);
+    let target = rig.intro.token_target();
+    rig.intro
+        .tokens()
+        .rekey(TargetKey::from_bytes(target, DEFAULT_TTL, &bytes));
+    let verifier = Arc::new(TokenVerifier::new(TargetKey::from_bytes(
+        target,
+        DEFAULT_TTL,
+        &bytes,
+    )));
+    let mut appliance = Vm::new(
+        vm_config("sec-keyed", "mode=spin"),
+        kvmi_tests::common::elf(Image::TestGuest),
+    )
+    .unwrap();
+    let window = appliance
+        .add_remap_window(WINDOW_GPA, WINDOW_PAGES * PAGE_SIZE)
+        .unwrap();
+    let pager = Arc::new(Pager::new(
+        verifier.clone(),
+        rig.target_ram.clone(),
+        Vec::new(),
+        window,
+        WINDOW_GPA,
+    ));
+    let hook = ApplianceHook::new(pager.clone(), Waker::for_thread(std::thread::current()));
+    let map = |token: &MapToken, page: u64| {
+        appliance.ram().write(TOKEN_GPA, &token.to_bytes()).unwrap();
+        let regs = HypercallRegs {
+            rax: Hypercall::MemMap.number(),
+            rbx: TOKEN_GPA,
+            rcx: tpage(page),
+            rdx: wpage(page),
+            rsi: 0,
+            rdi: 0,
+        };
+        hook.call(&regs, appliance.ram())
+    };
+    let t = rig.token();
+    assert_eq!(map(&t, 5), Ok(0));
+    assert_eq!(map(&t, 6), Err(HcError::BadToken), "replay");
+    assert_eq!(verifier.remembered(), 1);
+    // The rig's own pager holds another key: it refuses this key's tokens.
+    let u = rig.token();
+    assert_eq!(rig.mem_map(&u, tpage(6), wpage(6)), Err(HcError::BadToken));
+    assert_eq!(map(&u, 6), Ok(0));
+    assert_eq!(pager.mapped_pages(), 2);
+    assert_eq!(pager.retire(), 2);
     rig.assert_target_running();
 }

@@ -254,8 +254,10 @@ pub fn run(
     let window = appliance
         .add_remap_window(WINDOW_GPA, window_bytes)
         .map_err(|e| err("window")(e.to_string()))?;
+    let verifier =
+        appliance_link::pager::hand_out_key(&intro).map_err(|e| err("token key")(e.to_string()))?;
     let pager = Arc::new(Pager::new(
-        intro.clone(),
+        verifier,
         target_ram,
         Vec::new(),
         window.clone(),

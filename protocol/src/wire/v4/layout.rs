@@ -235,7 +235,7 @@ wire_struct! {
 wire_struct! {
     /// `struct kvmi_map_mem_token` (32 B).
     pub struct MapMemToken {
-        /// 256 random bits.
+        /// The token's 32 bytes (opaque to the tool; see `docs/protocol.md`, map tokens).
         pub token: [U64; 4],
     }
 }
