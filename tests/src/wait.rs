@@ -53,6 +53,23 @@ pub fn until_some<T>(timeout: Duration, what: &str, mut get: impl FnMut() -> Opt
     found.expect("until returned, so the value is there")
 }
 
+/// The lines `from` produces (a child's piped stdout, say), one by one on a channel, read by
+/// a thread that ends with the stream or when the receiver is dropped.
+pub fn line_channel(
+    from: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

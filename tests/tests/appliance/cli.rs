@@ -11,7 +11,6 @@ fn kvmi_with_no_arguments_runs_the_main_job_until_ctrl_c() {
     if !kvmi_tests::require_kvm("kvmi_with_no_arguments_runs_the_main_job_until_ctrl_c") {
         return;
     }
-    use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut child = Command::new(kvmi_tests::kvmi_bin())
         .current_dir(std::env::temp_dir())
@@ -20,14 +19,7 @@ fn kvmi_with_no_arguments_runs_the_main_job_until_ctrl_c() {
         .spawn()
         .expect("kvmi starts");
     let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = kvmi_tests::wait::line_channel(stdout);
     // The main job's first findings: the agent starts, then puts its guard in place.
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -1,7 +1,6 @@
 //! `kvmi run --isolate` (docs/isolation.md): the supervisor and its VM processes, as a user
 //! runs them (real KVM, the real binary, real processes and signals).
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
@@ -20,14 +19,7 @@ fn start(words: &[&str]) -> (Child, Receiver<String>) {
         .spawn()
         .expect("kvmi starts");
     let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = kvmi_tests::wait::line_channel(stdout);
     (child, rx)
 }
 
