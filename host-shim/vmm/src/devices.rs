@@ -119,16 +119,73 @@ pub(crate) enum PortResult {
     Unknown,
 }
 
+/// The longest partial line a console holds back before writing it anyway.
+const MAX_LINE: usize = 4096;
+
+/// One VM's console output, written a whole line at a time: the guest writes its serial port
+/// a byte at a time, and several VMs (a fleet's targets and its appliance) may share one
+/// stream, where byte-sized writes would interleave their lines. A line goes out with one
+/// `write_all` (one `write` for a line under the pipe's atomic size) when its newline comes,
+/// when it grows past [`MAX_LINE`], or when the VM's devices are dropped. In-memory buffers
+/// and the null sink get the bytes at once (nobody else writes into them mid-line).
+struct ConsoleOut {
+    sink: SerialSink,
+    line: Vec<u8>,
+}
+
+impl ConsoleOut {
+    fn new(sink: SerialSink) -> ConsoleOut {
+        ConsoleOut {
+            sink,
+            line: Vec::new(),
+        }
+    }
+
+    fn write_line(&mut self) -> io::Result<()> {
+        if self.line.is_empty() {
+            return Ok(());
+        }
+        let result = self.sink.write_all(&self.line);
+        self.line.clear();
+        result
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if matches!(self.sink, SerialSink::Buffer(_) | SerialSink::Null) {
+            return self.sink.write(buf);
+        }
+        self.line.extend_from_slice(buf);
+        if buf.contains(&b'\n') || self.line.len() >= MAX_LINE {
+            self.write_line()?;
+        }
+        Ok(buf.len())
+    }
+
+    /// Flushes the sink, not a partial line (the serial device flushes after every byte).
+    fn flush(&mut self) -> io::Result<()> {
+        self.sink.flush()
+    }
+}
+
+impl Drop for ConsoleOut {
+    fn drop(&mut self) {
+        let _ = self.write_line();
+        let _ = self.sink.flush();
+    }
+}
+
 /// The built-in devices of one VM, shared by its vCPU threads.
 pub(crate) struct Devices {
-    serial: RankedMutex<Serial<NoIrq, vm_superio::serial::NoEvents, SerialSink>>,
+    serial: RankedMutex<Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleOut>>,
     serial_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Devices {
     pub(crate) fn new(sink: SerialSink) -> Self {
         Devices {
-            serial: RankedMutex::new(vmm_ranks::SERIAL, Serial::new(NoIrq, sink)),
+            serial: RankedMutex::new(vmm_ranks::SERIAL, Serial::new(NoIrq, ConsoleOut::new(sink))),
             serial_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -176,4 +233,70 @@ impl Devices {
 pub fn eprint_line(line: std::fmt::Arguments<'_>) {
     let text = format!("{line}\n");
     let _ = io::stderr().lock().write_all(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek};
+
+    fn temp_file() -> File {
+        let path = std::env::temp_dir().join(format!(
+            "kvmi-console-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        file
+    }
+
+    #[test]
+    fn consoles_sharing_a_file_write_whole_lines_and_the_rest_at_the_end() {
+        let mut file = temp_file();
+        let mut a = ConsoleOut::new(SerialSink::File(file.try_clone().unwrap()));
+        let mut b = ConsoleOut::new(SerialSink::File(file.try_clone().unwrap()));
+        // Byte by byte, alternating, as two vCPUs on two VMs would.
+        for (x, y) in b"all 2 vcpus up\nA".iter().zip(b"heartbeat round=1\n".iter()) {
+            a.write_all(&[*x]).unwrap();
+            a.flush().unwrap();
+            b.write_all(&[*y]).unwrap();
+            b.flush().unwrap();
+        }
+        b.write_all(b"xyz").unwrap();
+        drop(a);
+        drop(b);
+        let mut text = String::new();
+        file.rewind().unwrap();
+        file.read_to_string(&mut text).unwrap();
+        // `a`'s line went out whole at its newline; the zip stopped after 16 bytes, so `b`'s
+        // line ("heartbeat round=" + "xyz") and `a`'s "A" were held back until they ended.
+        assert_eq!(text, "all 2 vcpus up\nAheartbeat round=xyz");
+    }
+
+    #[test]
+    fn a_buffer_sink_gets_every_byte_at_once() {
+        let buffer = SharedBuffer::new();
+        let mut console = ConsoleOut::new(SerialSink::Buffer(buffer.clone()));
+        console.write_all(b"gate waiting").unwrap();
+        assert_eq!(buffer.text(), "gate waiting");
+    }
+
+    #[test]
+    fn a_line_without_an_end_goes_out_at_the_limit() {
+        let mut file = temp_file();
+        let mut console = ConsoleOut::new(SerialSink::File(file.try_clone().unwrap()));
+        console.write_all(&vec![b'x'; MAX_LINE]).unwrap();
+        let mut text = String::new();
+        file.rewind().unwrap();
+        file.read_to_string(&mut text).unwrap();
+        assert_eq!(text.len(), MAX_LINE);
+        drop(console);
+    }
 }
