@@ -263,7 +263,10 @@ mod tests {
         let mut a = ConsoleOut::new(SerialSink::File(file.try_clone().unwrap()));
         let mut b = ConsoleOut::new(SerialSink::File(file.try_clone().unwrap()));
         // Byte by byte, alternating, as two vCPUs on two VMs would.
-        for (x, y) in b"all 2 vcpus up\nA".iter().zip(b"heartbeat round=1\n".iter()) {
+        for (x, y) in b"all 2 vcpus up\nA"
+            .iter()
+            .zip(b"heartbeat round=1\n".iter())
+        {
             a.write_all(&[*x]).unwrap();
             a.flush().unwrap();
             b.write_all(&[*y]).unwrap();
