@@ -559,7 +559,8 @@ impl CommandDesk {
 struct Inbound {
     channel: Arc<RingChannel>,
     desk: Arc<CommandDesk>,
-    log: Consumer<RingMemory>,
+    /// The log ring and where its lines go; `None` when another process consumes it.
+    log: Option<(Consumer<RingMemory>, LogSink)>,
 }
 
 /// How long the service thread sleeps at most before re-checking (a NOTIFY ends it early).
@@ -591,13 +592,38 @@ impl RingService {
         full_timeout: Duration,
         fleet: Arc<FleetCounter>,
     ) -> Result<RingService, ChannelError> {
+        Self::start_with(introspector, region, Some(log), full_timeout, fleet)
+    }
+
+    /// [`RingService::start`] for a target process of `kvmi run --isolate`: the same
+    /// service, but the log ring is left alone (the appliance process reads it and prints
+    /// its lines). The appliance's NOTIFY reaches this process as a doorbell eventfd: see
+    /// [`crate::kick::KickForwarder`], which hands it to [`RingService::waker`].
+    pub fn start_without_log(
+        introspector: Arc<Introspector>,
+        region: &Region<RingMemory>,
+        full_timeout: Duration,
+    ) -> Result<RingService, ChannelError> {
+        Self::start_with(introspector, region, None, full_timeout, Arc::default())
+    }
+
+    fn start_with(
+        introspector: Arc<Introspector>,
+        region: &Region<RingMemory>,
+        log: Option<LogSink>,
+        full_timeout: Duration,
+        fleet: Arc<FleetCounter>,
+    ) -> Result<RingService, ChannelError> {
         let bad = |e: RingError| ChannelError::Protocol(format!("ring region: {e}"));
         let channel = Arc::new(RingChannel::new(region, full_timeout, fleet).map_err(bad)?);
         let mut commands = region.consumer_for(RingKind::Command, 0).map_err(bad)?;
         // Armed for good: the appliance notifies after each command (served inline).
         commands.arm_wake().map_err(bad)?;
         let command_ring = region.ring_index(RingKind::Command, 0).map_err(bad)?;
-        let log_ring = region.consumer_for(RingKind::Log, 0).map_err(bad)?;
+        let log = match log {
+            Some(sink) => Some((region.consumer_for(RingKind::Log, 0).map_err(bad)?, sink)),
+            None => None,
+        };
         let generation = introspector.attach(channel.clone())?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServiceStats::default());
@@ -610,14 +636,14 @@ impl RingService {
         let inbound = Inbound {
             channel: channel.clone(),
             desk: desk.clone(),
-            log: log_ring,
+            log,
         };
         let (s, st, intro) = (stop.clone(), stats.clone(), introspector.clone());
         let spawned = std::thread::Builder::new()
             .name("kvmi-rings".into())
             .spawn(move || {
                 let end = match vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service) {
-                    Ok(_) => serve(&intro, generation, inbound, log, &s, &st),
+                    Ok(_) => serve(&intro, generation, inbound, &s, &st),
                     Err(e) => ServiceEnd::Detached(e.to_string()),
                 };
                 if let ServiceEnd::Detached(reason) = &end {
@@ -725,7 +751,6 @@ fn serve(
     intro: &Introspector,
     generation: u64,
     mut inbound: Inbound,
-    mut log: LogSink,
     stop: &AtomicBool,
     stats: &ServiceStats,
 ) -> ServiceEnd {
@@ -755,11 +780,13 @@ fn serve(
             if let Some(mut inbox) = inbound.desk.inbox.try_lock() {
                 work += inbound.desk.drain(&mut inbox)?;
             }
-            work += drain(&mut inbound.log, &mut scratch, "log", |r| {
-                stats.log_records.fetch_add(1, Ordering::Relaxed);
-                log(r);
-                Ok(())
-            })?;
+            if let Some((ring, log)) = &mut inbound.log {
+                work += drain(ring, &mut scratch, "log", |r| {
+                    stats.log_records.fetch_add(1, Ordering::Relaxed);
+                    log(r);
+                    Ok(())
+                })?;
+            }
             Ok(())
         })();
         if let Err(reason) = round {
@@ -805,7 +832,9 @@ fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingEr
             all_empty &= reply.lock().ring.arm_wake()?;
         }
     }
-    all_empty &= inbound.log.arm_wake()?;
+    if let Some((log, _)) = &mut inbound.log {
+        all_empty &= log.arm_wake()?;
+    }
     // A NOTIFY serving the command ring right now holds it (possibly waiting on a full
     // reply ring): do not wait for it; it drains what is there and re-arms the ring.
     all_empty &= match inbound.desk.inbox.try_lock() {
@@ -819,6 +848,8 @@ fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingEr
     for reply in &inbound.channel.replies {
         reply.lock().ring.disarm_wake()?;
     }
-    inbound.log.disarm_wake()?;
+    if let Some((log, _)) = &mut inbound.log {
+        log.disarm_wake()?;
+    }
     Ok(())
 }

@@ -45,6 +45,16 @@ fn ring_target(
     intro_config: IntrospectorConfig,
     log: appliance_link::rings::LogSink,
 ) -> RingTarget {
+    ring_target_log(name, cmdline, intro_config, Some(log))
+}
+
+/// [`ring_target`]; `log: None` starts the service of a target process (no log ring).
+fn ring_target_log(
+    name: &str,
+    cmdline: &str,
+    intro_config: IntrospectorConfig,
+    log: Option<appliance_link::rings::LogSink>,
+) -> RingTarget {
     let caps = vmm::probe::cached_capabilities().expect("probe");
     let config = VmConfig {
         name: name.into(),
@@ -68,7 +78,11 @@ fn ring_target(
     let region = create_region(Arc::new(GuestRam::new(name, size).unwrap()), &params).unwrap();
     let running = target.start().unwrap();
     intro.set_handle(running.handle());
-    let service = RingService::start(intro.clone(), &region, log, Duration::from_secs(5)).unwrap();
+    let service = match log {
+        Some(log) => RingService::start(intro.clone(), &region, log, Duration::from_secs(5)),
+        None => RingService::start_without_log(intro.clone(), &region, Duration::from_secs(5)),
+    }
+    .unwrap();
     RingTarget {
         running,
         intro,
@@ -287,6 +301,98 @@ fn a_notify_for_the_command_ring_serves_it_on_the_callers_thread() {
             .load(std::sync::atomic::Ordering::Relaxed),
         3
     );
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}
+
+/// Sends GET_VERSION `seq` on the command ring, rings `doorbell` (as the appliance process
+/// does for NOTIFY) and waits for the reply.
+fn command_through_the_doorbell(
+    commands: &mut hypercall::ring::Producer<RingMemory>,
+    replies: &mut Consumer<RingMemory>,
+    doorbell: &std::fs::File,
+    seq: u32,
+) {
+    use std::io::Write;
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let n = V4::encode_command(seq, &Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    assert!(
+        commands.publish().unwrap(),
+        "the command ring's wake word is armed"
+    );
+    (&*doorbell).write_all(&1u64.to_ne_bytes()).unwrap();
+    let record = pop(replies);
+    match V4::decode_host_message(V4::parse_frame(&record).unwrap()).unwrap() {
+        HostMessage::Reply {
+            seq: got, command, ..
+        } => assert_eq!((got, command), (seq, CommandKind::GetVersion)),
+        other => panic!("expected the GET_VERSION reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_target_process_service_leaves_the_log_ring_and_is_woken_by_the_doorbell() {
+    if !kvmi_tests::require_kvm(
+        "a_target_process_service_leaves_the_log_ring_and_is_woken_by_the_doorbell",
+    ) {
+        return;
+    }
+    use appliance_link::kick::{KickEnd, KickForwarder};
+    use std::os::fd::FromRawFd;
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        ..
+    } = ring_target_log(
+        "doorbell-target",
+        "mode=spin gate=1",
+        IntrospectorConfig::default(),
+        None,
+    );
+    // The doorbell as the vhost-user link makes it (non-blocking eventfd), one end each.
+    // SAFETY: eventfd has no pointer arguments.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let doorbell = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut forwarder =
+        KickForwarder::start(doorbell.try_clone().unwrap(), service.waker()).unwrap();
+
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let mut log = app.producer_for(RingKind::Log, 0).unwrap();
+    let mut log_reader = app.consumer_for(RingKind::Log, 0).unwrap();
+
+    // A log line stays in the ring for the appliance process: the target does not read it.
+    log.try_push(b"{\"finding\":\"stays\"}\n").unwrap();
+    let _ = log.publish().unwrap();
+    command_through_the_doorbell(&mut commands, &mut replies, &doorbell, 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(pop(&mut log_reader), b"{\"finding\":\"stays\"}\n".to_vec());
+    let stats = service.stats();
+    assert_eq!(
+        stats.log_records.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // Without the service thread, the doorbell alone serves the command ring.
+    assert_eq!(service.stop(), appliance_link::rings::ServiceEnd::Stopped);
+    let before = forwarder.wakeups();
+    command_through_the_doorbell(&mut commands, &mut replies, &doorbell, 2);
+    assert!(
+        forwarder.wakeups() > before,
+        "the reply came through the doorbell"
+    );
+    assert_eq!(stats.messages.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert!(intro.is_attached());
+    assert_eq!(forwarder.stop(), KickEnd::Stopped);
     running.handle().stop();
     let _ = running.wait(RunLimits {
         timeout: Some(Duration::from_secs(10)),
