@@ -516,3 +516,137 @@ fn anything_but_an_event_reply_on_a_reply_ring_detaches_the_appliance_at_once() 
         serial.text()
     );
 }
+
+#[test]
+fn a_target_slot_over_the_link_serves_the_appliance_and_runs_on_when_the_link_closes() {
+    if !kvmi_tests::require_kvm(
+        "a_target_slot_over_the_link_serves_the_appliance_and_runs_on_when_the_link_closes",
+    ) {
+        return;
+    }
+    use appliance_link::remote::TargetSlot;
+    use appliance_link::vhost_link::ApplianceLink;
+    use std::os::unix::net::UnixStream;
+
+    // The target process's half: its VM (RAM memfd kvmi-ram-NAME) and introspector.
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = VmConfig {
+        name: "kvmi-ram-linked".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = Vm::new(config, kvmi_tests::common::elf(Image::TestGuest)).unwrap();
+    let intro = Introspector::install(
+        &mut target,
+        caps,
+        IntrospectorConfig {
+            wait_for_tool: true,
+            ..IntrospectorConfig::default()
+        },
+    )
+    .unwrap();
+    let ram = target.ram().clone();
+
+    // The appliance process's half: the slot's ring region, laid out for one vCPU.
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let size = params.region_size().next_multiple_of(4096);
+    let ring = Arc::new(GuestRam::new("kvmi-ring-slot0", size).unwrap());
+    let app = create_region(ring.clone(), &params).unwrap();
+
+    let (appliance_end, target_end) = UnixStream::pair().unwrap();
+    let attaching = {
+        let (intro, ram) = (intro.clone(), ram.clone());
+        std::thread::spawn(move || {
+            TargetSlot::attach(target_end, intro, &ram, Duration::from_secs(5))
+        })
+    };
+    let (link, got) = ApplianceLink::connect(
+        appliance_end,
+        &**ring.memfd_file(),
+        0xC000_0000,
+        ring.host_base() as u64,
+        size,
+    )
+    .unwrap();
+    let slot = attaching
+        .join()
+        .unwrap()
+        .expect("the target's slot attaches");
+    assert_eq!(got.len, 64 << 20, "the target's RAM went to the appliance");
+    assert!(intro.is_attached());
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+
+    // The vCPU waits for its CREATE_VCPU event to be answered through the shared region.
+    let mut events = app.consumer_for(RingKind::Event, 0).unwrap();
+    let mut replies = app.producer_for(RingKind::EventReply, 0).unwrap();
+    let record = pop(&mut events);
+    let HostMessage::Event { seq, event } =
+        V4::decode_host_message(V4::parse_frame(&record).unwrap()).unwrap()
+    else {
+        panic!("an event on the event ring");
+    };
+    assert_eq!(event.payload.kind(), EventKind::CreateVcpu);
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let reply = EventReply {
+        event: EventKind::CreateVcpu,
+        action: Action::Continue,
+        data: EventReplyData::None,
+    };
+    let n = V4::encode_event_reply(seq, &reply, &mut buf).unwrap();
+    replies.try_push(&buf[..n]).unwrap();
+    let _ = replies.publish().unwrap();
+
+    // A command, and NOTIFY as the appliance process makes it: the link's doorbell.
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut command_replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let n = V4::encode_command(9, &Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    assert!(
+        commands.publish().unwrap(),
+        "the command ring's wake word is armed"
+    );
+    link.notify();
+    let record = pop(&mut command_replies);
+    match V4::decode_host_message(V4::parse_frame(&record).unwrap()).unwrap() {
+        HostMessage::Reply { seq, command, .. } => {
+            assert_eq!((seq, command), (9, CommandKind::GetVersion));
+        }
+        other => panic!("expected the GET_VERSION reply, got {other:?}"),
+    }
+    wait::until(Duration::from_secs(5), "the doorbell's wake-up", || {
+        slot.doorbell_wakeups() >= 1
+    });
+
+    // The appliance process goes: its end of the link closes. The target is unhooked and
+    // runs on.
+    drop(link);
+    wait::until(Duration::from_secs(5), "the detach", || {
+        !intro.is_attached()
+    });
+    assert!(slot.link_closed());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !running.handle().has_ended(),
+        "the target runs on, unhooked"
+    );
+    let end = slot.stop(&intro);
+    assert!(end.link_lost, "{end:?}");
+    assert!(
+        matches!(end.service, appliance_link::rings::ServiceEnd::Detached(_)),
+        "{end:?}"
+    );
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}
