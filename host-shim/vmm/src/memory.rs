@@ -46,8 +46,8 @@ pub struct GuestRam {
 const NO_SLOT: u64 = u64::MAX;
 
 impl GuestRam {
-    /// Creates a zero-filled memfd of `size` bytes (a multiple of 4 KiB) named `name` and maps
-    /// it shared. The memory is not yet visible to any VM: see [`GuestRam::register`].
+    /// Creates a zero-filled memfd of `size` bytes (a multiple of 4 KiB) named `name`, seals
+    /// its size (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) and maps it shared. The memory is not yet visible to any VM: see [`GuestRam::register`].
     pub fn new(name: &str, size: u64) -> Result<Self, VmError> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(VmError::Config(format!(
@@ -57,7 +57,9 @@ impl GuestRam {
         let cname = CString::new(name)
             .map_err(|_| VmError::Config("memfd name contains a NUL".to_string()))?;
         // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(VmError::mem("memfd_create")(io::Error::last_os_error()));
         }
@@ -65,6 +67,21 @@ impl GuestRam {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(VmError::mem("ftruncate memfd"))?;
+        // The size is fixed for good: a process this memfd is passed to (the appliance process
+        // maps a target's RAM) can rely on every page staying there (no SIGBUS on access).
+        // SAFETY: F_ADD_SEALS on a descriptor we own; no pointer arguments.
+        let sealed = unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if sealed < 0 {
+            return Err(VmError::mem("sealing the memfd's size")(
+                io::Error::last_os_error(),
+            ));
+        }
         Self::from_file(file, size)
     }
 
@@ -382,6 +399,21 @@ mod tests {
             name.to_string_lossy(),
             "/memfd:kvmi-ram-from-file (deleted)"
         );
+    }
+
+    #[test]
+    fn the_size_of_guest_ram_is_sealed() {
+        let ram = GuestRam::new("kvmi-ram-sealed", 2 * PAGE_SIZE).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&ram.memfd());
+        // SAFETY: F_GET_SEALS on a descriptor `ram` owns.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        assert_eq!(
+            seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW),
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+        );
+        assert!(ram.memfd_file().set_len(PAGE_SIZE).is_err(), "shrinking");
+        assert!(ram.memfd_file().set_len(4 * PAGE_SIZE).is_err(), "growing");
+        ram.write(PAGE_SIZE, b"still writable").unwrap();
     }
 
     #[test]
