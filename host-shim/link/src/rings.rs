@@ -466,14 +466,17 @@ impl std::fmt::Debug for RingService {
 /// calling (appliance vCPU) thread, and wake the service thread for the other rings.
 #[derive(Clone)]
 pub struct Waker {
-    thread: Thread,
+    thread: Option<Thread>,
     desk: Option<(Arc<CommandDesk>, u64)>,
+    /// A target in another process: its slot's doorbell eventfd.
+    doorbell: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
 }
 
 impl std::fmt::Debug for Waker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Waker")
             .field("inline_commands", &self.desk.is_some())
+            .field("doorbell", &self.doorbell.is_some())
             .finish()
     }
 }
@@ -481,17 +484,39 @@ impl std::fmt::Debug for Waker {
 impl Waker {
     /// A waker for `thread` (e.g. a test's own thread), with no command ring to serve.
     pub fn for_thread(thread: Thread) -> Waker {
-        Waker { thread, desk: None }
+        Waker {
+            thread: Some(thread),
+            desk: None,
+            doorbell: None,
+        }
+    }
+
+    /// The waker of a target in another process: every NOTIFY writes the slot's doorbell
+    /// eventfd (the link's `SET_VRING_KICK`), which the target's
+    /// [`KickForwarder`](crate::kick::KickForwarder) turns into its service's wake-up.
+    pub fn doorbell(kick: Arc<vmm_sys_util::eventfd::EventFd>) -> Waker {
+        Waker {
+            thread: None,
+            desk: None,
+            doorbell: Some(kick),
+        }
     }
 
     /// Ends the service thread's sleep (cheap, idempotent).
     pub fn wake(&self) {
-        self.thread.unpark();
+        if let Some(thread) = &self.thread {
+            thread.unpark();
+        }
+        if let Some(kick) = &self.doorbell {
+            // A full counter (2^64 - 2 kicks unread) already wakes the reader.
+            let _ = kick.write(1);
+        }
     }
 
     /// NOTIFY for ring index `ring` ([`NOTIFY_ALL_RINGS`] = any): the command ring is served
     /// on this thread at once (no hand-off to a thread that may wait for a CPU); any other
     /// ring wakes the service thread, as does a command ring the service thread is draining.
+    /// Through a doorbell every ring is one wake-up of the target's process.
     pub fn notify(&self, ring: u64) {
         let Some((desk, command_ring)) = &self.desk else {
             return self.wake();
@@ -676,8 +701,9 @@ impl RingService {
     /// The NOTIFY handler: serves commands inline, wakes the thread for the rest.
     pub fn waker(&self) -> Waker {
         Waker {
-            thread: self.waker.clone(),
+            thread: Some(self.waker.clone()),
             desk: Some(self.desk.clone()),
+            doorbell: None,
         }
     }
 

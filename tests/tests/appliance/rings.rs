@@ -653,3 +653,188 @@ fn a_target_slot_over_the_link_serves_the_appliance_and_runs_on_when_the_link_cl
         interrupt: None,
     });
 }
+
+#[test]
+fn both_ends_of_a_slot_across_the_link_map_by_token_label_the_log_and_free_the_slot() {
+    if !kvmi_tests::require_kvm(
+        "both_ends_of_a_slot_across_the_link_map_by_token_label_the_log_and_free_the_slot",
+    ) {
+        return;
+    }
+    use appliance_link::remote::{ApplianceSlot, SlotSetup, TargetSlot};
+    use hypercall::call::Request;
+    use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenPage, TokenVerifier};
+    use std::os::unix::net::UnixStream;
+
+    // The supervisor: one key and one token page for the target (each side maps the page on
+    // its own: the verifier's is a second open of the memfd).
+    const TARGET_ID: u64 = 0x5107;
+    let key = TargetKey::random_bytes().unwrap();
+    let page = Arc::new(TokenPage::create("kvmi-tokens-slot").unwrap());
+    let reopened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(page.file())
+        ))
+        .unwrap();
+    let appliance_page = Arc::new(TokenPage::from_file(reopened).unwrap());
+
+    // The target process: its VM, its introspector issuing under the supervisor's key.
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = VmConfig {
+        name: "kvmi-ram-both".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = Vm::new(config, kvmi_tests::common::elf(Image::TestGuest)).unwrap();
+    let intro = Introspector::install(&mut target, caps, IntrospectorConfig::default()).unwrap();
+    intro.tokens().rekey(TargetKey::from_bytes_on_page(
+        TARGET_ID,
+        DEFAULT_TTL,
+        &key,
+        page.clone(),
+    ));
+    let ram = target.ram().clone();
+    ram.write(0x3000, b"target page").unwrap();
+
+    // The appliance process: the slot's ring memory and window, the verifier.
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let ring = Arc::new(
+        GuestRam::new(
+            "kvmi-ring-slot0",
+            params.region_size().next_multiple_of(4096),
+        )
+        .unwrap(),
+    );
+    let window = Arc::new(vmm::window::RemapWindow::new(1 << 20).unwrap());
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = lines.clone();
+    let (appliance_end, target_end) = UnixStream::pair().unwrap();
+    let attaching = {
+        let (intro, ram) = (intro.clone(), ram.clone());
+        std::thread::spawn(move || {
+            TargetSlot::attach(target_end, intro, &ram, Duration::from_secs(5))
+        })
+    };
+    let slot = ApplianceSlot::connect(
+        appliance_end,
+        SlotSetup {
+            ring: ring.clone(),
+            ring_gpa: 0xC000_0000,
+            params,
+            verifier: Arc::new(TokenVerifier::new(TargetKey::from_bytes_on_page(
+                TARGET_ID,
+                DEFAULT_TTL,
+                &key,
+                appliance_page,
+            ))),
+            window: window.clone(),
+            window_gpa: 0xC100_0000,
+            target: (3, "web".into()),
+            sink: Box::new(move |line: &[u8]| {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(line).into_owned())
+            }),
+        },
+    )
+    .unwrap();
+    let target_slot = attaching
+        .join()
+        .unwrap()
+        .expect("the target's end attaches");
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+
+    // The agent's side (this test) on the appliance's ring memory.
+    let app = Region::open(Arc::new(
+        // SAFETY: the ring memory's mapping lives as long as `ring`, which the region owns.
+        unsafe {
+            hypercall::ring::SharedRegion::new(ring.clone(), ring.host_base(), ring.size() as usize)
+        }
+        .unwrap(),
+    ))
+    .unwrap();
+    // A command, and NOTIFY through the route's waker (the doorbell): answered.
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut command_replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let n = V4::encode_command(4, &Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    let _ = commands.publish().unwrap();
+    slot.waker().notify(hypercall::call::NOTIFY_ALL_RINGS);
+    let record = pop(&mut command_replies);
+    assert!(matches!(
+        V4::decode_host_message(V4::parse_frame(&record).unwrap()).unwrap(),
+        HostMessage::Reply { seq: 4, .. }
+    ));
+    wait::until(Duration::from_secs(5), "the doorbell", || {
+        target_slot.doorbell_wakeups() >= 1
+    });
+
+    // A log line comes out labelled with the target.
+    let mut log = app.producer_for(RingKind::Log, 0).unwrap();
+    log.try_push(b"{\"finding\":\"probe\"}").unwrap();
+    let _ = log.publish().unwrap();
+    wait::until(Duration::from_secs(5), "the labelled line", || {
+        !lines.lock().unwrap().is_empty()
+    });
+    assert_eq!(
+        lines.lock().unwrap()[0],
+        "{\"target\":3,\"target_name\":\"web\",\"finding\":\"probe\"}"
+    );
+
+    // A token the target's engine issued maps its page, read-only and zero-copy.
+    let caller = GuestRam::new("agent-ram", 4096).unwrap();
+    caller
+        .write(0, &intro.tokens().issue().unwrap().to_bytes())
+        .unwrap();
+    let map = Request::MemMap {
+        token_gpa: 0,
+        target_gpa: 0x3000,
+        window_gpa: 0xC100_0000,
+    };
+    assert_eq!(slot.pager().serve(&map, &caller), Ok(0));
+    let mut seen = [0u8; 11];
+    // SAFETY: the window's first page is mapped for as long as `window` lives.
+    unsafe { std::ptr::copy_nonoverlapping(window.host_base(), seen.as_mut_ptr(), 11) };
+    assert_eq!(&seen, b"target page");
+
+    // The target's engine revokes its tokens (as a detach or REVOKE does): the appliance's
+    // verifier sees the new epoch through the token page at once.
+    let pending = intro.tokens().issue().unwrap();
+    intro.tokens().revoke_all();
+    caller.write(0, &pending.to_bytes()).unwrap();
+    let again = Request::MemMap {
+        token_gpa: 0,
+        target_gpa: 0x3000,
+        window_gpa: 0xC100_0000 + 4096,
+    };
+    assert_eq!(
+        slot.pager().serve(&again, &caller),
+        Err(hypercall::error::HcError::BadToken)
+    );
+    // The target's end of the link closes: the appliance frees the slot and revokes the page.
+    let end = target_slot.stop(&intro);
+    assert!(!end.link_lost);
+    wait::until(Duration::from_secs(5), "the slot to be freed", || {
+        slot.is_gone()
+    });
+    assert_eq!(slot.pager().mapped_pages(), 0);
+    assert_eq!(slot.close(), 1, "one log record printed");
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}
