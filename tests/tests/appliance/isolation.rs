@@ -169,3 +169,223 @@ fn a_timeout_ends_the_isolated_run_with_the_usual_status_and_summaries() {
         .count();
     assert_eq!(finals, 1, "{seen:?}");
 }
+
+// The split's building blocks across real processes: a target's end of its slot
+// (`appliance_link::remote::TargetSlot`) in a child process of this test, the appliance's end
+// (`ApplianceSlot`) here, joined by a socket pair as the supervisor will join them.
+
+/// Where the child finds its end of the link.
+const LINK_FD: i32 = 3;
+/// The environment variable that makes `slot_target_process` run.
+const CHILD_ENV: &str = "KVMI_TEST_SLOT_CHILD";
+
+/// The target process of `a_target_process_killed_frees_its_slot_in_the_appliance_process`
+/// (run by it as a child; does nothing otherwise): a test-guest target that spins, with its
+/// introspector on the slot link at descriptor 3; prints `ready` once attached and running.
+#[test]
+#[ignore = "a child process of another test"]
+fn slot_target_process() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixStream;
+    if std::env::var(CHILD_ENV).is_err() {
+        return;
+    }
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = vmm::VmConfig {
+        name: "kvmi-ram-child".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = vmm::Vm::new(
+        config,
+        kvmi_tests::common::elf(kvmi::images::Image::TestGuest),
+    )
+    .unwrap();
+    target.set_serial(vmm::SerialSink::Null);
+    let intro = kvmi_engine::Introspector::install(
+        &mut target,
+        caps,
+        kvmi_engine::IntrospectorConfig::default(),
+    )
+    .unwrap();
+    // SAFETY: the parent put the link's socket at descriptor 3 for this process alone.
+    let stream = unsafe { UnixStream::from_raw_fd(LINK_FD) };
+    let ram = target.ram().clone();
+    let slot = appliance_link::remote::TargetSlot::attach(
+        stream,
+        intro.clone(),
+        &ram,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    println!("ready");
+    // Until the parent kills this process (or 60 s).
+    std::thread::sleep(Duration::from_secs(60));
+    drop(slot);
+}
+
+/// The names of the memfds process `pid` holds (readlink of `/proc/PID/fd/*`).
+fn memfds_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.starts_with("/memfd:"))
+        .collect()
+}
+
+#[test]
+fn a_target_process_killed_frees_its_slot_in_the_appliance_process() {
+    if !kvmi_tests::require_kvm("a_target_process_killed_frees_its_slot_in_the_appliance_process") {
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    use std::sync::{Arc, Mutex};
+
+    use appliance_link::hook::SERVED_FEATURES;
+    use appliance_link::remote::{ApplianceSlot, SlotSetup};
+    use hypercall::discovery::RingKind;
+    use hypercall::ring::{LayoutParams, Region, RingSizes, SharedRegion};
+    use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenVerifier};
+    use vmm::GuestRam;
+
+    // What only the appliance process holds: another slot's ring memory and another target's
+    // RAM. The target process must see neither.
+    let _other_ring = GuestRam::new("kvmi-ring-slot1", 1 << 16).unwrap();
+    let _other_target = GuestRam::new("kvmi-ram-other", 1 << 16).unwrap();
+
+    let (appliance_end, target_end) = UnixStream::pair().unwrap();
+    let their_fd = target_end.as_raw_fd();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "isolation::slot_target_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and makes only the
+    // async-signal-safe calls dup2 and fcntl.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(their_fd, LINK_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::fcntl(LINK_FD, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(target_end);
+
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let ring = Arc::new(
+        GuestRam::new(
+            "kvmi-ring-slot0",
+            params.region_size().next_multiple_of(4096),
+        )
+        .unwrap(),
+    );
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = lines.clone();
+    let slot = ApplianceSlot::connect(
+        appliance_end,
+        SlotSetup {
+            ring: ring.clone(),
+            ring_gpa: 0xC000_0000,
+            params,
+            verifier: Arc::new(TokenVerifier::new(
+                TargetKey::generate(1, DEFAULT_TTL).unwrap(),
+            )),
+            window: Arc::new(vmm::window::RemapWindow::new(1 << 20).unwrap()),
+            window_gpa: 0xC100_0000,
+            target: (1, "child".into()),
+            sink: Box::new(move |line: &[u8]| {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(line).into_owned())
+            }),
+        },
+    );
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(e) => {
+            let _ = child.kill();
+            panic!("the appliance's end of the slot: {e}");
+        }
+    };
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("the target process ended before it was ready");
+        }
+    }
+
+    // A process of its own, holding its RAM and its slot's ring region, nothing else of ours.
+    let pid = child.id();
+    let names = memfds_of(pid);
+    assert!(
+        names.iter().any(|n| n.contains("kvmi-ram-child")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("kvmi-ring-slot0")),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("kvmi-ring-slot1") || n.contains("kvmi-ram-other")),
+        "the target process holds the appliance's other memory: {names:?}"
+    );
+
+    // The appliance's NOTIFY crosses the process boundary: a command is answered.
+    // SAFETY: the ring memory's mapping lives as long as `ring`, which the region owns.
+    let memory = unsafe { SharedRegion::new(ring.clone(), ring.host_base(), ring.size() as usize) };
+    let app = Region::open(Arc::new(memory.unwrap())).unwrap();
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let mut buf = vec![0u8; 4096];
+    use protocol::wire::WireProfile;
+    let n =
+        protocol::V4::encode_command(1, &protocol::command::Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    let _ = commands.publish().unwrap();
+    slot.waker().notify(hypercall::call::NOTIFY_ALL_RINGS);
+    let mut record = vec![0u8; replies.max_payload()];
+    kvmi_tests::wait::until(
+        Duration::from_secs(10),
+        "the reply from the target process",
+        || replies.try_pop(&mut record).unwrap().is_some(),
+    );
+
+    // SIGKILL of the target process: the appliance frees its slot.
+    assert!(!slot.is_gone());
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let _ = child.wait();
+    kvmi_tests::wait::until(Duration::from_secs(5), "the slot to be freed", || {
+        slot.is_gone()
+    });
+    assert_eq!(slot.pager().mapped_pages(), 0);
+    let _ = slot.close();
+}
