@@ -24,7 +24,7 @@ use vmm::memory::GuestRam;
 
 use crate::kick::{KickEnd, KickForwarder};
 use crate::rings::{RingMemory, RingService, ServiceEnd};
-use crate::vhost_link::{LinkError, RingShare, serve_target_end};
+use crate::vhost_link::{LinkError, RingShare, serve_target_end_within};
 
 /// Why a target's slot ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +74,12 @@ impl TargetSlot {
                 ring, len, kick, ..
             },
             mut handler,
-        ) = serve_target_end(stream, &ram.memfd(), ram.size())?;
+        ) = serve_target_end_within(
+            stream,
+            &ram.memfd(),
+            ram.size(),
+            Some(crate::vhost_link::LINK_SETUP_TIMEOUT),
+        )?;
         let ring = Arc::new(
             GuestRam::from_file(ring, len)
                 .map_err(|_| refused("the ring region cannot be mapped"))?,
