@@ -514,3 +514,170 @@ fn command_round_trip_across_processes_vs_in_process() {
         per(across) / per(inline)
     );
 }
+
+/// The appliance process of `an_appliance_process_killed_leaves_its_target_running` (run by it
+/// as a child; does nothing otherwise): the appliance's end of one slot on the link at
+/// descriptor 3; prints `ready` once the link is set up.
+#[test]
+#[ignore = "a child process of another test"]
+fn slot_appliance_process() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use appliance_link::hook::SERVED_FEATURES;
+    use appliance_link::remote::{ApplianceSlot, SlotSetup};
+    use hypercall::ring::{LayoutParams, RingSizes};
+    use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenVerifier};
+    if std::env::var(CHILD_ENV).is_err() {
+        return;
+    }
+    // SAFETY: the parent put the link's socket at descriptor 3 for this process alone.
+    let stream = unsafe { UnixStream::from_raw_fd(LINK_FD) };
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let ring = Arc::new(
+        vmm::GuestRam::new(
+            "kvmi-ring-slot0",
+            params.region_size().next_multiple_of(4096),
+        )
+        .unwrap(),
+    );
+    let slot = ApplianceSlot::connect(
+        stream,
+        SlotSetup {
+            ring,
+            ring_gpa: 0xC000_0000,
+            params,
+            verifier: Arc::new(TokenVerifier::new(
+                TargetKey::generate(1, DEFAULT_TTL).unwrap(),
+            )),
+            window: Arc::new(vmm::window::RemapWindow::new(1 << 20).unwrap()),
+            window_gpa: 0xC100_0000,
+            target: (1, "parent".into()),
+            sink: Box::new(|_: &[u8]| {}),
+        },
+    )
+    .unwrap();
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(60));
+    drop(slot);
+}
+
+#[test]
+fn an_appliance_process_killed_leaves_its_target_running() {
+    if !kvmi_tests::require_kvm("an_appliance_process_killed_leaves_its_target_running") {
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+
+    let (target_end, appliance_end) = UnixStream::pair().unwrap();
+    let their_fd = appliance_end.as_raw_fd();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "isolation::slot_appliance_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and makes only the
+    // async-signal-safe calls dup2 and fcntl.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(their_fd, LINK_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::fcntl(LINK_FD, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(appliance_end);
+
+    // The target (this process): a spinning guest, introspected.
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = vmm::VmConfig {
+        name: "kvmi-ram-parent".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = vmm::Vm::new(
+        config,
+        kvmi_tests::common::elf(kvmi::images::Image::TestGuest),
+    )
+    .unwrap();
+    target.set_serial(vmm::SerialSink::Null);
+    let intro = kvmi_engine::Introspector::install(
+        &mut target,
+        caps,
+        kvmi_engine::IntrospectorConfig::default(),
+    )
+    .unwrap();
+    let ram = target.ram().clone();
+    let slot = appliance_link::remote::TargetSlot::attach(
+        target_end,
+        intro.clone(),
+        &ram,
+        Duration::from_secs(5),
+    );
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(e) => {
+            let _ = child.kill();
+            panic!("the target's end of the slot: {e}");
+        }
+    };
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("the appliance process ended before it was ready");
+        }
+    }
+    assert!(intro.is_attached());
+    // The appliance process holds its ring region and this target's RAM (read-only).
+    let names = memfds_of(child.id());
+    assert!(
+        names.iter().any(|n| n.contains("kvmi-ring-slot0")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("kvmi-ram-parent")),
+        "{names:?}"
+    );
+
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+    let _ = child.wait();
+    kvmi_tests::wait::until(Duration::from_secs(5), "the detach", || {
+        !intro.is_attached()
+    });
+    // The target runs on, unhooked (its VM has not ended 300 ms after the detach).
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!running.handle().has_ended(), "the target runs on");
+    let end = slot.stop(&intro);
+    assert!(end.link_lost, "{end:?}");
+    running.handle().stop();
+    let _ = running.wait(vmm::RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}
