@@ -50,10 +50,14 @@
 //! token until it expires).
 //!
 //! # Across processes
-//! Today all three roles share one process, and a [`TargetKey`] clone shares its epoch word
-//! and notice queue through an `Arc`. Apart from the 32 key bytes, those two are all the
-//! state issuer and verifier share: split into processes, the supervisor passes the key bytes
-//! and maps one page holding the epoch word and the notice queue into both.
+//! In one process a [`TargetKey`] clone shares its epoch word and notice queue through an
+//! `Arc`. Apart from the 32 key bytes, those two are all the state issuer and verifier share:
+//! split into processes, the supervisor sends both the key bytes
+//! ([`TargetKey::random_bytes`]) and one [`TokenPage`] (a memfd holding the epoch word and a
+//! notice ring, mapped into no guest), and each side builds its key with
+//! [`TargetKey::from_bytes_on_page`]. A revocation is then one atomic add on the shared page,
+//! seen by the verifier's next check; notices cross the page and are dropped when its ring is
+//! full or its counts are out of range (such tokens count until they expire).
 //!
 //! Every role reads the time from a [`Clock`]: the host's monotonic clock ([`SystemClock`],
 //! the same in every process) unless a test injects its own.
@@ -191,10 +195,172 @@ struct Shared {
     /// HMAC-SHA-256 keyed with the target's 32 key bytes (the padded key blocks already
     /// hashed: cloned per token).
     mac: Hmac<Sha256>,
-    /// Bumped by every revocation; covered by every tag.
-    epoch: AtomicU64,
-    /// Nonces the verifier accepted, for the issuer's [`MAX_OUTSTANDING`] count.
-    notices: RankedMutex<Vec<u64>>,
+    /// The epoch word and the use notices.
+    state: KeyState,
+}
+
+/// Where the epoch word and the use notices live.
+enum KeyState {
+    /// In this process (issuer and verifier share the key through an `Arc`).
+    Local {
+        /// Bumped by every revocation; covered by every tag.
+        epoch: AtomicU64,
+        /// Nonces the verifier accepted, for the issuer's [`MAX_OUTSTANDING`] count.
+        notices: RankedMutex<Vec<u64>>,
+    },
+    /// In a [`TokenPage`] both processes map; the lock serialises this process's writers of
+    /// notices.
+    Page(Arc<TokenPage>, RankedMutex<()>),
+}
+
+impl KeyState {
+    fn epoch(&self) -> u64 {
+        match self {
+            KeyState::Local { epoch, .. } => epoch.load(Ordering::SeqCst),
+            KeyState::Page(page, _) => page.word(PAGE_EPOCH).load(Ordering::SeqCst),
+        }
+    }
+
+    fn bump_epoch(&self) {
+        match self {
+            KeyState::Local { epoch, .. } => {
+                epoch.fetch_add(1, Ordering::SeqCst);
+            }
+            KeyState::Page(page, _) => {
+                page.word(PAGE_EPOCH).fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn notice_used(&self, nonce: u64) {
+        match self {
+            KeyState::Local { notices, .. } => {
+                let mut notices = notices.lock();
+                if notices.len() < NOTICE_CAPACITY {
+                    notices.push(nonce);
+                }
+            }
+            KeyState::Page(page, writers) => {
+                let _one_writer = writers.lock();
+                let written = page.word(PAGE_NOTICES_WRITTEN).load(Ordering::Relaxed);
+                let read = page.word(PAGE_NOTICES_READ).load(Ordering::Acquire);
+                if written.wrapping_sub(read) >= NOTICE_CAPACITY as u64 {
+                    return; // Full (or scribbled): dropped, as a full local queue drops.
+                }
+                page.word(notice_slot(written))
+                    .store(nonce, Ordering::Relaxed);
+                page.word(PAGE_NOTICES_WRITTEN)
+                    .store(written.wrapping_add(1), Ordering::Release);
+            }
+        }
+    }
+
+    fn take_notices(&self) -> Vec<u64> {
+        match self {
+            KeyState::Local { notices, .. } => std::mem::take(&mut *notices.lock()),
+            KeyState::Page(page, _) => {
+                // The written count comes from the other process: it is checked, not trusted.
+                let written = page.word(PAGE_NOTICES_WRITTEN).load(Ordering::Acquire);
+                let read = page.word(PAGE_NOTICES_READ).load(Ordering::Relaxed);
+                let pending = written.wrapping_sub(read);
+                let taken = if pending <= NOTICE_CAPACITY as u64 {
+                    (0..pending)
+                        .map(|i| {
+                            page.word(notice_slot(read.wrapping_add(i)))
+                                .load(Ordering::Relaxed)
+                        })
+                        .collect()
+                } else {
+                    // Not a count a verifier writes: skip to it, take nothing (the tokens
+                    // then count until they expire).
+                    Vec::new()
+                };
+                page.word(PAGE_NOTICES_READ)
+                    .store(written, Ordering::Release);
+                taken
+            }
+        }
+    }
+}
+
+/// Bytes of a [`TokenPage`].
+pub const TOKEN_PAGE_SIZE: u64 = 4096;
+/// Word 0 of a token page: the epoch.
+const PAGE_EPOCH: usize = 0;
+/// Word 1: notices written (by the verifier), a free-running count.
+const PAGE_NOTICES_WRITTEN: usize = 1;
+/// Word 2: notices read (by the issuer), a free-running count.
+const PAGE_NOTICES_READ: usize = 2;
+/// Word 8 on: the notice slots.
+const PAGE_NOTICE_SLOTS: usize = 8;
+
+fn notice_slot(count: u64) -> usize {
+    PAGE_NOTICE_SLOTS + (count % NOTICE_CAPACITY as u64) as usize
+}
+
+/// The page issuer and verifier of one target share when they live in different processes:
+/// a memfd of [`TOKEN_PAGE_SIZE`] bytes (named `kvmi-tokens-NAME`) that the supervisor creates
+/// and passes to the target process (issuer) and the appliance process (verifier), mapped
+/// shared by both. It is mapped into **no guest**: the appliance's agent cannot roll the epoch
+/// back.
+///
+/// Layout (little-endian `u64` words, each accessed atomically): word 0 the epoch (bumped by
+/// [`TokenIssuer::revoke_all`]; a verifier reads it for every token, so a revocation takes
+/// effect in the other process at once); word 1 the count of use notices written (by the
+/// verifier), word 2 the count read (by the issuer); words 8.. a ring of
+/// `4 × MAX_OUTSTANDING` nonce slots. Each side treats the other's counts as untrusted: a
+/// count out of range drops notices (the issuer then counts those tokens until they expire),
+/// never more.
+#[derive(Debug)]
+pub struct TokenPage {
+    file: std::fs::File,
+    map: memmap2::MmapRaw,
+}
+
+impl TokenPage {
+    /// A fresh zeroed page (epoch 0, no notices) in a memfd named `name`.
+    pub fn create(name: &str) -> std::io::Result<TokenPage> {
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| std::io::Error::other("a memfd name contains a NUL"))?;
+        // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(TOKEN_PAGE_SIZE)?;
+        TokenPage::from_file(file)
+    }
+
+    /// Maps a page received from the supervisor (at least [`TOKEN_PAGE_SIZE`] bytes, open
+    /// read-write).
+    pub fn from_file(file: std::fs::File) -> std::io::Result<TokenPage> {
+        let len = file.metadata()?.len();
+        if len < TOKEN_PAGE_SIZE {
+            return Err(std::io::Error::other(format!(
+                "a token page holds {TOKEN_PAGE_SIZE} bytes, this file {len}"
+            )));
+        }
+        let map = memmap2::MmapOptions::new()
+            .len(TOKEN_PAGE_SIZE as usize)
+            .map_raw(&file)?;
+        Ok(TokenPage { file, map })
+    }
+
+    /// The memfd (to pass to another process).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Word `i` of the page.
+    fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < (TOKEN_PAGE_SIZE / 8) as usize, "token page word {i}");
+        // SAFETY: the mapping is TOKEN_PAGE_SIZE bytes, page aligned, and lives as long as
+        // `self`; word `i` lies inside it and is 8-byte aligned; AtomicU64 has the layout of a
+        // u64, and every access to the page (here and in the other process) is atomic.
+        unsafe { &*self.map.as_mut_ptr().cast::<AtomicU64>().add(i) }
+    }
 }
 
 /// The per-target secret the supervisor makes and hands to the target's issuer and verifier
@@ -237,10 +403,36 @@ impl TargetKey {
                 target,
                 ttl,
                 mac,
-                epoch: AtomicU64::new(0),
-                notices: RankedMutex::new(crate::lock_order::TOKEN_NOTICES, Vec::new()),
+                state: KeyState::Local {
+                    epoch: AtomicU64::new(0),
+                    notices: RankedMutex::new(crate::lock_order::TOKEN_NOTICES, Vec::new()),
+                },
             }),
         }
+    }
+
+    /// A key from its 32 bytes whose epoch word and use notices live in `page`, shared with
+    /// the other process's copy of the key (the target's issuer or the appliance's verifier;
+    /// see [`TokenPage`]).
+    pub fn from_bytes_on_page(
+        target: u64,
+        ttl: Duration,
+        bytes: &[u8; 32],
+        page: Arc<TokenPage>,
+    ) -> TargetKey {
+        let mut key = TargetKey::from_bytes(target, ttl, bytes);
+        if let Some(shared) = Arc::get_mut(&mut key.shared) {
+            shared.state =
+                KeyState::Page(page, RankedMutex::new(crate::lock_order::TOKEN_NOTICES, ()));
+        }
+        key
+    }
+
+    /// 32 fresh key bytes from the OS random source (what the supervisor sends both sides).
+    pub fn random_bytes() -> Result<[u8; 32], TokenError> {
+        let mut bytes = [0u8; 32];
+        getrandom(&mut bytes)?;
+        Ok(bytes)
     }
 
     /// The target the key belongs to.
@@ -255,7 +447,7 @@ impl TargetKey {
 
     /// The current epoch (bumped by each revocation).
     pub fn epoch(&self) -> u64 {
-        self.shared.epoch.load(Ordering::SeqCst)
+        self.shared.state.epoch()
     }
 
     fn tag(&self, epoch: u64, words: [u64; 2]) -> Hmac<Sha256> {
@@ -290,14 +482,11 @@ impl TargetKey {
     }
 
     fn notice_used(&self, nonce: u64) {
-        let mut notices = self.shared.notices.lock();
-        if notices.len() < NOTICE_CAPACITY {
-            notices.push(nonce);
-        }
+        self.shared.state.notice_used(nonce);
     }
 
     fn take_notices(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.shared.notices.lock())
+        self.shared.state.take_notices()
     }
 }
 
@@ -380,7 +569,7 @@ impl TokenIssuer {
     /// Returns how many were outstanding.
     pub fn revoke_all(&self) -> usize {
         let mut st = self.state.lock();
-        st.key.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        st.key.shared.state.bump_epoch();
         st.key.take_notices();
         let n = st.outstanding.len();
         st.outstanding.clear();
@@ -809,5 +998,116 @@ mod tests {
         assert!(grant.expires >= (before + DEFAULT_TTL).saturating_sub(Duration::from_millis(1)));
         assert!(grant.expires <= after + DEFAULT_TTL);
         assert!(format!("{key:?}").contains("target: 3"));
+    }
+
+    /// Issuer and verifier of `target` on two mappings of one token page, as the target
+    /// process and the appliance process hold it: the verifier's page is a second open of the
+    /// memfd (through `/proc/self/fd`) mapped on its own.
+    fn paged_pair(target: u64) -> (TokenIssuer, TokenVerifier, Arc<TokenPage>, Arc<ManualClock>) {
+        let clock = ManualClock::new();
+        let bytes = TargetKey::random_bytes().unwrap();
+        let page = Arc::new(TokenPage::create("kvmi-tokens-test").unwrap());
+        let path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(page.file())
+        );
+        let reopened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let other = Arc::new(TokenPage::from_file(reopened).unwrap());
+        assert_ne!(page.map.as_ptr(), other.map.as_ptr(), "two mappings");
+        let issuer = TokenIssuer::with_clock(
+            TargetKey::from_bytes_on_page(target, DEFAULT_TTL, &bytes, page.clone()),
+            clock.clone(),
+        );
+        let verifier = TokenVerifier::with_clock(
+            TargetKey::from_bytes_on_page(target, DEFAULT_TTL, &bytes, other),
+            clock.clone(),
+        );
+        (issuer, verifier, page, clock)
+    }
+
+    #[test]
+    fn a_token_page_carries_revocation_and_use_notices_between_two_mappings() {
+        let (issuer, verifier, _page, _clock) = paged_pair(7);
+        let t = issuer.issue().unwrap();
+        assert_eq!(verifier.verify(&t).unwrap().target, 7);
+        // Use notices cross the page: the issuer forgets used tokens and issues on.
+        for _ in 0..3 * MAX_OUTSTANDING {
+            let t = issuer.issue().unwrap();
+            verifier.verify(&t).unwrap();
+        }
+        assert_eq!(issuer.outstanding(), 0);
+        // A revocation in the issuer's mapping is the verifier's at once.
+        let pending = issuer.issue().unwrap();
+        assert_eq!(issuer.revoke_all(), 1);
+        assert_eq!(verifier.key.epoch(), 1);
+        assert_eq!(verifier.verify(&pending), Err(TokenError::Unknown));
+        let fresh = issuer.issue().unwrap();
+        assert!(verifier.verify(&fresh).is_ok());
+    }
+
+    #[test]
+    fn a_revocation_reaches_only_the_keys_on_its_page() {
+        // Same key bytes, different pages: the epochs are separate words.
+        let bytes = TargetKey::random_bytes().unwrap();
+        let (a, b) = (
+            Arc::new(TokenPage::create("kvmi-tokens-a").unwrap()),
+            Arc::new(TokenPage::create("kvmi-tokens-b").unwrap()),
+        );
+        let issuer = TokenIssuer::new(TargetKey::from_bytes_on_page(1, DEFAULT_TTL, &bytes, a));
+        let verifier = TokenVerifier::new(TargetKey::from_bytes_on_page(1, DEFAULT_TTL, &bytes, b));
+        let t = issuer.issue().unwrap();
+        issuer.revoke_all();
+        assert!(
+            verifier.verify(&t).is_ok(),
+            "page b never saw the revocation"
+        );
+        let after = issuer.issue().unwrap();
+        assert_eq!(
+            verifier.verify(&after),
+            Err(TokenError::Unknown),
+            "epoch 1 vs 0"
+        );
+    }
+
+    #[test]
+    fn scribbled_notice_counts_drop_notices_and_nothing_else() {
+        let (issuer, verifier, page, _clock) = paged_pair(8);
+        // A verifier's count far ahead of the issuer's: nothing is taken, nothing panics.
+        page.word(PAGE_NOTICES_WRITTEN)
+            .store(u64::MAX - 3, Ordering::SeqCst);
+        let mut held = Vec::new();
+        for _ in 0..MAX_OUTSTANDING {
+            held.push(issuer.issue().unwrap());
+        }
+        assert_eq!(issuer.issue().err(), Some(TokenError::TooMany));
+        // The issuer skipped to the scribbled count; notices written from there on arrive
+        // (the count wraps around u64::MAX).
+        for t in &held {
+            verifier.verify(t).unwrap();
+        }
+        assert_eq!(
+            issuer.outstanding(),
+            0,
+            "notices after the scribble crossed"
+        );
+        // A count behind the issuer's (a "negative" backlog): dropped as well.
+        page.word(PAGE_NOTICES_READ).store(5, Ordering::SeqCst);
+        page.word(PAGE_NOTICES_WRITTEN).store(1, Ordering::SeqCst);
+        assert_eq!(issuer.outstanding(), 0);
+        let t = issuer.issue().unwrap();
+        verifier.verify(&t).unwrap();
+        assert_eq!(issuer.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_short_file_is_not_a_token_page() {
+        let page = TokenPage::create("kvmi-tokens-short").unwrap();
+        page.file().set_len(100).unwrap();
+        let err = TokenPage::from_file(page.file().try_clone().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("4096 bytes"), "{err}");
     }
 }

@@ -10,6 +10,8 @@
 //!   alignment) and served with `mmap(MAP_FIXED)` of the target's memfd over the window.
 //! - [`hook`]: the appliance VM's doorbell (VERSION, FEATURES, NOTIFY and the page calls).
 //! - [`fleet`]: one appliance guarding many targets, which come and go ([`fleet::Fleet`]).
+//! - [`kick`]: the appliance's NOTIFY as a doorbell eventfd, for a target in another process.
+//! - [`remote`]: a target's end of its slot when the appliance runs in another process.
 //! - [`launch`]: boots the target and the appliance together ([`launch::start_with_appliance`]).
 //!
 //! Process boundary: the ring region and the target RAM are memfds
@@ -19,8 +21,10 @@
 pub mod fleet;
 pub mod hook;
 pub mod host_socket;
+pub mod kick;
 pub mod launch;
 pub mod pager;
+pub mod remote;
 pub mod rings;
 pub mod vhost_link;
 

@@ -78,6 +78,78 @@ impl PagerStats {
     }
 }
 
+/// The target memory a pager maps pages of.
+enum TargetMemory {
+    /// The target's RAM, in this process; its tokens are bound to its host base.
+    Local(Arc<GuestRam>),
+    /// The target's RAM memfd as the appliance process received it from the target's process
+    /// (read-only, size sealed: [`Pager::new_remote`]), and the id its tokens are bound to.
+    Remote {
+        file: std::fs::File,
+        len: u64,
+        id: u64,
+    },
+}
+
+impl TargetMemory {
+    fn size(&self) -> u64 {
+        match self {
+            TargetMemory::Local(ram) => ram.size(),
+            TargetMemory::Remote { len, .. } => *len,
+        }
+    }
+
+    fn id(&self) -> u64 {
+        match self {
+            TargetMemory::Local(ram) => target_id(ram),
+            TargetMemory::Remote { id, .. } => *id,
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            TargetMemory::Local(ram) => ram.memfd(),
+            TargetMemory::Remote { file, .. } => std::os::fd::AsFd::as_fd(file),
+        }
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), vmm::error::VmError> {
+        match self {
+            TargetMemory::Local(ram) => ram.read(gpa, buf),
+            TargetMemory::Remote { file, .. } => {
+                std::os::unix::fs::FileExt::read_exact_at(file, buf, gpa).map_err(|source| {
+                    vmm::error::VmError::Memory {
+                        what: "reading the target's RAM",
+                        source,
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// Why [`Pager::new_remote`] refused a target's RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteRamError {
+    /// Its seals or flags could not be read.
+    #[error("the target's RAM descriptor: {0}")]
+    Io(#[from] std::io::Error),
+    /// Its size is not sealed: the target could shrink it under the window's mappings.
+    #[error("the target's RAM memfd is not sealed against shrinking")]
+    NotSealed,
+    /// It is open for writing: the window must not be able to write the target.
+    #[error("the target's RAM descriptor is writable")]
+    Writable,
+    /// It is shorter than the size the target announced, or the size is not whole pages.
+    #[error("the target's RAM is {file} bytes, {announced} announced")]
+    Size {
+        /// Bytes in the file.
+        file: u64,
+        /// Bytes announced.
+        announced: u64,
+    },
+}
+
 /// What backs the appliance's window.
 enum Backing {
     /// An appliance VM's window: target pages are mapped over it, zero-copy.
@@ -99,12 +171,12 @@ impl Backing {
     fn map(
         &self,
         offset: u64,
-        target: &GuestRam,
+        target: &TargetMemory,
         target_gpa: u64,
         len: u64,
     ) -> Result<(), vmm::error::VmError> {
         match self {
-            Backing::Remap(w) => w.map_shared_readonly(offset, target.memfd(), target_gpa, len),
+            Backing::Remap(w) => w.map_shared_readonly(offset, target.fd(), target_gpa, len),
             Backing::Copy(m) => {
                 let mut page = vec![0u8; PAGE_SIZE as usize];
                 for at in (0..len).step_by(PAGE_SIZE as usize) {
@@ -172,7 +244,7 @@ fn check_arguments(request: &Request) -> Result<(), HcError> {
 /// Serves the page-sharing hypercalls of one appliance for one target.
 pub struct Pager {
     target: Arc<TokenVerifier>,
-    target_ram: Arc<GuestRam>,
+    target_ram: TargetMemory,
     others: Vec<Arc<TokenVerifier>>,
     window: Backing,
     window_gpa: u64,
@@ -214,11 +286,64 @@ impl Pager {
     ) -> Pager {
         Self::with_backing(
             target,
-            target_ram,
+            TargetMemory::Local(target_ram),
             others,
             Backing::Remap(window),
             window_gpa,
         )
+    }
+
+    /// A pager for a target in another process: `ram` is its RAM memfd as the link delivered
+    /// it ([`crate::vhost_link::TargetRam`]), which must be open read-only and sealed against
+    /// shrinking (a target that could truncate it would turn the window's mappings into
+    /// `SIGBUS`/`EFAULT` for the appliance) and at least `ram.len` bytes of whole pages. Its
+    /// tokens are bound to the id `target`'s key carries (the target process's
+    /// `Introspector::token_target`).
+    pub fn new_remote(
+        target: Arc<TokenVerifier>,
+        ram: crate::vhost_link::TargetRam,
+        others: Vec<Arc<TokenVerifier>>,
+        window: Arc<RemapWindow>,
+        window_gpa: u64,
+    ) -> Result<Pager, RemoteRamError> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::from(ram.fd);
+        let fd = file.as_raw_fd();
+        // SAFETY: F_GETFL and F_GET_SEALS on a descriptor we own; no pointer arguments.
+        let (flags, seals) = unsafe {
+            (
+                libc::fcntl(fd, libc::F_GETFL),
+                libc::fcntl(fd, libc::F_GET_SEALS),
+            )
+        };
+        if flags < 0 || seals < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(RemoteRamError::Writable);
+        }
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(RemoteRamError::NotSealed);
+        }
+        let size = file.metadata()?.len();
+        if size < ram.len || !ram.len.is_multiple_of(PAGE_SIZE) {
+            return Err(RemoteRamError::Size {
+                file: size,
+                announced: ram.len,
+            });
+        }
+        let id = target.target();
+        Ok(Self::with_backing(
+            target,
+            TargetMemory::Remote {
+                file,
+                len: ram.len,
+                id,
+            },
+            others,
+            Backing::Remap(window),
+            window_gpa,
+        ))
     }
 
     /// A pager for a host agent (guest-driver's host backend) whose window is the memfd
@@ -232,7 +357,7 @@ impl Pager {
     ) -> Pager {
         Self::with_backing(
             target,
-            target_ram,
+            TargetMemory::Local(target_ram),
             Vec::new(),
             Backing::Copy(window),
             window_gpa,
@@ -241,7 +366,7 @@ impl Pager {
 
     fn with_backing(
         target: Arc<TokenVerifier>,
-        target_ram: Arc<GuestRam>,
+        target_ram: TargetMemory,
         others: Vec<Arc<TokenVerifier>>,
         window: Backing,
         window_gpa: u64,
@@ -349,7 +474,7 @@ impl Pager {
 
     fn consume(&self, token: &MapToken) -> Result<(), HcError> {
         match self.target.verify(token) {
-            Ok(grant) if grant.target == target_id(&self.target_ram) => Ok(()),
+            Ok(grant) if grant.target == self.target_ram.id() => Ok(()),
             Ok(_) => Err(HcError::WrongTarget),
             Err(TokenError::Expired) => Err(HcError::TokenExpired),
             Err(TokenError::Full) => Err(HcError::Busy),
@@ -554,5 +679,99 @@ mod tests {
             "target bytes left in the window"
         );
         assert_eq!(pager.stats().refused, 5);
+    }
+
+    /// `ram`'s memfd reopened through `/proc/self/fd` (`write`: read-write), as the link
+    /// delivers a target's RAM to the appliance process.
+    fn delivered(
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: u64,
+        write: bool,
+    ) -> crate::vhost_link::TargetRam {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap();
+        crate::vhost_link::TargetRam {
+            fd: file.into(),
+            len,
+        }
+    }
+
+    #[test]
+    fn a_remote_target_s_read_only_ram_is_mapped_zero_copy_under_its_key() {
+        let target = GuestRam::new("kvmi-ram-remote", 4 * PAGE_SIZE).unwrap();
+        target
+            .write(PAGE_SIZE, &[0xaa; PAGE_SIZE as usize])
+            .unwrap();
+        // The id the target process's engine binds its tokens to (not an address here).
+        let key = TargetKey::generate(77, Duration::from_secs(60)).unwrap();
+        let issuer = TokenIssuer::new(key.clone());
+        let window = Arc::new(RemapWindow::new(4 * PAGE_SIZE).unwrap());
+        let pager = Pager::new_remote(
+            Arc::new(TokenVerifier::new(key)),
+            delivered(target.memfd(), 4 * PAGE_SIZE, false),
+            Vec::new(),
+            window.clone(),
+            WINDOW,
+        )
+        .unwrap();
+        let caller = GuestRam::new("pager-caller", PAGE_SIZE).unwrap();
+        caller
+            .write(0, &issuer.issue().unwrap().to_bytes())
+            .unwrap();
+        let map = Request::MemMap {
+            token_gpa: 0,
+            target_gpa: PAGE_SIZE,
+            window_gpa: WINDOW + PAGE_SIZE,
+        };
+        assert_eq!(pager.serve(&map, &caller), Ok(0), "MEM_MAP returns 0");
+        // SAFETY: the window's page 1 is mapped (read-only) for as long as `window` lives.
+        let seen = |at: usize| unsafe { *window.host_base().add(PAGE_SIZE as usize + at) };
+        assert_eq!(seen(0), 0xaa);
+        // Zero-copy: the target's later write is there at once.
+        target.write(PAGE_SIZE + 8, &[0x55]).unwrap();
+        assert_eq!(seen(8), 0x55);
+        // Out of the announced range, and a used token: refused.
+        caller
+            .write(0, &issuer.issue().unwrap().to_bytes())
+            .unwrap();
+        let beyond = Request::MemMap {
+            token_gpa: 0,
+            target_gpa: 4 * PAGE_SIZE,
+            window_gpa: WINDOW,
+        };
+        assert_eq!(pager.serve(&beyond, &caller), Err(HcError::OutOfRange));
+        assert_eq!(pager.stats().pages_mapped, 1);
+    }
+
+    #[test]
+    fn a_remote_target_s_ram_must_be_read_only_sealed_and_as_long_as_announced() {
+        let window = || Arc::new(RemapWindow::new(4 * PAGE_SIZE).unwrap());
+        let verifier = || {
+            Arc::new(TokenVerifier::new(
+                TargetKey::generate(1, Duration::from_secs(60)).unwrap(),
+            ))
+        };
+        let target = GuestRam::new("kvmi-ram-checked", 4 * PAGE_SIZE).unwrap();
+        let writable = delivered(target.memfd(), 4 * PAGE_SIZE, true);
+        assert!(matches!(
+            Pager::new_remote(verifier(), writable, Vec::new(), window(), WINDOW),
+            Err(RemoteRamError::Writable)
+        ));
+        let longer = delivered(target.memfd(), 8 * PAGE_SIZE, false);
+        assert!(matches!(
+            Pager::new_remote(verifier(), longer, Vec::new(), window(), WINDOW),
+            Err(RemoteRamError::Size { .. })
+        ));
+        // A memfd whose size is not sealed (the target could shrink it under the window).
+        let page = kvmi_engine::tokens::TokenPage::create("kvmi-ram-unsealed").unwrap();
+        let unsealed = delivered(std::os::fd::AsFd::as_fd(page.file()), PAGE_SIZE, false);
+        assert!(matches!(
+            Pager::new_remote(verifier(), unsealed, Vec::new(), window(), WINDOW),
+            Err(RemoteRamError::NotSealed)
+        ));
     }
 }

@@ -466,14 +466,17 @@ impl std::fmt::Debug for RingService {
 /// calling (appliance vCPU) thread, and wake the service thread for the other rings.
 #[derive(Clone)]
 pub struct Waker {
-    thread: Thread,
+    thread: Option<Thread>,
     desk: Option<(Arc<CommandDesk>, u64)>,
+    /// A target in another process: its slot's doorbell eventfd.
+    doorbell: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
 }
 
 impl std::fmt::Debug for Waker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Waker")
             .field("inline_commands", &self.desk.is_some())
+            .field("doorbell", &self.doorbell.is_some())
             .finish()
     }
 }
@@ -481,17 +484,39 @@ impl std::fmt::Debug for Waker {
 impl Waker {
     /// A waker for `thread` (e.g. a test's own thread), with no command ring to serve.
     pub fn for_thread(thread: Thread) -> Waker {
-        Waker { thread, desk: None }
+        Waker {
+            thread: Some(thread),
+            desk: None,
+            doorbell: None,
+        }
+    }
+
+    /// The waker of a target in another process: every NOTIFY writes the slot's doorbell
+    /// eventfd (the link's `SET_VRING_KICK`), which the target's
+    /// [`KickForwarder`](crate::kick::KickForwarder) turns into its service's wake-up.
+    pub fn doorbell(kick: Arc<vmm_sys_util::eventfd::EventFd>) -> Waker {
+        Waker {
+            thread: None,
+            desk: None,
+            doorbell: Some(kick),
+        }
     }
 
     /// Ends the service thread's sleep (cheap, idempotent).
     pub fn wake(&self) {
-        self.thread.unpark();
+        if let Some(thread) = &self.thread {
+            thread.unpark();
+        }
+        if let Some(kick) = &self.doorbell {
+            // A full counter (2^64 - 2 kicks unread) already wakes the reader.
+            let _ = kick.write(1);
+        }
     }
 
     /// NOTIFY for ring index `ring` ([`NOTIFY_ALL_RINGS`] = any): the command ring is served
     /// on this thread at once (no hand-off to a thread that may wait for a CPU); any other
     /// ring wakes the service thread, as does a command ring the service thread is draining.
+    /// Through a doorbell every ring is one wake-up of the target's process.
     pub fn notify(&self, ring: u64) {
         let Some((desk, command_ring)) = &self.desk else {
             return self.wake();
@@ -559,7 +584,8 @@ impl CommandDesk {
 struct Inbound {
     channel: Arc<RingChannel>,
     desk: Arc<CommandDesk>,
-    log: Consumer<RingMemory>,
+    /// The log ring and where its lines go; `None` when another process consumes it.
+    log: Option<(Consumer<RingMemory>, LogSink)>,
 }
 
 /// How long the service thread sleeps at most before re-checking (a NOTIFY ends it early).
@@ -591,13 +617,38 @@ impl RingService {
         full_timeout: Duration,
         fleet: Arc<FleetCounter>,
     ) -> Result<RingService, ChannelError> {
+        Self::start_with(introspector, region, Some(log), full_timeout, fleet)
+    }
+
+    /// [`RingService::start`] for a target process of `kvmi run --isolate`: the same
+    /// service, but the log ring is left alone (the appliance process reads it and prints
+    /// its lines). The appliance's NOTIFY reaches this process as a doorbell eventfd: see
+    /// [`crate::kick::KickForwarder`], which hands it to [`RingService::waker`].
+    pub fn start_without_log(
+        introspector: Arc<Introspector>,
+        region: &Region<RingMemory>,
+        full_timeout: Duration,
+    ) -> Result<RingService, ChannelError> {
+        Self::start_with(introspector, region, None, full_timeout, Arc::default())
+    }
+
+    fn start_with(
+        introspector: Arc<Introspector>,
+        region: &Region<RingMemory>,
+        log: Option<LogSink>,
+        full_timeout: Duration,
+        fleet: Arc<FleetCounter>,
+    ) -> Result<RingService, ChannelError> {
         let bad = |e: RingError| ChannelError::Protocol(format!("ring region: {e}"));
         let channel = Arc::new(RingChannel::new(region, full_timeout, fleet).map_err(bad)?);
         let mut commands = region.consumer_for(RingKind::Command, 0).map_err(bad)?;
         // Armed for good: the appliance notifies after each command (served inline).
         commands.arm_wake().map_err(bad)?;
         let command_ring = region.ring_index(RingKind::Command, 0).map_err(bad)?;
-        let log_ring = region.consumer_for(RingKind::Log, 0).map_err(bad)?;
+        let log = match log {
+            Some(sink) => Some((region.consumer_for(RingKind::Log, 0).map_err(bad)?, sink)),
+            None => None,
+        };
         let generation = introspector.attach(channel.clone())?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServiceStats::default());
@@ -610,14 +661,14 @@ impl RingService {
         let inbound = Inbound {
             channel: channel.clone(),
             desk: desk.clone(),
-            log: log_ring,
+            log,
         };
         let (s, st, intro) = (stop.clone(), stats.clone(), introspector.clone());
         let spawned = std::thread::Builder::new()
             .name("kvmi-rings".into())
             .spawn(move || {
                 let end = match vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service) {
-                    Ok(_) => serve(&intro, generation, inbound, log, &s, &st),
+                    Ok(_) => serve(&intro, generation, inbound, &s, &st),
                     Err(e) => ServiceEnd::Detached(e.to_string()),
                 };
                 if let ServiceEnd::Detached(reason) = &end {
@@ -650,8 +701,9 @@ impl RingService {
     /// The NOTIFY handler: serves commands inline, wakes the thread for the rest.
     pub fn waker(&self) -> Waker {
         Waker {
-            thread: self.waker.clone(),
+            thread: Some(self.waker.clone()),
             desk: Some(self.desk.clone()),
+            doorbell: None,
         }
     }
 
@@ -725,7 +777,6 @@ fn serve(
     intro: &Introspector,
     generation: u64,
     mut inbound: Inbound,
-    mut log: LogSink,
     stop: &AtomicBool,
     stats: &ServiceStats,
 ) -> ServiceEnd {
@@ -755,11 +806,13 @@ fn serve(
             if let Some(mut inbox) = inbound.desk.inbox.try_lock() {
                 work += inbound.desk.drain(&mut inbox)?;
             }
-            work += drain(&mut inbound.log, &mut scratch, "log", |r| {
-                stats.log_records.fetch_add(1, Ordering::Relaxed);
-                log(r);
-                Ok(())
-            })?;
+            if let Some((ring, log)) = &mut inbound.log {
+                work += drain(ring, &mut scratch, "log", |r| {
+                    stats.log_records.fetch_add(1, Ordering::Relaxed);
+                    log(r);
+                    Ok(())
+                })?;
+            }
             Ok(())
         })();
         if let Err(reason) = round {
@@ -805,7 +858,9 @@ fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingEr
             all_empty &= reply.lock().ring.arm_wake()?;
         }
     }
-    all_empty &= inbound.log.arm_wake()?;
+    if let Some((log, _)) = &mut inbound.log {
+        all_empty &= log.arm_wake()?;
+    }
     // A NOTIFY serving the command ring right now holds it (possibly waiting on a full
     // reply ring): do not wait for it; it drains what is there and re-arms the ring.
     all_empty &= match inbound.desk.inbox.try_lock() {
@@ -819,6 +874,8 @@ fn sleep_armed(inbound: &mut Inbound, stats: &ServiceStats) -> Result<(), RingEr
     for reply in &inbound.channel.replies {
         reply.lock().ring.disarm_wake()?;
     }
-    inbound.log.disarm_wake()?;
+    if let Some((log, _)) = &mut inbound.log {
+        log.disarm_wake()?;
+    }
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -94,6 +95,59 @@ impl VhostUserFrontendReqHandler for RamReceiver {
     }
 }
 
+/// How long either end of a link waits for the other during the setup.
+pub const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shuts sockets down unless the setup ends before a deadline. vhost's reads retry on a
+/// receive timeout, so a socket option cannot bound them; a shut-down socket ends them (the
+/// read returns end-of-file and the setup fails).
+struct Watchdog {
+    fds: Arc<Mutex<Vec<i32>>>,
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Arms the deadline for `fd` (more sockets with [`Watchdog::watch`]). The watched
+    /// sockets must stay open until the watchdog is dropped (declare it after them).
+    fn arm(fd: i32, timeout: Duration) -> std::io::Result<Watchdog> {
+        let fds = Arc::new(Mutex::new(vec![fd]));
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watched = fds.clone();
+        let thread = std::thread::Builder::new()
+            .name("kvmi-link-setup".into())
+            .spawn(move || {
+                if wait.recv_timeout(timeout) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    for &fd in watched.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                        // SAFETY: the owner of `fd` keeps it open until it has dropped the
+                        // watchdog, which joins this thread first; shutdown only ends the
+                        // socket's pending and later reads.
+                        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                    }
+                }
+            })?;
+        Ok(Watchdog {
+            fds,
+            done: Some(done),
+            thread: Some(thread),
+        })
+    }
+
+    /// Adds socket `fd` to the ones shut down at the deadline.
+    fn watch(&self, fd: i32) {
+        self.fds.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The appliance process's end of one slot's link.
 pub struct ApplianceLink {
     frontend: Frontend,
@@ -111,7 +165,8 @@ impl std::fmt::Debug for ApplianceLink {
 impl ApplianceLink {
     /// Runs the frontend's side over `stream`: shares the slot's ring region (`ring_fd`, `len`
     /// bytes at `ring_gpa`, mapped at `ring_host` in this process) and its doorbell, and
-    /// receives the target's RAM.
+    /// receives the target's RAM. A target that stops answering fails it after
+    /// [`LINK_SETUP_TIMEOUT`].
     pub fn connect(
         stream: UnixStream,
         ring_fd: &dyn AsRawFd,
@@ -119,7 +174,30 @@ impl ApplianceLink {
         ring_host: u64,
         len: u64,
     ) -> Result<(ApplianceLink, TargetRam), LinkError> {
+        Self::connect_within(
+            stream,
+            ring_fd,
+            ring_gpa,
+            ring_host,
+            len,
+            LINK_SETUP_TIMEOUT,
+        )
+    }
+
+    /// [`ApplianceLink::connect`] with every wait for the target (its answers on `stream`, its
+    /// `SHMEM_MAP`) bounded by `timeout`: a silent or stalled target process cannot hang the
+    /// appliance process (at the deadline both sockets are shut down and the setup fails).
+    pub fn connect_within(
+        stream: UnixStream,
+        ring_fd: &dyn AsRawFd,
+        ring_gpa: u64,
+        ring_host: u64,
+        len: u64,
+        timeout: Duration,
+    ) -> Result<(ApplianceLink, TargetRam), LinkError> {
+        let stream_fd = stream.as_raw_fd();
         let mut frontend = Frontend::from_stream(stream, 1);
+        let watchdog = Watchdog::arm(stream_fd, timeout)?;
         frontend.set_owner()?;
         let features = frontend.get_features()?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -134,6 +212,7 @@ impl ApplianceLink {
         frontend.set_protocol_features(wanted())?;
         let receiver = Arc::new(RamReceiver::default());
         let mut requests = FrontendReqHandler::new(receiver.clone())?;
+        watchdog.watch(requests.as_raw_fd());
         frontend.set_backend_request_fd(&requests.get_tx_raw_fd())?;
         frontend.set_mem_table(&[VhostUserMemoryRegionInfo {
             guest_phys_addr: ring_gpa,
@@ -221,6 +300,35 @@ impl TargetBackend {
 /// `SHMEM_MAP`. Returns what the appliance shared and the handler, whose later requests the
 /// caller may serve (its end is how the target sees the appliance go).
 pub fn serve_target_end(
+    stream: UnixStream,
+    ram: &dyn AsRawFd,
+    ram_len: u64,
+) -> Result<(RingShare, BackendReqHandler<TargetBackend>), LinkError> {
+    serve_target_end_within(stream, ram, ram_len, None)
+}
+
+/// [`serve_target_end`] with the waits for the appliance's setup requests bounded by
+/// `timeout` (at the deadline the socket is shut down: a silent appliance process fails the
+/// setup instead of hanging the target's).
+pub fn serve_target_end_within(
+    stream: UnixStream,
+    ram: &dyn AsRawFd,
+    ram_len: u64,
+    timeout: Option<Duration>,
+) -> Result<(RingShare, BackendReqHandler<TargetBackend>), LinkError> {
+    // A descriptor of the same socket that outlives the watchdog whatever the setup does.
+    let setup = stream.try_clone()?;
+    let watchdog = match timeout {
+        Some(t) => Some(Watchdog::arm(setup.as_raw_fd(), t)?),
+        None => None,
+    };
+    let served = serve_backend(stream, ram, ram_len);
+    drop(watchdog);
+    drop(setup);
+    served
+}
+
+fn serve_backend(
     stream: UnixStream,
     ram: &dyn AsRawFd,
     ram_len: u64,
@@ -487,5 +595,47 @@ mod tests {
             .read_exact(&mut count)
             .expect("the kick is readable");
         assert_eq!(u64::from_ne_bytes(count), 1);
+    }
+
+    #[test]
+    fn a_silent_target_fails_the_appliance_s_setup_instead_of_hanging_it() {
+        let (appliance_end, silent) = UnixStream::pair().expect("socketpair");
+        let ring = GuestRam::new("kvmi-ring-slot2", 64 << 10).expect("ring region");
+        let started = std::time::Instant::now();
+        let got = ApplianceLink::connect_within(
+            appliance_end,
+            &*ring.memfd_file().clone(),
+            0xC700_0000,
+            ring.host_base() as u64,
+            64 << 10,
+            Duration::from_millis(200),
+        );
+        assert!(got.is_err(), "a link with a target that never answered");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(silent);
+    }
+
+    #[test]
+    fn a_silent_appliance_fails_the_target_s_setup_instead_of_hanging_it() {
+        let (silent, target_end) = UnixStream::pair().expect("socketpair");
+        let ram = GuestRam::new("kvmi-ram-silent", 2 << 20).expect("target RAM");
+        let started = std::time::Instant::now();
+        let got = serve_target_end_within(
+            target_end,
+            &*ram.memfd_file().clone(),
+            2 << 20,
+            Some(Duration::from_millis(200)),
+        );
+        assert!(got.is_err(), "a link with an appliance that never spoke");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(silent);
     }
 }

@@ -46,20 +46,20 @@ pub struct GuestRam {
 const NO_SLOT: u64 = u64::MAX;
 
 impl GuestRam {
-    /// Creates a zero-filled memfd of `size` bytes (a multiple of 4 KiB) named `name` and maps
-    /// it shared. The memory is not yet visible to any VM: see [`GuestRam::register`].
+    /// Creates a zero-filled memfd of `size` bytes (a multiple of 4 KiB) named `name`, seals
+    /// its size (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) and maps it shared. The memory is not yet visible to any VM: see [`GuestRam::register`].
     pub fn new(name: &str, size: u64) -> Result<Self, VmError> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(VmError::Config(format!(
                 "guest RAM size {size:#x} must be a non-zero multiple of 4 KiB"
             )));
         }
-        let len = usize::try_from(size)
-            .map_err(|_| VmError::Config(format!("guest RAM size {size:#x} too large")))?;
         let cname = CString::new(name)
             .map_err(|_| VmError::Config("memfd name contains a NUL".to_string()))?;
         // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(VmError::mem("memfd_create")(io::Error::last_os_error()));
         }
@@ -67,6 +67,45 @@ impl GuestRam {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(VmError::mem("ftruncate memfd"))?;
+        // The size is fixed for good: a process this memfd is passed to (the appliance process
+        // maps a target's RAM) can rely on every page staying there (no SIGBUS on access).
+        // SAFETY: F_ADD_SEALS on a descriptor we own; no pointer arguments.
+        let sealed = unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if sealed < 0 {
+            return Err(VmError::mem("sealing the memfd's size")(
+                io::Error::last_os_error(),
+            ));
+        }
+        Self::from_file(file, size)
+    }
+
+    /// Maps the first `size` bytes (a multiple of 4 KiB) of an existing memory file shared —
+    /// e.g. a memfd received from another process, whose bytes both processes then see. The
+    /// file must be at least `size` bytes long and open for reading and writing; its contents
+    /// are kept. The memory is not yet visible to any VM: see [`GuestRam::register`].
+    pub fn from_file(file: File, size: u64) -> Result<Self, VmError> {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(VmError::Config(format!(
+                "guest RAM size {size:#x} must be a non-zero multiple of 4 KiB"
+            )));
+        }
+        let len = usize::try_from(size)
+            .map_err(|_| VmError::Config(format!("guest RAM size {size:#x} too large")))?;
+        let file_len = file
+            .metadata()
+            .map_err(VmError::mem("fstat guest RAM file"))?
+            .len();
+        if file_len < size {
+            return Err(VmError::Config(format!(
+                "guest RAM file holds {file_len:#x} bytes, {size:#x} needed"
+            )));
+        }
         let memfd = Arc::new(file);
         let region = MmapRegion::<()>::from_file(FileOffset::from_arc(memfd.clone(), 0), len)
             .map_err(|e| VmError::mem("mmap guest RAM")(io::Error::other(e.to_string())))?;
@@ -314,4 +353,76 @@ pub unsafe fn register_slot(
     };
     // SAFETY: the caller guarantees the mapping outlives the slot.
     unsafe { vm.set_user_memory_region(region) }.map_err(VmError::kvm("set memslot"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second open of `ram`'s memfd through `/proc/self/fd`, as a process that received it
+    /// would hold it (`write` opens it read-write).
+    fn reopen(ram: &GuestRam, write: bool) -> File {
+        let path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&ram.memfd())
+        );
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn from_file_maps_the_same_bytes_both_ways() {
+        let ram = GuestRam::new("kvmi-ram-from-file", 2 * PAGE_SIZE).unwrap();
+        ram.write(0x1008, b"before").unwrap();
+        let other = GuestRam::from_file(reopen(&ram, true), 2 * PAGE_SIZE).unwrap();
+        let mut buf = [0u8; 6];
+        other.read(0x1008, &mut buf).unwrap();
+        assert_eq!(&buf, b"before", "contents are kept");
+        other.write(0x10, b"after").unwrap();
+        let mut buf = [0u8; 5];
+        ram.read(0x10, &mut buf).unwrap();
+        assert_eq!(
+            &buf, b"after",
+            "a write through one mapping is seen by the other"
+        );
+        assert_ne!(ram.host_base(), other.host_base());
+        // The link names the file by its memfd name: it is the same file.
+        let name = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&other.memfd())
+        ))
+        .unwrap();
+        assert_eq!(
+            name.to_string_lossy(),
+            "/memfd:kvmi-ram-from-file (deleted)"
+        );
+    }
+
+    #[test]
+    fn the_size_of_guest_ram_is_sealed() {
+        let ram = GuestRam::new("kvmi-ram-sealed", 2 * PAGE_SIZE).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&ram.memfd());
+        // SAFETY: F_GET_SEALS on a descriptor `ram` owns.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        assert_eq!(
+            seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW),
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+        );
+        assert!(ram.memfd_file().set_len(PAGE_SIZE).is_err(), "shrinking");
+        assert!(ram.memfd_file().set_len(4 * PAGE_SIZE).is_err(), "growing");
+        ram.write(PAGE_SIZE, b"still writable").unwrap();
+    }
+
+    #[test]
+    fn from_file_refuses_a_short_file_a_read_only_file_and_a_bad_size() {
+        let ram = GuestRam::new("kvmi-ram-short", PAGE_SIZE).unwrap();
+        let err = GuestRam::from_file(reopen(&ram, true), 2 * PAGE_SIZE).unwrap_err();
+        assert!(err.to_string().contains("0x1000 bytes"), "{err}");
+        assert!(GuestRam::from_file(reopen(&ram, false), PAGE_SIZE).is_err());
+        assert!(GuestRam::from_file(reopen(&ram, true), 100).is_err());
+        assert!(GuestRam::from_file(reopen(&ram, true), 0).is_err());
+    }
 }

@@ -169,3 +169,515 @@ fn a_timeout_ends_the_isolated_run_with_the_usual_status_and_summaries() {
         .count();
     assert_eq!(finals, 1, "{seen:?}");
 }
+
+// The split's building blocks across real processes: a target's end of its slot
+// (`appliance_link::remote::TargetSlot`) in a child process of this test, the appliance's end
+// (`ApplianceSlot`) here, joined by a socket pair as the supervisor will join them.
+
+/// Where the child finds its end of the link.
+const LINK_FD: i32 = 3;
+/// The environment variable that makes `slot_target_process` run.
+const CHILD_ENV: &str = "KVMI_TEST_SLOT_CHILD";
+
+/// The target process of `a_target_process_killed_frees_its_slot_in_the_appliance_process`
+/// (run by it as a child; does nothing otherwise): a test-guest target that spins, with its
+/// introspector on the slot link at descriptor 3; prints `ready` once attached and running.
+#[test]
+#[ignore = "a child process of another test"]
+fn slot_target_process() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixStream;
+    if std::env::var(CHILD_ENV).is_err() {
+        return;
+    }
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = vmm::VmConfig {
+        name: "kvmi-ram-child".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = vmm::Vm::new(
+        config,
+        kvmi_tests::common::elf(kvmi::images::Image::TestGuest),
+    )
+    .unwrap();
+    target.set_serial(vmm::SerialSink::Null);
+    let intro = kvmi_engine::Introspector::install(
+        &mut target,
+        caps,
+        kvmi_engine::IntrospectorConfig::default(),
+    )
+    .unwrap();
+    // SAFETY: the parent put the link's socket at descriptor 3 for this process alone.
+    let stream = unsafe { UnixStream::from_raw_fd(LINK_FD) };
+    let ram = target.ram().clone();
+    let slot = appliance_link::remote::TargetSlot::attach(
+        stream,
+        intro.clone(),
+        &ram,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    println!("ready");
+    // Until the parent kills this process (or 60 s).
+    std::thread::sleep(Duration::from_secs(60));
+    drop(slot);
+}
+
+/// The names of the memfds process `pid` holds (readlink of `/proc/PID/fd/*`).
+fn memfds_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.starts_with("/memfd:"))
+        .collect()
+}
+
+/// The appliance's end of a slot whose target's end runs in a child process (a spinning
+/// test-guest VM): the child, the slot, the agent's view of the ring region, and the lines the
+/// slot's log printed.
+struct ChildSlot {
+    child: Child,
+    slot: appliance_link::remote::ApplianceSlot,
+    app: hypercall::ring::Region<appliance_link::rings::RingMemory>,
+}
+
+fn spawn_slot_child() -> ChildSlot {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    use std::sync::Arc;
+
+    use appliance_link::hook::SERVED_FEATURES;
+    use appliance_link::remote::{ApplianceSlot, SlotSetup};
+    use hypercall::ring::{LayoutParams, Region, RingSizes, SharedRegion};
+    use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenVerifier};
+    use vmm::GuestRam;
+
+    let (appliance_end, target_end) = UnixStream::pair().unwrap();
+    let their_fd = target_end.as_raw_fd();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "isolation::slot_target_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and makes only the
+    // async-signal-safe calls dup2 and fcntl.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(their_fd, LINK_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::fcntl(LINK_FD, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(target_end);
+
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let ring = Arc::new(
+        GuestRam::new(
+            "kvmi-ring-slot0",
+            params.region_size().next_multiple_of(4096),
+        )
+        .unwrap(),
+    );
+    let slot = ApplianceSlot::connect(
+        appliance_end,
+        SlotSetup {
+            ring: ring.clone(),
+            ring_gpa: 0xC000_0000,
+            params,
+            verifier: Arc::new(TokenVerifier::new(
+                TargetKey::generate(1, DEFAULT_TTL).unwrap(),
+            )),
+            window: Arc::new(vmm::window::RemapWindow::new(1 << 20).unwrap()),
+            window_gpa: 0xC100_0000,
+            target: (1, "child".into()),
+            sink: Box::new(|_: &[u8]| {}),
+        },
+    );
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(e) => {
+            let _ = child.kill();
+            panic!("the appliance's end of the slot: {e}");
+        }
+    };
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("the target process ended before it was ready");
+        }
+    }
+    // SAFETY: the ring memory's mapping lives as long as `ring`, which the region owns.
+    let memory = unsafe { SharedRegion::new(ring.clone(), ring.host_base(), ring.size() as usize) };
+    let app = Region::open(Arc::new(memory.unwrap())).unwrap();
+    ChildSlot { child, slot, app }
+}
+
+/// Sends `n` GET_VERSION commands one at a time, each followed by `notify`, and waits for
+/// each reply; returns the time taken.
+fn command_round_trips(
+    app: &hypercall::ring::Region<appliance_link::rings::RingMemory>,
+    notify: &dyn Fn(),
+    n: u32,
+) -> Duration {
+    use hypercall::discovery::RingKind;
+    use protocol::wire::WireProfile;
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut record = vec![0u8; replies.max_payload()];
+    let started = Instant::now();
+    for seq in 0..n {
+        let len =
+            protocol::V4::encode_command(seq, &protocol::command::Command::GetVersion, &mut buf)
+                .unwrap();
+        commands.try_push(&buf[..len]).unwrap();
+        let _ = commands.publish().unwrap();
+        notify();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while replies.try_pop(&mut record).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "no reply to command {seq}");
+            std::hint::spin_loop();
+        }
+        let _ = replies.release().unwrap();
+    }
+    started.elapsed()
+}
+
+#[test]
+fn a_target_process_killed_frees_its_slot_in_the_appliance_process() {
+    if !kvmi_tests::require_kvm("a_target_process_killed_frees_its_slot_in_the_appliance_process") {
+        return;
+    }
+    // What only the appliance process holds: another slot's ring memory and another target's
+    // RAM. The target process must see neither.
+    let _other_ring = vmm::GuestRam::new("kvmi-ring-slot1", 1 << 16).unwrap();
+    let _other_target = vmm::GuestRam::new("kvmi-ram-other", 1 << 16).unwrap();
+    let ChildSlot {
+        mut child,
+        slot,
+        app,
+    } = spawn_slot_child();
+
+    // A process of its own, holding its RAM and its slot's ring region, nothing else of ours.
+    let pid = child.id();
+    let names = memfds_of(pid);
+    assert!(
+        names.iter().any(|n| n.contains("kvmi-ram-child")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("kvmi-ring-slot0")),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("kvmi-ring-slot1") || n.contains("kvmi-ram-other")),
+        "the target process holds the appliance's other memory: {names:?}"
+    );
+
+    // The appliance's NOTIFY crosses the process boundary: commands are answered.
+    let waker = slot.waker();
+    command_round_trips(&app, &|| waker.notify(hypercall::call::NOTIFY_ALL_RINGS), 3);
+
+    // SIGKILL of the target process: the appliance frees its slot.
+    assert!(!slot.is_gone());
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let _ = child.wait();
+    kvmi_tests::wait::until(Duration::from_secs(5), "the slot to be freed", || {
+        slot.is_gone()
+    });
+    assert_eq!(slot.pager().mapped_pages(), 0);
+    let _ = slot.close();
+}
+
+/// A measurement, not a check (run with `--ignored`): the command round trip (GET_VERSION,
+/// NOTIFY, reply) with the target's end in a child process (doorbell eventfd, served on the
+/// target's `kvmi-kick` thread) against the in-process ring service (NOTIFY served inline on
+/// the caller's thread, as `kvmi run` does today).
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn command_round_trip_across_processes_vs_in_process() {
+    if !kvmi_tests::require_kvm("command_round_trip_across_processes_vs_in_process") {
+        return;
+    }
+    use std::sync::Arc;
+
+    use appliance_link::hook::SERVED_FEATURES;
+    use appliance_link::rings::{RingService, create_region};
+    use hypercall::ring::{LayoutParams, Region, RingSizes};
+    const N: u32 = 2000;
+
+    // Across processes.
+    let ChildSlot {
+        mut child,
+        slot,
+        app,
+    } = spawn_slot_child();
+    let waker = slot.waker();
+    let notify = || waker.notify(hypercall::call::NOTIFY_ALL_RINGS);
+    command_round_trips(&app, &notify, 100);
+    let across = command_round_trips(&app, &notify, N);
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(slot);
+
+    // In process: the same guest, the ring service started as the fleet starts it.
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = vmm::VmConfig {
+        name: "kvmi-ram-inproc".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = vmm::Vm::new(
+        config,
+        kvmi_tests::common::elf(kvmi::images::Image::TestGuest),
+    )
+    .unwrap();
+    target.set_serial(vmm::SerialSink::Null);
+    let intro = kvmi_engine::Introspector::install(
+        &mut target,
+        caps,
+        kvmi_engine::IntrospectorConfig::default(),
+    )
+    .unwrap();
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let ring = Arc::new(
+        vmm::GuestRam::new(
+            "kvmi-ring-inproc",
+            params.region_size().next_multiple_of(4096),
+        )
+        .unwrap(),
+    );
+    let region = create_region(ring, &params).unwrap();
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    let service = RingService::start(
+        intro.clone(),
+        &region,
+        Box::new(|_| {}),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let app = Region::open(region.memory().clone()).unwrap();
+    let waker = service.waker();
+    let notify = || waker.notify(hypercall::call::NOTIFY_ALL_RINGS);
+    command_round_trips(&app, &notify, 100);
+    let inline = command_round_trips(&app, &notify, N);
+    let _ = service.stop();
+    running.handle().stop();
+    let _ = running.wait(vmm::RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(N);
+    println!(
+        "command round trip over {N}: across processes {:.2} us, in process {:.2} us, ratio {:.2}",
+        per(across),
+        per(inline),
+        per(across) / per(inline)
+    );
+}
+
+/// The appliance process of `an_appliance_process_killed_leaves_its_target_running` (run by it
+/// as a child; does nothing otherwise): the appliance's end of one slot on the link at
+/// descriptor 3; prints `ready` once the link is set up.
+#[test]
+#[ignore = "a child process of another test"]
+fn slot_appliance_process() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use appliance_link::hook::SERVED_FEATURES;
+    use appliance_link::remote::{ApplianceSlot, SlotSetup};
+    use hypercall::ring::{LayoutParams, RingSizes};
+    use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenVerifier};
+    if std::env::var(CHILD_ENV).is_err() {
+        return;
+    }
+    // SAFETY: the parent put the link's socket at descriptor 3 for this process alone.
+    let stream = unsafe { UnixStream::from_raw_fd(LINK_FD) };
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let ring = Arc::new(
+        vmm::GuestRam::new(
+            "kvmi-ring-slot0",
+            params.region_size().next_multiple_of(4096),
+        )
+        .unwrap(),
+    );
+    let slot = ApplianceSlot::connect(
+        stream,
+        SlotSetup {
+            ring,
+            ring_gpa: 0xC000_0000,
+            params,
+            verifier: Arc::new(TokenVerifier::new(
+                TargetKey::generate(1, DEFAULT_TTL).unwrap(),
+            )),
+            window: Arc::new(vmm::window::RemapWindow::new(1 << 20).unwrap()),
+            window_gpa: 0xC100_0000,
+            target: (1, "parent".into()),
+            sink: Box::new(|_: &[u8]| {}),
+        },
+    )
+    .unwrap();
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(60));
+    drop(slot);
+}
+
+#[test]
+fn an_appliance_process_killed_leaves_its_target_running() {
+    if !kvmi_tests::require_kvm("an_appliance_process_killed_leaves_its_target_running") {
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+
+    let (target_end, appliance_end) = UnixStream::pair().unwrap();
+    let their_fd = appliance_end.as_raw_fd();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "isolation::slot_appliance_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and makes only the
+    // async-signal-safe calls dup2 and fcntl.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(their_fd, LINK_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::fcntl(LINK_FD, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(appliance_end);
+
+    // The target (this process): a spinning guest, introspected.
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = vmm::VmConfig {
+        name: "kvmi-ram-parent".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = vmm::Vm::new(
+        config,
+        kvmi_tests::common::elf(kvmi::images::Image::TestGuest),
+    )
+    .unwrap();
+    target.set_serial(vmm::SerialSink::Null);
+    let intro = kvmi_engine::Introspector::install(
+        &mut target,
+        caps,
+        kvmi_engine::IntrospectorConfig::default(),
+    )
+    .unwrap();
+    let ram = target.ram().clone();
+    let slot = appliance_link::remote::TargetSlot::attach(
+        target_end,
+        intro.clone(),
+        &ram,
+        Duration::from_secs(5),
+    );
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(e) => {
+            let _ = child.kill();
+            panic!("the target's end of the slot: {e}");
+        }
+    };
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("the appliance process ended before it was ready");
+        }
+    }
+    assert!(intro.is_attached());
+    // The appliance process holds its ring region and this target's RAM (read-only).
+    let names = memfds_of(child.id());
+    assert!(
+        names.iter().any(|n| n.contains("kvmi-ring-slot0")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("kvmi-ram-parent")),
+        "{names:?}"
+    );
+
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+    let _ = child.wait();
+    kvmi_tests::wait::until(Duration::from_secs(5), "the detach", || {
+        !intro.is_attached()
+    });
+    // The target runs on, unhooked (its VM has not ended 300 ms after the detach).
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!running.handle().has_ended(), "the target runs on");
+    let end = slot.stop(&intro);
+    assert!(end.link_lost, "{end:?}");
+    running.handle().stop();
+    let _ = running.wait(vmm::RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}

@@ -45,6 +45,16 @@ fn ring_target(
     intro_config: IntrospectorConfig,
     log: appliance_link::rings::LogSink,
 ) -> RingTarget {
+    ring_target_log(name, cmdline, intro_config, Some(log))
+}
+
+/// [`ring_target`]; `log: None` starts the service of a target process (no log ring).
+fn ring_target_log(
+    name: &str,
+    cmdline: &str,
+    intro_config: IntrospectorConfig,
+    log: Option<appliance_link::rings::LogSink>,
+) -> RingTarget {
     let caps = vmm::probe::cached_capabilities().expect("probe");
     let config = VmConfig {
         name: name.into(),
@@ -68,7 +78,11 @@ fn ring_target(
     let region = create_region(Arc::new(GuestRam::new(name, size).unwrap()), &params).unwrap();
     let running = target.start().unwrap();
     intro.set_handle(running.handle());
-    let service = RingService::start(intro.clone(), &region, log, Duration::from_secs(5)).unwrap();
+    let service = match log {
+        Some(log) => RingService::start(intro.clone(), &region, log, Duration::from_secs(5)),
+        None => RingService::start_without_log(intro.clone(), &region, Duration::from_secs(5)),
+    }
+    .unwrap();
     RingTarget {
         running,
         intro,
@@ -294,6 +308,98 @@ fn a_notify_for_the_command_ring_serves_it_on_the_callers_thread() {
     });
 }
 
+/// Sends GET_VERSION `seq` on the command ring, rings `doorbell` (as the appliance process
+/// does for NOTIFY) and waits for the reply.
+fn command_through_the_doorbell(
+    commands: &mut hypercall::ring::Producer<RingMemory>,
+    replies: &mut Consumer<RingMemory>,
+    doorbell: &std::fs::File,
+    seq: u32,
+) {
+    use std::io::Write;
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let n = V4::encode_command(seq, &Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    assert!(
+        commands.publish().unwrap(),
+        "the command ring's wake word is armed"
+    );
+    (&*doorbell).write_all(&1u64.to_ne_bytes()).unwrap();
+    let record = pop(replies);
+    match V4::decode_host_message(V4::parse_frame(&record).unwrap()).unwrap() {
+        HostMessage::Reply {
+            seq: got, command, ..
+        } => assert_eq!((got, command), (seq, CommandKind::GetVersion)),
+        other => panic!("expected the GET_VERSION reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_target_process_service_leaves_the_log_ring_and_is_woken_by_the_doorbell() {
+    if !kvmi_tests::require_kvm(
+        "a_target_process_service_leaves_the_log_ring_and_is_woken_by_the_doorbell",
+    ) {
+        return;
+    }
+    use appliance_link::kick::{KickEnd, KickForwarder};
+    use std::os::fd::FromRawFd;
+    let RingTarget {
+        running,
+        intro,
+        region,
+        service,
+        ..
+    } = ring_target_log(
+        "doorbell-target",
+        "mode=spin gate=1",
+        IntrospectorConfig::default(),
+        None,
+    );
+    // The doorbell as the vhost-user link makes it (non-blocking eventfd), one end each.
+    // SAFETY: eventfd has no pointer arguments.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let doorbell = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut forwarder =
+        KickForwarder::start(doorbell.try_clone().unwrap(), service.waker()).unwrap();
+
+    let app = Region::open(region.memory().clone()).unwrap();
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let mut log = app.producer_for(RingKind::Log, 0).unwrap();
+    let mut log_reader = app.consumer_for(RingKind::Log, 0).unwrap();
+
+    // A log line stays in the ring for the appliance process: the target does not read it.
+    log.try_push(b"{\"finding\":\"stays\"}\n").unwrap();
+    let _ = log.publish().unwrap();
+    command_through_the_doorbell(&mut commands, &mut replies, &doorbell, 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(pop(&mut log_reader), b"{\"finding\":\"stays\"}\n".to_vec());
+    let stats = service.stats();
+    assert_eq!(
+        stats.log_records.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // Without the service thread, the doorbell alone serves the command ring.
+    assert_eq!(service.stop(), appliance_link::rings::ServiceEnd::Stopped);
+    let before = forwarder.wakeups();
+    command_through_the_doorbell(&mut commands, &mut replies, &doorbell, 2);
+    assert!(
+        forwarder.wakeups() > before,
+        "the reply came through the doorbell"
+    );
+    assert_eq!(stats.messages.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert!(intro.is_attached());
+    assert_eq!(forwarder.stop(), KickEnd::Stopped);
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}
+
 /// Publishes `message` on vCPU 0's reply ring, as a confused or hostile appliance would.
 fn scribble_reply_ring(region: &Region<RingMemory>, message: &[u8]) {
     let app = Region::open(region.memory().clone()).unwrap();
@@ -409,4 +515,326 @@ fn anything_but_an_event_reply_on_a_reply_ring_detaches_the_appliance_at_once() 
         "{}",
         serial.text()
     );
+}
+
+#[test]
+fn a_target_slot_over_the_link_serves_the_appliance_and_runs_on_when_the_link_closes() {
+    if !kvmi_tests::require_kvm(
+        "a_target_slot_over_the_link_serves_the_appliance_and_runs_on_when_the_link_closes",
+    ) {
+        return;
+    }
+    use appliance_link::remote::TargetSlot;
+    use appliance_link::vhost_link::ApplianceLink;
+    use std::os::unix::net::UnixStream;
+
+    // The target process's half: its VM (RAM memfd kvmi-ram-NAME) and introspector.
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = VmConfig {
+        name: "kvmi-ram-linked".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = Vm::new(config, kvmi_tests::common::elf(Image::TestGuest)).unwrap();
+    let intro = Introspector::install(
+        &mut target,
+        caps,
+        IntrospectorConfig {
+            wait_for_tool: true,
+            ..IntrospectorConfig::default()
+        },
+    )
+    .unwrap();
+    let ram = target.ram().clone();
+
+    // The appliance process's half: the slot's ring region, laid out for one vCPU.
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let size = params.region_size().next_multiple_of(4096);
+    let ring = Arc::new(GuestRam::new("kvmi-ring-slot0", size).unwrap());
+    let app = create_region(ring.clone(), &params).unwrap();
+
+    let (appliance_end, target_end) = UnixStream::pair().unwrap();
+    let attaching = {
+        let (intro, ram) = (intro.clone(), ram.clone());
+        std::thread::spawn(move || {
+            TargetSlot::attach(target_end, intro, &ram, Duration::from_secs(5))
+        })
+    };
+    let (link, got) = ApplianceLink::connect(
+        appliance_end,
+        &**ring.memfd_file(),
+        0xC000_0000,
+        ring.host_base() as u64,
+        size,
+    )
+    .unwrap();
+    let slot = attaching
+        .join()
+        .unwrap()
+        .expect("the target's slot attaches");
+    assert_eq!(got.len, 64 << 20, "the target's RAM went to the appliance");
+    assert!(intro.is_attached());
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+
+    // The vCPU waits for its CREATE_VCPU event to be answered through the shared region.
+    let mut events = app.consumer_for(RingKind::Event, 0).unwrap();
+    let mut replies = app.producer_for(RingKind::EventReply, 0).unwrap();
+    let record = pop(&mut events);
+    let HostMessage::Event { seq, event } =
+        V4::decode_host_message(V4::parse_frame(&record).unwrap()).unwrap()
+    else {
+        panic!("an event on the event ring");
+    };
+    assert_eq!(event.payload.kind(), EventKind::CreateVcpu);
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let reply = EventReply {
+        event: EventKind::CreateVcpu,
+        action: Action::Continue,
+        data: EventReplyData::None,
+    };
+    let n = V4::encode_event_reply(seq, &reply, &mut buf).unwrap();
+    replies.try_push(&buf[..n]).unwrap();
+    let _ = replies.publish().unwrap();
+
+    // A command, and NOTIFY as the appliance process makes it: the link's doorbell.
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut command_replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let n = V4::encode_command(9, &Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    assert!(
+        commands.publish().unwrap(),
+        "the command ring's wake word is armed"
+    );
+    link.notify();
+    let record = pop(&mut command_replies);
+    match V4::decode_host_message(V4::parse_frame(&record).unwrap()).unwrap() {
+        HostMessage::Reply { seq, command, .. } => {
+            assert_eq!((seq, command), (9, CommandKind::GetVersion));
+        }
+        other => panic!("expected the GET_VERSION reply, got {other:?}"),
+    }
+    wait::until(Duration::from_secs(5), "the doorbell's wake-up", || {
+        slot.doorbell_wakeups() >= 1
+    });
+
+    // The appliance process goes: its end of the link closes. The target is unhooked and
+    // runs on.
+    drop(link);
+    wait::until(Duration::from_secs(5), "the detach", || {
+        !intro.is_attached()
+    });
+    // The link thread ends right after its detach.
+    wait::until(Duration::from_secs(5), "the link thread's end", || {
+        slot.link_closed()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !running.handle().has_ended(),
+        "the target runs on, unhooked"
+    );
+    let end = slot.stop(&intro);
+    assert!(end.link_lost, "{end:?}");
+    assert!(
+        matches!(end.service, appliance_link::rings::ServiceEnd::Detached(_)),
+        "{end:?}"
+    );
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
+}
+
+#[test]
+fn both_ends_of_a_slot_across_the_link_map_by_token_label_the_log_and_free_the_slot() {
+    if !kvmi_tests::require_kvm(
+        "both_ends_of_a_slot_across_the_link_map_by_token_label_the_log_and_free_the_slot",
+    ) {
+        return;
+    }
+    use appliance_link::remote::{ApplianceSlot, SlotSetup, TargetSlot};
+    use hypercall::call::Request;
+    use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenPage, TokenVerifier};
+    use std::os::unix::net::UnixStream;
+
+    // The supervisor: one key and one token page for the target (each side maps the page on
+    // its own: the verifier's is a second open of the memfd).
+    const TARGET_ID: u64 = 0x5107;
+    let key = TargetKey::random_bytes().unwrap();
+    let page = Arc::new(TokenPage::create("kvmi-tokens-slot").unwrap());
+    let reopened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(page.file())
+        ))
+        .unwrap();
+    let appliance_page = Arc::new(TokenPage::from_file(reopened).unwrap());
+
+    // The target process: its VM, its introspector issuing under the supervisor's key.
+    let caps = vmm::probe::cached_capabilities().expect("probe");
+    let config = VmConfig {
+        name: "kvmi-ram-both".into(),
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        cmdline: "mode=spin".into(),
+        unknown_io: vmm::UnknownIoPolicy::Ignore,
+    };
+    let mut target = Vm::new(config, kvmi_tests::common::elf(Image::TestGuest)).unwrap();
+    let intro = Introspector::install(&mut target, caps, IntrospectorConfig::default()).unwrap();
+    intro.tokens().rekey(TargetKey::from_bytes_on_page(
+        TARGET_ID,
+        DEFAULT_TTL,
+        &key,
+        page.clone(),
+    ));
+    let ram = target.ram().clone();
+    ram.write(0x3000, b"target page").unwrap();
+
+    // The appliance process: the slot's ring memory and window, the verifier.
+    let params = LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    };
+    let ring = Arc::new(
+        GuestRam::new(
+            "kvmi-ring-slot0",
+            params.region_size().next_multiple_of(4096),
+        )
+        .unwrap(),
+    );
+    let window = Arc::new(vmm::window::RemapWindow::new(1 << 20).unwrap());
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = lines.clone();
+    let (appliance_end, target_end) = UnixStream::pair().unwrap();
+    let attaching = {
+        let (intro, ram) = (intro.clone(), ram.clone());
+        std::thread::spawn(move || {
+            TargetSlot::attach(target_end, intro, &ram, Duration::from_secs(5))
+        })
+    };
+    let slot = ApplianceSlot::connect(
+        appliance_end,
+        SlotSetup {
+            ring: ring.clone(),
+            ring_gpa: 0xC000_0000,
+            params,
+            verifier: Arc::new(TokenVerifier::new(TargetKey::from_bytes_on_page(
+                TARGET_ID,
+                DEFAULT_TTL,
+                &key,
+                appliance_page,
+            ))),
+            window: window.clone(),
+            window_gpa: 0xC100_0000,
+            target: (3, "web".into()),
+            sink: Box::new(move |line: &[u8]| {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(line).into_owned())
+            }),
+        },
+    )
+    .unwrap();
+    let target_slot = attaching
+        .join()
+        .unwrap()
+        .expect("the target's end attaches");
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+
+    // The agent's side (this test) on the appliance's ring memory.
+    let app = Region::open(Arc::new(
+        // SAFETY: the ring memory's mapping lives as long as `ring`, which the region owns.
+        unsafe {
+            hypercall::ring::SharedRegion::new(ring.clone(), ring.host_base(), ring.size() as usize)
+        }
+        .unwrap(),
+    ))
+    .unwrap();
+    // A command, and NOTIFY through the route's waker (the doorbell): answered.
+    let mut commands = app.producer_for(RingKind::Command, 0).unwrap();
+    let mut command_replies = app.consumer_for(RingKind::CommandReply, 0).unwrap();
+    let mut buf = vec![0u8; V4::MAX_MSG_SIZE];
+    let n = V4::encode_command(4, &Command::GetVersion, &mut buf).unwrap();
+    commands.try_push(&buf[..n]).unwrap();
+    let _ = commands.publish().unwrap();
+    slot.waker().notify(hypercall::call::NOTIFY_ALL_RINGS);
+    let record = pop(&mut command_replies);
+    assert!(matches!(
+        V4::decode_host_message(V4::parse_frame(&record).unwrap()).unwrap(),
+        HostMessage::Reply { seq: 4, .. }
+    ));
+    wait::until(Duration::from_secs(5), "the doorbell", || {
+        target_slot.doorbell_wakeups() >= 1
+    });
+
+    // A log line comes out labelled with the target.
+    let mut log = app.producer_for(RingKind::Log, 0).unwrap();
+    log.try_push(b"{\"finding\":\"probe\"}").unwrap();
+    let _ = log.publish().unwrap();
+    wait::until(Duration::from_secs(5), "the labelled line", || {
+        !lines.lock().unwrap().is_empty()
+    });
+    assert_eq!(
+        lines.lock().unwrap()[0],
+        "{\"target\":3,\"target_name\":\"web\",\"finding\":\"probe\"}"
+    );
+
+    // A token the target's engine issued maps its page, read-only and zero-copy.
+    let caller = GuestRam::new("agent-ram", 4096).unwrap();
+    caller
+        .write(0, &intro.tokens().issue().unwrap().to_bytes())
+        .unwrap();
+    let map = Request::MemMap {
+        token_gpa: 0,
+        target_gpa: 0x3000,
+        window_gpa: 0xC100_0000,
+    };
+    assert_eq!(slot.pager().serve(&map, &caller), Ok(0));
+    let mut seen = [0u8; 11];
+    // SAFETY: the window's first page is mapped for as long as `window` lives.
+    unsafe { std::ptr::copy_nonoverlapping(window.host_base(), seen.as_mut_ptr(), 11) };
+    assert_eq!(&seen, b"target page");
+
+    // The target's engine revokes its tokens (as a detach or REVOKE does): the appliance's
+    // verifier sees the new epoch through the token page at once.
+    let pending = intro.tokens().issue().unwrap();
+    intro.tokens().revoke_all();
+    caller.write(0, &pending.to_bytes()).unwrap();
+    let again = Request::MemMap {
+        token_gpa: 0,
+        target_gpa: 0x3000,
+        window_gpa: 0xC100_0000 + 4096,
+    };
+    assert_eq!(
+        slot.pager().serve(&again, &caller),
+        Err(hypercall::error::HcError::BadToken)
+    );
+    // The target's end of the link closes: the appliance frees the slot and revokes the page.
+    let end = target_slot.stop(&intro);
+    assert!(!end.link_lost);
+    wait::until(Duration::from_secs(5), "the slot to be freed", || {
+        slot.is_gone()
+    });
+    assert_eq!(slot.pager().mapped_pages(), 0);
+    assert_eq!(slot.close(), 1, "one log record printed");
+    running.handle().stop();
+    let _ = running.wait(RunLimits {
+        timeout: Some(Duration::from_secs(10)),
+        interrupt: None,
+    });
 }
