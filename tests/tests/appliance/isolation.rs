@@ -247,25 +247,16 @@ struct ChildSlot {
     app: hypercall::ring::Region<appliance_link::rings::RingMemory>,
 }
 
-fn spawn_slot_child() -> ChildSlot {
-    use std::io::BufRead;
+/// Re-runs this test binary as the ignored test `role` (a slot end in a child process), with
+/// `link` at [`LINK_FD`] and its stdout piped; `link` is closed here.
+fn spawn_role(role: &str, link: std::os::unix::net::UnixStream) -> Child {
     use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
     use std::os::unix::process::CommandExt;
-    use std::sync::Arc;
-
-    use appliance_link::hook::SERVED_FEATURES;
-    use appliance_link::remote::{ApplianceSlot, SlotSetup};
-    use hypercall::ring::{LayoutParams, Region, RingSizes, SharedRegion};
-    use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenVerifier};
-    use vmm::GuestRam;
-
-    let (appliance_end, target_end) = UnixStream::pair().unwrap();
-    let their_fd = target_end.as_raw_fd();
+    let their_fd = link.as_raw_fd();
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
-            "isolation::slot_target_process",
+            &format!("isolation::{role}"),
             "--exact",
             "--ignored",
             "--nocapture",
@@ -285,23 +276,25 @@ fn spawn_slot_child() -> ChildSlot {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
-    drop(target_end);
+    let child = command.spawn().unwrap();
+    drop(link);
+    child
+}
 
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes::default(),
-        features: SERVED_FEATURES,
-        map_window_gpa: 0xC100_0000,
-        map_window_size: 1 << 20,
-    };
-    let ring = Arc::new(
-        GuestRam::new(
-            "kvmi-ring-slot0",
-            params.region_size().next_multiple_of(4096),
-        )
-        .unwrap(),
-    );
+fn spawn_slot_child() -> ChildSlot {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use appliance_link::remote::{ApplianceSlot, SlotSetup};
+    use hypercall::ring::{Region, SharedRegion};
+    use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenVerifier};
+
+    let (appliance_end, target_end) = UnixStream::pair().unwrap();
+    let mut child = spawn_role("slot_target_process", target_end);
+
+    let params = crate::rings::slot_params();
+    let ring = crate::rings::slot_ring("kvmi-ring-slot0", &params);
     let slot = ApplianceSlot::connect(
         appliance_end,
         SlotSetup {
@@ -428,11 +421,9 @@ fn command_round_trip_across_processes_vs_in_process() {
     if !kvmi_tests::require_kvm("command_round_trip_across_processes_vs_in_process") {
         return;
     }
-    use std::sync::Arc;
 
-    use appliance_link::hook::SERVED_FEATURES;
     use appliance_link::rings::{RingService, create_region};
-    use hypercall::ring::{LayoutParams, Region, RingSizes};
+    use hypercall::ring::Region;
     const N: u32 = 2000;
 
     // Across processes.
@@ -470,20 +461,8 @@ fn command_round_trip_across_processes_vs_in_process() {
         kvmi_engine::IntrospectorConfig::default(),
     )
     .unwrap();
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes::default(),
-        features: SERVED_FEATURES,
-        map_window_gpa: 0xC100_0000,
-        map_window_size: 1 << 20,
-    };
-    let ring = Arc::new(
-        vmm::GuestRam::new(
-            "kvmi-ring-inproc",
-            params.region_size().next_multiple_of(4096),
-        )
-        .unwrap(),
-    );
+    let params = crate::rings::slot_params();
+    let ring = crate::rings::slot_ring("kvmi-ring-inproc", &params);
     let region = create_region(ring, &params).unwrap();
     let running = target.start().unwrap();
     intro.set_handle(running.handle());
@@ -525,29 +504,15 @@ fn slot_appliance_process() {
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
 
-    use appliance_link::hook::SERVED_FEATURES;
     use appliance_link::remote::{ApplianceSlot, SlotSetup};
-    use hypercall::ring::{LayoutParams, RingSizes};
     use kvmi_engine::tokens::{DEFAULT_TTL, TargetKey, TokenVerifier};
     if std::env::var(CHILD_ENV).is_err() {
         return;
     }
     // SAFETY: the parent put the link's socket at descriptor 3 for this process alone.
     let stream = unsafe { UnixStream::from_raw_fd(LINK_FD) };
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes::default(),
-        features: SERVED_FEATURES,
-        map_window_gpa: 0xC100_0000,
-        map_window_size: 1 << 20,
-    };
-    let ring = Arc::new(
-        vmm::GuestRam::new(
-            "kvmi-ring-slot0",
-            params.region_size().next_multiple_of(4096),
-        )
-        .unwrap(),
-    );
+    let params = crate::rings::slot_params();
+    let ring = crate::rings::slot_ring("kvmi-ring-slot0", &params);
     let slot = ApplianceSlot::connect(
         stream,
         SlotSetup {
@@ -575,37 +540,10 @@ fn an_appliance_process_killed_leaves_its_target_running() {
         return;
     }
     use std::io::BufRead;
-    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
-    use std::os::unix::process::CommandExt;
 
     let (target_end, appliance_end) = UnixStream::pair().unwrap();
-    let their_fd = appliance_end.as_raw_fd();
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .args([
-            "isolation::slot_appliance_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    // SAFETY: the closure runs in the forked child before exec and makes only the
-    // async-signal-safe calls dup2 and fcntl.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::dup2(their_fd, LINK_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::fcntl(LINK_FD, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().unwrap();
-    drop(appliance_end);
+    let mut child = spawn_role("slot_appliance_process", appliance_end);
 
     // The target (this process): a spinning guest, introspected.
     let caps = vmm::probe::cached_capabilities().expect("probe");

@@ -19,6 +19,22 @@ use protocol::event_reply::{Action, EventReply, EventReplyData};
 use protocol::wire::{HostMessage, WireProfile};
 use vmm::{GuestRam, RunLimits, RunningVm, SerialSink, SharedBuffer, Vm, VmConfig};
 
+/// The ring layout of a one-vCPU slot with a 1 MiB map window (every slot test uses it).
+pub(crate) fn slot_params() -> LayoutParams {
+    LayoutParams {
+        vcpu_count: 1,
+        sizes: RingSizes::default(),
+        features: SERVED_FEATURES,
+        map_window_gpa: 0xC100_0000,
+        map_window_size: 1 << 20,
+    }
+}
+
+/// A memfd named `name` sized for `params`' ring region.
+pub(crate) fn slot_ring(name: &str, params: &LayoutParams) -> Arc<GuestRam> {
+    Arc::new(GuestRam::new(name, params.region_size().next_multiple_of(4096)).unwrap())
+}
+
 /// Pops one record within 10 s.
 fn pop(c: &mut Consumer<RingMemory>) -> Vec<u8> {
     let mut buf = vec![0u8; c.max_payload()];
@@ -67,15 +83,8 @@ fn ring_target_log(
     let serial = SharedBuffer::new();
     target.set_serial(SerialSink::Buffer(serial.clone()));
     let intro = Introspector::install(&mut target, caps, intro_config).unwrap();
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes::default(),
-        features: SERVED_FEATURES,
-        map_window_gpa: 0xC100_0000,
-        map_window_size: 1 << 20,
-    };
-    let size = params.region_size().next_multiple_of(4096);
-    let region = create_region(Arc::new(GuestRam::new(name, size).unwrap()), &params).unwrap();
+    let params = slot_params();
+    let region = create_region(slot_ring(name, &params), &params).unwrap();
     let running = target.start().unwrap();
     intro.set_handle(running.handle());
     let service = match log {
@@ -550,15 +559,8 @@ fn a_target_slot_over_the_link_serves_the_appliance_and_runs_on_when_the_link_cl
     let ram = target.ram().clone();
 
     // The appliance process's half: the slot's ring region, laid out for one vCPU.
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes::default(),
-        features: SERVED_FEATURES,
-        map_window_gpa: 0xC100_0000,
-        map_window_size: 1 << 20,
-    };
-    let size = params.region_size().next_multiple_of(4096);
-    let ring = Arc::new(GuestRam::new("kvmi-ring-slot0", size).unwrap());
+    let params = slot_params();
+    let ring = slot_ring("kvmi-ring-slot0", &params);
     let app = create_region(ring.clone(), &params).unwrap();
 
     let (appliance_end, target_end) = UnixStream::pair().unwrap();
@@ -573,7 +575,7 @@ fn a_target_slot_over_the_link_serves_the_appliance_and_runs_on_when_the_link_cl
         &**ring.memfd_file(),
         0xC000_0000,
         ring.host_base() as u64,
-        size,
+        ring.size(),
     )
     .unwrap();
     let slot = attaching
@@ -702,20 +704,8 @@ fn both_ends_of_a_slot_across_the_link_map_by_token_label_the_log_and_free_the_s
     ram.write(0x3000, b"target page").unwrap();
 
     // The appliance process: the slot's ring memory and window, the verifier.
-    let params = LayoutParams {
-        vcpu_count: 1,
-        sizes: RingSizes::default(),
-        features: SERVED_FEATURES,
-        map_window_gpa: 0xC100_0000,
-        map_window_size: 1 << 20,
-    };
-    let ring = Arc::new(
-        GuestRam::new(
-            "kvmi-ring-slot0",
-            params.region_size().next_multiple_of(4096),
-        )
-        .unwrap(),
-    );
+    let params = slot_params();
+    let ring = slot_ring("kvmi-ring-slot0", &params);
     let window = Arc::new(vmm::window::RemapWindow::new(1 << 20).unwrap());
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = lines.clone();
