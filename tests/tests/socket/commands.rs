@@ -113,8 +113,15 @@ fn guest_info_counts_vcpus_and_cpuid_matches_the_guest_view() {
         "vendor string"
     );
     assert!(leaf0.eax >= 1);
-    let leaf1 = c.get_cpuid(1, 1, 0).unwrap();
+    let leaf1 = c.get_cpuid(0, 1, 0).unwrap();
     assert_ne!(leaf1.edx & (1 << 0), 0, "FPU bit");
+    // In mode=spin vCPU 1 halts at boot and its thread ends: while it lives it answers with
+    // the same feature bits, afterwards the command is refused with -EAGAIN (never anything
+    // else).
+    match c.get_cpuid(1, 1, 0) {
+        Ok(other) => assert_eq!(other.edx, leaf1.edx, "vCPU 1's leaf 1 feature bits"),
+        Err(e) => assert_eq!(e.kvm_code(), Some(ErrorCode::Again), "vCPU 1: {e}"),
+    }
     assert!(c.get_cpuid(9, 0, 0).is_err(), "vCPU 9 does not exist");
 }
 
