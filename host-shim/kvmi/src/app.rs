@@ -135,56 +135,62 @@ enum Command {
     /// control socket it inherits; not for use by hand).
     #[command(hide = true)]
     VmmFleet,
+    /// A target's VM process of `kvmi run --isolate` (not for use by hand).
+    #[command(hide = true)]
+    VmmTarget,
+    /// The appliance VM's process of `kvmi run --isolate` (not for use by hand).
+    #[command(hide = true)]
+    VmmAppliance,
 }
 
 #[derive(clap::Args, Debug)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     /// An ELF file, or the name of an embedded image (demo-target, test-guest, appliance,
     /// example-agent) [default: the demo target, watched by the embedded appliance VM unless
     /// --no-appliance or a KVMI socket is given].
     #[arg(long)]
-    image: Option<String>,
+    pub(crate) image: Option<String>,
     /// With no --image: run the demo target alone, without the appliance VM.
     #[arg(long, conflicts_with = "appliance")]
-    no_appliance: bool,
+    pub(crate) no_appliance: bool,
     /// Number of vCPUs (each on its own thread).
     #[arg(long, default_value_t = 1)]
-    vcpus: u32,
+    pub(crate) vcpus: u32,
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
-    memory: u64,
+    pub(crate) memory: u64,
     /// Write the guest's serial output to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
-    serial: Option<PathBuf>,
+    pub(crate) serial: Option<PathBuf>,
     /// Stop the guest after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
-    timeout: Option<f64>,
+    pub(crate) timeout: Option<f64>,
     /// The guest's command line, e.g. "mode=hello" or "rounds=3".
     #[arg(long, default_value = "")]
-    cmdline: String,
+    pub(crate) cmdline: String,
     /// What to do with port or MMIO accesses no device handles.
     #[arg(long, value_enum, default_value_t = UnknownIo::Ignore)]
-    unknown_io: UnknownIo,
+    pub(crate) unknown_io: UnknownIo,
     /// Serve the management API (HTTP/1.1, JSON; docs/api.md) on the unix socket PATH:
     /// info, pause, resume, stats, dump, add and remove targets (`kvmi ctl`, `kvmi dump`).
     #[arg(long, value_name = "PATH")]
-    api_socket: Option<PathBuf>,
+    pub(crate) api_socket: Option<PathBuf>,
     /// Run the VMs in a child process under a small supervisor that holds no KVM fd and no
     /// guest memory (the child dies with it; its death is reported). The VMs are not yet
     /// isolated from each other: they share that child (docs/isolation.md).
     /// `KVMI_ISOLATE=1` in the environment does the same.
     #[arg(long)]
-    isolate: bool,
+    pub(crate) isolate: bool,
     #[command(flatten)]
-    kvmi: crate::args::introspection::KvmiRunArgs,
+    pub(crate) kvmi: crate::args::introspection::KvmiRunArgs,
     #[command(flatten)]
-    appliance: crate::args::appliance::ApplianceRunArgs,
+    pub(crate) appliance: crate::args::appliance::ApplianceRunArgs,
     #[command(flatten)]
-    seccomp: crate::args::seccomp::SeccompRunArgs,
+    pub(crate) seccomp: crate::args::seccomp::SeccompRunArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum UnknownIo {
+pub(crate) enum UnknownIo {
     /// Log and continue: writes are dropped, reads return all-ones.
     Ignore,
     /// Stop the VM with an error naming the port or address (exit status 125).
@@ -262,13 +268,48 @@ fn apply_main_job_default(args: &mut RunArgs) {
     args.appliance.appliance = Some(Image::Appliance.name().to_string());
 }
 
-fn run(mut args: RunArgs) -> Result<u8> {
-    if args.isolate || std::env::var_os(crate::isolate::ISOLATE_ENV).is_some_and(|v| v == "1") {
-        install_sigint();
-        return crate::isolate::run::supervise(&INTERRUPTED);
+/// What every process of a run builds from the `kvmi run` words before any VM exists: the
+/// image, the VM settings, limits, where serial output goes, the appliance image.
+pub(crate) struct Base {
+    /// The image's name and ELF.
+    pub(crate) name: String,
+    pub(crate) image: Vec<u8>,
+    /// The VM settings of `--vcpus`, `--memory`, `--cmdline`, `--unknown-io`.
+    pub(crate) config: VmConfig,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) serial: SerialSink,
+    /// The appliance VM's ELF, when the run has one.
+    pub(crate) appliance_image: Option<Vec<u8>>,
+}
+
+/// The targets of a run with an appliance VM, every image they use (loaded once, by spec:
+/// name and ELF) and the compiled policy, checked against their profiles.
+pub(crate) struct TargetPlan {
+    pub(crate) entries: Vec<crate::args::fleet_config::TargetConfig>,
+    pub(crate) images: std::collections::HashMap<String, (String, Vec<u8>)>,
+    pub(crate) policy: Vec<u8>,
+}
+
+/// Parses the words after `kvmi run` (without `--isolate`) as `kvmi run` does.
+pub(crate) fn parse_run_words(words: &[String]) -> Result<RunArgs> {
+    let cli = Cli::try_parse_from(
+        ["kvmi".to_string(), "run".to_string()]
+            .into_iter()
+            .chain(words.iter().cloned()),
+    )
+    .context("the supervisor's run words do not parse")?;
+    match cli.command {
+        Some(Command::Run(args)) => Ok(*args),
+        _ => bail!("the supervisor's run words are not a run"),
     }
+}
+
+/// The checks and defaults of `kvmi run` and the [`Base`] of the run. With `shared_serial`
+/// (a VM process of `--isolate`, whose supervisor truncated the file) a `--serial` file is
+/// appended to, not truncated: every VM process writes into it.
+pub(crate) fn base(args: &mut RunArgs, shared_serial: bool) -> Result<Base> {
     args.seccomp.apply();
-    apply_main_job_default(&mut args);
+    apply_main_job_default(args);
     if let Some(option) = args.appliance.orphan_options() {
         bail!("{option} needs an appliance VM (--appliance, or the main job's default)");
     }
@@ -286,13 +327,19 @@ fn run(mut args: RunArgs) -> Result<u8> {
         name: format!("kvmi-{name}"),
         memory_bytes,
         vcpus: args.vcpus,
-        cmdline: args.cmdline,
+        cmdline: args.cmdline.clone(),
         unknown_io: match args.unknown_io {
             UnknownIo::Ignore => UnknownIoPolicy::Ignore,
             UnknownIo::Error => UnknownIoPolicy::Error,
         },
     };
     let serial = match &args.serial {
+        Some(p) if shared_serial => SerialSink::File(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening serial file {}", p.display()))?,
+        ),
         Some(p) => SerialSink::File(
             File::create(p).with_context(|| format!("creating serial file {}", p.display()))?,
         ),
@@ -304,6 +351,120 @@ fn run(mut args: RunArgs) -> Result<u8> {
         Some(spec) => Some(load_image(spec).context("loading the appliance image")?.1),
         None => None,
     };
+    let targets = args.appliance.targets;
+    if !(1..=hypercall::directory::MAX_SLOTS).contains(&targets) {
+        bail!("--targets must be 1..={}", hypercall::directory::MAX_SLOTS);
+    }
+    Ok(Base {
+        name,
+        image,
+        config,
+        timeout,
+        serial,
+        appliance_image,
+    })
+}
+
+/// The targets of a run with an appliance VM: from `--config`, or `--targets` copies of
+/// `--image`; every image loaded once, and the policy compiled against their profiles
+/// before any VM starts.
+pub(crate) fn plan_targets(args: &RunArgs, base: &Base) -> Result<TargetPlan> {
+    plan_targets_of(args, &base.name, &base.image, &base.config)
+}
+
+fn plan_targets_of(
+    args: &RunArgs,
+    name: &str,
+    image: &[u8],
+    config: &VmConfig,
+) -> Result<TargetPlan> {
+    let targets = args.appliance.targets;
+    let entries = match &args.appliance.config {
+        Some(path) => {
+            if args.image.is_some() {
+                bail!("--config names each target's image: --image cannot be combined with it");
+            }
+            crate::args::fleet_config::load(path)?
+        }
+        None => (1..=targets)
+            .map(|i| crate::args::fleet_config::TargetConfig {
+                name: if targets == 1 {
+                    name.to_string()
+                } else {
+                    format!("{name}-{i}")
+                },
+                image: args.image.clone().unwrap_or(name.to_string()),
+                vcpus: config.vcpus,
+                memory_mib: args.memory,
+                cmdline: config.cmdline.clone(),
+                profile: Some(name.to_string()),
+                start_after_ms: 0,
+            })
+            .collect(),
+    };
+    let mut images = std::collections::HashMap::new();
+    let mut profiles = std::collections::HashMap::new();
+    for entry in &entries {
+        if images.contains_key(&entry.image) {
+            continue;
+        }
+        let (image_name, bytes) = if entry.image == name {
+            (name.to_string(), image.to_vec())
+        } else {
+            load_image(&entry.image)
+                .with_context(|| format!("the image of target {}", entry.name))?
+        };
+        if let Ok(profile) = Profile::from_elf(&image_name, &bytes) {
+            profiles.insert(image_name.clone(), profile.to_json());
+        }
+        images.insert(entry.image.clone(), (image_name, bytes));
+    }
+    let policy = args
+        .appliance
+        .compile_policy(&profiles)
+        .context("the policy is refused")?;
+    Ok(TargetPlan {
+        entries,
+        images,
+        policy,
+    })
+}
+
+/// Builds target `entry`'s VM (not started) from `plan`, with `template`'s settings and its
+/// own sizes, its serial output going to `serial`.
+pub(crate) fn build_target(
+    plan: &TargetPlan,
+    entry: &crate::args::fleet_config::TargetConfig,
+    template: &VmConfig,
+    serial: SerialSink,
+) -> Result<Vm> {
+    let (_, bytes) = &plan.images[&entry.image];
+    let vm_config = target_config(
+        template,
+        &entry.name,
+        entry.memory_mib,
+        entry.vcpus,
+        &entry.cmdline,
+    );
+    let mut vm =
+        Vm::new(vm_config, bytes).with_context(|| format!("building the VM for {}", entry.name))?;
+    vm.set_serial(serial);
+    Ok(vm)
+}
+
+fn run(mut args: RunArgs) -> Result<u8> {
+    if args.isolate || std::env::var_os(crate::isolate::ISOLATE_ENV).is_some_and(|v| v == "1") {
+        install_sigint();
+        return crate::isolate::run::supervise(&INTERRUPTED);
+    }
+    let Base {
+        name,
+        image,
+        config,
+        timeout,
+        serial,
+        appliance_image,
+    } = base(&mut args, false)?;
     let host_agent = args.appliance.appliance_socket.is_some();
     let introspection = match appliance_image {
         Some(_) => None,
@@ -313,10 +474,6 @@ fn run(mut args: RunArgs) -> Result<u8> {
     let dialect = args.kvmi.dialect(&name)?;
     if dialect != kvmi_engine::Dialect::V4 && introspection.is_none() {
         bail!("--kvmi-dialect libkvmi needs --kvmi-connect or --kvmi-socket (and no appliance)");
-    }
-    let targets = args.appliance.targets;
-    if !(1..=hypercall::directory::MAX_SLOTS).contains(&targets) {
-        bail!("--targets must be 1..={}", hypercall::directory::MAX_SLOTS);
     }
     if args.api_socket.is_some() && appliance_image.is_none() && host_agent {
         bail!("--api-socket cannot be combined with --appliance-socket");
@@ -330,78 +487,31 @@ fn run(mut args: RunArgs) -> Result<u8> {
     let mut policy = Vec::new();
     let mut fleet_api = None;
     if appliance_image.is_some() {
-        // The targets: from --config, or --targets copies of --image.
-        let entries = match &args.appliance.config {
-            Some(path) => {
-                if args.image.is_some() {
-                    bail!("--config names each target's image: --image cannot be combined with it");
-                }
-                crate::args::fleet_config::load(path)?
-            }
-            None => (1..=targets)
-                .map(|i| crate::args::fleet_config::TargetConfig {
-                    name: if targets == 1 {
-                        name.clone()
-                    } else {
-                        format!("{name}-{i}")
-                    },
-                    image: args.image.clone().unwrap_or(name.clone()),
-                    vcpus: config.vcpus,
-                    memory_mib: args.memory,
-                    cmdline: config.cmdline.clone(),
-                    profile: Some(name.clone()),
-                    start_after_ms: 0,
-                })
-                .collect(),
-        };
-        // Every image once, with its profile: the policy is checked against them before any
-        // VM starts.
-        let mut images = std::collections::HashMap::new();
-        let mut profiles = std::collections::HashMap::new();
-        for entry in &entries {
-            if images.contains_key(&entry.image) {
-                continue;
-            }
-            let (image_name, bytes) = if entry.image == name {
-                (name.clone(), image.clone())
-            } else {
-                load_image(&entry.image)
-                    .with_context(|| format!("the image of target {}", entry.name))?
-            };
-            if let Ok(profile) = Profile::from_elf(&image_name, &bytes) {
-                profiles.insert(image_name.clone(), profile.to_json());
-            }
-            images.insert(entry.image.clone(), (image_name, bytes));
-        }
-        policy = args
-            .appliance
-            .compile_policy(&profiles)
-            .context("the policy is refused")?;
+        let plan = plan_targets_of(&args, &name, &image, &config)?;
+        policy = plan.policy.clone();
         if let Some(listener) = api_listener.take() {
             fleet_api = Some(crate::args::appliance::FleetApi {
                 listener,
                 factory: target_factory(
-                    images.clone(),
+                    plan.images.clone(),
                     config.clone(),
                     serial.try_clone().context("duplicating the serial sink")?,
                 ),
             });
         }
-        for entry in entries {
-            let (image_name, bytes) = &images[&entry.image];
-            let vm_config = target_config(
+        for entry in &plan.entries {
+            let vm = build_target(
+                &plan,
+                entry,
                 &config,
-                &entry.name,
-                entry.memory_mib,
-                entry.vcpus,
-                &entry.cmdline,
-            );
-            let mut vm = Vm::new(vm_config, bytes)
-                .with_context(|| format!("building the VM for {}", entry.name))?;
-            vm.set_serial(serial.try_clone().context("duplicating the serial sink")?);
+                serial.try_clone().context("duplicating the serial sink")?,
+            )?;
             fleet.push(crate::args::appliance::FleetTarget {
-                profile: entry.profile.unwrap_or_else(|| image_name.clone()),
-                name: entry.name,
+                profile: entry
+                    .profile
+                    .clone()
+                    .unwrap_or_else(|| plan.images[&entry.image].0.clone()),
+                name: entry.name.clone(),
                 vm,
                 start_after: Duration::from_millis(entry.start_after_ms),
             });
@@ -498,41 +608,30 @@ fn target_config(
 /// inherited, stops (as on Ctrl-C) when the supervisor says so or its socket closes, and
 /// runs its part of the run.
 fn vmm_process(subcommand: &str) -> Result<u8> {
-    use crate::isolate::control::{Control, Message, Role};
+    use crate::isolate::control::{Control, Role};
     let control = Control::inherited().with_context(|| format!("kvmi {subcommand}"))?;
     let (role, _verbose, words, fds) = control.recv_config()?;
-    let control = std::sync::Arc::new(control);
-    let listener = control.clone();
-    std::thread::Builder::new()
-        .name("kvmi-control".into())
-        .spawn(move || {
-            loop {
-                match listener.recv() {
-                    Ok((Message::Stop, _)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            INTERRUPTED.store(true, Ordering::SeqCst);
-        })
-        .context("starting the control thread")?;
-    let parse = |words: Vec<String>| -> Result<RunArgs> {
-        let cli = Cli::try_parse_from(
-            ["kvmi".to_string(), "run".to_string()]
-                .into_iter()
-                .chain(words),
-        )
-        .context("the supervisor's run words do not parse")?;
-        match cli.command {
-            Some(Command::Run(args)) => Ok(*args),
-            _ => bail!("the supervisor's run words are not a run"),
-        }
-    };
+    if role.subcommand() != subcommand {
+        bail!("kvmi {subcommand} was configured as {}", role.subcommand());
+    }
+    let args = parse_run_words(&words)?;
     match role {
-        Role::Fleet if subcommand == "vmm-fleet" => {
+        Role::Fleet => {
             drop(fds);
-            run(parse(words)?)
+            crate::isolate::control::stop_on_message(control, &INTERRUPTED)?;
+            run(args)
         }
-        role => bail!("kvmi {subcommand} was configured as {role:?}"),
+        Role::Target { index, id, key } => crate::isolate::target::run(
+            control,
+            args,
+            crate::isolate::target::Assignment { index, id, key },
+            fds,
+            &INTERRUPTED,
+        ),
+        Role::Appliance => {
+            drop(fds);
+            crate::isolate::appliance::run(control, args, &INTERRUPTED)
+        }
     }
 }
 
@@ -716,6 +815,8 @@ pub fn main() -> ExitCode {
         Command::Dump(args) => cli::api::dump(&args),
         Command::Tool(command) => cli::run(command),
         Command::VmmFleet => vmm_process("vmm-fleet"),
+        Command::VmmTarget => vmm_process("vmm-target"),
+        Command::VmmAppliance => vmm_process("vmm-appliance"),
     };
     match result {
         Ok(code) => ExitCode::from(code),

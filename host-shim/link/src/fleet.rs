@@ -54,11 +54,11 @@ pub const SLOT_WINDOW_OFFSET: u64 = 0x0100_0000;
 /// Largest map window of a slot in a fleet (96 MiB).
 pub const MAX_SLOT_WINDOW: u64 = SLOT_STRIDE - SLOT_WINDOW_OFFSET;
 /// How long the appliance gets to report and end after a stop request.
-const STOP_GRACE: Duration = Duration::from_secs(3);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long a stopped VM's vCPUs get to end.
-const VM_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const VM_GRACE: Duration = Duration::from_secs(2);
 /// How long the agent gets to write a final summary for a target that ended.
-const FINAL_GRACE: Duration = Duration::from_millis(500);
+pub(crate) const FINAL_GRACE: Duration = Duration::from_millis(500);
 /// How often the fleet looks at its VMs.
 const WATCH_PERIOD: Duration = Duration::from_millis(20);
 
@@ -73,11 +73,11 @@ pub const fn slot_window_gpa(slot: u32) -> u64 {
 }
 
 /// Whether `needle` occurs in `haystack`.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn err(e: impl std::fmt::Display) -> IntrospectError {
+pub(crate) fn err(e: impl std::fmt::Display) -> IntrospectError {
     IntrospectError::Io {
         what: "setting up the fleet".into(),
         source: std::io::Error::other(e.to_string()),
@@ -247,14 +247,14 @@ struct Member {
 }
 
 /// The appliance VM and its slots' memory.
-struct Appliance {
-    vm: RunningVm,
+pub(crate) struct Appliance {
+    pub(crate) vm: RunningVm,
     /// Replies across all its targets (fairness accounting).
-    answered: Arc<FleetCounter>,
-    hook: Arc<ApplianceHook>,
-    directory: Directory<RingMemory>,
-    rings: Vec<Arc<GuestRam>>,
-    windows: Vec<Arc<RemapWindow>>,
+    pub(crate) answered: Arc<FleetCounter>,
+    pub(crate) hook: Arc<ApplianceHook>,
+    pub(crate) directory: Directory<RingMemory>,
+    pub(crate) rings: Vec<Arc<GuestRam>>,
+    pub(crate) windows: Vec<Arc<RemapWindow>>,
 }
 
 struct State {
@@ -272,21 +272,157 @@ struct State {
 
 /// How to build the appliance, without the log sink (the fleet owns that behind a lock, so
 /// the fleet can be shared between threads).
-struct ApplianceSettings {
-    vm: vmm::vm::VmConfig,
-    image: Vec<u8>,
-    serial: vmm::devices::SerialSink,
-    window_size: u64,
-    sizes: hypercall::ring::RingSizes,
-    full_timeout: Duration,
+pub(crate) struct ApplianceSettings {
+    pub(crate) vm: vmm::vm::VmConfig,
+    pub(crate) image: Vec<u8>,
+    pub(crate) serial: vmm::devices::SerialSink,
+    pub(crate) window_size: u64,
+    pub(crate) sizes: hypercall::ring::RingSizes,
+    pub(crate) full_timeout: Duration,
 }
 
 /// [`FleetConfig`] without the log sink.
-struct Settings {
-    appliance: ApplianceSettings,
-    slots: u32,
-    max_vcpus: u32,
-    policy: Vec<u8>,
+pub(crate) struct Settings {
+    pub(crate) appliance: ApplianceSettings,
+    pub(crate) slots: u32,
+    pub(crate) max_vcpus: u32,
+    pub(crate) policy: Vec<u8>,
+}
+
+impl Settings {
+    /// Checks `config` and splits it into the settings, the log sink and the restarts.
+    pub(crate) fn from_config(
+        config: FleetConfig,
+    ) -> Result<(Settings, LogSink, u32), IntrospectError> {
+        if config.slots == 0 || config.slots > MAX_SLOTS {
+            return Err(err(format_args!("slots must be 1..={MAX_SLOTS}")));
+        }
+        if config.slots > 1 && config.appliance.window_size > MAX_SLOT_WINDOW {
+            return Err(err("a fleet's map windows are at most 96 MiB each"));
+        }
+        let FleetConfig {
+            appliance:
+                ApplianceConfig {
+                    vm,
+                    image,
+                    serial,
+                    log: sink,
+                    window_size,
+                    sizes,
+                    full_timeout,
+                    restarts,
+                },
+            slots,
+            max_vcpus,
+            policy,
+        } = config;
+        let settings = Settings {
+            appliance: ApplianceSettings {
+                vm,
+                image,
+                serial,
+                window_size,
+                sizes,
+                full_timeout,
+            },
+            slots,
+            max_vcpus,
+            policy,
+        };
+        Ok((settings, sink, restarts))
+    }
+
+    /// Builds and starts an appliance VM with every slot's ring region and window and a fresh
+    /// directory (all slots empty).
+    pub(crate) fn boot(&self) -> Result<Appliance, IntrospectError> {
+        let c = self;
+        let params = c.layout(c.max_vcpus, 0)?;
+        let ring_size = params.region_size().next_multiple_of(4096);
+        if ring_size > SLOT_WINDOW_OFFSET {
+            return Err(err("the ring region of a slot is larger than 16 MiB"));
+        }
+        let mut vm = Vm::new(c.appliance.vm.clone(), &c.appliance.image)?;
+        vm.set_serial(c.appliance.serial.try_clone().map_err(err)?);
+        let dir_size = directory::region_size(c.slots, c.policy.len());
+        if dir_size > RING_REGION_GPA - DIRECTORY_GPA {
+            return Err(err("the policy is too large (at most 16 MiB)"));
+        }
+        let dir_ram = vm.add_shared_region("kvmi-directory", DIRECTORY_GPA, dir_size)?;
+        let mut rings = Vec::new();
+        let mut windows = Vec::new();
+        for slot in 0..c.slots {
+            rings.push(vm.add_shared_region(
+                &format!("kvmi-ring-region-{slot}"),
+                slot_ring_gpa(slot),
+                ring_size,
+            )?);
+            windows.push(vm.add_remap_window(slot_window_gpa(slot), c.appliance.window_size)?);
+        }
+        vm.update_boot_info(|boot| {
+            boot.ring_region_gpa = slot_ring_gpa(0);
+            boot.ring_region_size = ring_size;
+            boot.map_window_gpa = slot_window_gpa(0);
+            boot.map_window_size = c.appliance.window_size;
+            boot.directory_gpa = DIRECTORY_GPA;
+            boot.directory_size = dir_size;
+        })?;
+        let directory = Directory::create(shared(dir_ram)?, c.slots, &c.policy).map_err(err)?;
+        for slot in 0..c.slots {
+            directory
+                .write_slot(&c.slot_entry(slot, SlotState::Empty, 0, 0, "", "", ring_size))
+                .map_err(err)?;
+        }
+        let hook = Arc::new(ApplianceHook::with_slots(c.slots));
+        vm.set_hook(hook.clone());
+        let vm = vm.start()?;
+        Ok(Appliance {
+            vm,
+            answered: Arc::default(),
+            hook,
+            directory,
+            rings,
+            windows,
+        })
+    }
+
+    /// The ring layout of a target with `vcpus` vCPUs in slot `slot`.
+    pub(crate) fn layout(&self, vcpus: u32, slot: u32) -> Result<LayoutParams, IntrospectError> {
+        let params = LayoutParams {
+            vcpu_count: vcpus,
+            sizes: self.appliance.sizes,
+            features: SERVED_FEATURES,
+            map_window_gpa: slot_window_gpa(slot),
+            map_window_size: self.appliance.window_size,
+        };
+        params.validate().map_err(err)?;
+        Ok(params)
+    }
+
+    /// Slot `slot`'s directory entry.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn slot_entry(
+        &self,
+        slot: u32,
+        state: SlotState,
+        id: u64,
+        vcpus: u32,
+        name: &str,
+        profile: &str,
+        ring_size: u64,
+    ) -> Slot {
+        Slot {
+            index: slot,
+            state,
+            target_id: id,
+            ring_gpa: slot_ring_gpa(slot),
+            ring_size,
+            window_gpa: slot_window_gpa(slot),
+            window_size: self.appliance.window_size,
+            vcpus,
+            name: directory::name_field(name),
+            profile: directory::name_field(profile),
+        }
+    }
 }
 
 /// A running fleet: one appliance, up to `slots` targets. It can be shared between threads
@@ -330,9 +466,6 @@ impl Fleet {
     /// Boots the appliance, then attaches and starts every target of `targets` (each waits
     /// for the agent's first answer before it runs).
     pub fn start(config: FleetConfig, targets: Vec<TargetSpec>) -> Result<Fleet, IntrospectError> {
-        if config.slots == 0 || config.slots > MAX_SLOTS {
-            return Err(err(format_args!("slots must be 1..={MAX_SLOTS}")));
-        }
         if targets.len() > config.slots as usize {
             return Err(err(format_args!(
                 "{} targets for {} slots",
@@ -340,38 +473,7 @@ impl Fleet {
                 config.slots
             )));
         }
-        if config.slots > 1 && config.appliance.window_size > MAX_SLOT_WINDOW {
-            return Err(err("a fleet's map windows are at most 96 MiB each"));
-        }
-        let FleetConfig {
-            appliance:
-                ApplianceConfig {
-                    vm,
-                    image,
-                    serial,
-                    log: sink,
-                    window_size,
-                    sizes,
-                    full_timeout,
-                    restarts,
-                },
-            slots,
-            max_vcpus,
-            policy,
-        } = config;
-        let config = Settings {
-            appliance: ApplianceSettings {
-                vm,
-                image,
-                serial,
-                window_size,
-                sizes,
-                full_timeout,
-            },
-            slots,
-            max_vcpus,
-            policy,
-        };
+        let (config, sink, restarts) = Settings::from_config(config)?;
         let log = Arc::new(RankedMutex::new(lock_order::APPLIANCE_LOG, sink));
         let restarts_left = restarts;
         let fleet = Fleet {
@@ -392,7 +494,7 @@ impl Fleet {
             config,
             log,
         };
-        let appliance = fleet.boot_appliance()?;
+        let appliance = fleet.config.boot()?;
         fleet.state.lock().appliance = Some(appliance);
         for spec in targets {
             if let Err(e) = fleet.add_target(spec) {
@@ -401,96 +503,6 @@ impl Fleet {
             }
         }
         Ok(fleet)
-    }
-
-    /// Builds and starts an appliance VM with every slot's ring region and window and a fresh
-    /// directory (all slots empty).
-    fn boot_appliance(&self) -> Result<Appliance, IntrospectError> {
-        let c = &self.config;
-        let params = self.layout(c.max_vcpus, 0)?;
-        let ring_size = params.region_size().next_multiple_of(4096);
-        if ring_size > SLOT_WINDOW_OFFSET {
-            return Err(err("the ring region of a slot is larger than 16 MiB"));
-        }
-        let mut vm = Vm::new(c.appliance.vm.clone(), &c.appliance.image)?;
-        vm.set_serial(c.appliance.serial.try_clone().map_err(err)?);
-        let dir_size = directory::region_size(c.slots, c.policy.len());
-        if dir_size > RING_REGION_GPA - DIRECTORY_GPA {
-            return Err(err("the policy is too large (at most 16 MiB)"));
-        }
-        let dir_ram = vm.add_shared_region("kvmi-directory", DIRECTORY_GPA, dir_size)?;
-        let mut rings = Vec::new();
-        let mut windows = Vec::new();
-        for slot in 0..c.slots {
-            rings.push(vm.add_shared_region(
-                &format!("kvmi-ring-region-{slot}"),
-                slot_ring_gpa(slot),
-                ring_size,
-            )?);
-            windows.push(vm.add_remap_window(slot_window_gpa(slot), c.appliance.window_size)?);
-        }
-        vm.update_boot_info(|boot| {
-            boot.ring_region_gpa = slot_ring_gpa(0);
-            boot.ring_region_size = ring_size;
-            boot.map_window_gpa = slot_window_gpa(0);
-            boot.map_window_size = c.appliance.window_size;
-            boot.directory_gpa = DIRECTORY_GPA;
-            boot.directory_size = dir_size;
-        })?;
-        let directory = Directory::create(shared(dir_ram)?, c.slots, &c.policy).map_err(err)?;
-        for slot in 0..c.slots {
-            directory
-                .write_slot(&self.slot_entry(slot, SlotState::Empty, 0, 0, "", "", ring_size))
-                .map_err(err)?;
-        }
-        let hook = Arc::new(ApplianceHook::with_slots(c.slots));
-        vm.set_hook(hook.clone());
-        let vm = vm.start()?;
-        Ok(Appliance {
-            vm,
-            answered: Arc::default(),
-            hook,
-            directory,
-            rings,
-            windows,
-        })
-    }
-
-    fn layout(&self, vcpus: u32, slot: u32) -> Result<LayoutParams, IntrospectError> {
-        let params = LayoutParams {
-            vcpu_count: vcpus,
-            sizes: self.config.appliance.sizes,
-            features: SERVED_FEATURES,
-            map_window_gpa: slot_window_gpa(slot),
-            map_window_size: self.config.appliance.window_size,
-        };
-        params.validate().map_err(err)?;
-        Ok(params)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn slot_entry(
-        &self,
-        slot: u32,
-        state: SlotState,
-        id: u64,
-        vcpus: u32,
-        name: &str,
-        profile: &str,
-        ring_size: u64,
-    ) -> Slot {
-        Slot {
-            index: slot,
-            state,
-            target_id: id,
-            ring_gpa: slot_ring_gpa(slot),
-            ring_size,
-            window_gpa: slot_window_gpa(slot),
-            window_size: self.config.appliance.window_size,
-            vcpus,
-            name: directory::name_field(name),
-            profile: directory::name_field(profile),
-        }
     }
 
     /// Attaches target `who` in slot `slot` to `app`: a fresh ring layout and ring service, a
@@ -502,7 +514,7 @@ impl Fleet {
         who: &Identity,
     ) -> Result<Attachment, IntrospectError> {
         let i = slot as usize;
-        let params = self.layout(who.vcpus, slot)?;
+        let params = self.config.layout(who.vcpus, slot)?;
         // This target's layout, in a prefix of the slot's ring memory (sized for the largest).
         let ring_size = params.region_size().next_multiple_of(4096);
         let region =
@@ -545,7 +557,7 @@ impl Fleet {
                 waker: service.waker(),
             }),
         );
-        let entry = self.slot_entry(
+        let entry = self.config.slot_entry(
             slot,
             SlotState::Live,
             who.id,
@@ -793,7 +805,7 @@ impl Fleet {
                 st.restarts_left -= 1;
                 st.restarts += 1;
                 let n = st.restarts;
-                match self.boot_appliance() {
+                match self.config.boot() {
                     Ok(app) => {
                         let mut failed = 0;
                         for slot in 0..st.members.len() {

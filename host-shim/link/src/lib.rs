@@ -25,6 +25,7 @@ pub mod kick;
 pub mod launch;
 pub mod pager;
 pub mod remote;
+pub mod remote_fleet;
 pub mod rings;
 pub mod vhost_link;
 

@@ -305,7 +305,7 @@ impl ApplianceSlot {
                 let mut scratch = vec![0u8; log_ring.max_payload()];
                 let mut records = 0u64;
                 let mut print = |record: &[u8]| {
-                    if record.windows(13).any(|w| w == b"\"final\":true") {
+                    if crate::fleet::contains(record, b"\"final\":true") {
                         seen.store(true, Ordering::SeqCst);
                     }
                     sink(&crate::fleet::label_line(record, id, &name));
@@ -334,7 +334,12 @@ impl ApplianceSlot {
             libc::EFD_CLOEXEC | libc::EFD_NONBLOCK,
         )?);
         let gone = Arc::new(AtomicBool::new(false));
-        let (s, g, p) = (stop.clone(), gone.clone(), pager.clone());
+        let (s, g, p, f) = (
+            stop.clone(),
+            gone.clone(),
+            pager.clone(),
+            final_seen.clone(),
+        );
         let link_fd = link.frontend().as_raw_fd();
         let watch = std::thread::Builder::new()
             .name("kvmi-slot-watch".into())
@@ -342,6 +347,14 @@ impl ApplianceSlot {
                 let _ = vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service);
                 if wait_for_hangup(link_fd, &s) {
                     g.store(true, Ordering::SeqCst);
+                    // The agent may still read the target's pages for its final summary
+                    // (the slot turns ending); then every grant goes.
+                    let deadline = std::time::Instant::now() + crate::fleet::FINAL_GRACE;
+                    while !f.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                        if wait_readable(&s, Duration::from_millis(2)) {
+                            break;
+                        }
+                    }
                     let revoked = p.retire();
                     tracing::info!(
                         target_id = id,
@@ -413,6 +426,18 @@ impl Drop for ApplianceSlot {
 
 /// How often the appliance process looks at a slot's log ring when it was empty.
 const LOG_POLL: Duration = Duration::from_millis(2);
+
+/// Whether `fd` turns readable within `timeout`.
+fn wait_readable(fd: &vmm_sys_util::eventfd::EventFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `pfd` is one valid pollfd for the call; the eventfd outlives it (borrowed).
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
 
 /// Waits until the socket `fd` is hung up by its peer (true) or `stop` is readable (false).
 fn wait_for_hangup(fd: i32, stop: &vmm_sys_util::eventfd::EventFd) -> bool {

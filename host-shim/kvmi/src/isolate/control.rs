@@ -34,13 +34,45 @@ pub enum ControlError {
     Missing,
 }
 
+/// A target's 32 key bytes as they cross the control socket (never printed).
+#[derive(Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyBytes(pub [u8; 32]);
+
+impl std::fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyBytes(..)")
+    }
+}
+
 /// What a VM process is asked to be.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Role {
-    /// Every VM of the run in this one process (the in-process fleet behind a process
-    /// boundary: the supervisor owns only the terminal and the exit status).
+    /// Every VM of the run in this one process (runs without an appliance VM, and runs with
+    /// the management API).
     Fleet,
-    // The split of docs/isolation.md adds a role per target and one for the appliance.
+    /// Target `index` of the run's target list, with the id the supervisor gave it and its
+    /// token key. Descriptors: its end of the vhost-user link, its token page.
+    Target {
+        /// Its place in the run's target list.
+        index: u32,
+        /// Its id (findings and tokens carry it).
+        id: u64,
+        /// Its token key (the appliance process gets the same bytes).
+        key: KeyBytes,
+    },
+    /// The appliance VM; its targets come in [`Message::Attach`] messages. No descriptors.
+    Appliance,
+}
+
+impl Role {
+    /// The hidden subcommand that runs this role.
+    pub fn subcommand(&self) -> &'static str {
+        match self {
+            Role::Fleet => "vmm-fleet",
+            Role::Target { .. } => "vmm-target",
+            Role::Appliance => "vmm-appliance",
+        }
+    }
 }
 
 /// A message on the control socket.
@@ -63,6 +95,25 @@ pub enum Message {
     Fds,
     /// Supervisor → VM process: stop as on Ctrl-C (final summaries, then exit 130).
     Stop,
+    /// Supervisor → appliance process: guard target `index` of the run's target list.
+    /// Descriptors (sent with it): the appliance's end of the target's vhost-user link, the
+    /// target's token page.
+    Attach {
+        /// Its place in the run's target list.
+        index: u32,
+        /// Its id.
+        id: u64,
+        /// Its token key.
+        key: KeyBytes,
+        /// It starts after the others (`start_after_ms`): say when it joined.
+        late: bool,
+    },
+    /// Supervisor → target process: a new appliance process; attach to it over the link sent
+    /// with this message, with a fresh token key.
+    Relink {
+        /// The new token key.
+        key: KeyBytes,
+    },
 }
 
 /// One end of a control socket pair.
@@ -182,6 +233,26 @@ impl Control {
         }
         Ok((role, verbose, args, fds))
     }
+}
+
+/// Starts thread `kvmi-control`: it sets `interrupted` (the VM process then stops as on
+/// Ctrl-C) when `control` carries [`Message::Stop`] or closes (the supervisor went).
+pub fn stop_on_message(
+    control: Control,
+    interrupted: &'static std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("kvmi-control".into())
+        .spawn(move || {
+            loop {
+                match control.recv() {
+                    Ok((Message::Stop, _)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .map(drop)
 }
 
 #[cfg(test)]

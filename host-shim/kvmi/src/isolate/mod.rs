@@ -10,6 +10,9 @@
 /// both ways); VM processes never see it.
 pub const ISOLATE_ENV: &str = "KVMI_ISOLATE";
 
+pub mod appliance;
 pub mod control;
 pub mod run;
+pub mod split;
 pub mod supervisor;
+pub mod target;

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::control::Role;
 use super::supervisor::{Ended, VmProcess, wait_all};
@@ -41,11 +41,41 @@ fn run_words() -> Result<(Vec<String>, u8)> {
     Ok((words, u8::try_from(verbose).unwrap_or(u8::MAX)))
 }
 
-/// `kvmi run --isolate`: the supervisor. Spawns the VM processes, forwards Ctrl-C as a stop,
-/// waits for them, reports how each ended; the exit status is the run's, as without
-/// `--isolate`.
+/// `kvmi run --isolate`: the supervisor. Checks the run as `kvmi run` would (images, policy,
+/// options: errors come before any VM starts), then runs it split, one process per VM, when
+/// it has an appliance VM and no management API; otherwise (one VM, or `--api-socket`) all
+/// of it in one VM process. Forwards Ctrl-C as a stop, reports how each process ended; the
+/// exit status is the run's, as without `--isolate`.
 pub fn supervise(interrupted: &AtomicBool) -> Result<u8> {
     let (words, verbose) = run_words()?;
+    let mut args = crate::app::parse_run_words(&words)?;
+    // Truncates a --serial file once: the VM processes append to it.
+    let base = crate::app::base(&mut args, false)?;
+    if base.appliance_image.is_some() && args.api_socket.is_none() {
+        let plan = crate::app::plan_targets(&args, &base)?;
+        args.appliance
+            .setup(
+                &args.kvmi,
+                Vec::new(),
+                vmm::devices::SerialSink::Null,
+                Box::new(|_: &[u8]| {}),
+            )
+            .context("the appliance")?;
+        let targets = plan
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i as u32, e.name.clone(), e.start_after_ms))
+            .collect();
+        return super::split::Split::new(
+            words,
+            verbose,
+            targets,
+            args.appliance.appliance_restarts,
+        )
+        .run(interrupted);
+    }
+    drop(base);
     let mut processes = vec![VmProcess::spawn(
         "the VM process".into(),
         Role::Fleet,
@@ -59,7 +89,8 @@ pub fn supervise(interrupted: &AtomicBool) -> Result<u8> {
         .map_or(vmm::outcome::EXIT_VMM_ERROR, |e| status_of(*e)))
 }
 
-fn status_of(end: Ended) -> u8 {
+/// The run's exit status for a VM process that ended so.
+pub(crate) fn status_of(end: Ended) -> u8 {
     match end {
         Ended::Exited(code) => code,
         Ended::Signal(_) => vmm::outcome::EXIT_VMM_ERROR,

@@ -92,9 +92,7 @@ impl VmProcess {
         fds: &[RawFd],
     ) -> Result<VmProcess, ControlError> {
         let (ours, theirs) = Control::pair()?;
-        let subcommand = match role {
-            Role::Fleet => "vmm-fleet",
-        };
+        let subcommand = role.subcommand();
         let their_fd = theirs.as_raw_fd();
         // SAFETY: getpid has no preconditions.
         let supervisor = unsafe { libc::getpid() };
@@ -155,6 +153,11 @@ impl VmProcess {
     /// Asks it to stop as on Ctrl-C (it may have ended already: not an error).
     pub fn stop(&self) {
         let _ = self.control.send(&Message::Stop, &[]);
+    }
+
+    /// Sends it `message` with `fds` (at most 4).
+    pub fn send(&self, message: &Message, fds: &[RawFd]) -> Result<(), ControlError> {
+        self.control.send(message, fds)
     }
 
     /// Kills it (SIGKILL).
