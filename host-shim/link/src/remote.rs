@@ -43,7 +43,7 @@ pub struct TargetSlot {
     service: Arc<RingService>,
     doorbell: KickForwarder,
     link: Option<JoinHandle<bool>>,
-    link_fd: i32,
+    link_socket: UnixStream,
     region: Region<RingMemory>,
 }
 
@@ -69,6 +69,10 @@ impl TargetSlot {
         ram: &GuestRam,
         full_timeout: Duration,
     ) -> Result<TargetSlot, LinkError> {
+        // A second descriptor of the socket: the slot shuts the link down through it (the
+        // link thread's own descriptor is closed when that thread ends, and its number may
+        // then be reused).
+        let link_socket = stream.try_clone()?;
         let (
             RingShare {
                 ring, len, kick, ..
@@ -98,7 +102,6 @@ impl TargetSlot {
                 .map_err(|_| refused("the ring service cannot start"))?,
         );
         let doorbell = KickForwarder::start(kick, service.waker())?;
-        let link_fd = handler.as_raw_fd();
         let generation = service.generation();
         let link = std::thread::Builder::new()
             .name("kvmi-link".into())
@@ -124,7 +127,7 @@ impl TargetSlot {
             service,
             doorbell,
             link: Some(link),
-            link_fd,
+            link_socket,
             region,
         })
     }
@@ -172,10 +175,8 @@ impl TargetSlot {
         let Some(link) = self.link.take() else {
             return false;
         };
-        // SAFETY: `link_fd` is the socket the link thread's handler owns; the thread is
-        // joined below, so the descriptor is still open (and still that socket) here.
-        // shutdown only ends the thread's blocking read.
-        unsafe { libc::shutdown(self.link_fd, libc::SHUT_RDWR) };
+        // Ends the thread's blocking read (the socket may be closed by the peer already).
+        let _ = self.link_socket.shutdown(std::net::Shutdown::Both);
         link.join().unwrap_or(false)
     }
 }

@@ -144,8 +144,13 @@ pub(crate) fn run(
         slot.stop(&introspector);
     }
     let code = report.outcome.exit_code();
+    // The lines the in-process fleet prints when a target ends and at the end of the run.
     vmm::devices::eprint_line(format_args!(
-        "kvmi: target {} ({name}): {}",
+        "kvmi: target {} ({name}) ended: {}",
+        who.id, report.outcome
+    ));
+    vmm::devices::eprint_line(format_args!(
+        "kvmi: target {} ({name}): {}; exit status {code}",
         who.id, report.outcome
     ));
     // The run's status is the first target's: its message as `kvmi run` prints it.
