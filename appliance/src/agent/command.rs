@@ -1,5 +1,6 @@
 //! The command client: commands on the command ring, replies matched by `seq`.
 
+use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -30,6 +31,9 @@ pub enum CommandError {
     /// A reply of the wrong kind or shape.
     #[error("unexpected reply")]
     Unexpected,
+    /// The target went (its slot is no longer live) before the reply came.
+    #[error("the target went before it answered")]
+    Abandoned,
 }
 
 /// A reply message copied out of the ring.
@@ -63,6 +67,9 @@ pub struct CommandClient<M> {
     stray: u64,
     encode_buf: Vec<u8>,
     recv_buf: Vec<u8>,
+    /// Whether the target may still answer (`None`: always; see
+    /// [`CommandClient::set_liveness`]).
+    alive: Option<Box<dyn Fn() -> bool>>,
 }
 
 impl<M> core::fmt::Debug for CommandClient<M> {
@@ -87,7 +94,15 @@ impl<M: SharedMemory> CommandClient<M> {
             stray: 0,
             encode_buf: vec![0; V4::MAX_MSG_SIZE],
             recv_buf: vec![0; recv],
+            alive: None,
         }
+    }
+
+    /// Makes every wait for a reply ask `alive` while the reply ring is empty: once it says
+    /// false (the target's slot is gone: a target whose process died cannot answer) the wait
+    /// ends with [`CommandError::Abandoned`] instead of lasting forever.
+    pub fn set_liveness(&mut self, alive: Box<dyn Fn() -> bool>) {
+        self.alive = Some(alive);
     }
 
     /// Replies that matched no outstanding command.
@@ -156,9 +171,24 @@ impl<M: SharedMemory> CommandClient<M> {
             if !self.outstanding.iter().any(|&(s, _)| s == seq) {
                 return Err(CommandError::Unexpected);
             }
-            if !self.receive_one()? {
-                self.replies
-                    .wait_readable(&waiting.strategy, &waiting.waiter, &waiting.notify)?;
+            if self.receive_one()? {
+                continue;
+            }
+            match &self.alive {
+                None => self.replies.wait_readable(
+                    &waiting.strategy,
+                    &waiting.waiter,
+                    &waiting.notify,
+                )?,
+                Some(alive) => {
+                    if !alive() {
+                        self.outstanding.retain(|&(s, _)| s != seq);
+                        return Err(CommandError::Abandoned);
+                    }
+                    // A bounded wait: one round of the waiter, then look again.
+                    self.replies.release_and_notify(&waiting.notify)?;
+                    waiting.waiter.wait();
+                }
             }
         }
     }

@@ -277,6 +277,7 @@ impl ApplianceSlot {
         } = setup;
         let len = params.region_size().next_multiple_of(4096);
         let region = crate::rings::create_region_in(ring.clone(), len as usize, &params)?;
+
         let (link, ram) = crate::vhost_link::ApplianceLink::connect(
             stream,
             &**ring.memfd_file(),
@@ -331,6 +332,11 @@ impl ApplianceSlot {
                 records
             })?;
 
+        let mut responder = Responder {
+            commands: region.consumer_for(hypercall::discovery::RingKind::Command, 0)?,
+            replies: region.producer_for(hypercall::discovery::RingKind::CommandReply, 0)?,
+            scratch: vec![0u8; 1 << 20],
+        };
         let stop = Arc::new(vmm_sys_util::eventfd::EventFd::new(
             libc::EFD_CLOEXEC | libc::EFD_NONBLOCK,
         )?);
@@ -346,22 +352,31 @@ impl ApplianceSlot {
             .name("kvmi-slot-watch".into())
             .spawn(move || {
                 let _ = vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service);
-                if wait_for_hangup(link_fd, &s) {
-                    g.store(true, Ordering::SeqCst);
-                    // The agent may still read the target's pages for its final summary
-                    // (the slot turns ending); then every grant goes.
-                    let deadline = std::time::Instant::now() + crate::fleet::FINAL_GRACE;
-                    while !f.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-                        if wait_readable(&s, Duration::from_millis(2)) {
-                            break;
-                        }
+                if !wait_for_hangup(link_fd, &s) {
+                    return;
+                }
+                g.store(true, Ordering::SeqCst);
+                tracing::info!(target_id = id, "the target's process closed its link");
+                // Until the slot is closed, commands on its ring are refused here (nobody
+                // else serves them now): an agent waiting for a reply is not left hanging.
+                // The agent may still read the target's pages for its final summary (the
+                // slot turns ending); then every grant goes.
+                let deadline = std::time::Instant::now() + crate::fleet::FINAL_GRACE;
+                let mut retired = false;
+                loop {
+                    if let Err(e) = responder.refuse_all() {
+                        tracing::warn!("command ring of target {id}: {e}");
                     }
-                    let revoked = p.retire();
-                    tracing::info!(
-                        target_id = id,
-                        revoked,
-                        "the target's process closed its link"
-                    );
+                    if !retired
+                        && (f.load(Ordering::SeqCst) || std::time::Instant::now() >= deadline)
+                    {
+                        let revoked = p.retire();
+                        tracing::info!(target_id = id, revoked, "grants revoked");
+                        retired = true;
+                    }
+                    if wait_readable(&s, Duration::from_millis(2)) {
+                        break;
+                    }
                 }
             })?;
         Ok(ApplianceSlot {
@@ -427,6 +442,42 @@ impl Drop for ApplianceSlot {
 
 /// How often the appliance process looks at a slot's log ring when it was empty.
 const LOG_POLL: Duration = Duration::from_millis(2);
+
+/// Answers the commands of a slot whose target's process is gone: each with `-KVM_ENOENT`
+/// under its own id and sequence number.
+struct Responder {
+    commands: hypercall::ring::Consumer<RingMemory>,
+    replies: hypercall::ring::Producer<RingMemory>,
+    scratch: Vec<u8>,
+}
+
+impl Responder {
+    /// Refuses every command on the ring now; returns how many. A record that is no
+    /// message is dropped (the agent's words are untrusted); a full reply ring drops the
+    /// reply (the agent's own wait then ends on the slot's state).
+    fn refuse_all(&mut self) -> Result<usize, hypercall::ring::RingError> {
+        use protocol::wire::WireProfile;
+        let replies = &mut self.replies;
+        self.commands.drain(
+            &mut self.scratch,
+            &hypercall::ring::NoNotify,
+            &mut |record: &[u8]| {
+                let Ok(frame) = protocol::V4::parse_frame(record) else {
+                    return;
+                };
+                let mut reply = [0u8; 16];
+                if let Ok(n) = protocol::V4::encode_error_reply(
+                    frame.header.id,
+                    frame.header.seq,
+                    protocol::ErrorCode::NoEnt,
+                    &mut reply,
+                ) {
+                    let _ = replies.try_push(&reply[..n]);
+                }
+            },
+        )
+    }
+}
 
 /// Whether `fd` turns readable within `timeout`.
 fn wait_readable(fd: &vmm_sys_util::eventfd::EventFd, timeout: Duration) -> bool {

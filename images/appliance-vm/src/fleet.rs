@@ -14,6 +14,7 @@
 //! Every log line a target's agent writes goes to that target's log ring: the shim labels it
 //! with the target's id and name (`"target"`, `"target_name"`).
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use appliance::agent::{Agent, AgentError, CommandError, EventHandler};
@@ -107,7 +108,7 @@ pub trait Job {
     /// Whatever else the job keeps per target (timers, counters outside the handler).
     type State;
     /// The job's error; the loop's own errors convert into it.
-    type Error: From<FleetError>;
+    type Error: From<FleetError> + core::fmt::Display;
 
     /// A target joined: its handler. The link is open, so set-up commands (events to
     /// enable, pages to protect) may be sent here; no event is answered before this returns.
@@ -147,8 +148,52 @@ pub trait Job {
     }
 }
 
+/// Why a target could not be opened, and its link if that was opened.
+type Unopened<J> = Box<(<J as Job>::Error, Option<Link>)>;
+
 /// A target being served, with the job's state for it.
 type Served<J> = (Target<<J as Job>::Handler>, <J as Job>::State);
+
+/// A view of the directory the kernel mapped (each view reads the same shared words).
+fn open_directory() -> Result<Dir, FleetError> {
+    let (start, len) = crate::kernel::directory().ok_or(FleetError::NoDirectory)?;
+    let len = usize::try_from(len).map_err(|_| FleetError::NoDirectory)?;
+    // SAFETY: the kernel checked this area and mapped it virtual = physical, user-readable,
+    // for the rest of the program; it is only read through atomic word loads.
+    let region = unsafe { SharedRegion::new((), start as *mut u8, len) }
+        .map_err(|_| FleetError::NoDirectory)?;
+    Ok(Directory::open(region)?)
+}
+
+/// Whether target `id` still holds slot `index` (live, or ending: its rings still run). A
+/// slot read mid-rewrite counts as held (the next look decides).
+fn holds_slot(dir: &Dir, index: u32, id: u64) -> bool {
+    match dir.slot(index) {
+        Ok(slot) => {
+            slot.target_id == id && matches!(slot.state, SlotState::Live | SlotState::Ending)
+        }
+        Err(_) => true,
+    }
+}
+
+/// `text` as a JSON string literal.
+fn json_string(text: &str) -> alloc::string::String {
+    use core::fmt::Write;
+    let mut out = alloc::string::String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
 
 /// The target directory of a fleet appliance, opened.
 pub struct Fleet {
@@ -160,16 +205,9 @@ impl Fleet {
     /// Opens the directory the kernel mapped ([`FleetError::NoDirectory`] when the shim gave
     /// none).
     pub fn open(info: &'static BootInfo) -> Result<Fleet, FleetError> {
-        let (start, len) = crate::kernel::directory().ok_or(FleetError::NoDirectory)?;
-        let len = usize::try_from(len).map_err(|_| FleetError::NoDirectory)?;
-        // SAFETY: the kernel checked this area and mapped it virtual = physical,
-        // user-readable, for the rest of the program; it is only read through atomic word
-        // loads.
-        let region = unsafe { SharedRegion::new((), start as *mut u8, len) }
-            .map_err(|_| FleetError::NoDirectory)?;
         Ok(Fleet {
             info,
-            dir: Directory::open(region)?,
+            dir: open_directory()?,
         })
     }
 
@@ -204,11 +242,18 @@ impl Fleet {
             let mut handled = 0;
             // Always in slot order: between two turns of a target every other target gets
             // exactly one turn, so its events wait for at most BUDGET events of each other.
-            for (target, _) in targets.iter_mut().flatten() {
-                let mine = target
-                    .agent
-                    .poll_at_most(BUDGET)
-                    .map_err(FleetError::from)? as u64;
+            // A target whose rings or calls fail is dropped; the others are served on.
+            for entry in targets.iter_mut() {
+                let Some((target, _)) = entry.as_mut() else {
+                    continue;
+                };
+                let mine = match target.agent.poll_at_most(BUDGET) {
+                    Ok(mine) => mine as u64,
+                    Err(e) => {
+                        drop_target(entry, &J::Error::from(FleetError::from(e)));
+                        continue;
+                    }
+                };
                 if mine > 0
                     && let Some(end) = target.turn_end
                 {
@@ -226,13 +271,24 @@ impl Fleet {
                 .map(|(t, _)| t.agent.stats().events)
                 .sum();
             let done = self.dir.stop_requested() || job.done(events, now);
-            for (target, state) in targets.iter_mut().flatten() {
-                if done {
-                    job.finish(target, state, now)?;
+            for entry in targets.iter_mut() {
+                let Some((target, state)) = entry.as_mut() else {
+                    continue;
+                };
+                let worked = if done {
+                    job.finish(target, state, now)
                 } else {
-                    job.tick(target, state, now)?;
+                    job.tick(target, state, now)
+                };
+                let flushed = worked.and_then(|()| {
+                    target
+                        .agent
+                        .flush_log()
+                        .map_err(|e| J::Error::from(FleetError::from(e)))
+                });
+                if let Err(e) = flushed {
+                    drop_target(entry, &e);
                 }
-                target.agent.flush_log().map_err(FleetError::from)?;
             }
             if done {
                 return Ok(());
@@ -261,13 +317,19 @@ impl Fleet {
                 SlotState::Live if current == Some(slot.target_id) => {}
                 SlotState::Live => {
                     *entry = None;
-                    *entry = Some(self.open_target(job, slot)?);
+                    // A target that cannot be opened (it went during set-up, or refused it)
+                    // is left alone; the others are served on.
+                    match self.open_target(job, slot) {
+                        Ok(served) => *entry = Some(served),
+                        Err(failure) => report_unopened(failure.1.as_ref(), &failure.0),
+                    }
                 }
                 SlotState::Ending => {
                     // The target ended and its rings still run: its final report, then drop.
                     if let Some((mut target, mut state)) = entry.take() {
-                        job.finish(&mut target, &mut state, crate::rdtsc())?;
-                        target.agent.flush_log().map_err(FleetError::from)?;
+                        // Best effort: the target is gone either way.
+                        let _ = job.finish(&mut target, &mut state, crate::rdtsc());
+                        let _ = target.agent.flush_log();
                     }
                 }
                 SlotState::Gone | SlotState::Empty => *entry = None,
@@ -276,8 +338,9 @@ impl Fleet {
         Ok(())
     }
 
-    /// Opens the live `slot`: link, handler, agent, state.
-    fn open_target<J: Job>(&self, job: &mut J, slot: Slot) -> Result<Served<J>, J::Error> {
+    /// Opens the live `slot`: link, handler, agent, state. On failure: why, and the link if
+    /// it was opened (to report on the slot's log ring).
+    fn open_target<J: Job>(&self, job: &mut J, slot: Slot) -> Result<Served<J>, Unopened<J>> {
         let discovery = Discovery {
             ring_gpa: slot.ring_gpa,
             ring_size: slot.ring_size,
@@ -285,10 +348,23 @@ impl Fleet {
             window_size: slot.window_size,
             vcpu_count: self.info.vcpu_count,
         };
-        let link = open_slot(discovery, slot.index).map_err(FleetError::from)?;
-        let handler = job.handler(&slot, &link)?;
-        let agent =
-            Agent::new(&link.region, handler, link.waiting.clone()).map_err(FleetError::from)?;
+        let failed = |e: FleetError| Box::new((J::Error::from(e), None));
+        let link = open_slot(discovery, slot.index).map_err(|e| failed(e.into()))?;
+        // A target that goes while a command waits for its reply (its process died) ends the
+        // wait: the call fails and the target is dropped, the others are served on.
+        let watch = open_directory().map_err(failed)?;
+        let (index, id) = (slot.index, slot.target_id);
+        link.client
+            .borrow_mut()
+            .set_liveness(Box::new(move || holds_slot(&watch, index, id)));
+        let handler = match job.handler(&slot, &link) {
+            Ok(handler) => handler,
+            Err(e) => return Err(Box::new((e, Some(link)))),
+        };
+        let agent = match Agent::new(&link.region, handler, link.waiting.clone()) {
+            Ok(agent) => agent,
+            Err(e) => return Err(Box::new((FleetError::from(e).into(), Some(link)))),
+        };
         let mut target = Target {
             slot,
             link,
@@ -296,8 +372,55 @@ impl Fleet {
             max_others_between_turns: 0,
             turn_end: None,
         };
-        let state = job.start(&mut target)?;
-        target.agent.flush_log().map_err(FleetError::from)?;
-        Ok((target, state))
+        match job.start(&mut target) {
+            Ok(state) => {
+                // A log that cannot be flushed shows on the next pass (the target is dropped
+                // then).
+                let _ = target.agent.flush_log();
+                Ok((target, state))
+            }
+            Err(e) => {
+                drop_target(&mut Some((target, ())), &e);
+                Err(Box::new((e, None)))
+            }
+        }
     }
+}
+
+/// The log line of a target dropped after `error`.
+fn dropped_line(error: &impl core::fmt::Display) -> alloc::string::String {
+    alloc::format!(
+        "{{\"finding\":\"target_dropped\",\"error\":{}}}",
+        json_string(&alloc::format!("{error}"))
+    )
+}
+
+/// Drops the served target of `entry` after `error`, saying so on its log ring (the shim
+/// labels the line with the target).
+fn drop_target<H: EventHandler, S>(
+    entry: &mut Option<(Target<H>, S)>,
+    error: &impl core::fmt::Display,
+) {
+    if let Some((target, _)) = entry.as_mut() {
+        target.agent.log().emit_json(dropped_line(error).as_bytes());
+        let _ = target.agent.flush_log();
+    }
+    *entry = None;
+}
+
+/// Says on the slot's log ring (when its link was opened) that its target could not be
+/// opened.
+fn report_unopened(link: Option<&Link>, error: &impl core::fmt::Display) {
+    let Some(link) = link else {
+        return;
+    };
+    let Ok(ring) = link
+        .region
+        .producer_for(hypercall::discovery::RingKind::Log, 0)
+    else {
+        return;
+    };
+    let mut log = appliance::agent::LogWriter::new(ring);
+    log.emit_json(dropped_line(error).as_bytes());
+    let _ = log.flush(&link.waiting.notify);
 }

@@ -77,69 +77,385 @@ fn kill(pid: u32, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
 }
 
+/// The VM processes under supervisor `pid`: (pid, role) with role `vmm-target`,
+/// `vmm-appliance` or `vmm-fleet` (from their command lines).
+fn vm_processes(pid: u32) -> Vec<(u32, String)> {
+    children(pid)
+        .into_iter()
+        .filter_map(|child| {
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).ok()?;
+            let role = cmdline
+                .split(|&b| b == 0)
+                .map(|w| String::from_utf8_lossy(w).into_owned())
+                .find(|w| w.starts_with("vmm-"))?;
+            Some((child, role))
+        })
+        .collect()
+}
+
+/// The pids of the processes of `role` under supervisor `pid`.
+fn with_role(pid: u32, role: &str) -> Vec<u32> {
+    vm_processes(pid)
+        .into_iter()
+        .filter(|(_, r)| r == role)
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// What the descriptors of `pid` point to (readlink of `/proc/PID/fd/*`).
+fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `Seccomp:` mode of every thread of `pid` named `name`.
+fn seccomp_of_threads(pid: u32, name: &str) -> Vec<u32> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+        };
+        if field("Name:").as_deref() == Some(name)
+            && let Some(mode) = field("Seccomp:").and_then(|m| m.parse().ok())
+        {
+            modes.push(mode);
+        }
+    }
+    modes
+}
+
+/// Starts `kvmi run --isolate WORDS` with stdout and stderr each piped into a channel of
+/// lines.
+fn start_both(words: &[&str]) -> (Child, Receiver<String>, Receiver<String>) {
+    let (mut child, rx) = start(words);
+    let stderr = child.stderr.take().expect("piped stderr");
+    (child, rx, kvmi_tests::wait::line_channel(stderr))
+}
+
+/// Waits (60 s at most) for a stderr line containing `text`; returns the lines seen.
+fn wait_for_err(rx: &Receiver<String>, text: &str, child: &mut Child) -> Vec<String> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seen.iter().any(|l: &String| l.contains(text)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no stderr line with {text:?} within 60 s; saw {seen:#?}");
+            }
+        }
+    }
+    seen
+}
+
 #[test]
-fn the_vms_run_in_a_child_process_that_dies_with_the_supervisor() {
-    if !kvmi_tests::require_kvm("the_vms_run_in_a_child_process_that_dies_with_the_supervisor") {
+fn each_vm_runs_in_its_own_process_under_seccomp_and_all_die_with_the_supervisor() {
+    if !kvmi_tests::require_kvm("each_vm_runs_in_its_own_process_under_seccomp") {
         return;
     }
-    let (mut child, rx) = start(&[]);
+    let (mut child, rx) = start(&["--targets", "2"]);
     let seen = wait_for(&rx, "guard", &mut child);
     assert!(
-        seen.iter().all(|f| f["target_name"] == "demo-target"),
+        seen.iter()
+            .all(|f| f["target_name"] == "demo-target-1" || f["target_name"] == "demo-target-2"),
         "{seen:?}"
     );
-    let vms = children(child.id());
-    assert_eq!(vms.len(), 1, "one VM process under the supervisor: {vms:?}");
-    let vm = vms[0];
+    let supervisor = child.id();
+    kvmi_tests::wait::until(Duration::from_secs(30), "both targets' vCPUs", || {
+        with_role(supervisor, "vmm-target")
+            .iter()
+            .all(|&t| !seccomp_of_threads(t, "vcpu0").is_empty())
+            && with_role(supervisor, "vmm-target").len() == 2
+    });
+    let appliances = with_role(supervisor, "vmm-appliance");
+    let targets = with_role(supervisor, "vmm-target");
     assert_eq!(
-        status_field(vm, "PPid").as_deref(),
-        Some(child.id().to_string().as_str())
+        (
+            appliances.len(),
+            targets.len(),
+            vm_processes(supervisor).len()
+        ),
+        (1, 2, 3),
+        "one appliance and one process per target: {:?}",
+        vm_processes(supervisor)
     );
-    // The supervisor holds no VM: no KVM descriptor and no guest memory in it.
-    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
-        .expect("the supervisor's fds")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        .collect();
+    // The supervisor holds no VM: no KVM descriptor and no guest memory (the token pages it
+    // hands out are its only memfds).
+    let fds = fd_targets(supervisor);
     assert!(
-        fds.iter()
-            .all(|p| !p.contains("kvm") && !p.contains("memfd")),
+        fds.iter().all(|p| p != "/dev/kvm"
+            && !p.starts_with("anon_inode:kvm")
+            && (!p.contains("memfd") || p.starts_with("/memfd:kvmi-tokens-"))),
         "the supervisor holds no VM: {fds:?}"
     );
-    let vm_fds: Vec<String> = std::fs::read_dir(format!("/proc/{vm}/fd"))
-        .expect("the VM process's fds")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        .collect();
-    assert!(vm_fds.iter().any(|p| p.contains("kvm-vm")), "{vm_fds:?}");
-    // SIGKILL of the supervisor: the VM process goes too (PR_SET_PDEATHSIG).
-    kill(child.id(), libc::SIGKILL);
+    // Each target process: its VM, and exactly three memfds: its RAM, its slot's ring region
+    // and its token page. Nothing of the appliance's (its RAM, the directory, the other
+    // slot) and nothing of the other target.
+    let memfds = |pid: u32| {
+        let mut names: Vec<String> = fd_targets(pid)
+            .into_iter()
+            .filter_map(|p| {
+                Some(
+                    p.strip_prefix("/memfd:")?
+                        .trim_end_matches(" (deleted)")
+                        .to_string(),
+                )
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let mut slots = Vec::new();
+    for &t in &targets {
+        assert!(fd_targets(t).iter().any(|p| p.contains("kvm-vm")));
+        let names = memfds(t);
+        let n = if names.contains(&"kvmi-demo-target-1".to_string()) {
+            1
+        } else {
+            2
+        };
+        let want_ring = names
+            .iter()
+            .find(|m| m.starts_with("kvmi-ring-region-"))
+            .cloned()
+            .unwrap_or_default();
+        let mut want = vec![
+            format!("kvmi-demo-target-{n}"),
+            want_ring.clone(),
+            format!("kvmi-tokens-demo-target-{n}"),
+        ];
+        want.sort();
+        assert_eq!(
+            names, want,
+            "target {n}'s process holds only its own memory"
+        );
+        slots.push(want_ring);
+        // Every vCPU thread runs under its seccomp filter (mode 2).
+        let modes = seccomp_of_threads(t, "vcpu0");
+        assert!(
+            !modes.is_empty() && modes.iter().all(|&m| m == 2),
+            "{modes:?}"
+        );
+    }
+    slots.sort();
+    assert_eq!(
+        slots,
+        ["kvmi-ring-region-0", "kvmi-ring-region-1"],
+        "one slot each"
+    );
+    // The appliance process: its VM and RAM, the directory, both rings, both targets' RAM
+    // (read-only, by the link) and their token pages.
+    let names = memfds(appliances[0]);
+    assert_eq!(
+        names,
+        [
+            "kvmi-appliance",
+            "kvmi-demo-target-1",
+            "kvmi-demo-target-2",
+            "kvmi-directory",
+            "kvmi-ring-region-0",
+            "kvmi-ring-region-1",
+            "kvmi-tokens-demo-target-1",
+            "kvmi-tokens-demo-target-2"
+        ],
+    );
+    let modes = seccomp_of_threads(appliances[0], "vcpu0");
+    assert!(
+        !modes.is_empty() && modes.iter().all(|&m| m == 2),
+        "{modes:?}"
+    );
+
+    // SIGKILL of the supervisor: every VM process goes too (PR_SET_PDEATHSIG).
+    let all: Vec<u32> = vm_processes(supervisor).iter().map(|(p, _)| *p).collect();
+    kill(supervisor, libc::SIGKILL);
     let _ = child.wait();
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !is_dead(vm) && Instant::now() < deadline {
+    while !all.iter().all(|&p| is_dead(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let alive: Vec<&u32> = all.iter().filter(|&&p| !is_dead(p)).collect();
     assert!(
-        is_dead(vm),
-        "VM process {vm} outlived its supervisor by 2 s"
+        alive.is_empty(),
+        "VM processes {alive:?} outlived their supervisor by 2 s"
     );
 }
 
 #[test]
-fn a_killed_vm_process_is_reported_by_pid_and_signal() {
-    if !kvmi_tests::require_kvm("a_killed_vm_process_is_reported_by_pid_and_signal") {
+fn without_an_appliance_the_one_vm_runs_in_one_process() {
+    if !kvmi_tests::require_kvm("without_an_appliance_the_one_vm_runs_in_one_process") {
+        return;
+    }
+    let out = Command::new(kvmi_tests::kvmi_bin())
+        .args([
+            "run",
+            "--isolate",
+            "--no-appliance",
+            "--cmdline",
+            "rounds=3",
+        ])
+        .output()
+        .expect("kvmi runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("rounds=3"),
+        "the demo target's banner: {stdout}"
+    );
+}
+
+#[test]
+fn a_killed_target_process_is_reported_and_the_appliance_and_the_other_target_run_on() {
+    if !kvmi_tests::require_kvm("a_killed_target_process_is_reported") {
+        return;
+    }
+    let (mut child, rx, err) = start_both(&["--targets", "2"]);
+    wait_for(&rx, "guard", &mut child);
+    let supervisor = child.id();
+    kvmi_tests::wait::until(Duration::from_secs(30), "two target processes", || {
+        with_role(supervisor, "vmm-target").len() == 2
+    });
+    // Target 2's process, by the RAM it holds.
+    let victim = with_role(supervisor, "vmm-target")
+        .into_iter()
+        .find(|&t| {
+            fd_targets(t)
+                .iter()
+                .any(|p| p.starts_with("/memfd:kvmi-demo-target-2"))
+        })
+        .expect("target 2's process");
+    let appliance = with_role(supervisor, "vmm-appliance")[0];
+    kill(victim, libc::SIGKILL);
+    // The supervisor names it; the appliance frees its slot (grants revoked).
+    wait_for_err(
+        &err,
+        &format!("target demo-target-2 (pid {victim}) killed by signal 9 SIGKILL"),
+        &mut child,
+    );
+    wait_for_err(
+        &err,
+        "kvmi: target 2 (demo-target-2) left slot 1",
+        &mut child,
+    );
+    // Target 1 is still guarded: new findings about it keep coming.
+    let mut after = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while after < 3 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
+            let f: Value = serde_json::from_str(&line).expect("JSON lines");
+            if f["target"] == 1 {
+                after += 1;
+            }
+        }
+    }
+    assert!(after >= 3, "target 1 was not guarded after target 2 died");
+    assert!(
+        !is_dead(appliance),
+        "the appliance process went with the target"
+    );
+    // Ctrl-C: the run ends as usual, with target 1's status.
+    kill(supervisor, libc::SIGINT);
+    let status = child.wait().expect("the supervisor ends");
+    assert_eq!(status.code(), Some(130));
+    let rest: Vec<String> = err.iter().collect();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("kvmi: target 1 (demo-target-1) ended: interrupted")),
+        "{rest:#?}"
+    );
+}
+
+#[test]
+fn a_killed_appliance_process_is_replaced_then_its_target_runs_on_unhooked() {
+    if !kvmi_tests::require_kvm("a_killed_appliance_process_is_replaced") {
+        return;
+    }
+    let (mut child, rx, err) = start_both(&[
+        "--cmdline",
+        "rounds=400",
+        "--appliance-restarts",
+        "1",
+        "--timeout",
+        "120",
+    ]);
+    wait_for(&rx, "guard", &mut child);
+    let supervisor = child.id();
+    let target = with_role(supervisor, "vmm-target")[0];
+    let first = with_role(supervisor, "vmm-appliance")[0];
+    kill(first, libc::SIGKILL);
+    wait_for_err(
+        &err,
+        &format!(
+            "the appliance process (pid {first}) killed by signal 9 SIGKILL; started appliance #1 \
+             for 1 targets"
+        ),
+        &mut child,
+    );
+    // The new appliance guards the same target (a second start and guard).
+    let seen = wait_for(&rx, "guard", &mut child);
+    assert!(seen.iter().any(|f| f["finding"] == "start"), "{seen:?}");
+    let second = kvmi_tests::wait::until_some(Duration::from_secs(10), "the new appliance", || {
+        with_role(supervisor, "vmm-appliance").into_iter().next()
+    });
+    assert_ne!(second, first);
+    assert_eq!(
+        with_role(supervisor, "vmm-target"),
+        vec![target],
+        "the same target process"
+    );
+    // No restart left: the target runs on, unhooked, to its own end.
+    kill(second, libc::SIGKILL);
+    wait_for_err(&err, "the targets run on, unhooked", &mut child);
+    let lines = wait_for_err(&err, "heartbeat round=", &mut child);
+    assert!(!lines.is_empty());
+    let status = child.wait().expect("the supervisor ends");
+    let rest: Vec<String> = err.iter().collect();
+    assert_eq!(status.code(), Some(0), "{rest:#?}");
+    assert!(
+        rest.iter().any(|l| l.contains(
+            "kvmi: target 1 (demo-target) ended: guest exited with \
+                                        status 0"
+        )),
+        "{rest:#?}"
+    );
+    assert!(rest.iter().any(|l| l.ends_with("restarts 1")), "{rest:#?}");
+}
+
+#[test]
+fn a_killed_target_process_is_reported_by_pid_and_signal_and_its_status_is_the_runs() {
+    if !kvmi_tests::require_kvm("a_killed_target_process_is_reported_by_pid_and_signal") {
         return;
     }
     let (mut child, rx) = start(&[]);
     wait_for(&rx, "guard", &mut child);
-    let vms = children(child.id());
-    assert_eq!(vms.len(), 1, "{vms:?}");
-    kill(vms[0], libc::SIGKILL);
+    let targets = with_role(child.id(), "vmm-target");
+    assert_eq!(targets.len(), 1, "{:?}", vm_processes(child.id()));
+    kill(targets[0], libc::SIGKILL);
     let out = child.wait_with_output().expect("the supervisor ends");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(
-        stderr.contains(&format!("(pid {}) killed by signal 9 SIGKILL", vms[0])),
+        stderr.contains(&format!("(pid {}) killed by signal 9 SIGKILL", targets[0])),
         "{stderr}"
     );
 }
