@@ -366,10 +366,11 @@ pub(crate) fn base(args: &mut RunArgs, shared_serial: bool) -> Result<Base> {
 }
 
 /// The targets of a run with an appliance VM: from `--config`, or `--targets` copies of
-/// `--image`; every image loaded once, and the policy compiled against their profiles
-/// before any VM starts.
-pub(crate) fn plan_targets(args: &RunArgs, base: &Base) -> Result<TargetPlan> {
-    plan_targets_of(args, &base.name, &base.image, &base.config)
+/// `--image`; every image loaded once, and (`with_policy`) the policy compiled against their
+/// profiles before any VM starts (a target process leaves that to the supervisor and the
+/// appliance process).
+pub(crate) fn plan_targets(args: &RunArgs, base: &Base, with_policy: bool) -> Result<TargetPlan> {
+    plan_targets_of(args, &base.name, &base.image, &base.config, with_policy)
 }
 
 fn plan_targets_of(
@@ -377,6 +378,7 @@ fn plan_targets_of(
     name: &str,
     image: &[u8],
     config: &VmConfig,
+    with_policy: bool,
 ) -> Result<TargetPlan> {
     let targets = args.appliance.targets;
     let entries = match &args.appliance.config {
@@ -419,10 +421,13 @@ fn plan_targets_of(
         }
         images.insert(entry.image.clone(), (image_name, bytes));
     }
-    let policy = args
-        .appliance
-        .compile_policy(&profiles)
-        .context("the policy is refused")?;
+    let policy = if with_policy {
+        args.appliance
+            .compile_policy(&profiles)
+            .context("the policy is refused")?
+    } else {
+        Vec::new()
+    };
     Ok(TargetPlan {
         entries,
         images,
@@ -487,7 +492,7 @@ fn run(mut args: RunArgs) -> Result<u8> {
     let mut policy = Vec::new();
     let mut fleet_api = None;
     if appliance_image.is_some() {
-        let plan = plan_targets_of(&args, &name, &image, &config)?;
+        let plan = plan_targets_of(&args, &name, &image, &config, true)?;
         policy = plan.policy.clone();
         if let Some(listener) = api_listener.take() {
             fleet_api = Some(crate::args::appliance::FleetApi {
@@ -736,7 +741,14 @@ fn appliance_bench(mib: u64, events: u64) -> Result<u8> {
             .symbol("scratch_page")
             .context("profile lacks sym.scratch_page")?;
         let gate = profile.symbol("gate").context("profile lacks sym.gate")?;
-        let figures = crate::bench::events::run(&image, &appliance, events, page, gate)?;
+        let figures = crate::bench::events::run(
+            &image,
+            &appliance,
+            std::path::Path::new("/proc/self/exe"),
+            events,
+            page,
+            gate,
+        )?;
         print!("{}", figures.table());
         println!("{}", figures.json_line());
     }

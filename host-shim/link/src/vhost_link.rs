@@ -95,8 +95,10 @@ impl VhostUserFrontendReqHandler for RamReceiver {
     }
 }
 
-/// How long either end of a link waits for the other during the setup.
-pub const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long either end of a link waits for the other during the setup. The appliance's end
+/// starts as soon as the supervisor hands it the link, while the target's process may still
+/// be starting (exec, images, its VM): on a loaded host that takes seconds.
+pub const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Shuts sockets down unless the setup ends before a deadline. vhost's reads retry on a
 /// receive timeout, so a socket option cannot bound them; a shut-down socket ends them (the

@@ -61,6 +61,7 @@ fn the_event_bench_measures_floor_appliance_rings_and_socket() {
     let f = kvmi::bench::events::run(
         kvmi_tests::common::elf(Image::TestGuest),
         kvmi_tests::common::elf(Image::Appliance),
+        &kvmi_tests::kvmi_bin(),
         20,
         page,
         gate,
@@ -72,6 +73,7 @@ fn the_event_bench_measures_floor_appliance_rings_and_socket() {
         ("appliance", f.appliance),
         ("appliance_mean", f.appliance_mean),
         ("rings", f.rings),
+        ("rings_across", f.rings_across),
         ("socket", f.socket),
         ("libkvmi", f.libkvmi),
         ("v4_tool", f.v4_tool),
@@ -79,6 +81,8 @@ fn the_event_bench_measures_floor_appliance_rings_and_socket() {
         assert!(!d.is_zero(), "{name} measured: {f:?}");
     }
     assert!(f.table().contains("socket / rings (appliance VM)"));
+    assert!(f.table().contains("rings across processes / in one"));
+    assert!(f.json_line().contains("\"rings_across_over_in_process\""));
     assert!(f.table().contains("libkvmi / socket (v4)"));
     assert!(f.table().contains("libkvmi / v4, same tool loop"));
     assert!(f.json_line().contains("\"libkvmi_over_socket\""));

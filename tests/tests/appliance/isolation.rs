@@ -7,6 +7,20 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Kills supervisor `pid` (its VM processes die with it) when a test ends early on a
+/// failed assertion; a supervisor that ended is left alone.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !is_dead(self.0) {
+            // SAFETY: kill(2) on the pid of a supervisor this test started (not yet reaped:
+            // its /proc entry exists) has no memory effects.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Starts `kvmi run --isolate WORDS` with stdout piped into a channel of lines.
 fn start(words: &[&str]) -> (Child, Receiver<String>) {
     let mut child = Command::new(kvmi_tests::kvmi_bin())
@@ -170,6 +184,7 @@ fn each_vm_runs_in_its_own_process_under_seccomp_and_all_die_with_the_supervisor
         return;
     }
     let (mut child, rx) = start(&["--targets", "2"]);
+    let _kill = KillOnDrop(child.id());
     let seen = wait_for(&rx, "guard", &mut child);
     assert!(
         seen.iter()
@@ -330,6 +345,7 @@ fn a_killed_target_process_is_reported_and_the_appliance_and_the_other_target_ru
         return;
     }
     let (mut child, rx, err) = start_both(&["--targets", "2"]);
+    let _kill = KillOnDrop(child.id());
     wait_for(&rx, "guard", &mut child);
     let supervisor = child.id();
     kvmi_tests::wait::until(Duration::from_secs(30), "two target processes", || {
@@ -398,6 +414,7 @@ fn a_killed_appliance_process_is_replaced_then_its_target_runs_on_unhooked() {
         "--timeout",
         "120",
     ]);
+    let _kill = KillOnDrop(child.id());
     wait_for(&rx, "guard", &mut child);
     let supervisor = child.id();
     let target = with_role(supervisor, "vmm-target")[0];
@@ -447,6 +464,7 @@ fn a_killed_target_process_is_reported_by_pid_and_signal_and_its_status_is_the_r
         return;
     }
     let (mut child, rx) = start(&[]);
+    let _kill = KillOnDrop(child.id());
     wait_for(&rx, "guard", &mut child);
     let targets = with_role(child.id(), "vmm-target");
     assert_eq!(targets.len(), 1, "{:?}", vm_processes(child.id()));
@@ -468,6 +486,7 @@ fn a_timeout_ends_the_isolated_run_with_the_usual_status_and_summaries() {
         return;
     }
     let (child, rx) = start(&["--timeout", "3"]);
+    let _kill = KillOnDrop(child.id());
     let out = child.wait_with_output().expect("kvmi ends");
     assert_eq!(
         out.status.code(),

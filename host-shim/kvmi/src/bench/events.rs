@@ -78,6 +78,9 @@ pub struct EventFigures {
     pub appliance_sleeps: u64,
     /// Through the rings, answered by a host thread.
     pub rings: Duration,
+    /// Through the rings with the target in a `vmm-target` process of its own (`kvmi run
+    /// --isolate`), answered by a host thread of another process over the vhost-user link.
+    pub rings_across: Duration,
     /// Through the socket (v4 dialect).
     pub socket: Duration,
     /// Through the socket in the libkvmi (kvmi-v7) dialect.
@@ -96,10 +99,12 @@ impl EventFigures {
              \x20 raw exit floor                     {:>8.1} us\n\
              \x20 rings, agent in the appliance VM   {:>8.1} us   {:.2}x the floor\n\
              \x20 rings, agent on a host thread      {:>8.1} us   {:.2}x the floor\n\
+             \x20 rings, target in its own process   {:>8.1} us   {:.2}x the floor\n\
              \x20 socket, host tool                  {:>8.1} us   {:.2}x the floor\n\
              \x20 socket, libkvmi dialect (kvmi-v7)  {:>8.1} us   {:.2}x the floor\n\
              \x20 socket, v4, same one-thread tool   {:>8.1} us   {:.2}x the floor\n\
              \x20 socket / rings (appliance VM)      {:.2}x\n\
+             \x20 rings across processes / in one    {:.2}x\n\
              \x20 libkvmi / socket (v4)              {:.2}x\n\
              \x20 libkvmi / v4, same tool loop       {:.2}x\n\
              \x20 appliance agent: mean {:.1} us per event by its own clock, {} sleeps\n",
@@ -109,6 +114,8 @@ impl EventFigures {
             r(self.appliance, self.floor),
             us(self.rings),
             r(self.rings, self.floor),
+            us(self.rings_across),
+            r(self.rings_across, self.floor),
             us(self.socket),
             r(self.socket, self.floor),
             us(self.libkvmi),
@@ -116,6 +123,7 @@ impl EventFigures {
             us(self.v4_tool),
             r(self.v4_tool, self.floor),
             r(self.socket, self.appliance),
+            r(self.rings_across, self.rings),
             r(self.libkvmi, self.socket),
             r(self.libkvmi, self.v4_tool),
             us(self.appliance_mean),
@@ -136,6 +144,8 @@ impl EventFigures {
                 "floor_us": us(self.floor),
                 "appliance_us": us(self.appliance),
                 "rings_us": us(self.rings),
+                "rings_across_processes_us": us(self.rings_across),
+                "rings_across_over_in_process": r(self.rings_across, self.rings),
                 "socket_us": us(self.socket),
                 "libkvmi_us": us(self.libkvmi),
                 "v4_tool_us": us(self.v4_tool),
@@ -207,7 +217,7 @@ fn floor(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, Eve
 }
 
 /// The agent's side of the rings.
-struct RingAgent {
+pub(super) struct RingAgent {
     events: Consumer<RingMemory>,
     replies: Producer<RingMemory>,
     commands: Producer<RingMemory>,
@@ -219,6 +229,23 @@ struct RingAgent {
 }
 
 impl RingAgent {
+    /// The agent's ends of the rings of `app` (one vCPU), waking the service with `waker`.
+    pub(super) fn open(
+        app: &Region<RingMemory>,
+        waker: Waker,
+    ) -> Result<RingAgent, EventBenchError> {
+        let ring = |e: hypercall::ring::RingError| fail("rings")(e.to_string());
+        Ok(RingAgent {
+            events: app.consumer_for(RingKind::Event, 0).map_err(ring)?,
+            replies: app.producer_for(RingKind::EventReply, 0).map_err(ring)?,
+            commands: app.producer_for(RingKind::Command, 0).map_err(ring)?,
+            command_replies: app.consumer_for(RingKind::CommandReply, 0).map_err(ring)?,
+            buf: vec![0u8; V4::MAX_MSG_SIZE],
+            seq: 0,
+            waker,
+        })
+    }
+
     fn pop(c: &mut Consumer<RingMemory>, buf: &mut [u8]) -> Result<usize, EventBenchError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -284,7 +311,22 @@ impl RingAgent {
         }
     }
 
-    fn answer_events(&mut self, n: u64) -> Result<Vec<Instant>, EventBenchError> {
+    /// The set-up of every path: PF events on, `page` write-protected, the guest's `gate`
+    /// opened.
+    pub(super) fn set_up(&mut self, page: u64, gate: u64) -> Result<(), EventBenchError> {
+        let entries = [PageAccessEntry {
+            gpa: page,
+            access: Access::R.union(Access::X),
+        }];
+        let one = 1u64.to_le_bytes();
+        for c in setup_commands(gate, &entries, &one) {
+            self.command(&c)?;
+        }
+        Ok(())
+    }
+
+    /// Answers `n` events CONTINUE; returns when each arrived.
+    pub(super) fn answer_events(&mut self, n: u64) -> Result<Vec<Instant>, EventBenchError> {
         let mut times = Vec::with_capacity(n as usize);
         let mut record = vec![0u8; self.events.max_payload()];
         while (times.len() as u64) < n {
@@ -367,31 +409,8 @@ fn rings(image: &[u8], n: u64, page: u64, gate: u64) -> Result<Vec<Instant>, Eve
     )
     .map_err(|e| fail("ring service")(e.to_string()))?;
     let app = Region::open(region.memory().clone()).map_err(|e| fail("open")(e.to_string()))?;
-    let mut agent = RingAgent {
-        events: app
-            .consumer_for(RingKind::Event, 0)
-            .map_err(|e| fail("event ring")(e.to_string()))?,
-        replies: app
-            .producer_for(RingKind::EventReply, 0)
-            .map_err(|e| fail("reply ring")(e.to_string()))?,
-        commands: app
-            .producer_for(RingKind::Command, 0)
-            .map_err(|e| fail("command ring")(e.to_string()))?,
-        command_replies: app
-            .consumer_for(RingKind::CommandReply, 0)
-            .map_err(|e| fail("command-reply ring")(e.to_string()))?,
-        buf: vec![0u8; V4::MAX_MSG_SIZE],
-        seq: 0,
-        waker: service.waker(),
-    };
-    let entries = [PageAccessEntry {
-        gpa: page,
-        access: Access::R.union(Access::X),
-    }];
-    let one = 1u64.to_le_bytes();
-    for c in setup_commands(gate, &entries, &one) {
-        agent.command(&c)?;
-    }
+    let mut agent = RingAgent::open(&app, service.waker())?;
+    agent.set_up(page, gate)?;
     let times = agent.answer_events(n);
     let report = running.wait(LIMITS);
     let _ = service.stop();
@@ -918,12 +937,14 @@ fn appliance(
     Ok((times, mean, run.line.sleeps))
 }
 
-/// Runs the six paths with `n` events each, `ROUNDS` times alternated, on test-guest
-/// (`image`), whose profile gives
-/// the scratch `page` and the start `gate` addresses; `appliance_image` is the appliance VM.
+/// Runs the seven paths with `n` events each, `ROUNDS` times alternated, on test-guest
+/// (`image`), whose profile gives the scratch `page` and the start `gate` addresses;
+/// `appliance_image` is the appliance VM, `kvmi_exe` the `kvmi` binary whose `vmm-target`
+/// process runs the target of the cross-process path.
 pub fn run(
     image: &[u8],
     appliance_image: &[u8],
+    kvmi_exe: &std::path::Path,
     n: u64,
     page: u64,
     gate: u64,
@@ -935,6 +956,7 @@ pub fn run(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut appliance_mean, mut appliance_sleeps) = (Duration::ZERO, 0);
     let (mut libkvmi_gaps, mut v4_tool_gaps) = (Vec::new(), Vec::new());
+    let mut across_gaps = Vec::new();
     for round in 0..ROUNDS {
         let times = floor(image, n, page, gate)?;
         expect_count("floor", times.len(), n)?;
@@ -947,6 +969,9 @@ pub fn run(
         let times = rings(image, n, page, gate)?;
         expect_count("rings", times.len(), n)?;
         ring_gaps.extend(gaps(&times));
+        let times = super::remote_rings::rings_across_processes(kvmi_exe, n, page, gate)?;
+        expect_count("rings across processes", times.len(), n)?;
+        across_gaps.extend(gaps(&times));
         let times = socket(image, n, page, gate)?;
         expect_count("socket", times.len(), n)?;
         socket_gaps.extend(gaps(&times));
@@ -971,6 +996,7 @@ pub fn run(
         median(socket_gaps),
     );
     let (libkvmi, v4_tool) = (median(libkvmi_gaps), median(v4_tool_gaps));
+    let rings_across = median(across_gaps);
     Ok(EventFigures {
         samples: n * u64::from(ROUNDS),
         floor,
@@ -978,6 +1004,7 @@ pub fn run(
         appliance_mean,
         appliance_sleeps,
         rings,
+        rings_across,
         socket,
         libkvmi,
         v4_tool,

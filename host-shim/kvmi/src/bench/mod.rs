@@ -7,5 +7,6 @@
 pub mod dump;
 pub mod events;
 pub mod fleet;
+mod remote_rings;
 mod vms;
 pub mod window;

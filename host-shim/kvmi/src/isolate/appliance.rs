@@ -106,7 +106,7 @@ pub(crate) fn run(
     interrupted: &'static AtomicBool,
 ) -> Result<u8> {
     let base = crate::app::base(&mut args, true)?;
-    let plan = crate::app::plan_targets(&args, &base)?;
+    let plan = crate::app::plan_targets(&args, &base, true)?;
     let Some(image) = base.appliance_image.clone() else {
         bail!("the run has no appliance VM");
     };

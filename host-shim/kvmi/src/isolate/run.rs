@@ -52,7 +52,7 @@ pub fn supervise(interrupted: &AtomicBool) -> Result<u8> {
     // Truncates a --serial file once: the VM processes append to it.
     let base = crate::app::base(&mut args, false)?;
     if base.appliance_image.is_some() && args.api_socket.is_none() {
-        let plan = crate::app::plan_targets(&args, &base)?;
+        let plan = crate::app::plan_targets(&args, &base, true)?;
         args.appliance
             .setup(
                 &args.kvmi,

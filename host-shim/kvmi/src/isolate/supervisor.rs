@@ -91,12 +91,32 @@ impl VmProcess {
         args: &[String],
         fds: &[RawFd],
     ) -> Result<VmProcess, ControlError> {
+        Self::spawn_from(
+            std::path::Path::new("/proc/self/exe"),
+            label,
+            role,
+            verbose,
+            args,
+            fds,
+        )
+    }
+
+    /// [`VmProcess::spawn`] of the `kvmi` binary at `exe` (for callers that are not the
+    /// `kvmi` binary themselves: a benchmark run from a test).
+    pub fn spawn_from(
+        exe: &std::path::Path,
+        label: String,
+        role: Role,
+        verbose: u8,
+        args: &[String],
+        fds: &[RawFd],
+    ) -> Result<VmProcess, ControlError> {
         let (ours, theirs) = Control::pair()?;
         let subcommand = role.subcommand();
         let their_fd = theirs.as_raw_fd();
         // SAFETY: getpid has no preconditions.
         let supervisor = unsafe { libc::getpid() };
-        let mut command = Command::new("/proc/self/exe");
+        let mut command = Command::new(exe);
         for _ in 0..verbose {
             command.arg("-v");
         }

@@ -71,7 +71,7 @@ pub(crate) fn run(
     interrupted: &'static AtomicBool,
 ) -> Result<u8> {
     let base = crate::app::base(&mut args, true)?;
-    let plan = crate::app::plan_targets(&args, &base)?;
+    let plan = crate::app::plan_targets(&args, &base, false)?;
     let Some(entry) = plan.entries.get(who.index as usize) else {
         bail!("the run has no target {}", who.index);
     };
