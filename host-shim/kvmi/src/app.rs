@@ -175,12 +175,17 @@ pub(crate) struct RunArgs {
     /// info, pause, resume, stats, dump, add and remove targets (`kvmi ctl`, `kvmi dump`).
     #[arg(long, value_name = "PATH")]
     pub(crate) api_socket: Option<PathBuf>,
-    /// Run the VMs in a child process under a small supervisor that holds no KVM fd and no
-    /// guest memory (the child dies with it; its death is reported). The VMs are not yet
-    /// isolated from each other: they share that child (docs/isolation.md).
-    /// `KVMI_ISOLATE=1` in the environment does the same.
-    #[arg(long)]
+    /// One process per VM (the default): a small supervisor that holds no KVM fd and no
+    /// guest memory runs the appliance VM and every target in a process of its own, linked
+    /// by vhost-user; every VM process dies with the supervisor, and a process that dies is
+    /// reported. A run without an appliance VM, or with --api-socket, runs in one VM process
+    /// under the supervisor (docs/isolation.md).
+    #[arg(long, conflicts_with = "no_isolate")]
     pub(crate) isolate: bool,
+    /// Run every VM in this one process (as before the split; for debugging the VMM).
+    /// `KVMI_ISOLATE=0` in the environment does the same.
+    #[arg(long)]
+    pub(crate) no_isolate: bool,
     #[command(flatten)]
     pub(crate) kvmi: crate::args::introspection::KvmiRunArgs,
     #[command(flatten)]
@@ -458,7 +463,7 @@ pub(crate) fn build_target(
 }
 
 fn run(mut args: RunArgs) -> Result<u8> {
-    if args.isolate || std::env::var_os(crate::isolate::ISOLATE_ENV).is_some_and(|v| v == "1") {
+    if crate::isolate::wanted(args.isolate, args.no_isolate) {
         install_sigint();
         return crate::isolate::run::supervise(&INTERRUPTED);
     }
@@ -619,7 +624,9 @@ fn vmm_process(subcommand: &str) -> Result<u8> {
     if role.subcommand() != subcommand {
         bail!("kvmi {subcommand} was configured as {}", role.subcommand());
     }
-    let args = parse_run_words(&words)?;
+    let mut args = parse_run_words(&words)?;
+    // This process is the VM process: it never supervises.
+    args.no_isolate = true;
     match role {
         Role::Fleet => {
             drop(fds);

@@ -261,12 +261,15 @@ fn each_vm_runs_in_its_own_process_under_seccomp_and_all_die_with_the_supervisor
             "target {n}'s process holds only its own memory"
         );
         slots.push(want_ring);
-        // Every vCPU thread runs under its seccomp filter (mode 2).
-        let modes = seccomp_of_threads(t, "vcpu0");
-        assert!(
-            !modes.is_empty() && modes.iter().all(|&m| m == 2),
-            "{modes:?}"
-        );
+        // Every vCPU and service thread runs under its seccomp filter (mode 2): the vCPU,
+        // the ring service, the doorbell and the link threads.
+        for thread in ["vcpu0", "kvmi-rings", "kvmi-kick", "kvmi-link"] {
+            let modes = seccomp_of_threads(t, thread);
+            assert!(
+                !modes.is_empty() && modes.iter().all(|&m| m == 2),
+                "target {n}'s {thread}: {modes:?}"
+            );
+        }
     }
     slots.sort();
     assert_eq!(
@@ -290,11 +293,13 @@ fn each_vm_runs_in_its_own_process_under_seccomp_and_all_die_with_the_supervisor
             "kvmi-tokens-demo-target-2"
         ],
     );
-    let modes = seccomp_of_threads(appliances[0], "vcpu0");
-    assert!(
-        !modes.is_empty() && modes.iter().all(|&m| m == 2),
-        "{modes:?}"
-    );
+    for thread in ["vcpu0", "kvmi-slot-log", "kvmi-slot-watch"] {
+        let modes = seccomp_of_threads(appliances[0], thread);
+        assert!(
+            !modes.is_empty() && modes.iter().all(|&m| m == 2),
+            "the appliance's {thread}: {modes:?}"
+        );
+    }
 
     // SIGKILL of the supervisor: every VM process goes too (PR_SET_PDEATHSIG).
     let all: Vec<u32> = vm_processes(supervisor).iter().map(|(p, _)| *p).collect();

@@ -95,10 +95,12 @@ fn threads(pid: u32) -> Vec<(u32, String, u32)> {
     v
 }
 
-/// Starts `kvmi run ARGS` (its serial output and logs discarded).
+/// Starts `kvmi run --no-isolate ARGS` (its serial output and logs discarded): every VM in
+/// this one process, whose threads the tests look at (the split per VM process is checked in
+/// the appliance suite's `isolation` tests).
 fn spawn_run(args: &[&str]) -> Child {
     Command::new(kvmi_tests::kvmi_bin())
-        .arg("run")
+        .args(["run", "--no-isolate"])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

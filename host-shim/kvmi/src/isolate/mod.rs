@@ -6,9 +6,18 @@
 //! ([`control`]), forwards Ctrl-C as a stop, waits for them and reports how each ended
 //! ([`supervisor`]). Every VM process dies with the supervisor (`PR_SET_PDEATHSIG`).
 
-/// `KVMI_ISOLATE=1` in the environment of `kvmi run` is `--isolate` (for running a test suite
-/// both ways); VM processes never see it.
+/// `KVMI_ISOLATE=0` in the environment of `kvmi run` is `--no-isolate`, `KVMI_ISOLATE=1`
+/// `--isolate` (for running a test suite both ways); VM processes never see it.
 pub const ISOLATE_ENV: &str = "KVMI_ISOLATE";
+
+/// Whether `kvmi run` supervises VM processes: the flags first (`--isolate`,
+/// `--no-isolate`), then [`ISOLATE_ENV`], then the default (yes).
+pub fn wanted(isolate: bool, no_isolate: bool) -> bool {
+    if isolate || no_isolate {
+        return isolate;
+    }
+    std::env::var_os(ISOLATE_ENV).is_none_or(|v| v != "0")
+}
 
 pub mod appliance;
 pub mod control;

@@ -35,7 +35,7 @@ fn run_words() -> Result<(Vec<String>, u8)> {
         .sum::<usize>();
     let words = all[(at + 1).min(all.len())..]
         .iter()
-        .filter(|w| *w != "--isolate")
+        .filter(|w| *w != "--isolate" && *w != "--no-isolate")
         .cloned()
         .collect();
     Ok((words, u8::try_from(verbose).unwrap_or(u8::MAX)))

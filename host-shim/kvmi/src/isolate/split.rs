@@ -296,12 +296,14 @@ impl Split {
     }
 }
 
-/// Says how process `label` ended: on stderr when abnormally, in the log otherwise.
+/// Says how process `label` ended: a death by a signal on stderr, an exit in the log (the
+/// process printed its own reason).
 fn report(label: &str, process: Option<&VmProcess>, end: Ended) {
     let pid = process.map_or(0, |p| p.pid);
-    if matches!(end, Ended::Exited(0 | 123 | 124 | 130)) {
-        tracing::info!("{label} (pid {pid}) {end}");
-    } else {
-        vmm::devices::eprint_line(format_args!("kvmi: {label} (pid {pid}) {end}"));
+    match end {
+        Ended::Signal(_) => {
+            vmm::devices::eprint_line(format_args!("kvmi: {label} (pid {pid}) {end}"))
+        }
+        Ended::Exited(_) => tracing::info!("{label} (pid {pid}) {end}"),
     }
 }

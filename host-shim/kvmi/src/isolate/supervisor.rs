@@ -202,8 +202,8 @@ impl VmProcess {
 }
 
 /// Waits for every process of `processes`: forwards a stop to all of them once `interrupt`
-/// is set, reports each end on stderr ("kvmi: target web (pid N) killed by signal 31
-/// SIGSYS"), and returns how each ended, in the order of `processes`. `on_end` is told of each
+/// is set, reports each death by a signal on stderr ("kvmi: target web (pid N) killed by
+/// signal 31 SIGSYS"; an exit is logged: the process printed its own reason), and returns how each ended, in the order of `processes`. `on_end` is told of each
 /// end as it happens (the caller decides what another process's end means, e.g. restarts).
 pub fn wait_all(
     processes: &mut [VmProcess],
@@ -226,8 +226,9 @@ pub fn wait_all(
             if let Some(end) = processes[i].poll() {
                 reported[i] = true;
                 let p = &processes[i];
-                let abnormal = !matches!(end, Ended::Exited(0 | 123 | 124 | 130));
-                if abnormal {
+                // A process that exits says why itself; a signal is for the supervisor to
+                // tell.
+                if matches!(end, Ended::Signal(_)) {
                     vmm::devices::eprint_line(format_args!(
                         "kvmi: {} (pid {}) {end}",
                         p.label, p.pid
