@@ -350,3 +350,83 @@ fn a_corrupted_ring_stops_the_agent_with_an_error() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_command_whose_target_goes_unanswered_is_abandoned_and_a_reply_still_wins() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (shim, agent_region) = regions();
+    let (_shim_waiter, shim_unparker) = park_pair(Duration::from_millis(20));
+    let (waiter, _me) = park_pair(Duration::from_millis(1));
+    let w = waiting(waiter, shim_unparker);
+    let mut client = CommandClient::new(
+        agent_region
+            .producer_for(RingKind::Command, NO_VCPU)
+            .unwrap(),
+        agent_region
+            .consumer_for(RingKind::CommandReply, NO_VCPU)
+            .unwrap(),
+    );
+    let alive = Arc::new(AtomicBool::new(true));
+    let asked = Arc::new(AtomicU64::new(0));
+    let (a, n) = (alive.clone(), asked.clone());
+    client.set_liveness(Box::new(move || {
+        n.fetch_add(1, Ordering::SeqCst);
+        a.load(Ordering::SeqCst)
+    }));
+    // Nobody serves the command ring; the target "goes" after a while.
+    let going = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        alive.store(false, Ordering::SeqCst);
+    });
+    let err = client.call(&Command::GetMapToken, &w).unwrap_err();
+    going.join().unwrap();
+    assert!(
+        matches!(err, appliance::agent::CommandError::Abandoned),
+        "{err:?}"
+    );
+    assert!(
+        asked.load(Ordering::SeqCst) > 1,
+        "it waited while the target held its slot"
+    );
+    // The command is still on the ring: the shim takes it now and answers it late. The late
+    // reply is a stray (its seq is no longer waited for); a new command gets its own reply
+    // even though the liveness check now says gone, because the reply is there first.
+    let mut commands = shim.consumer_for(RingKind::Command, NO_VCPU).unwrap();
+    let mut replies = shim.producer_for(RingKind::CommandReply, NO_VCPU).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let answer = |commands: &mut hypercall::ring::Consumer<_>,
+                  replies: &mut hypercall::ring::Producer<_>,
+                  buf: &mut Vec<u8>| {
+        let n = commands
+            .try_pop(buf)
+            .unwrap()
+            .expect("a command on the ring");
+        let frame = V4::parse_frame(&buf[..n]).unwrap();
+        let mut reply = [0u8; 16];
+        let len = V4::encode_error_reply(
+            frame.header.id,
+            frame.header.seq,
+            protocol::ErrorCode::NoEnt,
+            &mut reply,
+        )
+        .unwrap();
+        replies.try_push(&reply[..len]).unwrap();
+        replies.publish().unwrap();
+    };
+    answer(&mut commands, &mut replies, &mut buf);
+    let seq = client.send(&Command::GetMapToken, &w).unwrap();
+    answer(&mut commands, &mut replies, &mut buf);
+    let reply = client.wait_reply(seq, &w).unwrap();
+    assert_eq!(reply.seq, seq);
+    assert_eq!(
+        reply.decode().unwrap(),
+        Err(protocol::ErrorCode::NoEnt),
+        "the refusal a dead slot's responder sends"
+    );
+    assert_eq!(
+        client.stray_replies(),
+        1,
+        "the late reply to the abandoned command"
+    );
+}

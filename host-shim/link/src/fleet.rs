@@ -54,11 +54,11 @@ pub const SLOT_WINDOW_OFFSET: u64 = 0x0100_0000;
 /// Largest map window of a slot in a fleet (96 MiB).
 pub const MAX_SLOT_WINDOW: u64 = SLOT_STRIDE - SLOT_WINDOW_OFFSET;
 /// How long the appliance gets to report and end after a stop request.
-pub(crate) const STOP_GRACE: Duration = Duration::from_secs(3);
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long a stopped VM's vCPUs get to end.
 pub(crate) const VM_GRACE: Duration = Duration::from_secs(2);
 /// How long the agent gets to write a final summary for a target that ended.
-pub(crate) const FINAL_GRACE: Duration = Duration::from_millis(500);
+pub const FINAL_GRACE: Duration = Duration::from_millis(500);
 /// How often the fleet looks at its VMs.
 const WATCH_PERIOD: Duration = Duration::from_millis(20);
 

@@ -48,9 +48,10 @@ fn get(c: &KvmiClient, gpas: &[u64]) -> Vec<Access> {
         .collect()
 }
 
-/// The process whose command line holds `socket` (the `kvmi run` serving it).
+/// The process that holds the VM serving `socket`: the `kvmi run` whose command line names
+/// it, or its `vmm-fleet` child when it supervises (the default: one process per VM).
 fn pid_serving(socket: &Path) -> Option<u32> {
-    std::fs::read_dir("/proc")
+    let run = std::fs::read_dir("/proc")
         .ok()?
         .flatten()
         .find_map(|entry| {
@@ -60,7 +61,21 @@ fn pid_serving(socket: &Path) -> Option<u32> {
                 .split(|b| *b == 0)
                 .any(|arg| arg == socket.as_os_str().as_bytes())
                 .then_some(pid)
+        })?;
+    let children = std::fs::read_dir(format!("/proc/{run}/task"))
+        .ok()?
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|w| w.parse::<u32>().ok())
+                .collect::<Vec<_>>()
         })
+        .find(|child| {
+            std::fs::read(format!("/proc/{child}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"vmm-fleet"))
+        });
+    Some(children.unwrap_or(run))
 }
 
 /// The number of mappings of process `pid` (what `vm.max_map_count` bounds).
