@@ -171,6 +171,18 @@ impl EventHandler for Guard {
     }
 }
 
+/// The agent's command client on `region`'s command rings.
+fn command_client(
+    region: &Region<guest_driver::host::HostMemory>,
+) -> CommandClient<guest_driver::host::HostMemory> {
+    CommandClient::new(
+        region.producer_for(RingKind::Command, NO_VCPU).unwrap(),
+        region
+            .consumer_for(RingKind::CommandReply, NO_VCPU)
+            .unwrap(),
+    )
+}
+
 fn waiting(waiter: ParkWaiter, notify: Unparker) -> Waiting<ParkWaiter, Unparker> {
     Waiting::new(WaitStrategy::default(), waiter, notify)
 }
@@ -186,14 +198,7 @@ fn agent_answers_every_event_serves_commands_and_logs_json_lines() {
         tx.send(me).unwrap();
         let w = waiting(waiter, shim_unparker);
         // Two commands in flight; the shim answers them out of order.
-        let mut client = CommandClient::new(
-            agent_region
-                .producer_for(RingKind::Command, NO_VCPU)
-                .unwrap(),
-            agent_region
-                .consumer_for(RingKind::CommandReply, NO_VCPU)
-                .unwrap(),
-        );
+        let mut client = command_client(&agent_region);
         let first = client.send(&Command::GetMapToken, &w).unwrap();
         let second = client.send(&Command::GetMapToken, &w).unwrap();
         let reply_first = client.wait_reply(first, &w).unwrap();
@@ -359,14 +364,7 @@ fn a_command_whose_target_goes_unanswered_is_abandoned_and_a_reply_still_wins() 
     let (_shim_waiter, shim_unparker) = park_pair(Duration::from_millis(20));
     let (waiter, _me) = park_pair(Duration::from_millis(1));
     let w = waiting(waiter, shim_unparker);
-    let mut client = CommandClient::new(
-        agent_region
-            .producer_for(RingKind::Command, NO_VCPU)
-            .unwrap(),
-        agent_region
-            .consumer_for(RingKind::CommandReply, NO_VCPU)
-            .unwrap(),
-    );
+    let mut client = command_client(&agent_region);
     let alive = Arc::new(AtomicBool::new(true));
     let asked = Arc::new(AtomicU64::new(0));
     let (a, n) = (alive.clone(), asked.clone());
