@@ -270,6 +270,15 @@ fn each_vm_runs_in_its_own_process_under_seccomp_and_all_die_with_the_supervisor
                 "target {n}'s {thread}: {modes:?}"
             );
         }
+        // Its main thread too, once the VM runs (it only waits, stops and prints).
+        let main = std::fs::read_to_string(format!("/proc/{t}/task/{t}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Seccomp:"))
+                    .map(|m| m.trim().to_string())
+            });
+        assert_eq!(main.as_deref(), Some("2"), "target {n}'s main thread");
     }
     slots.sort();
     assert_eq!(

@@ -134,6 +134,11 @@ pub(crate) fn run(
             interrupted.store(true, Ordering::SeqCst);
         })
         .context("starting the control thread")?;
+    // From here on the main thread waits, stops the slot and prints: the service list covers
+    // that. (The control thread, which relinks and so maps memory and starts threads, keeps
+    // no filter.)
+    vmm::seccomp::install_current(vmm::seccomp::ThreadKind::Service)
+        .context("the main thread's seccomp filter")?;
 
     let report = running.wait(RunLimits {
         timeout: base.timeout,
