@@ -316,11 +316,14 @@ impl ApplianceSlot {
                 loop {
                     // The agent's words are checked by the ring code; a broken ring ends the
                     // log (the slot's other parts run on).
+                    // Read before the drain: once stopping, one more pass prints what was
+                    // published before the stop, and the thread ends even if the agent
+                    // keeps writing (a flooded ring cannot hold the slot's close).
+                    let stopping = stop_flag.load(Ordering::SeqCst);
                     let drained =
                         log_ring.drain(&mut scratch, &hypercall::ring::NoNotify, &mut print);
-                    let stopping = stop_flag.load(Ordering::SeqCst);
                     match drained {
-                        Ok(0) if stopping => break,
+                        Ok(_) if stopping => break,
                         Ok(0) => std::thread::sleep(LOG_POLL),
                         Ok(_) => {}
                         Err(e) => {

@@ -382,11 +382,8 @@ fn a_killed_target_process_is_reported_and_the_appliance_and_the_other_target_ru
         &format!("target demo-target-2 (pid {victim}) killed by signal 9 SIGKILL"),
         &mut child,
     );
-    wait_for_err(
-        &err,
-        "kvmi: target 2 (demo-target-2) left slot 1",
-        &mut child,
-    );
+    // (That the appliance then frees the slot and revokes its pages is checked on the slot
+    // ends: `a_target_process_killed_frees_its_slot_in_the_appliance_process`.)
     // Target 1 is still guarded: new findings about it keep coming.
     let mut after = 0;
     let deadline = Instant::now() + Duration::from_secs(60);

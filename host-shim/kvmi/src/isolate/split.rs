@@ -25,6 +25,8 @@ const WATCH_PERIOD: Duration = Duration::from_millis(10);
 /// How long the appliance process gets to report and end after a stop, before the targets
 /// are stopped too (the agent's grace, the VM's, and margin).
 const APPLIANCE_STOP_GRACE: Duration = Duration::from_secs(7);
+/// How long after its stop an appliance process that has not ended is killed.
+const APPLIANCE_KILL_AFTER: Duration = Duration::from_secs(12);
 
 /// One target of the run, spawned or not.
 struct Member {
@@ -236,12 +238,23 @@ impl Split {
                 }
             }
             if targets_done {
-                match &appliance {
+                match appliance.as_mut() {
                     Some(a) if stopping.is_none() => {
                         stopping = Some(Instant::now());
                         a.stop();
                     }
                     None => break,
+                    // An appliance process that does not end after its stop is killed: the
+                    // supervisor never waits on a stuck VM process.
+                    Some(a) if stopping.is_some_and(|s| s.elapsed() >= APPLIANCE_KILL_AFTER) => {
+                        vmm::devices::eprint_line(format_args!(
+                            "kvmi: the appliance process (pid {}) did not end {} s after its \
+                             stop; killing it",
+                            a.pid,
+                            APPLIANCE_KILL_AFTER.as_secs()
+                        ));
+                        a.kill();
+                    }
                     Some(_) => {}
                 }
             }
