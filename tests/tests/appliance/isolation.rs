@@ -536,9 +536,31 @@ fn slot_target_process() {
     if std::env::var(CHILD_ENV).is_err() {
         return;
     }
+    let (target, intro) = spinning_target("kvmi-ram-child");
+    // SAFETY: the parent put the link's socket at descriptor 3 for this process alone.
+    let stream = unsafe { UnixStream::from_raw_fd(LINK_FD) };
+    let ram = target.ram().clone();
+    let slot = appliance_link::remote::TargetSlot::attach(
+        stream,
+        intro.clone(),
+        &ram,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let running = target.start().unwrap();
+    intro.set_handle(running.handle());
+    println!("ready");
+    // Until the parent kills this process (or 60 s).
+    std::thread::sleep(Duration::from_secs(60));
+    drop(slot);
+}
+
+/// A one-vCPU test-guest VM in `mode=spin` named `name` (its RAM memfd's name), built and not
+/// started, with its introspector installed.
+fn spinning_target(name: &str) -> (vmm::Vm, std::sync::Arc<kvmi_engine::Introspector>) {
     let caps = vmm::probe::cached_capabilities().expect("probe");
     let config = vmm::VmConfig {
-        name: "kvmi-ram-child".into(),
+        name: name.into(),
         memory_bytes: 64 << 20,
         vcpus: 1,
         cmdline: "mode=spin".into(),
@@ -556,22 +578,7 @@ fn slot_target_process() {
         kvmi_engine::IntrospectorConfig::default(),
     )
     .unwrap();
-    // SAFETY: the parent put the link's socket at descriptor 3 for this process alone.
-    let stream = unsafe { UnixStream::from_raw_fd(LINK_FD) };
-    let ram = target.ram().clone();
-    let slot = appliance_link::remote::TargetSlot::attach(
-        stream,
-        intro.clone(),
-        &ram,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let running = target.start().unwrap();
-    intro.set_handle(running.handle());
-    println!("ready");
-    // Until the parent kills this process (or 60 s).
-    std::thread::sleep(Duration::from_secs(60));
-    drop(slot);
+    (target, intro)
 }
 
 /// The names of the memfds process `pid` holds (readlink of `/proc/PID/fd/*`).
@@ -892,26 +899,7 @@ fn an_appliance_process_killed_leaves_its_target_running() {
     let mut child = spawn_role("slot_appliance_process", appliance_end);
 
     // The target (this process): a spinning guest, introspected.
-    let caps = vmm::probe::cached_capabilities().expect("probe");
-    let config = vmm::VmConfig {
-        name: "kvmi-ram-parent".into(),
-        memory_bytes: 64 << 20,
-        vcpus: 1,
-        cmdline: "mode=spin".into(),
-        unknown_io: vmm::UnknownIoPolicy::Ignore,
-    };
-    let mut target = vmm::Vm::new(
-        config,
-        kvmi_tests::common::elf(kvmi::images::Image::TestGuest),
-    )
-    .unwrap();
-    target.set_serial(vmm::SerialSink::Null);
-    let intro = kvmi_engine::Introspector::install(
-        &mut target,
-        caps,
-        kvmi_engine::IntrospectorConfig::default(),
-    )
-    .unwrap();
+    let (target, intro) = spinning_target("kvmi-ram-parent");
     let ram = target.ram().clone();
     let slot = appliance_link::remote::TargetSlot::attach(
         target_end,
